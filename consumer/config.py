@@ -1,0 +1,55 @@
+"""Training-loop settings."""
+
+from dataclasses import dataclass
+
+SIGMA_SAMPLINGS = ("uniform", "logit_normal")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    """Optimizer steps to run (in total, counting resumed ones)."""
+    micro_batch_size: int = 2
+    """Samples per data-parallel rank per step."""
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
+    sigma_sampling: str = "logit_normal"
+    """How training noise levels are drawn: uniform | logit_normal."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift_sigmas: bool = True
+    """Apply Qwen-Image's resolution-dependent shift to sampled sigmas."""
+    data_source: str = "random"
+    """random: synthetic latents of one bucket (no producers needed) | service: the data service."""
+    random_height: int = 256
+    """Image height in pixels for data_source=random."""
+    random_width: int = 256
+    random_text_len: int = 24
+    log_every: int = 1
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    resume: bool = True
+    """Resume from the newest checkpoint in run.dir when one exists."""
+    log_samples: bool = False
+    """Append each step's sample keys to run.dir/samples.jsonl."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU; 0 picks a known value for the GPU (H100/H200: 989)."""
+
+    def __post_init__(self):
+        if self.sigma_sampling not in SIGMA_SAMPLINGS:
+            raise ValueError(f"train.sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {self.sigma_sampling!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.data_source not in ("random", "service"):
+            raise ValueError(f"train.data_source must be random or service, got {self.data_source!r}")
+        if self.steps < 0 or self.micro_batch_size < 1:
+            raise ValueError("train.steps must be >= 0 and train.micro_batch_size >= 1")
+        for side in (self.random_height, self.random_width):
+            if side % 16:
+                raise ValueError(f"train.random_height/width must be multiples of 16, got {side}")

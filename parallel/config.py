@@ -1,0 +1,33 @@
+"""Parallelism and memory settings of a training job."""
+
+from dataclasses import dataclass
+
+RECOMPUTE_POLICIES = ("none", "full", "every_k", "attention", "mlp")
+BACKENDS = ("auto", "megatron", "torch")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size: attention heads, MLPs and modulation linears split over tp ranks."""
+    recompute: str = "none"
+    """Activation checkpointing: none | full | every_k | attention | mlp."""
+    recompute_every: int = 2
+    """With recompute=every_k: checkpoint every k-th block (blocks 0, k, 2k, ...)."""
+    backend: str = "auto"
+    """Data-parallel/optimizer backend. auto: megatron DDP + DistributedOptimizer on GPU,
+    torch DDP + ZeroRedundancyOptimizer on CPU. Naming megatron on CPU is an error."""
+    layers: str = "auto"
+    """Linear layer implementation: auto (Transformer Engine when importable on GPU) | local | te."""
+
+    def __post_init__(self):
+        if self.tp < 1:
+            raise ValueError(f"parallel.tp must be >= 1, got {self.tp}")
+        if self.recompute not in RECOMPUTE_POLICIES:
+            raise ValueError(f"parallel.recompute must be one of {RECOMPUTE_POLICIES}, got {self.recompute!r}")
+        if self.recompute_every < 1:
+            raise ValueError(f"parallel.recompute_every must be >= 1, got {self.recompute_every}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"parallel.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.layers not in ("auto", "local", "te"):
+            raise ValueError(f"parallel.layers must be auto, local or te, got {self.layers!r}")

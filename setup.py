@@ -1,0 +1,38 @@
+"""mmdit: the repository root is the `mmdit` package (producer/, consumer/, model/, ...)."""
+
+from setuptools import setup
+
+SUBPACKAGES = ["producer", "consumer", "model", "parallel", "launch"]
+
+setup(
+    name="mmdit",
+    version="0.1.0",
+    description="Disaggregated-data Megatron training for Qwen-Image-class MMDiT models",
+    python_requires=">=3.10",
+    package_dir={"mmdit": ".", **{f"mmdit.{p}": p for p in SUBPACKAGES}},
+    packages=["mmdit", *[f"mmdit.{p}" for p in SUBPACKAGES]],
+    include_package_data=True,
+    package_data={"mmdit": ["conf/*.yaml", "conf/*/*.yaml"]},
+    # torch is a range, never a pin: a GPU cluster brings its own CUDA build and installing
+    # mmdit must not replace it. The CPU quickstart pins torch==2.13.0 before this (Makefile).
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16",
+        "transformers>=4.51",
+        "diffusers>=0.35",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "webdataset>=0.2.100",
+        "safetensors>=0.4",
+        "pyarrow>=14",
+        "prometheus_client>=0.20",
+        "pillow>=10",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2"],
+    },
+    entry_points={"console_scripts": ["mmdit=mmdit.launch.cli:main"]},
+)
