@@ -1,0 +1,125 @@
+"""The dual-stream MMDiT block: separate weights per stream, one joint attention.
+
+Image and text tokens keep their own modulation, q/k/v, output projection and MLP; they meet
+only in attention, over the joint sequence [text, image]. Under tensor parallelism q/k/v of
+both streams are column-parallel, so each rank owns heads/tp whole heads of both streams and
+attends locally; the output projections and the second MLP linear are row-parallel (one
+all-reduce each). Module names equal diffusers' `QwenImageTransformerBlock`, so state dicts map
+one to one.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mmdit.model.args import MMDiTArgs
+from mmdit.model.layers import LinearProvider, RMSNorm, layer_norm, modulate
+from mmdit.model.rope import apply_rotary
+
+
+class JointAttention(nn.Module):
+    def __init__(self, args: MMDiTArgs, linears: LinearProvider):
+        super().__init__()
+        dim, head_dim = args.hidden_size, args.attention_head_dim
+        self.head_dim = head_dim
+        self.local_heads = args.num_attention_heads // linears.tp_size
+        self.to_q, self.to_k, self.to_v = (linears.column(dim, dim) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (linears.column(dim, dim) for _ in range(3))
+        self.norm_q, self.norm_k = RMSNorm(head_dim, args.eps), RMSNorm(head_dim, args.eps)
+        self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, args.eps), RMSNorm(head_dim, args.eps)
+        self.to_out = nn.ModuleList([linears.row(dim, dim)])
+        self.to_add_out = linears.row(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.local_heads, self.head_dim))  # [B, S, H/tp, Dh]
+
+    def forward(self, img, txt, rope, attn_mask, text_output: bool = True):
+        """img [B, N, D], txt [B, L, D] (modulated) -> (img_out [B, N, D], txt_out [B, L, D] | None)."""
+        cos, sin = rope  # [L + N, Dh/2]
+        txt_len = txt.shape[1]
+        q = torch.cat([self.norm_added_q(self._heads(self.add_q_proj(txt))),
+                       self.norm_q(self._heads(self.to_q(img)))], dim=1)  # [B, L+N, H/tp, Dh]
+        k = torch.cat([self.norm_added_k(self._heads(self.add_k_proj(txt))),
+                       self.norm_k(self._heads(self.to_k(img)))], dim=1)
+        v = torch.cat([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], dim=1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+        ).transpose(1, 2).flatten(2)  # [B, L+N, D/tp]
+        img_out = self.to_out[0](out[:, txt_len:].contiguous())  # all-reduce over TP
+        txt_out = self.to_add_out(out[:, :txt_len].contiguous()) if text_output else None
+        return img_out, txt_out
+
+
+class _GeluProjection(nn.Module):
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear, laid out as diffusers' FeedForward (`net.0.proj`, `net.2`)."""
+
+    def __init__(self, dim: int, hidden: int, linears: LinearProvider):
+        super().__init__()
+        self.net = nn.ModuleList([_GeluProjection(linears.column(dim, hidden)), nn.Identity(),
+                                  linears.row(hidden, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class MMDiTBlock(nn.Module):
+    def __init__(self, args: MMDiTArgs, linears: LinearProvider, text_output: bool = True):
+        super().__init__()
+        dim = args.hidden_size
+        self.eps = args.eps
+        # Modulation: SiLU + Linear(dim -> 6*dim) per stream, a third of all parameters. Sharded by
+        # output rows over TP and all-gathered: the output is per-sample [B, 6*dim], so tiny.
+        self.img_mod = nn.Sequential(nn.SiLU(), linears.column_gathered(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), linears.column_gathered(dim, 6 * dim))
+        self.attn = JointAttention(args, linears)
+        self.img_mlp = FeedForward(dim, args.mlp_hidden_size, linears)
+        self.txt_mlp = FeedForward(dim, args.mlp_hidden_size, linears)
+        # In the last block nothing reads the text stream's output: skip computing it, and freeze
+        # the weights that only feed it (they can never get a gradient).
+        self.text_output = text_output
+        if not text_output:
+            for p in [*self.attn.to_add_out.parameters(), *self.txt_mlp.parameters()]:
+                p.requires_grad_(False)
+        self.recompute_attention = False
+        self.recompute_mlp = False
+
+    def _attention(self, img, txt, img_mod1, txt_mod1, rope, attn_mask):
+        img_shift, img_scale, _ = img_mod1.chunk(3, dim=-1)
+        txt_shift, txt_scale, _ = txt_mod1.chunk(3, dim=-1)
+        img_in = modulate(layer_norm(img, self.eps), img_shift, img_scale)
+        txt_in = modulate(layer_norm(txt, self.eps), txt_shift, txt_scale)
+        return self.attn(img_in, txt_in, rope, attn_mask, text_output=self.text_output)
+
+    def _mlp(self, x, mod2, mlp):
+        shift, scale, _ = mod2.chunk(3, dim=-1)
+        return mlp(modulate(layer_norm(x, self.eps), shift, scale))
+
+    def _maybe_checkpoint(self, enabled: bool, fn, *args):
+        if enabled and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, img, txt, temb, rope, attn_mask):
+        """img [B, N, D], txt [B, L, D], temb [B, D] -> (img, txt); txt is None in the last block."""
+        img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)  # [B, 3D] each: shift, scale, gate
+        txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
+
+        img_attn, txt_attn = self._maybe_checkpoint(
+            self.recompute_attention, self._attention, img, txt, img_mod1, txt_mod1, rope, attn_mask)
+        img = img + img_mod1.chunk(3, dim=-1)[2].unsqueeze(1) * img_attn
+        img = img + img_mod2.chunk(3, dim=-1)[2].unsqueeze(1) * self._maybe_checkpoint(
+            self.recompute_mlp, self._mlp, img, img_mod2, self.img_mlp)
+        if not self.text_output:
+            return img, None
+        txt = txt + txt_mod1.chunk(3, dim=-1)[2].unsqueeze(1) * txt_attn
+        txt = txt + txt_mod2.chunk(3, dim=-1)[2].unsqueeze(1) * self._maybe_checkpoint(
+            self.recompute_mlp, self._mlp, txt, txt_mod2, self.txt_mlp)
+        return img, txt

@@ -1,0 +1,83 @@
+"""Process groups: torch.distributed + megatron-core `parallel_state` (TP x DP).
+
+Everything that builds a model goes through here, so a single CPU process, a torchrun job and a
+meta-device size estimate all give the model a real tensor-parallel group.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    rank: int
+    tp: int
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return parallel_state.get_data_parallel_rank()
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Join the torchrun job described by the environment, or form a one-process group."""
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def init_parallel(tp: int, backend: str | None = None) -> ParallelDims:
+    """Initialize torch.distributed and megatron's TP x DP groups (DP = world / TP)."""
+    init_distributed(backend)
+    world = dist.get_world_size()
+    if world % tp:
+        raise ValueError(f"parallel.tp={tp} does not divide the world size {world}")
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tp:
+            raise RuntimeError("model parallel groups already initialized with another TP size")
+    else:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    return ParallelDims(world_size=world, rank=dist.get_rank(), tp=tp)
+
+
+def init_fake_parallel(tp: int) -> ParallelDims:
+    """A one-process stand-in for rank 0 of a TP=tp job (torch's fake backend: no communication),
+    to build one rank's shard on the meta device and count its parameters."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+    return ParallelDims(world_size=tp, rank=0, tp=tp)
+
+
+def tp_group():
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def dp_group():
+    return parallel_state.get_data_parallel_group()
+
+
+def destroy_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
