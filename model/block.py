@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmdit.model.args import MMDiTArgs
-from mmdit.model.layers import LinearProvider, RMSNorm, layer_norm, modulate
+from mmdit.model.layers import HeadRMSNorm, LinearProvider, layer_norm, modulate
 from mmdit.model.rope import apply_rotary
 
 
@@ -26,8 +26,8 @@ class JointAttention(nn.Module):
         self.local_heads = args.num_attention_heads // linears.tp_size
         self.to_q, self.to_k, self.to_v = (linears.column(dim, dim) for _ in range(3))
         self.add_q_proj, self.add_k_proj, self.add_v_proj = (linears.column(dim, dim) for _ in range(3))
-        self.norm_q, self.norm_k = RMSNorm(head_dim, args.eps), RMSNorm(head_dim, args.eps)
-        self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, args.eps), RMSNorm(head_dim, args.eps)
+        self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (
+            HeadRMSNorm(head_dim, args.eps, linears.tp_group) for _ in range(4))
         self.to_out = nn.ModuleList([linears.row(dim, dim)])
         self.to_add_out = linears.row(dim, dim)
 

@@ -43,6 +43,32 @@ class RowLinear(_OutputOnly, tensor_parallel.RowParallelLinear):
     pass
 
 
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim in forward; keep this rank's slice of the gradient in
+    backward (the consumer of the gathered tensor is replicated, so its gradient is too)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None
+
+
+class GatheredColumnLinear(ColumnLinear):
+    """Column-parallel weight, replicated output: [..., out/tp] per rank, all-gathered."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.tp_group.size() == 1:
+            return out
+        return _GatherLastDim.apply(out, self.tp_group)
+
+
 def _te_linears():
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
@@ -93,8 +119,9 @@ class LinearProvider:
         return cls(in_features, out_features, gather_output=False, **self._kwargs(bias))
 
     def column_gathered(self, in_features: int, out_features: int) -> nn.Module:
-        # TE's column-parallel linear cannot gather its output: always the local layer here.
-        return ColumnLinear(in_features, out_features, gather_output=True, **self._kwargs(True))
+        # The local layer without megatron's gather_output (which allocates on CUDA) and TE's
+        # (which has none): our all-gather works with gloo and NCCL alike.
+        return GatheredColumnLinear(in_features, out_features, gather_output=False, **self._kwargs(True))
 
     def row(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
         cls = _te_linears()[1] if self.use_te else RowLinear
@@ -135,10 +162,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._normalize(x, self.weight)
+
+    def _normalize(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         variance = x.float().pow(2).mean(-1, keepdim=True)
         x = x.float() * torch.rsqrt(variance + self.eps)
-        return (x * self.weight.float()).to(dtype)
+        return (x * weight.float()).to(dtype)
+
+
+class HeadRMSNorm(RMSNorm):
+    """Per-head q/k RMSNorm: one weight replicated on all TP ranks, applied to each rank's own
+    heads, so each rank sees only part of its gradient. Passing the weight through megatron's
+    copy-to-TP-region (identity forward, all-reduce backward) sums it over the TP group."""
+
+    def __init__(self, dim: int, eps: float, tp_group):
+        super().__init__(dim, eps)
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.tp_group is not None and self.tp_group.size() > 1:
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight, group=self.tp_group)
+        return self._normalize(x, weight)
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:

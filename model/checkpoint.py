@@ -1,0 +1,150 @@
+"""mmdit model checkpoints: one safetensors file per tensor-parallel rank, reshardable.
+
+Layout of a checkpoint directory:
+    mmdit.json                          format, model args, TP size, per-parameter split dim
+    model-tp00-of-02.safetensors        rank 0's slices (diffusers parameter names)
+    model-tp01-of-02.safetensors        ...
+A reader at any TP size joins the slices along each parameter's split dim and cuts its own, so a
+checkpoint written at TP=2 loads at TP=1 or TP=4. `mmdit.json` is written last (after every
+shard is in place), so a directory without it is an incomplete checkpoint and is never loaded.
+"""
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mmdit.model.args import MMDiTArgs
+from mmdit.model.sharding import partition_dims, shard, unshard
+
+FORMAT = "mmdit-model/1"
+INDEX = "mmdit.json"
+
+
+def shard_file(rank: int, size: int) -> str:
+    return f"model-tp{rank:02d}-of-{size:02d}.safetensors"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _write_index(path: Path, args: MMDiTArgs, tp: int, dims: dict, dtype: torch.dtype) -> None:
+    index = {"format": FORMAT, "model": asdict(args), "tp": tp, "dtype": str(dtype).removeprefix("torch."),
+             "partition_dims": dims, "files": [shard_file(r, tp) for r in range(tp)]}
+    tmp = path / f".{INDEX}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, path / INDEX)
+
+
+def save_model(model, path: str | os.PathLike, tp_group=None) -> None:
+    """Collective over the TP group: every TP rank writes its slices; TP rank 0 writes the index."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dims = partition_dims(model)
+    tensors = dict(model.named_parameters())
+    dtype = next(iter(tensors.values())).dtype
+    _atomic_save(tensors, path / shard_file(model.tp_rank, model.tp_size), {"format": FORMAT})
+    if tp_group is not None and model.tp_size > 1:
+        dist.barrier(group=tp_group)
+    if model.tp_rank == 0:
+        _write_index(path, model.args, model.tp_size, dims, dtype)
+
+
+def save_full_state_dict(full: dict[str, torch.Tensor], args: MMDiTArgs, dims: dict, path: str | os.PathLike,
+                         tp: int) -> None:
+    """Write a full (unsharded) state dict as a TP=tp checkpoint, from one process."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for rank in range(tp):
+        _atomic_save({k: shard(v, dims[k], rank, tp) for k, v in full.items()}, path / shard_file(rank, tp),
+                     {"format": FORMAT})
+    _write_index(path, args, tp, dims, next(iter(full.values())).dtype)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / INDEX).is_file()
+
+
+def read_index(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not an mmdit checkpoint (no {INDEX})")
+    index = json.loads((path / INDEX).read_text())
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {index.get('format')!r}")
+    return index
+
+
+def checkpoint_args(path: str | os.PathLike) -> MMDiTArgs:
+    return MMDiTArgs(**read_index(path)["model"])
+
+
+def iter_full_tensors(path: str | os.PathLike):
+    """Yield (name, full tensor) for every parameter, joining the TP slices one tensor at a time."""
+    path = Path(path)
+    index = read_index(path)
+    handles = [safe_open(str(path / f), framework="pt") for f in index["files"]]
+    for name, dim in index["partition_dims"].items():
+        parts = [h.get_tensor(name) for h in (handles if dim is not None else handles[:1])]
+        yield name, unshard(parts, dim)
+
+
+def load_full_state_dict_from(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return dict(iter_full_tensors(path))
+
+
+@torch.no_grad()
+def load_model(model, path: str | os.PathLike) -> None:
+    """Load a checkpoint of any TP size into this rank's shard of `model`."""
+    index = read_index(path)
+    if MMDiTArgs(**index["model"]) != model.args:
+        raise ValueError(f"checkpoint {path} has model {index['model']}, not {asdict(model.args)}")
+    dims = partition_dims(model)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(index["partition_dims"]))
+    if missing:
+        raise KeyError(f"checkpoint {path} lacks parameters {missing[:8]}")
+    same_layout = index["tp"] == model.tp_size
+    files = [index["files"][model.tp_rank]] if same_layout else index["files"]
+    handles = [safe_open(str(Path(path) / f), framework="pt") for f in files]
+    for name, p in params.items():
+        if same_layout:
+            local = handles[0].get_tensor(name)
+        else:
+            saved_dim = index["partition_dims"][name]
+            parts = [h.get_tensor(name) for h in (handles if saved_dim is not None else handles[:1])]
+            local = shard(unshard(parts, saved_dim), dims[name], model.tp_rank, model.tp_size)
+        if local.shape != p.shape:
+            raise ValueError(f"{name}: checkpoint gives {tuple(local.shape)}, model has {tuple(p.shape)}")
+        p.copy_(local.to(device=p.device, dtype=p.dtype))
+
+
+def load_weights(model, src: str | os.PathLike) -> None:
+    """Load an mmdit checkpoint (any TP size) or a diffusers transformer dir into `model`."""
+    if is_checkpoint(src):
+        load_model(model, src)
+        return
+    from mmdit.model.diffusers_io import read_diffusers
+    from mmdit.model.sharding import load_full_state_dict
+
+    args, state = read_diffusers(src)
+    if args != model.args:
+        raise ValueError(f"{src} has model {asdict(args)}, not {asdict(model.args)}")
+    load_full_state_dict(model, state)
+
+
+def weights_args(src: str | os.PathLike) -> MMDiTArgs:
+    """Model args of an mmdit checkpoint or a diffusers transformer dir."""
+    if is_checkpoint(src):
+        return checkpoint_args(src)
+    from mmdit.model.diffusers_io import read_config
+
+    return MMDiTArgs.from_diffusers_config(read_config(src))

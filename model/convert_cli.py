@@ -1,0 +1,114 @@
+"""`mmdit convert`: diffusers <-> mmdit checkpoints, and a numerical check against diffusers.
+
+    mmdit convert from-diffusers SRC DST [--tp N]   diffusers transformer (or Qwen-Image repo) -> mmdit
+    mmdit convert to-diffusers SRC DST               mmdit checkpoint -> diffusers (from_pretrained-able)
+    mmdit convert verify SRC [--tp N] [--seed S]     run diffusers and mmdit on the same inputs
+"""
+
+import argparse
+import json
+
+import torch
+
+from mmdit.model.args import MMDiTArgs
+from mmdit.model.checkpoint import load_full_state_dict_from, save_full_state_dict, checkpoint_args
+from mmdit.model.diffusers_io import read_diffusers, transformer_dir, write_diffusers
+from mmdit.model.mmdit import build_mmdit, pack_latents, packed_shape
+from mmdit.model.sharding import partition_dims
+
+
+def meta_partition_dims(args: MMDiTArgs) -> dict:
+    from mmdit.parallel.state import init_parallel, tp_group
+
+    init_parallel(1)
+    return partition_dims(build_mmdit(args, tp_group(), device="meta"))
+
+
+def from_diffusers(src: str, dst: str, tp: int = 1) -> None:
+    args, state = read_diffusers(src)
+    dims = meta_partition_dims(args)
+    if set(state) != set(dims):
+        raise KeyError(f"{src}: unexpected parameters {sorted(set(state) - set(dims))[:8]}, "
+                       f"missing {sorted(set(dims) - set(state))[:8]}")
+    save_full_state_dict(state, args, dims, dst, tp)
+
+
+def to_diffusers(src: str, dst: str) -> None:
+    write_diffusers(load_full_state_dict_from(src), checkpoint_args(src), dst)
+
+
+def verification_cases(args: MMDiTArgs, seed: int) -> dict[str, dict]:
+    """A text-to-image batch with a padded text mask, and an edit batch whose condition image
+    (another size) follows the target as frame 1."""
+    g = torch.Generator().manual_seed(seed)
+    c = args.latent_channels
+
+    def latents(b, h, w):
+        return torch.randn(b, c, h, w, generator=g)
+
+    text = torch.randn(2, 12, args.joint_attention_dim, generator=g)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    target, cond = latents(2, 16, 24), latents(2, 8, 32)
+    sigmas = torch.rand(2, generator=g)
+    return {
+        "t2i": dict(img_tokens=pack_latents(target), txt=text, txt_mask=mask, sigmas=sigmas,
+                    image_shapes=[packed_shape(16, 24)]),
+        "edit": dict(img_tokens=torch.cat([pack_latents(target), pack_latents(cond)], dim=1), txt=text,
+                     txt_mask=mask, sigmas=sigmas, image_shapes=[packed_shape(16, 24), packed_shape(8, 32)]),
+    }
+
+
+def mmdit_outputs(rank: int, src: str, tp: int, seed: int) -> dict[str, torch.Tensor] | None:
+    """Run on each of tp ranks: build this rank's shard, load SRC, return rank 0's outputs."""
+    from mmdit.model.checkpoint import load_weights, weights_args
+    from mmdit.parallel.state import init_parallel, tp_group
+
+    init_parallel(tp)
+    args = weights_args(src)
+    model = build_mmdit(args, tp_group())
+    load_weights(model, src)
+    with torch.no_grad():
+        outputs = {name: model(**case) for name, case in verification_cases(args, seed).items()}
+    return outputs if rank == 0 else None
+
+
+def verify(src: str, tp: int = 1, seed: int = 0) -> dict:
+    from diffusers import QwenImageTransformer2DModel
+
+    from mmdit.parallel.spawn import spawn
+
+    reference = QwenImageTransformer2DModel.from_pretrained(transformer_dir(src), torch_dtype=torch.float32).eval()
+    args = MMDiTArgs.from_diffusers_config(dict(reference.config))
+    ours = spawn(mmdit_outputs, tp, src, tp, seed)[0]
+    result = {"tp": tp, "seed": seed}
+    for name, case in verification_cases(args, seed).items():
+        with torch.no_grad():
+            expected = reference(hidden_states=case["img_tokens"], encoder_hidden_states=case["txt"],
+                                 encoder_hidden_states_mask=case["txt_mask"], timestep=case["sigmas"],
+                                 img_shapes=[case["image_shapes"]] * case["txt"].shape[0]).sample
+        result[name] = {"max_abs_diff": (ours[name] - expected).abs().max().item(),
+                        "max_abs_ref": expected.abs().max().item()}
+    return result
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mmdit convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("from-diffusers")
+    p.add_argument("src"), p.add_argument("dst"), p.add_argument("--tp", type=int, default=1)
+    p = sub.add_parser("to-diffusers")
+    p.add_argument("src"), p.add_argument("dst")
+    p = sub.add_parser("verify")
+    p.add_argument("src"), p.add_argument("--tp", type=int, default=1), p.add_argument("--seed", type=int, default=0)
+    ns = parser.parse_args(argv)
+    if ns.action == "from-diffusers":
+        from_diffusers(ns.src, ns.dst, ns.tp)
+        print(json.dumps({"converted": ns.src, "to": ns.dst, "tp": ns.tp}))
+    elif ns.action == "to-diffusers":
+        to_diffusers(ns.src, ns.dst)
+        print(json.dumps({"converted": ns.src, "to": ns.dst}))
+    else:
+        print(json.dumps(verify(ns.src, ns.tp, ns.seed)))
+    return 0

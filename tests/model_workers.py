@@ -1,0 +1,74 @@
+"""Model helpers for tests, importable by spawned ranks (parallel/spawn.py pickles by name)."""
+
+import torch
+
+from mmdit.model.args import MMDiTArgs
+from mmdit.model.convert_cli import verification_cases
+from mmdit.model.mmdit import build_mmdit
+from mmdit.model.sharding import full_shapes, load_full_state_dict, partition_dims, unshard
+from mmdit.parallel.recompute import apply_recompute
+from mmdit.parallel.state import init_parallel, tp_group
+
+
+def random_full_state_dict(args: MMDiTArgs, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights for every parameter (norm scales near 1), unlike init_weights' zeroed
+    modulation, so that every parameter gets a non-trivial gradient."""
+    init_parallel(1)
+    shapes = full_shapes(build_mmdit(args, tp_group(), device="meta"))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=g)
+        state[name] = 1 + 0.1 * noise if len(shape) == 1 and "norm" in name else 0.08 * noise
+    return state
+
+
+def forward_backward(rank: int, args: MMDiTArgs, tp: int, state: dict, recompute: str = "none",
+                     case: str = "edit") -> dict:
+    """Output of one case and the full (unsharded) gradient of every parameter, on every rank."""
+    init_parallel(tp)
+    model = build_mmdit(args, tp_group())
+    load_full_state_dict(model, state)
+    apply_recompute(model, recompute, every=2)
+    inputs = verification_cases(args, seed=1)[case]
+    out = model(**inputs)
+    (out.float().square().mean() + out.sum() * 1e-3).backward()
+    dims = partition_dims(model)
+    grads = {}
+    group = tp_group()
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        parts = [torch.empty_like(p.grad) for _ in range(tp)]
+        torch.distributed.all_gather(parts, p.grad.contiguous(), group=group)
+        grads[name] = unshard(parts, dims[name])
+    return {"out": out.detach(), "grads": grads}
+
+
+def forward_from_state(args: MMDiTArgs, state: dict) -> torch.Tensor:
+    """The reference output of outputs_from_checkpoint, in this process at TP=1."""
+    init_parallel(1)
+    model = build_mmdit(args, tp_group())
+    load_full_state_dict(model, state)
+    with torch.no_grad():
+        return model(**verification_cases(args, seed=2)["edit"])
+
+
+def outputs_from_checkpoint(rank: int, path: str, tp: int) -> torch.Tensor:
+    from mmdit.model.checkpoint import checkpoint_args, load_model
+
+    init_parallel(tp)
+    args = checkpoint_args(path)
+    model = build_mmdit(args, tp_group())
+    load_model(model, path)
+    with torch.no_grad():
+        return model(**verification_cases(args, seed=2)["edit"])
+
+
+def save_sharded(rank: int, args: MMDiTArgs, state: dict, path: str, tp: int) -> None:
+    from mmdit.model.checkpoint import save_model
+
+    init_parallel(tp)
+    model = build_mmdit(args, tp_group())
+    load_full_state_dict(model, state)
+    save_model(model, path, tp_group())

@@ -1,0 +1,132 @@
+"""The MMDiT against diffusers' QwenImageTransformer2DModel, MSRoPE, sizes and recompute."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import QwenImageTransformer2DModel
+from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+from mmdit.launch.config import load_config
+from mmdit.model.convert_cli import verification_cases
+from mmdit.model.info import model_info
+from mmdit.model.mmdit import build_mmdit, pack_latents, unpack_latents
+from mmdit.model.rope import msrope
+from mmdit.model.sharding import load_full_state_dict, partition_dims
+from mmdit.parallel.state import init_parallel, tp_group
+from model_workers import forward_backward, random_full_state_dict
+
+TINY = load_config([]).model
+
+
+@pytest.fixture(scope="module")
+def reference_and_ours():
+    torch.manual_seed(0)
+    config = {k: v for k, v in TINY.diffusers_config().items() if not k.startswith("_")}
+    reference = QwenImageTransformer2DModel(**config).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # leave no zero-initialized weight untested
+    init_parallel(1)
+    ours = build_mmdit(TINY, tp_group())
+    load_full_state_dict(ours, reference.state_dict())
+    return reference, ours
+
+
+@pytest.mark.parametrize("case", ["t2i", "edit"])
+def test_forward_matches_diffusers(reference_and_ours, case):
+    reference, ours = reference_and_ours
+    inputs = verification_cases(TINY, seed=3)[case]
+    assert not inputs["txt_mask"].all(), "the text mask must pad something"
+    with torch.no_grad():
+        expected = reference(hidden_states=inputs["img_tokens"], encoder_hidden_states=inputs["txt"],
+                             encoder_hidden_states_mask=inputs["txt_mask"], timestep=inputs["sigmas"],
+                             img_shapes=[inputs["image_shapes"]] * 2).sample
+        got = ours(**inputs)
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_padding_changes_nothing_for_valid_tokens(reference_and_ours):
+    _, ours = reference_and_ours
+    inputs = verification_cases(TINY, seed=4)["t2i"]
+    padded = dict(inputs, txt=inputs["txt"].clone())
+    padded["txt"][1, 7:] = 1e3  # masked tokens: must not influence image outputs
+    with torch.no_grad():
+        assert torch.allclose(ours(**inputs)[1], ours(**padded)[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("image_shapes,text_len", [([(1, 8, 12)], 5), ([(1, 7, 9), (1, 4, 16)], 11),
+                                                   ([(1, 64, 64)], 300)])
+def test_msrope_matches_diffusers(image_shapes, text_len):
+    axes = [16, 56, 56]
+    img_freqs, txt_freqs = QwenEmbedRope(theta=10000, axes_dim=axes, scale_rope=True)(
+        [image_shapes], device=torch.device("cpu"), max_txt_seq_len=text_len)
+    cos, sin = msrope(image_shapes, text_len, axes)
+    expected = torch.cat([txt_freqs, img_freqs])
+    assert cos.shape == expected.shape
+    assert torch.allclose(cos, expected.real, atol=1e-6) and torch.allclose(sin, expected.imag, atol=1e-6)
+
+
+def test_pack_unpack_roundtrip():
+    x = torch.randn(2, 16, 6, 10)
+    assert torch.equal(unpack_latents(pack_latents(x), 6, 10), x)
+
+
+def test_params_total_of_released_model():
+    from mmdit.parallel.state import destroy_parallel
+
+    destroy_parallel()  # model_info forms its own (fake) 8-rank group
+    info = model_info(load_config(["model=qwen_image_20b"]).model, tp=8)
+    assert info["params_total"] == 20_430_401_088
+    assert info["params_per_rank"] < info["params_total"] / 7.8
+
+
+def test_every_large_matrix_is_split_at_tp8():
+    """At TP=8 no rank holds more than 1/8 of any weight matrix but the small replicated ones."""
+    from mmdit.parallel.state import destroy_parallel, init_fake_parallel
+
+    args = load_config(["model=qwen_image_20b"]).model
+    destroy_parallel()
+    init_fake_parallel(8)
+    try:
+        model = build_mmdit(args, tp_group(), device="meta")
+        dims = partition_dims(model)
+        allowed = ("time_text_embed.", "txt_norm.", "norm_out.", "img_in.", "txt_in.", "proj_out.")
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith(allowed):
+                assert dims[name] is not None, f"{name} is replicated"
+                assert p.numel() * 8 <= (3072 * 6 * 3072 if "_mod" in name else 3072 * 12288), name
+    finally:
+        destroy_parallel()
+        init_parallel(1)
+
+
+@pytest.mark.parametrize("policy", ["full", "every_k", "attention", "mlp"])
+def test_recompute_changes_no_gradient(policy):
+    state = random_full_state_dict(TINY, seed=5)
+    base = forward_backward(0, TINY, 1, state, "none")
+    got = forward_backward(0, TINY, 1, state, policy)
+    assert torch.equal(base["out"], got["out"])
+    assert base["grads"].keys() == got["grads"].keys()
+    for name in base["grads"]:
+        assert torch.allclose(base["grads"][name], got["grads"][name], atol=1e-7, rtol=1e-6), name
+
+
+def test_last_block_text_stream_is_frozen():
+    init_parallel(1)
+    model = build_mmdit(TINY, tp_group(), device="meta")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    last = TINY.num_layers - 1
+    assert frozen and all(n.startswith(f"transformer_blocks.{last}.") for n in frozen)
+    assert all(".to_add_out." in n or ".txt_mlp." in n for n in frozen)
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="axes_dims_rope"):
+        dataclasses.replace(TINY, axes_dims_rope=[8, 12, 14])
+    with pytest.raises(ValueError, match="must divide num_attention_heads"):
+        init_parallel(1)
+        from mmdit.model.layers import make_linear_provider
+
+        make_linear_provider(TINY, 3, None)
