@@ -7,11 +7,11 @@ SIGMA_SAMPLINGS = ("uniform", "logit_normal")
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
+    steps: int = 30
     """Optimizer steps to run (in total, counting resumed ones)."""
     micro_batch_size: int = 2
     """Samples per data-parallel rank per step."""
-    lr: float = 1e-4
+    lr: float = 5e-4
     warmup_steps: int = 5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -31,9 +31,13 @@ class TrainConfig:
     """Image height in pixels for data_source=random."""
     random_width: int = 256
     random_text_len: int = 24
+    random_pool_size: int = 16
+    """Distinct random samples cycled through with data_source=random."""
     log_every: int = 1
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
+    init_from: str = ""
+    """Start from these weights: an mmdit checkpoint or a diffusers transformer dir (e.g. Qwen-Image)."""
     resume: bool = True
     """Resume from the newest checkpoint in run.dir when one exists."""
     log_samples: bool = False

@@ -65,6 +65,7 @@ class MMDiT(nn.Module):
         super().__init__()
         self.args = args
         self.tp_size, self.tp_rank = linears.tp_size, tp_rank
+        self.config = linears.config  # megatron's TransformerConfig: its DDP reads it
         dim = args.hidden_size
         self.time_text_embed = TimeTextEmbed(dim)
         self.txt_norm = RMSNorm(args.joint_attention_dim, args.eps)
@@ -145,4 +146,17 @@ def build_mmdit(args: MMDiTArgs, tp_group=None, *, device: str | torch.device = 
         model = MMDiT(args, linears, tp_rank=tp_rank)
     if str(device) != "meta":
         model.to_empty(device=device)
+    mark_tensor_parallel_params(model)
     return model
+
+
+def mark_tensor_parallel_params(model: MMDiT) -> None:
+    """Set megatron's per-parameter TP attributes, which its DDP, optimizer and grad-norm code
+    read (a sharded parameter counts on every rank, a replicated one on TP rank 0 only).
+    Megatron sets them only when it initializes weights itself; ours come from init_weights."""
+    from mmdit.model.sharding import partition_dims
+
+    for name, dim in partition_dims(model).items():
+        p = model.get_parameter(name)
+        p.tensor_model_parallel, p.partition_dim, p.partition_stride = dim is not None, dim or 0, 1
+        p.allreduce = True  # data-parallel gradient all-reduce (megatron DDP reads this)

@@ -1,0 +1,63 @@
+"""One metrics record per optimizer step: metrics.jsonl, the log line, and the run summary."""
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("mmdit.train")
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    samples_per_second: float
+    tflops_per_gpu: float
+    mfu: float
+    data_wait_fraction: float
+    config_version: int
+    step_time_s: float
+    global_batch_size: int
+
+    def log_line(self) -> str:
+        return (f"step {self.step:>6} | loss {self.loss:.4f} | lr {self.lr:.2e} | grad_norm {self.grad_norm:.3f} | "
+                f"{self.samples_per_second:.2f} samples/s | {self.tflops_per_gpu:.2f} TFLOP/s/dev | "
+                f"mfu {100 * self.mfu:.1f}% | data wait {100 * self.data_wait_fraction:.1f}%")
+
+
+class MetricsWriter:
+    """Appends metrics.jsonl (rank 0 only) and keeps what summary.json reports."""
+
+    def __init__(self, run_dir: Path, enabled: bool, log_every: int = 1):
+        self.enabled, self.log_every = enabled, max(1, log_every)
+        self.path = run_dir / "metrics.jsonl"
+        self.records: list[StepMetrics] = []
+        self.started = time.time()
+
+    def write(self, metrics: StepMetrics) -> None:
+        self.records.append(metrics)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(asdict(metrics)) + "\n")
+            if metrics.step % self.log_every == 0 or metrics.step == 1:
+                log.info(metrics.log_line())
+
+    def summary(self, **extra) -> dict:
+        steady = self.records[1:] or self.records  # the first step pays one-time warm-up costs
+        mean = lambda key: sum(getattr(m, key) for m in steady) / max(1, len(steady))  # noqa: E731
+        return {
+            "steps_run": len(self.records),
+            "final_step": self.records[-1].step if self.records else None,
+            "first_loss": self.records[0].loss if self.records else None,
+            "final_loss": self.records[-1].loss if self.records else None,
+            "mean_samples_per_second": mean("samples_per_second"),
+            "mean_tflops_per_gpu": mean("tflops_per_gpu"),
+            "mean_mfu": mean("mfu"),
+            "mean_data_wait_fraction": mean("data_wait_fraction"),
+            "wall_time_s": time.time() - self.started,
+            **extra,
+        }

@@ -1,0 +1,57 @@
+"""Random latent batches with the data service's batch layout: the model-only demo and benchmarks.
+
+Samples come from a fixed pool of `train.random_pool_size` random latents + prompt embeddings,
+cycled in order, so a short demo can show the loss falling as the model fits them. Everything is
+a function of (seed, step, dp_rank): a resumed run sees the batches it would have seen.
+"""
+
+import torch
+
+from mmdit.consumer.config import TrainConfig
+from mmdit.model.args import MMDiTArgs
+
+
+def random_sample(args: MMDiTArgs, train: TrainConfig, seed: int, index: int) -> dict:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    text_len = train.random_text_len
+    length = int(torch.randint(max(1, text_len // 2), text_len + 1, (1,), generator=g))
+    mask = torch.arange(text_len) < length
+    return {
+        "latents": torch.randn(args.latent_channels, train.random_height // 8, train.random_width // 8, generator=g),
+        "prompt_embeds": torch.randn(text_len, args.joint_attention_dim, generator=g) * mask[:, None],
+        "prompt_mask": mask,
+        "key": f"random-{index:06d}",
+    }
+
+
+def random_batch(args: MMDiTArgs, train: TrainConfig, seed: int, step: int, dp_rank: int, dp_size: int) -> dict:
+    b = train.micro_batch_size
+    first = (step * dp_size + dp_rank) * b
+    samples = [random_sample(args, train, seed, (first + i) % train.random_pool_size) for i in range(b)]
+    return {
+        "latents": torch.stack([s["latents"] for s in samples]),
+        "prompt_embeds": torch.stack([s["prompt_embeds"] for s in samples]),
+        "prompt_mask": torch.stack([s["prompt_mask"] for s in samples]),
+        "task": ["t2i"] * b,
+        "keys": [s["key"] for s in samples],
+        "batch_id": f"random-{step}-{dp_rank}",
+        "config_version": 0,
+    }
+
+
+class RandomBatches:
+    def __init__(self, args: MMDiTArgs, train: TrainConfig, seed: int, dp_rank: int, dp_size: int,
+                 start_step: int = 0):
+        self.args, self.train, self.seed = args, train, seed
+        self.dp_rank, self.dp_size, self.step = dp_rank, dp_size, start_step
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = random_batch(self.args, self.train, self.seed, self.step, self.dp_rank, self.dp_size)
+        self.step += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"step": self.step}

@@ -1,0 +1,211 @@
+"""`mmdit train`: flow-matching training of the MMDiT with TP x DP.
+
+Three layers, as in torchtitan: a batch source whose fetches are timed, `train_step`, and the
+outer loop with logging and checkpoints. Run it directly (one process, or `launch.nproc=N`
+local ranks started through torchrun) or under torchrun/SLURM.
+"""
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mmdit.consumer.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from mmdit.consumer.metrics import MetricsWriter, StepMetrics
+from mmdit.consumer.random_data import RandomBatches
+from mmdit.launch.config import JobConfig, config_yaml, load_config
+from mmdit.model.flops import mfu, peak_flops, step_flops
+from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
+from mmdit.model.init import init_weights
+from mmdit.model.layers import transformer_engine_available
+from mmdit.model.mmdit import build_mmdit, pack_latents, packed_shape
+from mmdit.parallel.backend import build_backend, resolve_backend
+from mmdit.parallel.recompute import apply_recompute_config
+from mmdit.parallel.state import ParallelDims, destroy_parallel, dp_group, init_parallel, tp_group
+
+log = logging.getLogger("mmdit.train")
+
+
+def compute_dtype(cfg: JobConfig) -> torch.dtype:
+    if cfg.train.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
+
+
+def lr_at(step: int, cfg: JobConfig) -> float:
+    """Linear warmup to train.lr, then constant."""
+    return cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup_steps))
+
+
+def model_inputs(batch: dict, device, dtype) -> tuple[torch.Tensor, dict, int]:
+    """Pack target (and condition) latents into tokens; return (x0 tokens, model kwargs, N target)."""
+    latents = batch["latents"].to(device)
+    x0 = pack_latents(latents).to(dtype)  # [B, N, 64]
+    shapes = [packed_shape(*latents.shape[-2:])]
+    cond = batch.get("cond_latents")
+    cond_tokens = None
+    if cond is not None:
+        cond_tokens = pack_latents(cond.to(device)).to(dtype)  # [B, Nc, 64]
+        shapes.append(packed_shape(*cond.shape[-2:]))
+    kwargs = dict(txt=batch["prompt_embeds"].to(device, dtype), txt_mask=batch["prompt_mask"].to(device),
+                  image_shapes=shapes, cond_tokens=cond_tokens)
+    return x0, kwargs, x0.shape[1]
+
+
+def sample_noise(cfg: JobConfig, step: int, first_index: int, x0: torch.Tensor, num_target: int):
+    """Noise level and noise of each sample, drawn from a generator keyed by (seed, step, the
+    sample's index in the global batch): the same whatever the DP size or micro-batch split."""
+    sigmas, noise = [], []
+    for i in range(x0.shape[0]):
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 100_003 + first_index + i)
+        sigmas.append(sample_training_sigmas(
+            1, sampling=cfg.train.sigma_sampling, logit_mean=cfg.train.logit_mean, logit_std=cfg.train.logit_std,
+            image_seq_len=num_target if cfg.train.shift_sigmas else None, generator=g))
+        noise.append(torch.randn(x0.shape[1:], generator=g))
+    return torch.cat(sigmas).to(x0.device), torch.stack(noise).to(x0.device, x0.dtype)
+
+
+def train_step(backend, batch: dict, cfg: JobConfig, step: int, first_index: int, device, dtype) -> torch.Tensor:
+    x0, kw, num_target = model_inputs(batch, device, dtype)
+    sigmas, noise = sample_noise(cfg, step, first_index, x0, num_target)
+    x_s = noisy_input(x0, noise, sigmas)
+    tokens = x_s if kw["cond_tokens"] is None else torch.cat([x_s, kw["cond_tokens"]], dim=1)
+    backend.zero_grad()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        pred = backend.model(tokens, kw["txt"], kw["txt_mask"], sigmas, kw["image_shapes"])
+    # The loss covers target tokens only: condition-image tokens are inputs, not predictions.
+    loss = flow_matching_loss(pred[:, :num_target].float(), velocity_target(x0, noise).float())
+    loss.backward()
+    return loss.detach()
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        self.dims: ParallelDims = init_parallel(cfg.parallel.tp)
+        self.rank0 = dist.get_rank() == 0
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.dtype = compute_dtype(cfg)
+        use_te = cfg.parallel.layers == "te" or (cfg.parallel.layers == "auto" and transformer_engine_available())
+        on_gpu = self.device.type == "cuda"
+        backend_name = resolve_backend(cfg.parallel)
+        # megatron's optimizer keeps fp32 main weights itself, so its model holds bf16 params.
+        params_dtype = self.dtype if backend_name == "megatron" else torch.float32
+        self.model = build_mmdit(cfg.model, tp_group(), device=self.device, use_te=use_te, params_dtype=params_dtype)
+        if cfg.train.init_from:
+            from mmdit.model.checkpoint import load_weights
+
+            load_weights(self.model, cfg.train.init_from)
+        else:
+            init_weights(self.model, cfg.seed)
+        self.model.to(params_dtype)
+        apply_recompute_config(self.model, cfg.parallel)
+        self.backend = build_backend(self.model, cfg.parallel, cfg.train, tp_group(), dp_group(), self.model.config)
+        self.step = 0
+        self.data_state: dict = {}
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_yaml(cfg))
+        resume = latest_checkpoint(self.run_dir) if cfg.train.resume else None
+        if resume is not None:
+            state = load_checkpoint(resume, self.model, self.backend, self.dims)
+            self.step, self.data_state = state["step"], state.get("data", {})
+            log.info("resumed from %s at step %d", resume, self.step)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.rank0, log_every=cfg.train.log_every)
+        self.peak = cfg.train.peak_tflops * 1e12 or (peak_flops(torch.cuda.get_device_name()) if on_gpu else None)
+        log.info("backend %s | layers %s | tp %d x dp %d | dtype %s | recompute %s | device %s",
+                 self.backend.name, "transformer-engine" if use_te else "megatron-local", self.dims.tp, self.dims.dp,
+                 str(self.dtype).removeprefix("torch."), cfg.parallel.recompute, self.device)
+
+    def batches(self):
+        if self.cfg.train.data_source == "random":
+            return RandomBatches(self.cfg.model, self.cfg.train, self.cfg.seed, self.dims.dp_rank, self.dims.dp,
+                                 start_step=self.step)
+        from mmdit.consumer.client import trainer_batches
+
+        return trainer_batches(self.cfg, self.dims, self.data_state)
+
+    def checkpoint(self, batches) -> None:
+        state = {"data": batches.state(), "seed": self.cfg.seed}
+        save_checkpoint(self.run_dir, self.step, self.model, self.backend, self.dims, tp_group(), state)
+
+    def log_samples(self, batch: dict) -> None:
+        with (self.run_dir / "samples.jsonl").open("a") as f:
+            f.write(json.dumps({"step": self.step, "dp_rank": self.dims.dp_rank, "batch_id": batch["batch_id"],
+                                "keys": list(batch["keys"])}) + "\n")
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        batches = self.batches()
+        data_iter = iter(batches)
+        while self.step < cfg.train.steps:
+            started = time.perf_counter()
+            batch = next(data_iter)
+            data_wait = time.perf_counter() - started
+            lr = lr_at(self.step, cfg)
+            self.backend.set_lr(lr)
+            first_index = self.dims.dp_rank * batch["latents"].shape[0]
+            loss = train_step(self.backend, batch, cfg, self.step, first_index, self.device, self.dtype)
+            grad_norm = self.backend.step()
+            loss_value = self._mean_over_dp(loss)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_time = time.perf_counter() - started
+            self.step += 1
+            if cfg.train.log_samples and self.dims.tp_rank == 0:
+                self.log_samples(batch)
+            self._record(batch, loss_value, lr, grad_norm, step_time, data_wait)
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+                self.checkpoint(batches)
+        if self.metrics.records and (not cfg.train.save_every or self.step % cfg.train.save_every):
+            self.checkpoint(batches)
+        summary = self.metrics.summary(backend=self.backend.name, tp=self.dims.tp, dp=self.dims.dp)
+        if self.rank0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _mean_over_dp(self, loss: torch.Tensor) -> float:
+        loss = loss.float().cpu() if self.device.type == "cpu" else loss.float()
+        if self.dims.dp > 1:
+            dist.all_reduce(loss, group=dp_group())
+            loss = loss / self.dims.dp
+        return loss.item()
+
+    def _record(self, batch, loss, lr, grad_norm, step_time, data_wait) -> None:
+        latents = batch["latents"]
+        image_tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+        cond = batch.get("cond_latents")
+        cond_tokens = 0 if cond is None else (cond.shape[-2] // 2) * (cond.shape[-1] // 2)
+        global_batch = latents.shape[0] * self.dims.dp
+        flops = step_flops(self.cfg.model, global_batch, image_tokens, batch["prompt_embeds"].shape[1], cond_tokens)
+        per_device = flops / self.dims.world_size / step_time
+        self.metrics.write(StepMetrics(
+            step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, samples_per_second=global_batch / step_time,
+            tflops_per_gpu=per_device / 1e12, mfu=mfu(flops, step_time, self.dims.world_size, self.peak) if self.peak else 0.0,
+            data_wait_fraction=data_wait / step_time, config_version=int(batch.get("config_version", 0)),
+            step_time_s=step_time, global_batch_size=global_batch))
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_config(argv)
+    from mmdit.launch.local import relaunch_under_torchrun
+
+    if relaunch_under_torchrun("mmdit.consumer.train", argv, cfg):
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    try:
+        summary = Trainer(cfg).run()
+        if dist.get_rank() == 0:
+            print(json.dumps(summary))
+    finally:
+        destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

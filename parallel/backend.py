@@ -1,0 +1,145 @@
+"""Data parallelism and the optimizer: one interface, two backends.
+
+- `megatron` (GPU): megatron-core DistributedDataParallel (contiguous grad buffers, overlapped
+  reduce-scatter) + DistributedOptimizer (fp32 main weights and Adam state sharded over DP),
+  with bf16 params.
+- `torch` (CPU, or when asked): torch DDP over the DP group + ZeroRedundancyOptimizer(AdamW),
+  which also shards optimizer state over DP. Megatron's DDP and optimizer allocate on CUDA, so
+  this is the path a CPU run takes.
+
+`auto` picks megatron on GPU and torch on CPU; the chosen backend is named in the log, and asking
+for megatron without a GPU is an error rather than a silent fallback.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mmdit.consumer.config import TrainConfig
+from mmdit.parallel.config import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_backend(cfg: ParallelConfig) -> str:
+    if cfg.backend == "auto":
+        return "megatron" if torch.cuda.is_available() else "torch"
+    if cfg.backend == "megatron" and not torch.cuda.is_available():
+        raise RuntimeError("parallel.backend=megatron needs a GPU (megatron DDP/DistributedOptimizer "
+                           "allocate on CUDA); use parallel.backend=torch or auto on CPU")
+    return cfg.backend
+
+
+def grad_norm_tp(params: list[torch.nn.Parameter], tp_group) -> torch.Tensor:
+    """Global L2 norm of gradients: TP-split parameters count on every rank, replicated ones once."""
+    split = sum((p.grad.float().square().sum() for p in params if p.grad is not None and p.tensor_model_parallel),
+                torch.zeros(()))
+    replicated = sum((p.grad.float().square().sum() for p in params
+                      if p.grad is not None and not p.tensor_model_parallel), torch.zeros(()))
+    if tp_group is not None and tp_group.size() > 1:
+        dist.all_reduce(split, group=tp_group)
+    return (split + replicated).sqrt()
+
+
+@dataclass
+class TorchBackend:
+    """torch DDP + ZeroRedundancyOptimizer(AdamW) over the DP group."""
+
+    model: torch.nn.Module
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tp_group: object
+    grad_clip: float
+    name: str = "torch-ddp+zero1"
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> float:
+        """Clip by the global grad norm, then step. Gradients are already DP-averaged by DDP."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = grad_norm_tp(params, self.tp_group)
+        if self.grad_clip > 0 and math.isfinite(norm.item()):
+            scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        self.optimizer.step()
+        return norm.item()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def optimizer_state(self):
+        """The full optimizer state of this TP rank's shard, on DP rank 0 (collective over DP)."""
+        self.optimizer.consolidate_state_dict(to=0)
+        return self.optimizer.state_dict() if dist.get_rank(self.optimizer.process_group) == 0 else None
+
+    def load_optimizer_state(self, state) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+@dataclass
+class MegatronBackend:
+    """megatron-core DDP + DistributedOptimizer (GPU)."""
+
+    model: torch.nn.Module
+    module: torch.nn.Module
+    optimizer: object
+    name: str = "megatron-ddp+distributed-optimizer"
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self) -> float:
+        self.model.finish_grad_sync()
+        _, grad_norm, _ = self.optimizer.step()  # clips by cfg.grad_clip inside
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def optimizer_state(self):
+        return {"param_groups": self.optimizer.state_dict(),
+                "parameter_state": self.optimizer.get_parameter_state_dp_zero()}
+
+    def load_optimizer_state(self, state) -> None:
+        self.optimizer.load_state_dict(state["param_groups"])
+        self.optimizer.load_parameter_state_from_dp_zero(state["parameter_state"])
+
+
+def build_backend(model, parallel: ParallelConfig, train: TrainConfig, tp_group, dp_group, linear_config):
+    backend = resolve_backend(parallel)
+    if backend == "megatron":
+        return _build_megatron(model, train, linear_config)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model, process_group=dp_group)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=dp_group,
+                                        lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
+                                        weight_decay=train.weight_decay)
+    return TorchBackend(model=ddp, module=model, optimizer=optimizer, tp_group=tp_group, grad_clip=train.grad_clip)
+
+
+def _build_megatron(model, train: TrainConfig, linear_config):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+                                               use_distributed_optimizer=True)
+    ddp = DistributedDataParallel(config=linear_config, ddp_config=ddp_config, module=model)
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=train.lr, weight_decay=train.weight_decay, adam_beta1=train.adam_beta1,
+                        adam_beta2=train.adam_beta2, clip_grad=train.grad_clip, bf16=bf16,
+                        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=True),
+        [ddp])
+    return MegatronBackend(model=ddp, module=model, optimizer=optimizer)
