@@ -18,7 +18,8 @@ setup(
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",
-        "transformers>=4.51",
+        "transformers>=4.56",
+        "tokenizers>=0.20",
         "diffusers>=0.35",
         "hydra-core>=1.3",
         "omegaconf>=2.3",

@@ -11,17 +11,31 @@ class FilterConfig:
     """
 
     min_side: int = 64
+    """Minimum of the original width and height, in pixels."""
     min_aspect: float = 0.25
+    """Aspect range W/H kept (outside it, a centre crop to any bucket would lose too much)."""
     max_aspect: float = 4.0
     min_blur: float = 0.0
-    """Minimum Laplacian variance (sharpness)."""
+    """Minimum Laplacian variance (sharpness) of the 256-pixel thumbnail's grey levels (0..255)."""
     min_brightness: float = 0.0
+    """Mean grey level range kept, in 0..1."""
     max_brightness: float = 1.0
     min_contrast: float = 0.0
+    """Minimum grey-level standard deviation, in 0..1."""
     min_entropy: float = 0.0
+    """Minimum grey-histogram entropy in bits (0..8); flat images score 0."""
     min_caption_chars: int = 1
     max_caption_chars: int = 4000
     drop_duplicates: bool = True
+    """Keep only the first sample of each perceptual hash."""
+
+    def __post_init__(self):
+        if not 0 < self.min_aspect <= self.max_aspect:
+            raise ValueError(f"filters: need 0 < min_aspect <= max_aspect, got {self.min_aspect}, {self.max_aspect}")
+        if not 0.0 <= self.min_brightness <= self.max_brightness <= 1.0:
+            raise ValueError(f"filters: need 0 <= min_brightness <= max_brightness <= 1, got {self.min_brightness}, {self.max_brightness}")
+        if self.min_caption_chars > self.max_caption_chars:
+            raise ValueError(f"filters: min_caption_chars {self.min_caption_chars} > max_caption_chars {self.max_caption_chars}")
 
 
 @dataclass
@@ -36,27 +50,83 @@ class DataConfig:
     source_weights: dict[str, float] = field(default_factory=dict)
     """Relative weight per data source (shard stem); sources not named weigh 1."""
     encode_batch_size: int = 8
+    """Samples per VAE / Qwen2.5-VL forward (one bucket per batch)."""
+    decode_workers: int = 4
+    """Threads that decode, score and resize ahead of the encoder."""
+    max_image_pixels: int = 100_000_000
+    """Images whose header claims more pixels are rejected before decoding (decompression bombs)."""
+
+    def __post_init__(self):
+        if self.base_resolution <= 0 or self.base_resolution % 16:
+            raise ValueError(f"data.base_resolution {self.base_resolution} must be a positive multiple of 16")
+        if self.encode_batch_size < 1 or self.decode_workers < 1:
+            raise ValueError("data.encode_batch_size and data.decode_workers must be >= 1")
 
 
 @dataclass
 class CacheConfig:
     dir: str = "cache"
-    """Latent cache and manifest directory (shared by all producers of a job)."""
+    """Latent cache and manifest directory (shared by all producers of a job):
+    <dir>/<encoder fingerprint>/<H>x<W>/seg-*.safetensors, <dir>/manifest/part-*.parquet,
+    <dir>/report.json."""
 
 
 @dataclass
 class EncodersConfig:
+    """The frozen encoders (VAE + Qwen2.5-VL); every field that changes features is fingerprinted."""
+
     dir: str = ""
-    """A directory laid out like the public Qwen-Image repository (vae/, text_encoder/, tokenizer/)."""
+    """A directory laid out like the public Qwen-Image repository: vae/, text_encoder/, tokenizer/,
+    and processor/ (Qwen2VLImageProcessor config; needed only for edit prompts)."""
     device: str = "auto"
+    """auto: cuda if available, else cpu; or any torch device string."""
     dtype: str = "auto"
-    """auto: bf16 on GPU, fp32 on CPU."""
+    """auto: bf16 on GPU, fp32 on CPU; or float32 / bfloat16 / float16."""
     max_text_tokens: int = 1024
+    """Prompt features kept per sample after the template prefix is dropped."""
+    resample: str = "bicubic"
+    """PIL filter for the VAE input resize (bicubic, lanczos, bilinear, nearest)."""
+    edit_vision_area: int = 384 * 384
+    """Pixel area the edit source image is resized to before Qwen2.5-VL sees it (aspect kept,
+    sides multiples of 32). 384*384 (about 190 vision tokens) as in QwenImageEditPlusPipeline; the
+    first Qwen-Image-Edit used 1024*1024 (about 1340 tokens, over max_text_tokens)."""
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"encoders.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.resample not in ("bicubic", "lanczos", "bilinear", "nearest"):
+            raise ValueError(f"encoders.resample must be bicubic, lanczos, bilinear or nearest, not {self.resample!r}")
+        if self.max_text_tokens < 1:
+            raise ValueError("encoders.max_text_tokens must be >= 1")
+        if self.edit_vision_area < 56 * 56:
+            raise ValueError("encoders.edit_vision_area must be >= 3136 (56x56)")
 
 
 @dataclass
 class SynthConfig:
+    """`mmdit synth`: rendered Chinese/English text images and edit triplets (producer/synth.py)."""
+
     num_samples: int = 64
     edit_fraction: float = 0.25
+    """Fraction of samples that are edit triplets (source, instruction, target)."""
     samples_per_shard: int = 32
     seed: int = 0
+    """Sample i is a pure function of (seed, i)."""
+    min_side: int = 256
+    max_side: int = 768
+    """Image width and height are drawn independently from [min_side, max_side]."""
+    zh_fraction: float = 0.5
+    """Fraction of rendered texts in Chinese (the rest English)."""
+    zh_caption_fraction: float = 0.3
+    """Fraction of text-to-image captions written in Chinese."""
+    font_dir: str = "/usr/share/fonts/truetype"
+    """Where fonts-wqy-microhei and fonts-dejavu-core put their files (`make sysdeps`)."""
+
+    def __post_init__(self):
+        if self.num_samples < 0 or self.samples_per_shard < 1:
+            raise ValueError("synth.num_samples must be >= 0 and synth.samples_per_shard >= 1")
+        if not 64 <= self.min_side <= self.max_side:
+            raise ValueError(f"synth needs 64 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        for name in ("edit_fraction", "zh_fraction", "zh_caption_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"synth.{name} must be in [0, 1]")
