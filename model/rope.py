@@ -8,6 +8,8 @@ images. The head dimension is split into axes_dims (frame, row, col), each rotat
 interleaved (even, odd) pairs. Matches diffusers' `QwenEmbedRope` with scale_rope=True.
 """
 
+import functools
+
 import torch
 
 ImageShape = tuple[int, int, int]  # (frames, rows, cols) in packed tokens
@@ -43,12 +45,20 @@ def rotary_angles(positions: torch.Tensor, axes_dims: list[int], theta: float) -
 
 def msrope(image_shapes: list[ImageShape], text_len: int, axes_dims: list[int], theta: float = 10000,
            device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each [L + N_img, head_dim/2], for the joint sequence [text, images]."""
+    """(cos, sin), each [L + N_img, head_dim/2], for the joint sequence [text, images].
+
+    Cached per (shapes, text length, device): a bucketed run sees few distinct shapes, and the
+    tables are built on the host, so rebuilding them every step would cost a copy and a sync."""
+    key = (tuple(tuple(s) for s in image_shapes), text_len, tuple(axes_dims), theta, str(device or "cpu"))
+    return _cached_tables(*key)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_tables(image_shapes, text_len, axes_dims, theta, device):
     angles = torch.cat([
-        rotary_angles(text_positions(image_shapes, text_len), axes_dims, theta),
-        rotary_angles(image_positions(image_shapes), axes_dims, theta),
-    ])
-    angles = angles.to(device)
+        rotary_angles(text_positions(list(image_shapes), text_len), list(axes_dims), theta),
+        rotary_angles(image_positions(list(image_shapes)), list(axes_dims), theta),
+    ]).to(device)
     return angles.cos(), angles.sin()
 
 
