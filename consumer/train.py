@@ -51,7 +51,9 @@ def model_inputs(batch: dict, device, dtype) -> tuple[torch.Tensor, dict, int]:
     if cond is not None:
         cond_tokens = pack_latents(cond.to(device)).to(dtype)  # [B, Nc, 64]
         shapes.append(packed_shape(*cond.shape[-2:]))
-    kwargs = dict(txt=batch["prompt_embeds"].to(device, dtype), txt_mask=batch["prompt_mask"].to(device),
+    mask = batch["prompt_mask"]
+    mask = None if bool(mask.all()) else mask.to(device)  # host-side check: no mask, flash attention
+    kwargs = dict(txt=batch["prompt_embeds"].to(device, dtype), txt_mask=mask,
                   image_shapes=shapes, cond_tokens=cond_tokens)
     return x0, kwargs, x0.shape[1]
 

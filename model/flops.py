@@ -15,8 +15,9 @@ Conventions (the ones MFU is usually reported in, written down so numbers stay c
   for the two input-side layers whose input is data and needs no gradient (`img_in` on the packed
   latents, the timestep MLP's first linear on the sinusoids): 1x, the weight gradient only. That
   is exactly what autograd runs, so `step_flops` equals `torch.utils.flop_counter.FlopCounterMode`
-  over one forward+backward (tests/test_flops.py), and it is within 1e-5 of the usual "3x
-  forward" (6 * N * D) convention.
+  over one forward+backward (tests/test_flops.py; on CPU with SDPA's math backend, since torch has
+  no FLOP formula for the default CPU attention kernel). At the 20B shape it is within 1e-5 of
+  the usual "3x forward".
 - Attention backward is counted as 2x its forward (4 matmuls). Flash attention also recomputes
   the scores in backward (FlopCounterMode counts 5 matmuls for the fused kernels); like any
   rematerialization, that is hardware work, not model work, and MFU leaves it out.
@@ -27,8 +28,9 @@ Conventions (the ones MFU is usually reported in, written down so numbers stay c
 - The AdaLN modulation linears (a third of the parameters) act once per sample, not per token:
   at 20B they are ~1/3 of the weights and ~1e-4 of the FLOPs. So the 6 * params * tokens rule
   overestimates an MMDiT (each token also meets only its own stream's weights): do not use it.
-- Counts are for the whole model; at tensor parallelism TP each rank does 1/TP of the block
-  matmuls, so per-device FLOPs are `step_flops / num_devices` for TP x DP with the global batch.
+- Counts are for the whole model and the given batch, never per rank: for a TP x DP job pass the
+  global batch and all devices to `mfu`. Replicated work (TP ranks each running the small
+  embeddings and head) is counted once, as model FLOPs should be.
 """
 
 from dataclasses import dataclass

@@ -106,9 +106,9 @@ class MMDiT(nn.Module):
 
 
 def joint_attention_mask(txt_mask: torch.Tensor | None, num_image_tokens: int) -> torch.Tensor | None:
-    """Key mask over [text, image]: padded text keys are hidden; None when nothing is padded,
-    which lets SDPA pick its fused (flash) kernel."""
-    if txt_mask is None or bool(txt_mask.all()):
+    """Key mask over [text, image]: padded text keys are hidden. Pass txt_mask=None when nothing
+    is padded (decided on the host, no device sync) so SDPA can pick its flash kernel."""
+    if txt_mask is None:
         return None
     image = torch.ones(txt_mask.shape[0], num_image_tokens, dtype=torch.bool, device=txt_mask.device)
     return torch.cat([txt_mask.bool(), image], dim=1)[:, None, None, :]
