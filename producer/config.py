@@ -67,8 +67,16 @@ class DataConfig:
 class CacheConfig:
     dir: str = "cache"
     """Latent cache and manifest directory (shared by all producers of a job):
-    <dir>/<encoder fingerprint>/<H>x<W>/seg-*.safetensors, <dir>/manifest/part-*.parquet,
-    <dir>/report.json."""
+    <dir>/<fingerprint>/<H>x<W>/seg-*.safetensors, <dir>/manifest/part-*.parquet, <dir>/report.json."""
+    segment_records: int = 64
+    """A producer publishes a segment once it holds this many encoded records (per write)..."""
+    segment_seconds: float = 5.0
+    """...or once its oldest unpublished record is this old: fewer, larger files read faster
+    and index faster, while a killed producer loses at most this much work."""
+
+    def __post_init__(self):
+        if self.segment_records < 1 or self.segment_seconds < 0:
+            raise ValueError("cache.segment_records must be >= 1 and cache.segment_seconds >= 0")
 
 
 @dataclass

@@ -1,0 +1,526 @@
+"""The latent cache: encoded samples laid out per (encoder fingerprint, resolution bucket).
+
+Layout::
+
+    <cache dir>/<fingerprint>/<H>x<W>/seg-<writer id>-<seq>.safetensors
+
+A *segment* is an immutable safetensors file holding the records of one `write` call for one
+bucket: `latents` [N,16,H/8,W/8] stacked (all records of a bucket share that shape), the
+variable-length `prompt_embeds` concatenated along tokens [sum L_i, D], and, when any record
+has one, `cond_latents` flattened and concatenated (a source image has its own bucket, so its
+shape varies). Per-record metadata (key, task, caption, source, token count, cond shape) sits in
+the safetensors header, so a segment describes itself and any safetensors reader can mmap it.
+
+Why this shape:
+- Publication is atomic: a writer streams to a hidden `.tmp-...` file, fsyncs it and
+  `os.replace`s it to its final name (then fsyncs the directory). Readers list only
+  `seg-*.safetensors`, so a writer killed at any point leaves at most a tmp file, never a torn
+  or half-visible record. Writer ids (host, pid, random) make names unique, so any number of
+  producer processes can write one cache concurrently without locks.
+- Keyed by sample key *and* encoder fingerprint: a different VAE, MLLM, template or
+  preprocessing lands in another directory, so it is a miss, never a stale hit.
+- Reads are positional (`os.preadv` straight into the output tensor): a record costs two or
+  three syscalls and one copy; segments of one bucket read back in order are a sequential scan.
+- Readers build their key index lazily from segment headers and rescan on a miss, so records
+  published by other processes after a reader opened the cache become visible.
+
+If one key is published twice (two producers racing on it, or a rerun after a crash) the copies
+are equivalent; readers keep the first segment in name order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_save
+
+# ----------------------------------------------------------------------------- record schema
+
+SCHEMA_VERSION = 1
+TASKS = ("t2i", "edit", "reconstruction")
+LATENT_CHANNELS = 16
+VAE_SCALE = 8
+META_FIELDS = ("key", "fingerprint", "bucket", "task", "caption", "source")
+"""Per-record metadata; with the tensors `latents`, `prompt_embeds` and optional `cond_latents`
+this is the whole record (design brief, "Cache record per sample")."""
+
+SEGMENT_GLOB = "seg-*.safetensors"
+DATA_ALIGN = 4096
+"""Tensor data starts at a multiple of this file offset."""
+TMP_PREFIX = ".tmp-"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def stage_fingerprint(encoders_fingerprint: str, base_resolution: int) -> str:
+    """The fingerprint records are cached under: the encoders' (weights, templates, resize
+    filter) plus the bucket set, since a sample's latents at the 256 stage are not its latents
+    at the 640 stage. Producers write and trainers read with this."""
+    return f"{encoders_fingerprint}-b{base_resolution}"
+
+
+def validate_record(rec: dict) -> None:
+    """Raise ValueError naming the key and the field when a record breaks the schema."""
+    key = rec.get("key", "<no key>")
+    for f in META_FIELDS + ("latents", "prompt_embeds"):
+        if f not in rec:
+            raise ValueError(f"cache record {key!r}: missing field {f!r}")
+    if not isinstance(rec["key"], str) or not rec["key"]:
+        raise ValueError(f"cache record {key!r}: key must be a non-empty str")
+    if not _NAME_RE.match(rec["fingerprint"]):
+        raise ValueError(f"cache record {key!r}: fingerprint {rec['fingerprint']!r} must match {_NAME_RE.pattern}")
+    if rec["task"] not in TASKS:
+        raise ValueError(f"cache record {key!r}: task {rec['task']!r} not in {TASKS}")
+    h, w = (int(v) for v in rec["bucket"])
+    if h % 16 or w % 16 or h <= 0 or w <= 0:
+        raise ValueError(f"cache record {key!r}: bucket {(h, w)} sides must be positive multiples of 16")
+    want = (LATENT_CHANNELS, h // VAE_SCALE, w // VAE_SCALE)
+    if tuple(rec["latents"].shape) != want:
+        raise ValueError(f"cache record {key!r}: latents shape {tuple(rec['latents'].shape)} != {want} for bucket {(h, w)}")
+    if rec["prompt_embeds"].dim() != 2:
+        raise ValueError(f"cache record {key!r}: prompt_embeds must be [L, D], got {tuple(rec['prompt_embeds'].shape)}")
+    cond = rec.get("cond_latents")
+    if cond is not None and (cond.dim() != 3 or cond.shape[0] != LATENT_CHANNELS):
+        raise ValueError(f"cache record {key!r}: cond_latents must be [16, h, w], got {tuple(cond.shape)}")
+
+
+# ----------------------------------------------------------------------------- segment format
+
+_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
+}
+
+
+@dataclass
+class _Segment:
+    """A published segment's parsed header: where each tensor lies and each record's metadata."""
+
+    path: str
+    fingerprint: str
+    bucket: tuple[int, int]
+    records: list[dict]
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int]]
+    """name -> (dtype, shape, absolute byte offset in the file)."""
+    token_offsets: list[int]
+    cond_offsets: list[int]
+
+
+def _read_segment_header(path: str) -> _Segment:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    meta = json.loads(header.pop("__metadata__")["mmdit"])
+    base = 8 + n
+    tensors = {
+        name: (_DTYPES[t["dtype"]], tuple(t["shape"]), base + t["data_offsets"][0]) for name, t in header.items()
+    }
+    token_offsets, cond_offsets = [0], [0]
+    for r in meta["records"]:
+        token_offsets.append(token_offsets[-1] + r["tokens"])
+        cond = r.get("cond_shape")
+        cond_offsets.append(cond_offsets[-1] + (cond[0] * cond[1] * cond[2] if cond else 0))
+    return _Segment(path, meta["fingerprint"], tuple(meta["bucket"]), meta["records"], tensors, token_offsets, cond_offsets)
+
+
+def _encode_segment(fingerprint: str, bucket: tuple[int, int], records: list[dict]) -> list:
+    """The segment file's bytes, as chunks to write in order."""
+    latents = torch.stack([r["latents"].contiguous() for r in records])
+    embeds = torch.cat([r["prompt_embeds"].contiguous() for r in records])
+    tensors = {"latents": latents, "prompt_embeds": embeds}
+    conds = [r["cond_latents"].reshape(-1) for r in records if r.get("cond_latents") is not None]
+    if conds:
+        tensors["cond_latents"] = torch.cat(conds).to(latents.dtype)
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fingerprint,
+        "bucket": list(bucket),
+        "records": [
+            {
+                "key": r["key"], "task": r["task"], "caption": r["caption"], "source": r["source"],
+                "tokens": int(r["prompt_embeds"].shape[0]),
+                "cond_shape": list(r["cond_latents"].shape) if r.get("cond_latents") is not None else None,
+            }
+            for r in records
+        ],
+    }
+    raw = safetensors_save(tensors, metadata={"mmdit": json.dumps(meta, ensure_ascii=False)})
+    # Pad the header (safetensors allows trailing spaces) so tensor data starts on a page: reads
+    # whose file offset is not 64-byte aligned copy about 30% slower, and mmap wants pages.
+    n = struct.unpack("<Q", raw[:8])[0]
+    padded = -(-(8 + n) // DATA_ALIGN) * DATA_ALIGN - 8
+    return [struct.pack("<Q", padded), raw[8:8 + n], b" " * (padded - n), memoryview(raw)[8 + n:]]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _host_id() -> str:
+    """Host name plus PID namespace: containers on one node may share a host name, and a pid
+    only means something inside its namespace (stale tmp cleanup relies on it)."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+    try:
+        return f"{host}{os.stat('/proc/self/ns/pid').st_ino:x}"
+    except OSError:
+        return host
+
+
+def _writer_id() -> str:
+    return f"{_host_id()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+class LatentCache:
+    """Reader and writer of one cache directory; safe to share between threads of a process.
+
+    Each process (or each `LatentCache` object) writes under its own writer id. Readers see
+    every segment published before their last (re)scan; `read`/`contains` rescan on a miss and
+    `keys`/`buckets` rescan always, so new segments of other producers show up.
+    """
+
+    MAX_OPEN_FILES = 128
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._writer = _writer_id()
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self._index: dict[str, dict[str, tuple[_Segment, int]]] = {}
+        self._by_bucket: dict[str, dict[tuple[int, int], list[str]]] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    # ---- writing
+
+    def write(self, records: list[dict]) -> None:
+        """Publish `records`: one segment per (fingerprint, bucket), each atomically."""
+        groups: dict[tuple[str, tuple[int, int]], list[dict]] = {}
+        for rec in records:
+            validate_record(rec)
+            bucket = (int(rec["bucket"][0]), int(rec["bucket"][1]))
+            groups.setdefault((rec["fingerprint"], bucket), []).append(rec)
+        for (fp, bucket), recs in groups.items():
+            self._publish(fp, bucket, _encode_segment(fp, bucket, recs))
+
+    def _publish(self, fingerprint: str, bucket: tuple[int, int], payload: list) -> None:
+        d = self.path / fingerprint / f"{bucket[0]}x{bucket[1]}"
+        d.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._seq += 1
+            name = f"seg-{self._writer}-{self._seq:06d}.safetensors"
+        tmp = d / f"{TMP_PREFIX}{name}"
+        with open(tmp, "wb") as f:
+            for chunk in payload:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / name)
+        _fsync_dir(str(d))
+
+    def remove_stale_tmp(self, max_age_s: float = 3600.0) -> int:
+        """Delete unpublished tmp files left by dead writers; returns how many.
+
+        A tmp file of this host whose writer pid is gone is removed at once; others (another
+        host's, or a live writer's) only when older than `max_age_s`.
+        """
+        host = _host_id()
+        removed = 0
+        for tmp in self.path.glob(f"*/*/{TMP_PREFIX}seg-*"):
+            parts = tmp.name[len(TMP_PREFIX):].split("-")
+            try:
+                dead = parts[1] == host and not _pid_alive(int(parts[2]))
+                old = time.time() - tmp.stat().st_mtime > max_age_s
+                if (dead or old) and not tmp.name.startswith(f"{TMP_PREFIX}seg-{self._writer}-"):
+                    tmp.unlink()
+                    removed += 1
+            except (IndexError, ValueError, FileNotFoundError):
+                continue
+        return removed
+
+    # ---- reading
+
+    def read(self, key: str, fingerprint: str) -> dict:
+        """The record of `key` encoded under `fingerprint`; KeyError if absent."""
+        seg, i = self._locate(key, fingerprint)
+        return self._read_record(seg, i)
+
+    def read_many(self, keys: list[str], fingerprint: str) -> list[dict]:
+        """Records of `keys`, in that order. Keys that sit next to each other in a segment (a
+        bucket's keys in listing order do) are read together, one read per run of records; the
+        records' tensors are views of that read."""
+        out: list[dict | None] = [None] * len(keys)
+        for seg, i0, i1, where in self._runs(keys, fingerprint):
+            for i, rec in zip(range(i0, i1), self._records(seg, i0, i1, *self._read_span(seg, i0, i1))):
+                for j in where[i]:
+                    out[j] = rec
+        return out
+
+    def read_batch(self, keys: list[str], fingerprint: str) -> dict:
+        """`keys` of one bucket as one batch, without per-record tensors: `latents` [B,16,h,w],
+        `prompt_embeds` [B,Lmax,D] zero-padded, `prompt_mask` [B,Lmax] bool, `cond_latents`
+        [B,16,h',w'] when every record has one (all of one shape), and the lists `keys`,
+        `task`, `caption`, `source`. ValueError if the records do not stack."""
+        runs = self._runs(keys, fingerprint)
+        metas = [None] * len(keys)
+        for seg, i0, i1, where in runs:
+            for i in range(i0, i1):
+                for j in where[i]:
+                    metas[j] = (seg, seg.records[i])
+        buckets = {seg.bucket for seg, _ in metas}
+        if len(buckets) != 1:
+            raise ValueError(f"read_batch: keys span buckets {sorted(buckets)}; a batch holds one")
+        conds = {tuple(m["cond_shape"]) if m["cond_shape"] else None for _, m in metas}
+        if len(conds) != 1:
+            raise ValueError(f"read_batch: records have different cond_latents shapes {conds}")
+        cond_shape = conds.pop()
+        lengths = [m["tokens"] for _, m in metas]
+        b, lmax = len(keys), max(lengths)
+        seg0 = metas[0][0]
+        lat_dtype, lat_shape, _ = seg0.tensors["latents"]
+        emb_dtype, (_, d), _ = seg0.tensors["prompt_embeds"]
+        # read straight into the batch tensors: no intermediate copy, padding zeroed alone
+        latents = torch.empty((b, *lat_shape[1:]), dtype=lat_dtype)
+        embeds = torch.empty((b, lmax, d), dtype=emb_dtype)
+        cond = torch.empty((b, *cond_shape), dtype=lat_dtype) if cond_shape else None
+        for seg, i0, i1, where in runs:
+            fd = self._fd(seg.path)
+            dest = [where[i][0] for i in range(i0, i1)]
+            contiguous = dest == list(range(dest[0], dest[0] + len(dest)))
+            _, shape, off = seg.tensors["latents"]
+            per = shape[1] * shape[2] * shape[3] * lat_dtype.itemsize
+            if contiguous:  # the common case: a bucket's keys in listing order
+                _pread_into(fd, latents[dest[0]:dest[0] + len(dest)], off + i0 * per)
+            else:
+                for i, j in zip(range(i0, i1), dest):
+                    _pread_into(fd, latents[j], off + i * per)
+            _, _, off = seg.tensors["prompt_embeds"]
+            tok = seg.token_offsets
+            for i, j in zip(range(i0, i1), dest):
+                _pread_into(fd, embeds[j, :lengths[j]], off + tok[i] * d * emb_dtype.itemsize)
+            if cond is not None:
+                _, _, off = seg.tensors["cond_latents"]
+                for i, j in zip(range(i0, i1), dest):
+                    _pread_into(fd, cond[j], off + seg.cond_offsets[i] * lat_dtype.itemsize)
+            for i in range(i0, i1):  # a key asked for twice: copy the first read
+                for j in where[i][1:]:
+                    latents[j] = latents[where[i][0]]
+                    embeds[j] = embeds[where[i][0]]
+                    if cond is not None:
+                        cond[j] = cond[where[i][0]]
+        for j, n in enumerate(lengths):
+            if n < lmax:
+                embeds[j, n:].zero_()
+        lengths = torch.tensor(lengths)
+        out = {
+            "keys": list(keys), "fingerprint": fingerprint, "bucket": seg0.bucket, "latents": latents,
+            "prompt_embeds": embeds, "prompt_mask": torch.arange(lmax)[None, :] < lengths[:, None],
+            "task": [m["task"] for _, m in metas], "caption": [m["caption"] for _, m in metas],
+            "source": [m["source"] for _, m in metas],
+        }
+        if cond is not None:
+            out["cond_latents"] = cond
+        return out
+
+    def meta(self, key: str, fingerprint: str) -> dict:
+        """A record's metadata without reading tensors: key, fingerprint, bucket, task, caption,
+        source, tokens (prompt length), cond_shape ([16, h, w] or None). KeyError if absent."""
+        seg, i = self._locate(key, fingerprint)
+        return {**seg.records[i], "fingerprint": seg.fingerprint, "bucket": seg.bucket}
+
+    def contains(self, key: str, fingerprint: str) -> bool:
+        try:
+            self._locate(key, fingerprint)
+            return True
+        except KeyError:
+            return False
+
+    def keys(self, fingerprint: str, bucket: tuple[int, int] | None = None) -> list[str]:
+        """Published keys under `fingerprint` (in one bucket if given), in segment order."""
+        if bucket is None:
+            return [k for ks in self.buckets(fingerprint).values() for k in ks]
+        return list(self.buckets(fingerprint).get((int(bucket[0]), int(bucket[1])), []))
+
+    def buckets(self, fingerprint: str) -> dict[tuple[int, int], list[str]]:
+        """bucket (H, W) -> keys, for every bucket with records under `fingerprint`."""
+        self._scan(fingerprint)
+        with self._lock:
+            return {b: list(ks) for b, ks in sorted(self._by_bucket.get(fingerprint, {}).items())}
+
+    def fingerprints(self) -> list[str]:
+        """Fingerprints with at least one published segment."""
+        return sorted({Path(p).parent.parent.name for p in self.path.glob(f"*/*/{SEGMENT_GLOB}")})
+
+    def segment_paths(self, fingerprint: str) -> list[str]:
+        """Published segment files under `fingerprint`, sorted (for tools and benchmarks)."""
+        return sorted(str(p) for p in (self.path / fingerprint).glob(f"*/{SEGMENT_GLOB}"))
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- internals
+
+    def _locate(self, key: str, fingerprint: str) -> tuple[_Segment, int]:
+        with self._lock:
+            hit = self._index.get(fingerprint, {}).get(key)
+        if hit is None:
+            self._scan(fingerprint)
+            with self._lock:
+                hit = self._index.get(fingerprint, {}).get(key)
+        if hit is None:
+            raise KeyError(f"{key!r} not in cache {self.path} under fingerprint {fingerprint!r}")
+        return hit
+
+    def _scan(self, fingerprint: str) -> None:
+        """Index segments published since the last scan (segments are immutable)."""
+        if not _NAME_RE.match(fingerprint):
+            raise ValueError(f"bad fingerprint {fingerprint!r}")
+        new = [p for p in self.segment_paths(fingerprint) if p not in self._seen]
+        parsed = [_read_segment_header(p) for p in new]
+        with self._lock:
+            index = self._index.setdefault(fingerprint, {})
+            by_bucket = self._by_bucket.setdefault(fingerprint, {})
+            for seg in parsed:
+                if seg.path in self._seen:
+                    continue
+                self._seen.add(seg.path)
+                for i, r in enumerate(seg.records):
+                    if r["key"] not in index:
+                        index[r["key"]] = (seg, i)
+                        by_bucket.setdefault(seg.bucket, []).append(r["key"])
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is not None:
+                self._fds.move_to_end(path)
+                return fd
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+            while len(self._fds) > self.MAX_OPEN_FILES:
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
+
+    def _read_record(self, seg: _Segment, i: int) -> dict:
+        return self._read_run(seg, i, i + 1)[0]
+
+    def _runs(self, keys: list[str], fingerprint: str) -> list[tuple[_Segment, int, int, dict[int, list[int]]]]:
+        """Group `keys` into runs of consecutive records per segment: (segment, i0, i1, record
+        index -> positions in `keys`)."""
+        by_segment: dict[str, tuple[_Segment, dict[int, list[int]]]] = {}
+        for j, key in enumerate(keys):
+            seg, i = self._locate(key, fingerprint)
+            by_segment.setdefault(seg.path, (seg, {}))[1].setdefault(i, []).append(j)
+        runs = []
+        for seg, wanted in by_segment.values():
+            idx = sorted(wanted)
+            start = 0
+            while start < len(idx):
+                end = start
+                while end + 1 < len(idx) and idx[end + 1] == idx[end] + 1:
+                    end += 1
+                runs.append((seg, idx[start], idx[end] + 1, {i: wanted[i] for i in idx[start:end + 1]}))
+                start = end + 1
+        return runs
+
+    def _read_record(self, seg: _Segment, i: int) -> dict:
+        return self._records(seg, i, i + 1, *self._read_span(seg, i, i + 1))[0]
+
+    def _read_span(self, seg: _Segment, i0: int, i1: int):
+        """Records i0..i1-1's tensors: latents [n,16,h,w], prompt_embeds [sum L, D], flat
+        cond_latents or None. One positional read when the run's bytes of every tensor lie in
+        one span (the run is most of its segment), else one read per tensor."""
+        fd = self._fd(seg.path)
+        tok, co = seg.token_offsets, seg.cond_offsets
+        want = {}  # name -> (dtype, shape, byte offset, byte length)
+        dtype, shape, off = seg.tensors["latents"]
+        per = shape[1] * shape[2] * shape[3] * dtype.itemsize
+        want["latents"] = (dtype, (i1 - i0, *shape[1:]), off + i0 * per, (i1 - i0) * per)
+        dtype, shape, off = seg.tensors["prompt_embeds"]
+        row = shape[1] * dtype.itemsize
+        want["prompt_embeds"] = (dtype, (tok[i1] - tok[i0], shape[1]), off + tok[i0] * row, (tok[i1] - tok[i0]) * row)
+        if co[i1] > co[i0]:
+            dtype, _, off = seg.tensors["cond_latents"]
+            want["cond_latents"] = (dtype, (co[i1] - co[i0],), off + co[i0] * dtype.itemsize, (co[i1] - co[i0]) * dtype.itemsize)
+        lo = min(w[2] for w in want.values()) // 64 * 64  # aligned file offsets copy faster
+        hi = max(w[2] + w[3] for w in want.values())
+        if hi - lo <= 1.25 * sum(w[3] for w in want.values()) + 64 and all((w[2] - lo) % 8 == 0 for w in want.values()):
+            span = _pread(fd, torch.uint8, (hi - lo,), lo)
+            got = {n: span[o - lo:o - lo + b].view(d).view(s) for n, (d, s, o, b) in want.items()}
+        else:
+            got = {n: _pread(fd, d, s, o) for n, (d, s, o, _) in want.items()}
+        return got["latents"], got["prompt_embeds"], got.get("cond_latents")
+
+    @staticmethod
+    def _records(seg: _Segment, i0: int, i1: int, latents, embeds, cond) -> list[dict]:
+        """Per-record dicts whose tensors are views of a span read."""
+        tok, co = seg.token_offsets, seg.cond_offsets
+        lat = latents.unbind(0)  # one call for all views: per-record indexing costs more than the copy
+        emb = embeds.split([tok[i + 1] - tok[i] for i in range(i0, i1)])
+        cnd = cond.split([co[i + 1] - co[i] for i in range(i0, i1)]) if cond is not None else None
+        out = []
+        for n, i in enumerate(range(i0, i1)):
+            meta = seg.records[i]
+            rec = {
+                "key": meta["key"], "fingerprint": seg.fingerprint, "bucket": seg.bucket, "task": meta["task"],
+                "caption": meta["caption"], "source": meta["source"], "latents": lat[n], "prompt_embeds": emb[n],
+            }
+            if meta["cond_shape"]:
+                rec["cond_latents"] = cnd[n].view(meta["cond_shape"])
+            out.append(rec)
+        return out
+
+
+def _pread(fd: int, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:
+    """Read one tensor at `offset` straight into a fresh tensor's memory (no intermediate copy)."""
+    return _pread_into(fd, torch.empty(shape, dtype=dtype), offset)
+
+
+def _pread_into(fd: int, out: torch.Tensor, offset: int) -> torch.Tensor:
+    """Fill the contiguous tensor `out` with the bytes at `offset`."""
+    if out.numel() == 0:
+        return out
+    buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+    got = os.preadv(fd, [buf], offset)
+    while got < len(buf):  # short reads are legal (NFS, signals)
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n == 0:
+            raise OSError(f"segment truncated at byte {offset + got}")
+        got += n
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
