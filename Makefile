@@ -34,6 +34,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/recompute.py
+	$(BIN)/python bench/producer.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
