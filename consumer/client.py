@@ -1,0 +1,333 @@
+"""The trainer side of the data service: prefetching batches over RPC, and the TP broadcast.
+
+`ServiceClient` is one DP rank's connection (only TP rank 0 of each DP rank has one): it keeps
+`service.prefetch` global batches in flight, fetched in plan order by `service.fetch_threads`
+worker threads: ask the coordinator which producer holds the batch (`locate`, which also tells
+where the next few are) and fetch this rank's shard from that producer. A fetch that fails with
+a transport error reports the producer dead and asks again: the coordinator has handed the
+batch to another producer. The client acks a batch once the trainer moved past it (the next
+`__next__`, or `close`; a thread sends the acks every `service.ack_interval_s`, in one call),
+and times how long each `__next__` waited. Its `state()` (cursor + mixture history) goes into
+checkpoints; a client built from it continues with exactly the batches an uninterrupted run
+would have seen.
+
+`TPBroadcast` gives every rank of a TP group the batch of its TP rank 0, over a gloo group
+(never NCCL next to RPC); `trainer_batches` builds the right one for a trainer rank.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from concurrent.futures import Future as ThreadFuture
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.distributed as dist
+import torch.distributed.rpc as torch_rpc
+
+from mmdit.producer import rpc
+from mmdit.producer.coordinator import (rpc_ack, rpc_consumer_left, rpc_history, rpc_locate, rpc_producer_failed,
+                                        rpc_register_consumer)
+from mmdit.producer.plan import Cursor
+from mmdit.producer.server import rpc_fetch
+from mmdit.producer.service_config import ServiceConfig
+
+log = logging.getLogger("mmdit.client")
+
+
+class DataServiceError(RuntimeError):
+    """The data service cannot deliver (no producer left, coordinator gone, a batch that fails)."""
+
+
+class ServiceClient:
+    """Global batches for one DP rank, in plan order, `service.prefetch` of them in flight."""
+
+    def __init__(self, svc: ServiceConfig, dp_rank: int, dp_size: int, micro_batch_size: int,
+                 state: dict | None = None, name: str | None = None):
+        self.svc, self.dp_rank, self.dp_size = svc, dp_rank, dp_size
+        self.name = name or rpc.incarnation_name("trainer")
+        self._own_rpc = not torch_rpc.is_available() or not _rpc_initialized()
+        if self._own_rpc:
+            self.rank = rpc.join(self.name, svc.host, svc.port, rpc_timeout_s=svc.rpc_timeout_s,
+                                 join_timeout_s=svc.join_timeout_s, num_worker_threads=svc.rpc_threads)
+        else:
+            self.name = torch_rpc.get_worker_info().name
+            self.rank = torch_rpc.get_worker_info().id
+        state = state or {}
+        reply = rpc.call(rpc.COORDINATOR, rpc_register_consumer, self.name, self.rank, dp_rank, dp_size,
+                         micro_batch_size, state.get("cursor"), state.get("history"),
+                         timeout_s=svc.rpc_timeout_s, retries=2)
+        if state.get("selection") and state["selection"] != reply["selection"]:
+            log.warning("the selection changed since this state was saved (%s -> %s): the plan from the cursor "
+                        "on differs from the original run's", state["selection"], reply["selection"])
+        self.gen, self.cursor = reply["gen"], Cursor.from_dict(reply["cursor"])
+        self.history, self.selection = reply["history"], reply["selection"]
+        self.global_batch_size = reply["global_batch_size"]
+        self.waits: list[float] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._history_stale = False
+        self._last_progress = time.monotonic()
+        self._to_ack: int | None = None
+        self._ack_queue: list[int] = []
+        self._ack_stop = threading.Event()
+        self._acker = threading.Thread(target=self._ack_loop, name=f"acks-dp{dp_rank}", daemon=True)
+        self._acker.start()
+        self._reports: list = []
+        self._futures: dict[int, ThreadFuture] = {}
+        self._located: dict[int, dict] = {}  # seq -> a locate answer given ahead of time
+        self._pool = ThreadPoolExecutor(min(svc.fetch_threads, svc.prefetch),
+                                        thread_name_prefix=f"prefetch-dp{dp_rank}")
+        self._fill()
+        atexit.register(self.close)
+
+    # ---- the iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._closed:
+            raise StopIteration
+        self._ack_consumed()
+        seq = self.cursor.seq
+        self._fill()
+        started = time.perf_counter()
+        budget = self.svc.consumer_timeout_s + self.svc.rpc_timeout_s + 2 * self.svc.heartbeat_s
+        try:
+            batch = self._futures[seq].result(timeout=budget)
+        except TimeoutError as e:
+            raise DataServiceError(f"{self.name}: batch seq {seq} not delivered within {budget:.0f}s") from e
+        self.waits.append(time.perf_counter() - started)
+        del self._futures[seq]
+        self._last_progress = time.monotonic()
+        epoch, index = batch["batch_id"]
+        self.cursor = Cursor(seq + 1, epoch, index + 1)
+        self._to_ack = seq
+        if self._history_stale or batch["config_version"] > self.history[-1]["version"]:
+            self._refresh_history()
+        self._fill()
+        return batch
+
+    def state(self) -> dict:
+        """Cursor of the next batch to consume, the mixture history, and the plan's identity."""
+        return {"cursor": self.cursor.to_dict(), "history": list(self.history), "selection": self.selection,
+                "global_batch_size": self.global_batch_size}
+
+    # ---- fetching
+
+    def _fill(self) -> None:
+        if self._closed:
+            return
+        for seq in range(self.cursor.seq, self.cursor.seq + self.svc.prefetch):
+            if seq not in self._futures:
+                self._futures[seq] = self._pool.submit(self._fetch, seq)
+
+    def _fetch(self, seq: int) -> dict:
+        """Locate batch `seq` and fetch this rank's shard, until it arrives or the deadline passes."""
+        svc = self.svc
+        started = time.monotonic()
+        why = "no answer yet"
+        while not self._closed:
+            if time.monotonic() - max(started, self._last_progress) > svc.consumer_timeout_s:
+                raise DataServiceError(f"{self.name}: no batch for seq {seq} within service.consumer_timeout_s="
+                                       f"{svc.consumer_timeout_s:.0f}s: {why}")
+            with self._lock:
+                where = self._located.pop(seq, None)
+            if where is None:
+                try:
+                    where = rpc.call(rpc.COORDINATOR, rpc_locate, self.name, self.gen, seq, 2 * svc.prefetch,
+                                     timeout_s=svc.heartbeat_s + svc.rpc_timeout_s, retries=2)
+                except rpc.RpcError as e:
+                    why = f"coordinator unreachable ({e})"
+                    time.sleep(0.5)
+                    continue
+                if where["status"] == "ok":
+                    with self._lock:  # where the next batches are: their workers skip a locate
+                        for s, (owner, rank, uid) in where["ahead"].items():
+                            if s >= self.cursor.seq:
+                                self._located[s] = {"status": "ok", "owner": owner, "owner_rank": rank, "uid": uid,
+                                                    "history_len": where["history_len"]}
+            status = where["status"]
+            if status == "waiting":
+                why = f"batch not leased; {where['producers']} producers alive"
+                continue
+            if status == "stale":
+                raise DataServiceError(f"{self.name}: the coordinator started plan generation {where['gen']} "
+                                       "(another trainer registered with a different cursor or layout)")
+            if status == "done":
+                raise DataServiceError(f"{self.name}: batch seq {seq} was already consumed by every DP rank")
+            if where["history_len"] > len(self.history):
+                self._history_stale = True
+            owner = where["owner"]
+            try:
+                rpc.ensure_known(owner, where["owner_rank"])
+                got = rpc.call(owner, rpc_fetch, where["uid"], self.dp_rank, timeout_s=svc.rpc_timeout_s)
+            except (rpc.RpcError, RuntimeError) as e:
+                why = f"fetch from {owner} failed ({e})"
+                if not rpc.is_timeout(e):
+                    self._report_dead(owner)
+                continue
+            if got["status"] == "ok":
+                self._last_progress = time.monotonic()
+                return got["batch"]
+            if got["status"] == "error":
+                raise DataServiceError(got["message"])
+            why = f"{owner} does not hold the batch (lease moving)"
+            time.sleep(0.02)
+        raise DataServiceError(f"{self.name}: closed")
+
+    def _report_dead(self, producer: str) -> None:
+        try:
+            self._reports.append(torch_rpc.rpc_async(rpc.COORDINATOR, rpc_producer_failed,
+                                                     args=(producer, self.name), timeout=self.svc.rpc_timeout_s))
+        except RuntimeError as e:
+            log.warning("could not report %s dead: %s", producer, e)
+
+    def _ack_consumed(self) -> None:
+        """Queue the ack of the batch the trainer moved past; `_ack_loop` sends acks in groups."""
+        if self._to_ack is None:
+            return
+        with self._lock:
+            self._ack_queue.append(self._to_ack)
+        self._to_ack = None
+
+    def _ack_loop(self) -> None:
+        while not self._ack_stop.wait(self.svc.ack_interval_s):
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        with self._lock:
+            seqs, self._ack_queue = self._ack_queue, []
+        if seqs:
+            try:
+                rpc.call(rpc.COORDINATOR, rpc_ack, self.name, self.dp_rank, self.gen, seqs,
+                         timeout_s=self.svc.rpc_timeout_s, retries=2)
+            except rpc.RpcError as e:  # the coordinator is gone; the next locate reports it properly
+                log.warning("ack of %d batches failed: %s", len(seqs), e)
+
+    def _refresh_history(self) -> None:
+        try:
+            self.history = rpc.call(rpc.COORDINATOR, rpc_history, timeout_s=self.svc.rpc_timeout_s, retries=2)
+            self._history_stale = False
+        except rpc.RpcError as e:
+            log.warning("could not refresh the mixture history: %s", e)
+
+    # ---- shutdown
+
+    def close(self) -> None:
+        """Ack the last batch, stop prefetching, leave the coordinator and (if ours) the RPC group."""
+        if self._closed:
+            return
+        self._ack_consumed()
+        self._closed = True
+        for fut in self._futures.values():
+            fut.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ack_stop.set()
+        self._acker.join()
+        self._flush_acks()
+        for f in self._reports:
+            try:
+                f.wait()
+            except RuntimeError:
+                pass
+        reachable = True
+        try:
+            rpc.call(rpc.COORDINATOR, rpc_consumer_left, self.name, timeout_s=5.0)
+        except rpc.RpcError:
+            reachable = False
+        if self._own_rpc:
+            rpc.leave(graceful=reachable, timeout_s=self.svc.shutdown_timeout_s)
+        atexit.unregister(self.close)
+
+
+def _rpc_initialized() -> bool:
+    from torch.distributed.rpc import api
+
+    return api._is_current_rpc_agent_set()
+
+
+# ----------------------------------------------------------------------------- TP broadcast
+
+_WIRE_DTYPES = {torch.bool: torch.uint8}  # sent as uint8, restored on arrival
+
+
+class TPBroadcast:
+    """The batch of TP rank 0 (which owns the `ServiceClient`) on every rank of the TP group."""
+
+    def __init__(self, source: ServiceClient | None, group, src: int):
+        self.source, self.group, self.src = source, group, src
+        self.waits: list[float] = []
+        self._state: dict = source.state() if source is not None else {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        started = time.perf_counter()
+        if self.source is not None:
+            batch = next(self.source)
+            tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            meta = {"fields": {k: v for k, v in batch.items() if k not in tensors}, "state": self.source.state(),
+                    "tensors": [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]}
+        else:
+            meta, tensors = None, {}
+        box = [meta]
+        dist.broadcast_object_list(box, src=self.src, group=self.group)
+        meta = box[0]
+        out = dict(meta["fields"])
+        for name, shape, dtype in meta["tensors"]:
+            wire = _WIRE_DTYPES.get(dtype, dtype)
+            t = tensors[name].to(wire).contiguous() if self.source is not None else torch.empty(shape, dtype=wire)
+            dist.broadcast(t, src=self.src, group=self.group)
+            out[name] = t.to(dtype) if wire != dtype else t
+        self._state = meta["state"]
+        self.waits.append(time.perf_counter() - started)
+        return out
+
+    def state(self) -> dict:
+        return dict(self._state)
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
+def tp_gloo_group(tp: int):
+    """This rank's TP group as a gloo group, with its source (global rank of TP rank 0).
+
+    Every rank must call this (group creation is collective). TP groups are consecutive ranks,
+    as megatron's parallel_state lays them out; when megatron is initialized that is checked.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % tp:
+        raise ValueError(f"TP size {tp} does not divide the world size {world}")
+    layout = [list(range(start, start + tp)) for start in range(0, world, tp)]
+    mine = layout[rank // tp]
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            megatron_ranks = dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
+            if sorted(megatron_ranks) != mine:
+                raise RuntimeError(f"megatron's TP group {megatron_ranks} is not the consecutive ranks {mine}")
+    except ImportError:
+        pass
+    group, _ = dist.new_subgroups_by_enumeration(layout, backend="gloo")
+    return group, mine[0]
+
+
+def trainer_batches(cfg, dims, data_state: dict | None):
+    """The batch source of one trainer rank: a `ServiceClient` on TP rank 0 of each DP rank,
+    broadcast to the TP group when TP > 1. `data_state` is a checkpoint's `state()` (or empty)."""
+    client = None
+    if dims.tp_rank == 0:
+        client = ServiceClient(cfg.service, dims.dp_rank, dims.dp, cfg.train.micro_batch_size, state=data_state or None)
+    if dims.tp == 1:
+        return client
+    group, src = tp_gloo_group(dims.tp)
+    return TPBroadcast(client, group, src)

@@ -1,0 +1,197 @@
+"""`mmdit consume`: a trainer stand-in that pulls batches from the data service, without a model.
+
+It runs `train.steps` steps of `service.step_time_s` simulated compute on each of
+`service.dp_size` x `parallel.tp` local ranks (TP rank 0 of each DP rank fetches, the TP group
+receives over gloo), records how long every step waited for data, and with
+`train.log_samples=true` appends one line per step and rank to run.dir/samples.jsonl:
+{step, dp_rank, tp_rank, batch_id, keys, producer, shape, cond_shape, digest}.
+
+Resume: each DP rank saves {step, data: client.state()} to run.dir/consume_state_dp<r>.json at
+the end; with train.resume=true (the default) a later run continues from it up to train.steps.
+Summaries go to run.dir/consume-dp<r>-tp<t>.json (data_wait_fraction and wait statistics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mmdit.launch.config import ConfigError, load_config
+
+log = logging.getLogger("mmdit.consume")
+
+_RANK_ENV = "MMDIT_CONSUME_RANK"
+
+
+def batch_digest(batch: dict) -> str:
+    """Hash of every tensor of a batch (names, shapes, dtypes, bytes): equal on every TP rank."""
+    h = hashlib.sha1()
+    for name in sorted(k for k, v in batch.items() if isinstance(v, torch.Tensor)):
+        t = batch[name].contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_shapes(batch: dict) -> None:
+    """Every sample of a batch has its bucket's latent shape (one bucket per batch)."""
+    h, w = batch["bucket"]
+    want = (len(batch["keys"]), 16, h // 8, w // 8)
+    if tuple(batch["latents"].shape) != want:
+        raise AssertionError(f"batch {batch['batch_id']}: latents {tuple(batch['latents'].shape)} != {want}")
+    if batch["prompt_embeds"].shape[:2] != batch["prompt_mask"].shape:
+        raise AssertionError(f"batch {batch['batch_id']}: prompt_embeds and prompt_mask disagree")
+
+
+def _append_line(path: Path, record: dict) -> None:
+    """One write per line, O_APPEND: lines of several ranks never interleave."""
+    data = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
+    from mmdit.consumer.client import ServiceClient, TPBroadcast
+
+    svc, train = cfg.service, cfg.train
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / f"consume_state_dp{dp_rank}.json"
+    state = json.loads(state_path.read_text()) if train.resume and state_path.exists() else {}
+    start = int(state.get("step", 0))
+    client = ServiceClient(svc, dp_rank, svc.dp_size, train.micro_batch_size, state=state.get("data")) \
+        if tp_rank == 0 else None
+    batches = TPBroadcast(client, group, src) if group is not None else client
+    waits, times = [], []
+    step = start
+    try:
+        for step in range(start, train.steps):
+            begin = time.perf_counter()
+            batch = next(batches)
+            got = time.perf_counter()
+            check_shapes(batch)
+            if train.log_samples:
+                cond = batch.get("cond_latents")
+                _append_line(run_dir / "samples.jsonl", {
+                    "step": step, "dp_rank": dp_rank, "tp_rank": tp_rank, "batch_id": list(batch["batch_id"]),
+                    "keys": list(batch["keys"]), "producer": batch["producer"],
+                    "shape": list(batch["latents"].shape), "cond_shape": list(cond.shape) if cond is not None else None,
+                    "config_version": batch["config_version"],
+                    "digest": batch_digest(batch) if group is not None else None})
+            left = svc.step_time_s - (time.perf_counter() - got)
+            if left > 0:
+                time.sleep(left)
+            waits.append(got - begin)
+            times.append(time.perf_counter() - begin)
+        step = train.steps
+        if tp_rank == 0:
+            tmp = state_path.with_name(f".tmp-{state_path.name}")
+            tmp.write_text(json.dumps({"step": step, "data": batches.state()}))
+            os.replace(tmp, state_path)
+    finally:
+        batches.close()
+    summary = {
+        "dp_rank": dp_rank, "tp_rank": tp_rank, "start_step": start, "steps": len(times),
+        "data_wait_fraction": sum(waits) / sum(times) if times else 0.0,
+        "data_wait_fraction_after_first": sum(waits[1:]) / sum(times[1:]) if len(times) > 1 else 0.0,
+        "wait_mean_s": sum(waits) / len(waits) if waits else 0.0, "wait_max_s": max(waits, default=0.0),
+        "first_wait_s": waits[0] if waits else 0.0, "step_time_s": svc.step_time_s,
+        "batches_per_second": len(times) / sum(times) if times else 0.0,
+        "waits_s": [round(w, 6) for w in waits], "step_times_s": [round(t, 6) for t in times],
+    }
+    (run_dir / f"consume-dp{dp_rank}-tp{tp_rank}.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _run(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> int:
+    """run_rank with the data service's failures as one clear line on stderr and exit code 1."""
+    from mmdit.consumer.client import DataServiceError
+    from mmdit.producer.rpc import RpcError
+
+    try:
+        print(_brief(run_rank(cfg, dp_rank, tp_rank, group, src)), flush=True)
+        return 0
+    except (DataServiceError, RpcError) as e:
+        print(f"mmdit consume (dp rank {dp_rank}, tp rank {tp_rank}): {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _brief(summary: dict) -> str:
+    """The summary line printed on stdout (the per-step lists stay in the file)."""
+    return json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)})
+
+
+def _spawn_ranks(cfg, argv: list[str], world: int) -> int:
+    """Start every rank as a local process (recorded in processes.json); the worst exit code."""
+    from mmdit.launch.processes import ProcessTable, python_command, start, stop_all
+
+    table = ProcessTable(cfg.run.dir)
+    port = cfg.launch.master_port
+    procs = []
+    for r in range(world):
+        env = {_RANK_ENV: str(r), "RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(start(python_command("mmdit.consumer.consume", argv), table, "consumer",
+                           lambda pid, r=r: f"consumer_rank{r}_pid{pid}", env=env))
+    worst = 0
+    try:
+        for p in procs:
+            code = p.wait()
+            table.set_returncode(p.pid, code)
+            if code:
+                worst = worst or code
+                log.error("consumer pid %d exited with %d; stopping the others", p.pid, code)
+                stop_all(procs, table, cfg.service.shutdown_timeout_s)
+    except KeyboardInterrupt:
+        stop_all(procs, table, cfg.service.shutdown_timeout_s)
+        raise
+    return worst
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    svc, tp = cfg.service, cfg.parallel.tp
+    if tp > 1 and svc.dp_rank >= 0:
+        raise ConfigError("service.dp_rank selects one rank with parallel.tp=1 only; with TP, start all ranks")
+    torch.set_num_threads(1)
+    if _RANK_ENV not in os.environ:
+        world = svc.dp_size * tp
+        if svc.dp_rank < 0 and world > 1:
+            return _spawn_ranks(cfg, argv, world)
+        from mmdit.launch.processes import ProcessTable
+
+        dp_rank = max(svc.dp_rank, 0)
+        table = ProcessTable(cfg.run.dir)
+        table.add("consumer", f"consumer_rank{dp_rank * tp}_pid{os.getpid()}", os.getpid())
+        code = _run(cfg, dp_rank, 0)
+        table.set_returncode(os.getpid(), code)
+        return code
+    rank = int(os.environ[_RANK_ENV])
+    dp_rank, tp_rank = divmod(rank, tp)
+    group, src = None, 0
+    if tp > 1:
+        from mmdit.consumer.client import tp_gloo_group
+
+        dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+        group, src = tp_gloo_group(tp)
+    try:
+        return _run(cfg, dp_rank, tp_rank, group, src)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

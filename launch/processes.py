@@ -1,0 +1,108 @@
+"""Local process management: start, record and stop the processes of a run on this machine.
+
+Every process a local launcher starts is recorded in `run.dir/processes.json` (role, name, pid,
+host, start time, and the exit code once known), so an operator or a test can find and signal
+any of them. Several launchers (`mmdit serve`, `mmdit consume`) may share one run directory: the
+file is updated under an exclusive lock and replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROCESSES = "processes.json"
+
+
+class ProcessTable:
+    """run.dir/processes.json: a list of {role, name, pid, host, started, returncode}."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / PROCESSES
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with open(self.dir / f".{PROCESSES}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def read(self) -> list[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+
+    def _write(self, rows: list[dict]) -> None:
+        tmp = self.path.with_name(f".tmp-{PROCESSES}-{os.getpid()}")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+    def add(self, role: str, name: str, pid: int, **extra) -> None:
+        row = {"role": role, "name": name, "pid": pid, "host": socket.gethostname(), "started": time.time(),
+               "returncode": None, **extra}
+        with self._locked():
+            self._write(self.read() + [row])
+
+    def set_returncode(self, pid: int, returncode: int | None) -> None:
+        with self._locked():
+            rows = self.read()
+            for row in rows:
+                if row["pid"] == pid and row.get("returncode") is None:
+                    row["returncode"] = returncode
+            self._write(rows)
+
+
+def python_command(module: str, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", module, *argv]
+
+
+def start(cmd: list[str], table: ProcessTable, role: str, name_of, env: dict | None = None,
+          log_path: str | os.PathLike | None = None) -> subprocess.Popen:
+    """Start `cmd` and record it; `name_of(pid)` names it (incarnation names contain the pid).
+
+    Output goes to `log_path` when given (appended), else to this process's stdout/stderr.
+    """
+    out = open(log_path, "ab") if log_path else None
+    try:
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT if out else None)
+    finally:
+        if out:
+            out.close()
+    table.add(role, name_of(proc.pid), proc.pid, cmd=cmd[2:] if cmd[:2] == [sys.executable, "-m"] else cmd)
+    return proc
+
+
+def stop_all(procs: list[subprocess.Popen], table: ProcessTable | None, timeout_s: float,
+             sig: int = signal.SIGTERM) -> dict[int, int]:
+    """Signal every live process, wait up to `timeout_s` for all, SIGKILL the rest; pid -> code."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    codes = {p.pid: p.returncode for p in procs}
+    if table is not None:
+        for pid, code in codes.items():
+            table.set_returncode(pid, code)
+    return codes

@@ -1,0 +1,321 @@
+"""The data service with real processes on loopback: `mmdit serve` (coordinator + producers) and
+`mmdit consume` (DP consumers), over TensorPipe RPC; TP broadcast over gloo.
+
+The cache is written with LatentCache.write (small random tensors, 3 buckets, t2i + edit). Every
+delivered sequence is compared with the pure batch plan, so these tests check the service
+delivers exactly the plan: under producer churn, with 1 or 3 producers, across a restart.
+"""
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdit.parallel.spawn import free_port
+from mmdit.producer.cache import LatentCache
+from mmdit.producer.plan import MixtureVersion, PlanSpec, SampleRef, Selection, plan_epoch
+
+FP = "fp_test"
+BUCKETS = [(64, 64), (64, 128), (128, 64)]
+DP, MBS, SEED = 2, 2, 11
+N_KEYS = 72
+
+
+def make_records(n=N_KEYS, dim=32, seed=0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        h, w = BUCKETS[i % 3]
+        edit = i % 4 == 0
+        rec = {"key": f"s{i:04d}", "fingerprint": FP, "bucket": (h, w), "task": "edit" if edit else "t2i",
+               "caption": f"caption {i}", "source": "a" if i % 2 else "b",
+               "latents": torch.randn(16, h // 8, w // 8, generator=g),
+               "prompt_embeds": torch.randn(3 + i % 7, dim, generator=g)}
+        if edit:
+            rec["cond_latents"] = torch.randn(16, 8, 8, generator=g)
+        out.append(rec)
+    return out
+
+
+RECORDS = make_records()
+BY_KEY = {r["key"]: r for r in RECORDS}
+
+
+def expected_plan(epochs: int = 2) -> list:
+    """The batches the service must deliver, from the pure plan (min batch = DP size)."""
+    sel = Selection(SampleRef(r["key"], r["bucket"], r["task"], r["source"], (64, 64) if "cond_latents" in r else None)
+                    for r in RECORDS)
+    history = [MixtureVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
+    return [b for e in range(epochs) for b in plan_epoch(PlanSpec(SEED, DP * MBS, DP), e, sel, history)]
+
+
+PLAN = expected_plan()
+STEPS = len(PLAN)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cache")
+    LatentCache(path).write(RECORDS)
+    return str(path)
+
+
+def overrides(cache_dir, run_dir, port, **extra) -> list[str]:
+    base = {"cache.dir": cache_dir, "run.dir": str(run_dir), "seed": SEED, "service.port": port,
+            "service.dp_size": DP, "train.micro_batch_size": MBS, "service.heartbeat_s": 0.5,
+            "service.lease_timeout_s": 5, "service.rpc_timeout_s": 20, "service.join_timeout_s": 30,
+            "service.consumer_timeout_s": 30, "service.shutdown_timeout_s": 10, "launch.master_port": free_port()}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+class Serve:
+    """`mmdit serve` as a subprocess; ready once it printed its `serving` line."""
+
+    def __init__(self, args: list[str], timeout: float = 60):
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "serve", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                line = self.proc.stdout.readline()
+                if '"serving"' in line:
+                    self.info = json.loads(line)
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mmdit serve exited with {self.proc.returncode}")
+        self.proc.kill()
+        raise TimeoutError("mmdit serve did not start")
+
+    def stop(self, timeout: float = 40) -> tuple[int, dict]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=timeout)
+        stopped = [json.loads(line) for line in out.splitlines() if '"stopped"' in line]
+        return self.proc.returncode, stopped[0] if stopped else {}
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def consume(args: list[str], timeout: float = 120, wait: bool = True):
+    cmd = [sys.executable, "-m", "mmdit.launch.cli", "consume", *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def samples(run_dir) -> list[dict]:
+    path = Path(run_dir) / "samples.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_samples(run_dir, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(samples(run_dir)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {n} samples logged in {timeout}s")
+        time.sleep(0.05)
+
+
+def sequence(run_dir, dp_rank: int) -> list[tuple]:
+    rows = sorted((r for r in samples(run_dir) if r["dp_rank"] == dp_rank and r["tp_rank"] == 0),
+                  key=lambda r: r["step"])
+    assert [r["step"] for r in rows] == list(range(len(rows))), "a step is missing or logged twice"
+    return [(tuple(r["batch_id"]), tuple(r["keys"])) for r in rows]
+
+
+def planned_sequence(dp_rank: int) -> list[tuple]:
+    return [(b.batch_id, b.shard(dp_rank, DP)) for b in PLAN]
+
+
+def producer_pids(run_dir) -> dict[str, int]:
+    rows = json.loads((Path(run_dir) / "processes.json").read_text())
+    return {r["name"]: r["pid"] for r in rows if r["role"] == "producer"}
+
+
+def service_status(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "service.json").read_text())
+
+
+# ----------------------------------------------------------------------------- churn and determinism
+
+
+@pytest.fixture(scope="module")
+def churn_run(cache_dir, tmp_path_factory):
+    """3 producers, 2 DP consumers, 2 epochs; one producer SIGKILLed mid-epoch 0."""
+    run_dir = tmp_path_factory.mktemp("churn")
+    args = overrides(cache_dir, run_dir, free_port(), **{"service.producers": 3})
+    serve = Serve(args)
+    try:
+        proc = consume(args + [f"train.steps={STEPS}", "train.log_samples=true", "service.step_time_s=0.08"],
+                       wait=False)
+        wait_for_samples(run_dir, 2 * 5)
+        victim, pid = sorted(producer_pids(run_dir).items())[1]
+        deadline = time.monotonic() + 20
+        while service_status(run_dir)["producers"].get(victim, {}).get("held", 0) == 0:  # it holds leases
+            assert time.monotonic() < deadline, "the victim never held a lease"
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        code, stopped = serve.stop()
+    finally:
+        serve.kill()
+    return {"dir": run_dir, "victim": victim, "serve_code": code, "stopped": stopped,
+            "summaries": [json.loads(line) for line in out.splitlines() if line.startswith("{")]}
+
+
+@pytest.mark.timeout(200)
+def test_exactly_once_under_producer_kill(churn_run):
+    rows = samples(churn_run["dir"])
+    for epoch in (0, 1):
+        delivered = [k for r in rows if r["batch_id"][0] == epoch for k in r["keys"]]
+        assert len(delivered) == len(set(delivered)), f"epoch {epoch}: a key was delivered twice"
+        assert set(delivered) == set(BY_KEY), f"epoch {epoch}: keys lost"
+    status = service_status(churn_run["dir"])
+    assert status["counters"]["producers_lost"] >= 1 and status["counters"]["revoked"] >= 1
+    assert not status["producers"][churn_run["victim"]]["alive"]
+    assert sorted(s["steps"] for s in churn_run["summaries"]) == [STEPS] * DP
+    served_by = {r["producer"] for r in rows}
+    assert len(served_by) == 3, served_by  # all three served, the victim before it died
+    after_kill = {r["producer"] for r in rows if r["step"] >= STEPS // 2}
+    assert churn_run["victim"] not in after_kill
+    assert churn_run["serve_code"] == 0 and sorted(churn_run["stopped"]["producer_exit_codes"]) == [-9, 0, 0]
+
+
+@pytest.mark.timeout(200)
+def test_every_batch_has_one_bucket_shapes(churn_run):
+    for r in samples(churn_run["dir"]):
+        buckets = {BY_KEY[k]["bucket"] for k in r["keys"]}
+        assert len(buckets) == 1
+        (h, w), = buckets
+        assert r["shape"] == [len(r["keys"]), 16, h // 8, w // 8]
+        tasks = {BY_KEY[k]["task"] for k in r["keys"]}
+        assert len(tasks) == 1 and (r["cond_shape"] is not None) == (tasks == {"edit"})
+
+
+@pytest.fixture(scope="module")
+def single_run(cache_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    args = overrides(cache_dir, run_dir, free_port(), **{"service.producers": 1})
+    serve = Serve(args)
+    try:
+        done = consume(args + [f"train.steps={STEPS}", "train.log_samples=true"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        serve.stop()
+    finally:
+        serve.kill()
+    return run_dir
+
+
+@pytest.mark.timeout(200)
+def test_same_sequence_with_1_and_3_producers_equals_the_plan(churn_run, single_run):
+    for dp_rank in range(DP):
+        expected = planned_sequence(dp_rank)
+        assert sequence(single_run, dp_rank) == expected
+        assert sequence(churn_run["dir"], dp_rank) == expected
+
+
+@pytest.mark.timeout(200)
+def test_resume_from_saved_cursor_across_a_service_restart(cache_dir, tmp_path, single_run):
+    k = 9
+    for part, steps in (("first", k), ("rest", STEPS)):
+        args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1})
+        serve = Serve(args)  # a fresh coordinator each time: the cursor comes from the consumers
+        try:
+            done = consume(args + [f"train.steps={steps}", "train.log_samples=true"])
+            assert done.returncode == 0, f"{part}: {done.stderr[-3000:]}"
+        finally:
+            serve.stop()
+            serve.kill()
+        state = json.loads((tmp_path / "consume_state_dp0.json").read_text())
+        assert state["step"] == steps
+    first = [s for s in samples(tmp_path) if s["step"] < k]
+    assert len(first) == k * DP  # the second run did not repeat the first k steps
+    for dp_rank in range(DP):
+        assert sequence(tmp_path, dp_rank) == sequence(single_run, dp_rank)
+
+
+# ----------------------------------------------------------------------------- TP, joins, failures
+
+
+@pytest.mark.timeout(200)
+def test_tp_broadcast_gives_both_tp_ranks_the_same_tensors(cache_dir, tmp_path):
+    args = overrides(cache_dir, tmp_path, free_port(), **{"service.dp_size": 1})
+    serve = Serve(args)
+    try:
+        done = consume(args + ["parallel.tp=2", "train.steps=8", "train.log_samples=true"])
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        serve.stop()
+        serve.kill()
+    rows = samples(tmp_path)
+    by_step = {}
+    for r in rows:
+        by_step.setdefault(r["step"], {})[r["tp_rank"]] = r
+    assert sorted(by_step) == list(range(8))
+    for step, ranks in by_step.items():
+        assert set(ranks) == {0, 1}
+        assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["keys"] == ranks[1]["keys"]
+    assert len({r["digest"] for r in rows}) == 8  # different batches, not one repeated
+    roles = [p["role"] for p in json.loads((tmp_path / "processes.json").read_text())]
+    assert roles.count("consumer") == 2 and roles.count("producer") == 1
+
+
+@pytest.mark.timeout(200)
+def test_producer_joining_mid_run_gets_leases(cache_dir, tmp_path):
+    args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.prepare_depth": 2})
+    serve = Serve(args)
+    joiner = None
+    try:
+        proc = consume(args + ["train.steps=40", "train.log_samples=true", "service.step_time_s=0.15"], wait=False)
+        wait_for_samples(tmp_path, 2 * 3)
+        joiner = subprocess.Popen([sys.executable, "-m", "mmdit.producer.server", *args],
+                                  env={**os.environ, "MMDIT_INCARNATION": "7"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        status = service_status(tmp_path)
+    finally:
+        if joiner is not None:
+            joiner.send_signal(signal.SIGTERM)
+            joiner.wait(timeout=30)
+        serve.stop()
+        serve.kill()
+    name = next(n for n in status["producers"] if n.endswith(f"_{joiner.pid}_7"))
+    assert status["producers"][name]["leased_total"] > 0
+    assert any(r["producer"] == name for r in samples(tmp_path))
+    assert joiner.returncode == 0
+
+
+@pytest.mark.timeout(200)
+def test_consumer_fails_clearly_when_all_producers_are_gone(cache_dir, tmp_path):
+    args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.consumer_timeout_s": 4,
+                                                          "service.prepare_depth": 1, "service.prefetch": 1})
+    serve = Serve(args)
+    try:
+        proc = consume(args + [f"train.steps={STEPS}", "train.log_samples=true", "service.step_time_s=0.1"],
+                       wait=False)
+        wait_for_samples(tmp_path, 2 * 2)
+        for pid in producer_pids(tmp_path).values():
+            os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - killed
+        code, _ = serve.stop(timeout=30)  # a dead producer must not hang the shutdown
+    finally:
+        serve.kill()
+    assert proc.returncode != 0
+    assert "DataServiceError" in err and "0 producers alive" in err
+    assert 3 < elapsed < 30
+    assert code == 0

@@ -1,0 +1,259 @@
+"""The batch plan (pure) and the coordinator's lease/ack state machine (in process, no RPC)."""
+
+from collections import Counter
+
+import pytest
+
+from mmdit.producer.coordinator import Coordinator
+from mmdit.producer.plan import (Cursor, MixtureVersion, PlanError, Planner, PlanSpec, SampleRef, Selection,
+                                 plan_epoch, shard_bounds)
+from mmdit.producer.service_config import ServiceConfig
+
+BUCKETS = [(256, 256), (256, 512), (512, 256)]
+
+
+def refs(n=103, sources=("a", "b")):
+    """Samples over 3 buckets, t2i and edit (with a condition bucket), two sources."""
+    out = []
+    for i in range(n):
+        edit = i % 4 == 0
+        out.append(SampleRef(f"k{i:04d}", BUCKETS[i % 3], "edit" if edit else "t2i", sources[i % len(sources)],
+                             (256, 256) if edit else None))
+    return out
+
+
+V0 = [MixtureVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
+SEL = Selection(refs())
+
+
+def keys_of(batches):
+    return [k for b in batches for k in b.keys]
+
+
+def test_every_key_once_per_epoch_each_batch_one_group():
+    spec = PlanSpec(seed=3, global_batch_size=8, min_batch_size=2)
+    for epoch in range(3):
+        batches = plan_epoch(spec, epoch, SEL, V0)
+        assert sorted(keys_of(batches)) == sorted(SEL.keys())  # exactly once: no loss, no duplicate
+        by_key = {r.key: r for r in SEL.refs}
+        for b in batches:
+            assert {by_key[k].group for k in b.keys} == {(b.bucket, b.task, b.cond_bucket or (0, 0))}
+            assert spec.min_batch_size <= len(b.keys) < spec.global_batch_size + spec.min_batch_size
+        assert [b.index for b in batches] == list(range(len(batches)))
+
+
+def test_deterministic_and_epochs_differ():
+    spec = PlanSpec(seed=3, global_batch_size=8, min_batch_size=2)
+    a, b = plan_epoch(spec, 0, SEL, V0), plan_epoch(spec, 0, Selection(reversed(SEL.refs)), V0)
+    assert a == b  # the input order of the selection does not matter
+    assert keys_of(plan_epoch(spec, 1, SEL, V0)) != keys_of(a)
+    assert keys_of(plan_epoch(PlanSpec(4, 8, 2), 0, SEL, V0)) != keys_of(a)
+
+
+def test_dp_split_is_even_and_covers_the_batch():
+    for n in range(1, 20):
+        for dp in range(1, 6):
+            bounds = [shard_bounds(n, r, dp) for r in range(dp)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(bounds[r][1] == bounds[r + 1][0] for r in range(dp - 1))
+            sizes = [hi - lo for lo, hi in bounds]
+            assert max(sizes) - min(sizes) <= 1
+    batch = plan_epoch(PlanSpec(0, 8, 2), 0, SEL, V0)[0]
+    assert sum((batch.shard(r, 2) for r in range(2)), ()) == batch.keys
+
+
+def test_remainders_merge_or_drop():
+    # one group of 10: gbs 4, min 3 -> 4, 6 (the remainder 2 < 3 joins the last batch)
+    one = Selection([SampleRef(f"x{i}", (256, 256), "t2i") for i in range(10)])
+    assert [len(b.keys) for b in plan_epoch(PlanSpec(0, 4, 3), 0, one, V0)] == [4, 6]
+    assert [len(b.keys) for b in plan_epoch(PlanSpec(0, 4, 2), 0, one, V0)] == [4, 4, 2]
+    dropped = plan_epoch(PlanSpec(0, 4, 2, drop_last=True), 0, one, V0)
+    assert [len(b.keys) for b in dropped] == [4, 4]
+    # a group smaller than min_batch_size is left out of the epoch (reported as skipped)
+    tiny = Selection([*one.refs, SampleRef("lonely", (512, 512), "t2i")])
+    planner = Planner(PlanSpec(0, 4, 2), tiny, V0)
+    planned = [planner.next()[1] for _ in range(3)]
+    assert "lonely" not in keys_of(planned) and planner._epoch.next() is None
+    assert planner._epoch.skipped == ["lonely"]
+
+
+def test_weights_order_the_epoch_without_changing_its_content():
+    sel = Selection(refs(400, sources=("a", "b")))
+    heavy = [MixtureVersion(0, 0, 0, {}, {"a": 20.0, "b": 1.0})]
+    batches = plan_epoch(PlanSpec(1, 4, 1), 0, sel, heavy)
+    assert sorted(keys_of(batches)) == sorted(sel.keys())
+    source = {r.key: r.source for r in sel.refs}
+    first_half = Counter(source[k] for k in keys_of(batches[:len(batches) // 2]))
+    assert first_half["a"] > 3 * first_half["b"]  # weight 20:1 puts source a first
+    tasks = [MixtureVersion(0, 0, 0, {"edit": 50.0, "t2i": 1.0}, {})]
+    first = plan_epoch(PlanSpec(1, 4, 1), 0, sel, tasks)[:10]
+    assert Counter(b.task for b in first)["edit"] >= 8
+
+
+def test_zero_weight_leaves_samples_out():
+    no_edit = [MixtureVersion(0, 0, 0, {"edit": 0.0}, {})]
+    batches = plan_epoch(PlanSpec(0, 8, 2), 0, SEL, no_edit)
+    assert {b.task for b in batches} == {"t2i"}
+    assert sorted(keys_of(batches)) == sorted(r.key for r in SEL.refs if r.task == "t2i")
+
+
+def test_mixture_change_mid_epoch_keeps_prefix_and_coverage():
+    spec = PlanSpec(5, 8, 2)
+    base = plan_epoch(spec, 0, SEL, V0)
+    swapped = V0 + [MixtureVersion(1, 0, 4, {"edit": 30.0}, {})]
+    changed = plan_epoch(spec, 0, SEL, swapped)
+    assert changed[:4] == base[:4]  # batches before the swap are untouched
+    assert all(b.config_version == 1 for b in changed[4:])
+    assert sorted(keys_of(changed)) == sorted(SEL.keys())  # still exactly once
+    assert keys_of(changed) != keys_of(base)
+    # a version from an earlier epoch is in force from the start of later ones
+    later = plan_epoch(spec, 1, SEL, swapped)
+    assert all(b.config_version == 1 for b in later)
+
+
+def test_planner_resumes_from_any_cursor():
+    spec = PlanSpec(7, 8, 2)
+    full = Planner(spec, SEL, V0)
+    sequence = [full.next() for _ in range(40)]  # crosses into epoch 1 (~15 batches per epoch)
+    assert {b.epoch for _, b in sequence} == {0, 1, 2}
+    for stop in (0, 5, 14, 15, 16, 33):
+        seq, batch = sequence[stop - 1] if stop else (-1, None)
+        cursor = Cursor(stop, batch.epoch, batch.index + 1) if batch else Cursor()
+        resumed = Planner(spec, SEL, V0, cursor)
+        assert [resumed.next() for _ in range(40 - stop)] == sequence[stop:]
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(PlanError, match="empty"):
+        Selection([])
+    with pytest.raises(PlanError, match="twice"):
+        Selection([SampleRef("a", (256, 256), "t2i"), SampleRef("a", (256, 256), "t2i")])
+    with pytest.raises(PlanError, match="start at"):
+        plan_epoch(PlanSpec(0, 4), 0, SEL, [MixtureVersion(0, 0, 3)])
+    with pytest.raises(PlanError, match=">= 0"):
+        plan_epoch(PlanSpec(0, 4), 0, SEL, [MixtureVersion(0, 0, 0, {"t2i": -1.0})])
+    with pytest.raises(PlanError, match="past the end"):
+        Planner(PlanSpec(0, 8, 2), SEL, V0, Cursor(999, 0, 999))
+    with pytest.raises(PlanError, match="plans no batch"):
+        Planner(PlanSpec(0, 8, 2), SEL, [MixtureVersion(0, 0, 0, {"t2i": 0.0, "edit": 0.0})]).next()
+
+
+# ----------------------------------------------------------------------------- coordinator (no RPC)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def coordinator(**svc):
+    clock = Clock()
+    svc = ServiceConfig(plan_ahead=8, heartbeat_s=1.0, lease_timeout_s=5.0, **svc)
+    return Coordinator(SEL, svc, seed=1, dp_size=2, micro_batch_size=2, history=list(V0), clock=clock), clock
+
+
+def test_coordinator_leases_acks_and_revokes():
+    c, clock = coordinator()
+    a = c.lease("pa", 1, 2, []).wait()
+    assert [s for s, _ in a["leases"]] == [0] and a["keep"] == [0]
+    b = c.lease("pb", 2, 2, []).wait()
+    assert [s for s, _ in b["leases"]] == [1]  # consecutive batches spread over producers
+    loc = c.locate("t0", c.gen, 0).wait()
+    assert loc["status"] == "ok" and loc["owner"] == "pa" and loc["uid"] == (c.gen, 0)
+    a2 = c.lease("pa", 1, 2, [(c.gen, 0)]).wait()
+    assert [s for s, _ in a2["leases"]] == [2]
+    parked = c.lease("pa", 1, 2, [(c.gen, 0), (c.gen, 2)])  # full: parks until something changes
+    assert not parked.done()
+    assert c.ack("t0", 0, c.gen, [0]) == 1 and not parked.done()  # one DP rank of two
+    assert c.ack("t1", 1, c.gen, [0]) == 1
+    reply = parked.wait()  # batch 0 done everywhere: pa drops it and gets batch 3
+    assert reply["keep"] == [2, 3] and [s for s, _ in reply["leases"]] == [3]
+    assert c.status()["base"] == 1
+    # pb goes silent while pa keeps polling: after lease_timeout_s, pb's batch 1 goes back to the
+    # queue, then to pa
+    polling = c.lease("pa", 1, 2, [(c.gen, 2), (c.gen, 3)])
+    clock.now += 6.0
+    c.reap()
+    assert polling.wait()["keep"] == [2, 3]  # the long poll answered at its deadline
+    assert not c.status()["producers"]["pb"]["alive"]
+    assert c.status()["counters"]["revoked"] == 1
+    c.ack("t0", 0, c.gen, [2])
+    c.ack("t1", 1, c.gen, [2])
+    again = c.lease("pa", 1, 2, [(c.gen, 3)]).wait()
+    assert [s for s, _ in again["leases"]] == [1]
+    assert c.locate("t0", c.gen, 1).wait()["owner"] == "pa"
+
+
+def test_coordinator_reports_waiting_and_resets():
+    c, clock = coordinator()
+    waiting = c.locate("t0", c.gen, 0)  # no producer yet
+    assert not waiting.done()
+    clock.now += 1.5
+    c.reap()
+    assert waiting.wait() == {"status": "waiting", "producers": 0}
+    c.lease("pa", 1, 4, []).wait()
+    gen = c.gen
+    reply = c.register_consumer("t0", 5, 0, 2, 2, Cursor(10, 0, 10).to_dict(), None)
+    assert reply["gen"] == gen + 1 and reply["cursor"]["seq"] == 10
+    assert c.locate("t0", gen, 10).wait()["status"] == "stale"
+    assert c.lease("pa", 1, 4, [(gen, 0)]).wait()["keep"] == [10]  # old holdings dropped, new lease
+    # the same registration again does not reset
+    assert c.register_consumer("t1", 6, 1, 2, 2, Cursor(10, 0, 10).to_dict(), None)["gen"] == gen + 1
+
+
+def test_coordinator_hot_swap_applies_from_the_next_unplanned_batch():
+    c, _ = coordinator()
+    frontier = c.planner.cursor
+    version = c.update_mixture({"edit": 9.0}, {})
+    assert (version["epoch"], version["index"]) == (frontier.epoch, frontier.index) and version["version"] == 1
+    c.lease("pa", 1, 8, []).wait()
+    c.ack("t0", 0, c.gen, list(range(8)))
+    c.ack("t1", 1, c.gen, list(range(8)))
+    status = c.status()
+    assert status["planned_to"] == 16 and status["config_version"] == 1
+    planned = {s: e.batch.config_version for s, e in c.entries.items()}
+    assert planned and all(v == 1 for s, v in planned.items() if s >= frontier.seq)
+    # a resumed trainer whose checkpoint predates the swap: the histories merge, the swap survives
+    merged = c._merge_history([V0[0]], Cursor())
+    assert [v.version for v in merged] == [0, 1]
+
+
+# ----------------------------------------------------------------------------- the selection
+
+
+def test_selection_from_cache_headers_and_manifest_thresholds(tmp_path):
+    import torch
+
+    from mmdit.producer.cache import LatentCache
+    from mmdit.producer.config import FilterConfig
+    from mmdit.producer.coordinator import build_selection, resolve_fingerprint
+    from mmdit.producer.manifest import ManifestWriter
+
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(6):
+        rec = {"key": f"m{i}", "fingerprint": "fpm", "bucket": (64, 128), "task": "edit" if i < 2 else "t2i",
+               "caption": "c", "source": f"src{i % 2}", "latents": torch.randn(16, 8, 16, generator=g),
+               "prompt_embeds": torch.randn(4, 8, generator=g)}
+        if i < 2:
+            rec["cond_latents"] = torch.randn(16, 4, 4, generator=g)
+        records.append(rec)
+    LatentCache(tmp_path).write(records)
+    cache = LatentCache(tmp_path)
+    assert resolve_fingerprint(cache, "") == "fpm"
+    sel, counts = build_selection(cache, "fpm", FilterConfig(min_blur=10.0))
+    assert counts == {"cached": 6, "filtered_out": 0, "selected": 6}  # no manifest: everything cached
+    by_key = {r.key: r for r in sel.refs}
+    assert by_key["m0"] == SampleRef("m0", (64, 128), "edit", "src0", (32, 32))
+    assert by_key["m3"] == SampleRef("m3", (64, 128), "t2i", "src1", None)
+    with ManifestWriter(tmp_path / "manifest") as manifest:
+        for i in range(6):
+            manifest.add({"key": f"m{i}", "status": "ok", "width": 128, "height": 64, "caption_chars": 10,
+                          "blur": 5.0 if i in (1, 4) else 50.0, "brightness": 0.5, "contrast": 0.5, "entropy": 5.0,
+                          "phash": i})
+    sel, counts = build_selection(cache, "fpm", FilterConfig(min_blur=10.0))
+    assert counts == {"cached": 6, "filtered_out": 2, "selected": 4}
+    assert sel.keys() == {"m0", "m2", "m3", "m5"}
