@@ -27,7 +27,7 @@ sysdeps:
 	fi
 
 demo: install
-	$(BIN)/mmdit train run.dir=runs/demo
+	$(BIN)/mmdit demo run.dir=runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q tests
@@ -35,6 +35,7 @@ test: install
 bench: install
 	$(BIN)/python bench/recompute.py
 	$(BIN)/python bench/producer.py
+	$(BIN)/python bench/data_service.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -166,6 +166,8 @@ class Trainer:
                 self.checkpoint(batches)
         if self.metrics.records and (not cfg.train.save_every or self.step % cfg.train.save_every):
             self.checkpoint(batches)
+        if hasattr(batches, "close"):
+            batches.close()  # acks the last batch and leaves the data service
         summary = self.metrics.summary(backend=self.backend.name, tp=self.dims.tp, dp=self.dims.dp)
         if self.rank0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -8,7 +8,8 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("mmdit.consumer.train", "train the MMDiT (the local demo by default)"),
+    "demo": ("mmdit.launch.demo", "the whole local pipeline: encoders, synth, produce, serve, train"),
+    "train": ("mmdit.consumer.train", "train the MMDiT (random latents or the data service)"),
     "model-info": ("mmdit.model.info", "build the model on the meta device and print its size"),
     "convert": ("mmdit.model.convert_cli", "convert between diffusers and mmdit checkpoints"),
     "make-tiny-encoders": ("mmdit.producer.tiny_encoders", "write tiny random VAE/Qwen2.5-VL/tokenizer"),
