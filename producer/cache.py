@@ -31,6 +31,7 @@ are equivalent; readers keep the first segment in name order.
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import re
 import socket
@@ -206,7 +207,7 @@ class LatentCache:
         self._seen: set[str] = set()
         self._index: dict[str, dict[str, tuple[_Segment, int]]] = {}
         self._by_bucket: dict[str, dict[tuple[int, int], list[str]]] = {}
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, readers]
 
     # ---- writing
 
@@ -301,30 +302,30 @@ class LatentCache:
         embeds = torch.empty((b, lmax, d), dtype=emb_dtype)
         cond = torch.empty((b, *cond_shape), dtype=lat_dtype) if cond_shape else None
         for seg, i0, i1, where in runs:
-            fd = self._fd(seg.path)
-            dest = [where[i][0] for i in range(i0, i1)]
-            contiguous = dest == list(range(dest[0], dest[0] + len(dest)))
-            _, shape, off = seg.tensors["latents"]
-            per = shape[1] * shape[2] * shape[3] * lat_dtype.itemsize
-            if contiguous:  # the common case: a bucket's keys in listing order
-                _pread_into(fd, latents[dest[0]:dest[0] + len(dest)], off + i0 * per)
-            else:
+            with self._opened(seg.path) as fd:
+                dest = [where[i][0] for i in range(i0, i1)]
+                contiguous = dest == list(range(dest[0], dest[0] + len(dest)))
+                _, shape, off = seg.tensors["latents"]
+                per = shape[1] * shape[2] * shape[3] * lat_dtype.itemsize
+                if contiguous:  # the common case: a bucket's keys in listing order
+                    _pread_into(fd, latents[dest[0]:dest[0] + len(dest)], off + i0 * per)
+                else:
+                    for i, j in zip(range(i0, i1), dest):
+                        _pread_into(fd, latents[j], off + i * per)
+                _, _, off = seg.tensors["prompt_embeds"]
+                tok = seg.token_offsets
                 for i, j in zip(range(i0, i1), dest):
-                    _pread_into(fd, latents[j], off + i * per)
-            _, _, off = seg.tensors["prompt_embeds"]
-            tok = seg.token_offsets
-            for i, j in zip(range(i0, i1), dest):
-                _pread_into(fd, embeds[j, :lengths[j]], off + tok[i] * d * emb_dtype.itemsize)
-            if cond is not None:
-                _, _, off = seg.tensors["cond_latents"]
-                for i, j in zip(range(i0, i1), dest):
-                    _pread_into(fd, cond[j], off + seg.cond_offsets[i] * lat_dtype.itemsize)
-            for i in range(i0, i1):  # a key asked for twice: copy the first read
-                for j in where[i][1:]:
-                    latents[j] = latents[where[i][0]]
-                    embeds[j] = embeds[where[i][0]]
-                    if cond is not None:
-                        cond[j] = cond[where[i][0]]
+                    _pread_into(fd, embeds[j, :lengths[j]], off + tok[i] * d * emb_dtype.itemsize)
+                if cond is not None:
+                    _, _, off = seg.tensors["cond_latents"]
+                    for i, j in zip(range(i0, i1), dest):
+                        _pread_into(fd, cond[j], off + seg.cond_offsets[i] * lat_dtype.itemsize)
+                for i in range(i0, i1):  # a key asked for twice: copy the first read
+                    for j in where[i][1:]:
+                        latents[j] = latents[where[i][0]]
+                        embeds[j] = embeds[where[i][0]]
+                        if cond is not None:
+                            cond[j] = cond[where[i][0]]
         for j, n in enumerate(lengths):
             if n < lmax:
                 embeds[j, n:].zero_()
@@ -374,8 +375,9 @@ class LatentCache:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for fd, readers in self._fds.values():
+                if readers == 0:  # descriptors in use are closed by their last reader
+                    os.close(fd)
             self._fds.clear()
 
     def __enter__(self):
@@ -415,17 +417,31 @@ class LatentCache:
                         index[r["key"]] = (seg, i)
                         by_bucket.setdefault(seg.bucket, []).append(r["key"])
 
-    def _fd(self, path: str) -> int:
+    @contextlib.contextmanager
+    def _opened(self, path: str):
+        """A read-only descriptor of `path` from a small LRU pool, held for the duration of a read.
+
+        Descriptors are reference-counted: one evicted (or closed) while another thread reads
+        through it is closed by its last reader, never under it (a closed number can be reused by
+        the next open, and a read would then return another segment's bytes)."""
         with self._lock:
-            fd = self._fds.get(path)
-            if fd is not None:
+            entry = self._fds.get(path)
+            if entry is None:
+                entry = self._fds[path] = [os.open(path, os.O_RDONLY), 0]
+            else:
                 self._fds.move_to_end(path)
-                return fd
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
+            entry[1] += 1
             while len(self._fds) > self.MAX_OPEN_FILES:
-                os.close(self._fds.popitem(last=False)[1])
-            return fd
+                _, old = self._fds.popitem(last=False)
+                if old[1] == 0:
+                    os.close(old[0])
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0 and self._fds.get(path) is not entry:
+                    os.close(entry[0])
 
     def _read_record(self, seg: _Segment, i: int) -> dict:
         return self._read_run(seg, i, i + 1)[0]
@@ -456,7 +472,11 @@ class LatentCache:
         """Records i0..i1-1's tensors: latents [n,16,h,w], prompt_embeds [sum L, D], flat
         cond_latents or None. One positional read when the run's bytes of every tensor lie in
         one span (the run is most of its segment), else one read per tensor."""
-        fd = self._fd(seg.path)
+        with self._opened(seg.path) as fd:
+            return self._read_span_from(fd, seg, i0, i1)
+
+    @staticmethod
+    def _read_span_from(fd: int, seg: _Segment, i0: int, i1: int):
         tok, co = seg.token_offsets, seg.cond_offsets
         want = {}  # name -> (dtype, shape, byte offset, byte length)
         dtype, shape, off = seg.tensors["latents"]

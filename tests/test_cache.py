@@ -196,3 +196,41 @@ def test_sigkilled_writer_leaves_no_torn_record(tmp_path):
     reader.remove_stale_tmp(max_age_s=3600)
     assert not list(tmp_path.rglob(".tmp-*"))
     assert LatentCache(tmp_path).keys("fpA") == keys
+
+
+def test_threads_read_correct_bytes_while_descriptors_are_evicted(tmp_path):
+    """A descriptor evicted from the pool while another thread reads through it must not be
+    closed under that read (its number could be reused by the next open: wrong bytes)."""
+    import threading
+
+    expected = {}
+    for writer in range(12):  # one segment per writer
+        cache = LatentCache(tmp_path)
+        records = [make_record(f"w{writer}-{i}", seed=writer * 10 + i) for i in range(4)]
+        cache.write(records)
+        cache.close()
+        expected.update({r["key"]: r for r in records})
+    reader = LatentCache(tmp_path)
+    reader.MAX_OPEN_FILES = 2
+    keys = sorted(expected)
+    errors = []
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(300):
+            writer = int(torch.randint(12, (1,), generator=g))
+            batch_keys = [f"w{writer}-{i}" for i in range(4)]
+            try:
+                batch = reader.read_batch(batch_keys, "fpA")
+                for j, k in enumerate(batch_keys):
+                    if not torch.equal(batch["latents"][j], expected[k]["latents"]):
+                        errors.append(f"wrong latents for {k}")
+            except OSError as e:
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(keys) == 48 and not errors, errors[:5]
