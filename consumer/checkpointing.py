@@ -13,10 +13,10 @@ import json
 import os
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from mmdit.model.checkpoint import load_model, save_model
+from mmdit.model.checkpoint import load_model, write_model_index, write_model_shard
+from mmdit.parallel.state import barrier
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -37,23 +37,21 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, backend, dims, tp_group, trainer_state: dict) -> Path:
-    """Collective over all ranks."""
+def save_checkpoint(run_dir: Path, step: int, model, backend, dims, trainer_state: dict) -> Path:
+    """Collective over all ranks. Barriers are gloo (`parallel.state.barrier`): an NCCL barrier
+    next to the data service's RPC threads can deadlock."""
     path = checkpoint_dir(run_dir, step)
+    (path / "optimizer").mkdir(parents=True, exist_ok=True)
     if dims.dp_rank == 0:
-        save_model(model, path / "model", tp_group)
-    optimizer_state = backend.optimizer_state()  # collective over the DP group
-    if dims.dp_rank == 0:
-        (path / "optimizer").mkdir(parents=True, exist_ok=True)
-        tmp = path / "optimizer" / f".tp{dims.tp_rank:02d}.pt.tmp"
-        torch.save(optimizer_state, tmp)
-        os.replace(tmp, path / "optimizer" / f"tp{dims.tp_rank:02d}.pt")
-    dist.barrier()
+        write_model_shard(model, path / "model")
+    backend.save_optimizer(path / "optimizer", dims.tp_rank, dims.dp_rank)  # collective over DP
+    barrier()
     if dist.get_rank() == 0:
+        write_model_index(model, path / "model")
         state = {**trainer_state, "step": step, "tp": dims.tp, "dp": dims.dp, "backend": backend.name}
         _atomic_write(path / "trainer.json", json.dumps(state, indent=1))
         _atomic_write(run_dir / "checkpoints" / "latest", path.name)
-    dist.barrier()
+    barrier()
     return path
 
 
@@ -66,5 +64,5 @@ def load_checkpoint(path: Path, model, backend, dims) -> dict:
                          f"TP={dims.tp}. Start from its weights instead (train.init_from={path / 'model'}).")
     if state["backend"] != backend.name:
         raise ValueError(f"{path} holds {state['backend']} optimizer state; this run uses {backend.name}")
-    backend.load_optimizer_state(torch.load(path / "optimizer" / f"tp{dims.tp_rank:02d}.pt", weights_only=False))
+    backend.load_optimizer(path / "optimizer", dims.tp_rank, dims.dp_rank)
     return state

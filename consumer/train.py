@@ -44,7 +44,7 @@ def lr_at(step: int, cfg: JobConfig) -> float:
 def model_inputs(batch: dict, device, dtype) -> tuple[torch.Tensor, dict, int]:
     """Pack target (and condition) latents into tokens; return (x0 tokens, model kwargs, N target)."""
     latents = batch["latents"].to(device)
-    x0 = pack_latents(latents).to(dtype)  # [B, N, 64]
+    x0 = pack_latents(latents).float()  # [B, N, 64]; targets stay fp32, only model inputs are cast
     shapes = [packed_shape(*latents.shape[-2:])]
     cond = batch.get("cond_latents")
     cond_tokens = None
@@ -68,19 +68,19 @@ def sample_noise(cfg: JobConfig, step: int, first_index: int, x0: torch.Tensor, 
             1, sampling=cfg.train.sigma_sampling, logit_mean=cfg.train.logit_mean, logit_std=cfg.train.logit_std,
             image_seq_len=num_target if cfg.train.shift_sigmas else None, generator=g))
         noise.append(torch.randn(x0.shape[1:], generator=g))
-    return torch.cat(sigmas).to(x0.device), torch.stack(noise).to(x0.device, x0.dtype)
+    return torch.cat(sigmas).to(x0.device), torch.stack(noise).to(x0.device)
 
 
 def train_step(backend, batch: dict, cfg: JobConfig, step: int, first_index: int, device, dtype) -> torch.Tensor:
     x0, kw, num_target = model_inputs(batch, device, dtype)
     sigmas, noise = sample_noise(cfg, step, first_index, x0, num_target)
-    x_s = noisy_input(x0, noise, sigmas)
+    x_s = noisy_input(x0, noise, sigmas).to(dtype)
     tokens = x_s if kw["cond_tokens"] is None else torch.cat([x_s, kw["cond_tokens"]], dim=1)
     backend.zero_grad()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         pred = backend.model(tokens, kw["txt"], kw["txt_mask"], sigmas, kw["image_shapes"])
     # The loss covers target tokens only: condition-image tokens are inputs, not predictions.
-    loss = flow_matching_loss(pred[:, :num_target].float(), velocity_target(x0, noise).float())
+    loss = flow_matching_loss(pred[:, :num_target].float(), velocity_target(x0, noise))
     loss.backward()
     return loss.detach()
 
@@ -134,7 +134,7 @@ class Trainer:
 
     def checkpoint(self, batches) -> None:
         state = {"data": batches.state(), "seed": self.cfg.seed}
-        save_checkpoint(self.run_dir, self.step, self.model, self.backend, self.dims, tp_group(), state)
+        save_checkpoint(self.run_dir, self.step, self.model, self.backend, self.dims, state)
 
     def log_samples(self, batch: dict) -> None:
         with (self.run_dir / "samples.jsonl").open("a") as f:

@@ -74,6 +74,9 @@ def main(argv: list[str]) -> int:
     finally:
         stop_service(proc)
     summary = json.loads((run / "summary.json").read_text())
-    print(f"== done: {summary['steps_run']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; "
-          f"metrics in {run / 'metrics.jsonl'}, checkpoints in {run / 'checkpoints'}")
+    if summary["steps_run"]:
+        print(f"== done: {summary['steps_run']} steps, loss {summary['first_loss']:.4f} -> "
+              f"{summary['final_loss']:.4f}; metrics in {run / 'metrics.jsonl'}, checkpoints in {run / 'checkpoints'}")
+    else:
+        print(f"== done: {run} is already trained to step {cfg.train.steps} (raise train.steps to go on)")
     return 0

@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -44,18 +43,27 @@ def _write_index(path: Path, args: MMDiTArgs, tp: int, dims: dict, dtype: torch.
     os.replace(tmp, path / INDEX)
 
 
-def save_model(model, path: str | os.PathLike, tp_group=None) -> None:
-    """Collective over the TP group: every TP rank writes its slices; TP rank 0 writes the index."""
+def write_model_shard(model, path: str | os.PathLike) -> None:
+    """This TP rank's slices of every parameter."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    dims = partition_dims(model)
-    tensors = dict(model.named_parameters())
-    dtype = next(iter(tensors.values())).dtype
-    _atomic_save(tensors, path / shard_file(model.tp_rank, model.tp_size), {"format": FORMAT})
-    if tp_group is not None and model.tp_size > 1:
-        dist.barrier(group=tp_group)
+    _atomic_save(dict(model.named_parameters()), path / shard_file(model.tp_rank, model.tp_size), {"format": FORMAT})
+
+
+def write_model_index(model, path: str | os.PathLike) -> None:
+    """The index that makes a checkpoint loadable: write it once every shard is in place."""
+    dtype = next(model.parameters()).dtype
+    _write_index(Path(path), model.args, model.tp_size, partition_dims(model), dtype)
+
+
+def save_model(model, path: str | os.PathLike, barrier=None) -> None:
+    """Collective over the TP group: every TP rank writes its slices; after `barrier()` (all
+    shards written), TP rank 0 writes the index."""
+    write_model_shard(model, path)
+    if barrier is not None:
+        barrier()
     if model.tp_rank == 0:
-        _write_index(path, model.args, model.tp_size, dims, dtype)
+        write_model_index(model, path)
 
 
 def save_full_state_dict(full: dict[str, torch.Tensor], args: MMDiTArgs, dims: dict, path: str | os.PathLike,

@@ -133,7 +133,7 @@ class LinearProvider:
 
 
 def make_linear_provider(args: MMDiTArgs, tp_size: int, tp_group, *, use_te: bool = False,
-                         params_dtype: torch.dtype = torch.float32, on_gpu: bool = False) -> LinearProvider:
+                         params_dtype: torch.dtype = torch.float32) -> LinearProvider:
     if args.num_attention_heads % tp_size:
         raise ValueError(
             f"parallel.tp={tp_size} must divide num_attention_heads={args.num_attention_heads} "
@@ -144,7 +144,10 @@ def make_linear_provider(args: MMDiTArgs, tp_size: int, tp_group, *, use_te: boo
         num_attention_heads=args.num_attention_heads,
         tensor_model_parallel_size=tp_size,
         params_dtype=params_dtype,
-        use_cpu_initialization=not on_gpu,
+        # TE layers are allocated on the meta device (megatron's TE wrappers ignore
+        # perform_initialization on the CPU-init path); local layers on the CPU/meta context.
+        use_cpu_initialization=not use_te,
+        init_model_with_meta_device=use_te,
         # Weights are initialized by MMDiT.init_weights (identically for every TP size), or loaded.
         perform_initialization=False,
         gradient_accumulation_fusion=False,

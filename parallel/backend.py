@@ -13,7 +13,9 @@ for megatron without a GPU is an error rather than a silent fallback.
 
 import logging
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -74,13 +76,15 @@ class TorchBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def optimizer_state(self):
-        """The full optimizer state of this TP rank's shard, on DP rank 0 (collective over DP)."""
+    def save_optimizer(self, directory: Path, tp_rank: int, dp_rank: int) -> None:
+        """Collective over DP: DP rank 0 writes the full optimizer state of this TP rank's shard."""
         self.optimizer.consolidate_state_dict(to=0)
-        return self.optimizer.state_dict() if dist.get_rank(self.optimizer.process_group) == 0 else None
+        if dp_rank == 0:
+            atomic_torch_save(self.optimizer.state_dict(), directory / f"tp{tp_rank:02d}.pt")
 
-    def load_optimizer_state(self, state) -> None:
-        self.optimizer.load_state_dict(state)
+    def load_optimizer(self, directory: Path, tp_rank: int, dp_rank: int) -> None:
+        # ZeroRedundancyOptimizer takes the full state on every rank and keeps its own shard.
+        self.optimizer.load_state_dict(torch.load(directory / f"tp{tp_rank:02d}.pt", weights_only=False))
 
 
 @dataclass
@@ -105,13 +109,23 @@ class MegatronBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def optimizer_state(self):
-        return {"param_groups": self.optimizer.state_dict(),
-                "parameter_state": self.optimizer.get_parameter_state_dp_zero()}
+    def save_optimizer(self, directory: Path, tp_rank: int, dp_rank: int) -> None:
+        """Collective over DP: the sharded fp32 weights and Adam state are gathered to DP rank 0,
+        which writes them (megatron's own format) next to the param-group state."""
+        self.optimizer.save_parameter_state(str(directory / f"tp{tp_rank:02d}-params.pt"))
+        if dp_rank == 0:
+            atomic_torch_save(self.optimizer.state_dict(), directory / f"tp{tp_rank:02d}-groups.pt")
 
-    def load_optimizer_state(self, state) -> None:
-        self.optimizer.load_state_dict(state["param_groups"])
-        self.optimizer.load_parameter_state_from_dp_zero(state["parameter_state"])
+    def load_optimizer(self, directory: Path, tp_rank: int, dp_rank: int) -> None:
+        self.optimizer.load_state_dict(torch.load(directory / f"tp{tp_rank:02d}-groups.pt", weights_only=False))
+        # Read on DP rank 0 only and scattered: no rank holds more than its shard plus one buffer.
+        self.optimizer.load_parameter_state(str(directory / f"tp{tp_rank:02d}-params.pt"))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def build_backend(model, parallel: ParallelConfig, train: TrainConfig, tp_group, dp_group, linear_config):

@@ -55,7 +55,17 @@ def init_parallel(tp: int, backend: str | None = None) -> ParallelDims:
             raise RuntimeError("model parallel groups already initialized with another TP size")
     else:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        global _GLOO_WORLD
+        _GLOO_WORLD = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     return ParallelDims(world_size=world, rank=dist.get_rank(), tp=tp)
+
+
+_GLOO_WORLD = None
+
+
+def barrier() -> None:
+    """A barrier over all ranks on gloo: never an NCCL barrier next to RPC threads (deadlock)."""
+    dist.barrier(group=_GLOO_WORLD)
 
 
 def init_fake_parallel(tp: int) -> ParallelDims:

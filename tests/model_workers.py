@@ -71,4 +71,4 @@ def save_sharded(rank: int, args: MMDiTArgs, state: dict, path: str, tp: int) ->
     init_parallel(tp)
     model = build_mmdit(args, tp_group())
     load_full_state_dict(model, state)
-    save_model(model, path, tp_group())
+    save_model(model, path, barrier=lambda: torch.distributed.barrier(group=tp_group()))
