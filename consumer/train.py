@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,21 +42,29 @@ def lr_at(step: int, cfg: JobConfig) -> float:
     return cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup_steps))
 
 
-def model_inputs(batch: dict, device, dtype) -> tuple[torch.Tensor, dict, int]:
-    """Pack target (and condition) latents into tokens; return (x0 tokens, model kwargs, N target)."""
-    latents = batch["latents"].to(device)
-    x0 = pack_latents(latents).float()  # [B, N, 64]; targets stay fp32, only model inputs are cast
-    shapes = [packed_shape(*latents.shape[-2:])]
-    cond = batch.get("cond_latents")
-    cond_tokens = None
-    if cond is not None:
-        cond_tokens = pack_latents(cond.to(device)).to(dtype)  # [B, Nc, 64]
-        shapes.append(packed_shape(*cond.shape[-2:]))
-    mask = batch["prompt_mask"]
-    mask = None if bool(mask.all()) else mask.to(device)  # host-side check: no mask, flash attention
-    kwargs = dict(txt=batch["prompt_embeds"].to(device, dtype), txt_mask=mask,
-                  image_shapes=shapes, cond_tokens=cond_tokens)
-    return x0, kwargs, x0.shape[1]
+@dataclass
+class StepInputs:
+    """A batch as the model takes it: packed tokens, text, and the RoPE image shapes."""
+
+    x0: torch.Tensor  # [B, N, C*4] packed target latents, fp32 (targets are built in fp32)
+    cond_tokens: torch.Tensor | None  # [B, Nc, C*4] packed condition latents (edit), compute dtype
+    txt: torch.Tensor  # [B, L, D] prompt embeddings, compute dtype
+    txt_mask: torch.Tensor | None  # [B, L] bool; None when nothing is padded (flash attention)
+    image_shapes: list  # (frames, rows, cols) of the target, then of the condition image
+
+    @classmethod
+    def from_batch(cls, batch: dict, device, dtype) -> "StepInputs":
+        latents, cond, mask = batch["latents"].to(device), batch.get("cond_latents"), batch["prompt_mask"]
+        shapes = [packed_shape(*latents.shape[-2:])]
+        if cond is not None:
+            shapes.append(packed_shape(*cond.shape[-2:]))
+        return cls(
+            x0=pack_latents(latents).float(),
+            cond_tokens=None if cond is None else pack_latents(cond.to(device)).to(dtype),
+            txt=batch["prompt_embeds"].to(device, dtype),
+            txt_mask=None if bool(mask.all()) else mask.to(device),  # decided on the host: no sync
+            image_shapes=shapes,
+        )
 
 
 def sample_noise(cfg: JobConfig, step: int, first_index: int, x0: torch.Tensor, num_target: int):
@@ -72,13 +81,14 @@ def sample_noise(cfg: JobConfig, step: int, first_index: int, x0: torch.Tensor, 
 
 
 def train_step(backend, batch: dict, cfg: JobConfig, step: int, first_index: int, device, dtype) -> torch.Tensor:
-    x0, kw, num_target = model_inputs(batch, device, dtype)
+    inputs = StepInputs.from_batch(batch, device, dtype)
+    x0, num_target = inputs.x0, inputs.x0.shape[1]
     sigmas, noise = sample_noise(cfg, step, first_index, x0, num_target)
     x_s = noisy_input(x0, noise, sigmas).to(dtype)
-    tokens = x_s if kw["cond_tokens"] is None else torch.cat([x_s, kw["cond_tokens"]], dim=1)
+    tokens = x_s if inputs.cond_tokens is None else torch.cat([x_s, inputs.cond_tokens], dim=1)
     backend.zero_grad()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        pred = backend.model(tokens, kw["txt"], kw["txt_mask"], sigmas, kw["image_shapes"])
+        pred = backend.model(tokens, inputs.txt, inputs.txt_mask, sigmas, inputs.image_shapes)
     # The loss covers target tokens only: condition-image tokens are inputs, not predictions.
     loss = flow_matching_loss(pred[:, :num_target].float(), velocity_target(x0, noise))
     loss.backward()
