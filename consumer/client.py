@@ -63,6 +63,11 @@ class ServiceClient:
         if state.get("selection") and state["selection"] != reply["selection"]:
             log.warning("the selection changed since this state was saved (%s -> %s): the plan from the cursor "
                         "on differs from the original run's", state["selection"], reply["selection"])
+        saved_batch = state.get("global_batch_size")
+        if saved_batch and saved_batch != reply["global_batch_size"]:
+            log.warning("the global batch size changed since this state was saved (%d -> %d): the rest of the "
+                        "current epoch is re-planned from its batch index, so some of its samples may repeat "
+                        "or be skipped; later epochs are exact", saved_batch, reply["global_batch_size"])
         self.gen, self.cursor = reply["gen"], Cursor.from_dict(reply["cursor"])
         self.history, self.selection = reply["history"], reply["selection"]
         self.global_batch_size = reply["global_batch_size"]
