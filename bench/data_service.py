@@ -25,9 +25,7 @@ import argparse
 import json
 import os
 import platform
-import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,16 +35,11 @@ from pathlib import Path
 
 import torch
 
+from mmdit.launch.processes import ServeProcess
+from mmdit.parallel.spawn import free_port
+
 RESULTS = Path(__file__).resolve().parent / "results" / "data_service.json"
 FP = "fp_bench"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- caches
@@ -86,29 +79,6 @@ def overrides(cache: Path, run: Path, port: int, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-class Serve:
-    def __init__(self, args: list[str], timeout: float = 120):
-        self.proc = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "serve", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if select.select([self.proc.stdout], [], [], 0.5)[0] and '"serving"' in self.proc.stdout.readline():
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mmdit serve exited with {self.proc.returncode}")
-        self.stop()
-        raise TimeoutError("mmdit serve did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def consume(args: list[str], run: Path, steps: int) -> dict:
     done = subprocess.run([sys.executable, "-m", "mmdit.launch.cli", "consume", *args, f"train.steps={steps}"],
                           capture_output=True, text=True, timeout=600)
@@ -138,7 +108,7 @@ def wait_for_status(run: Path, predicate, timeout: float = 120) -> dict:
 def bench_data_wait(cache: Path, tmp: Path, steps: int) -> dict:
     run = tmp / "wait"
     args = overrides(cache, run, free_port(), **{"service.producers": 2, "train.micro_batch_size": 4})
-    serve = Serve(args)
+    serve = ServeProcess(args)
     try:  # like a trainer that starts after the service is up: producers have joined and leased
         wait_for_status(run, lambda s: sum(p["alive"] and p["held"] > 0 for p in s["producers"].values()) == 2)
         summary = consume(args + ["service.step_time_s=0.2"], run, steps)
@@ -175,7 +145,7 @@ def _fetch_worker(cache: Path, tmp: Path, producers: int, depth: int, rounds: in
     per_round = n // rounds
     extra = {"service.producers": producers, "service.prepare_depth": depth, "service.prepare_workers": depth,
              "service.simulate_encode_s": 10, "service.plan_ahead": 4 * n, "train.micro_batch_size": 4}
-    serve = Serve(overrides(cache, run, port, **extra))
+    serve = ServeProcess(overrides(cache, run, port, **extra))
     try:
         svc = ServiceConfig(port=port, rpc_timeout_s=120, join_timeout_s=120)
         name = rpc.incarnation_name("bench")
@@ -237,7 +207,7 @@ def bench_scaling(cache: Path, tmp: Path, latency_s: float, steps: int, warmup: 
         args = overrides(cache, run, free_port(), **{"service.producers": producers, "service.prepare_depth": 2,
                                                      "service.simulate_encode_s": latency_s,
                                                      "train.micro_batch_size": 4})
-        serve = Serve(args)
+        serve = ServeProcess(args)
         try:
             summary = consume(args + ["service.step_time_s=0"], run, steps)
         finally:
@@ -287,7 +257,7 @@ def _light_worker(port: int, go: str, seconds: float, out: str) -> None:
 def bench_coordinator(cache: Path, tmp: Path, processes: int, seconds: float) -> dict:
     run = tmp / "coord"
     port = free_port()
-    serve = Serve(overrides(cache, run, port, **{"service.producers": 0, "service.plan_ahead": 256,
+    serve = ServeProcess(overrides(cache, run, port, **{"service.producers": 0, "service.plan_ahead": 256,
                                                   "train.micro_batch_size": 1}))
     go = tmp / "light.go"
     try:

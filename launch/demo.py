@@ -11,10 +11,10 @@ runs/demo). Extra `key=value` overrides go to every stage, e.g. `launch.nproc=2 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mmdit.launch.config import load_config
+from mmdit.launch.processes import ServeProcess
 from mmdit.parallel.spawn import free_port
 
 
@@ -27,31 +27,6 @@ def run_stage(name: str, cmd: list[str]) -> None:
     result = subprocess.run(cmd)
     if result.returncode:
         raise SystemExit(f"mmdit demo: stage {name!r} failed with exit code {result.returncode}")
-
-
-def start_service(overrides: list[str], timeout_s: float = 120) -> subprocess.Popen:
-    """Start `mmdit serve` and wait for its "serving" line."""
-    print(f"== serve: {' '.join(overrides)}", flush=True)
-    proc = subprocess.Popen(mmdit("serve", *overrides), stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout_s
-    for line in proc.stdout:
-        if line.startswith("{") and json.loads(line).get("event") == "serving":
-            print(line.strip(), flush=True)
-            return proc
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise SystemExit(f"mmdit demo: the data service did not start (exit code {proc.wait()})")
-
-
-def stop_service(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    print(out.strip().splitlines()[-1] if out.strip() else "", flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -68,11 +43,13 @@ def main(argv: list[str]) -> int:
     dp = cfg.launch.nproc // cfg.parallel.tp
     service = [f"service.port={free_port()}", f"service.dp_size={dp}"]
     serve_overrides = [*common, f"run.dir={run / 'service'}", "service.producers=2", *service]
-    proc = start_service(serve_overrides)
+    print(f"== serve: {' '.join(serve_overrides)}", flush=True)
+    serve = ServeProcess(serve_overrides)
+    print(json.dumps(serve.info), flush=True)
     try:
         run_stage("train", mmdit("train", *common, "train.data_source=service", *service))
     finally:
-        stop_service(proc)
+        print(json.dumps(serve.stop()[1]), flush=True)
     summary = json.loads((run / "summary.json").read_text())
     if summary["steps_run"]:
         print(f"== done: {summary['steps_run']} steps, loss {summary['first_loss']:.4f} -> "

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -106,3 +107,42 @@ def stop_all(procs: list[subprocess.Popen], table: ProcessTable | None, timeout_
         for pid, code in codes.items():
             table.set_returncode(pid, code)
     return codes
+
+
+class ServeProcess:
+    """`mmdit serve` as a child process, ready once it printed its `serving` line.
+
+    `info` is that line (port, selection counts, producer pids); `stop()` sends SIGTERM, which
+    makes the service stop its producers and leave, and returns (exit code, its `stopped` line).
+    """
+
+    def __init__(self, overrides: list[str], timeout: float = 120):
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "serve", *overrides],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([self.proc.stdout], [], [], 0.5)[0]:
+                line = self.proc.stdout.readline()
+                if '"serving"' in line:
+                    self.info = json.loads(line)
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mmdit serve exited with {self.proc.returncode}")
+        self.kill()
+        raise TimeoutError(f"mmdit serve did not start within {timeout:.0f} s")
+
+    def stop(self, timeout: float = 60) -> tuple[int, dict]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            out = ""
+        stopped = [json.loads(line) for line in out.splitlines() if '"stopped"' in line]
+        return self.proc.returncode, stopped[0] if stopped else {}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

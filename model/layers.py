@@ -5,6 +5,7 @@ tensor-parallel layers, or Transformer Engine's when installed on a GPU); both k
 parameter names and shapes, so checkpoints do not depend on the choice.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from megatron.core.transformer import TransformerConfig
 from mmdit.model.args import MMDiTArgs
 
 
+@functools.lru_cache(maxsize=None)
 def transformer_engine_available() -> bool:
     if not torch.cuda.is_available():
         return False

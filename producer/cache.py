@@ -443,9 +443,6 @@ class LatentCache:
                 if entry[1] == 0 and self._fds.get(path) is not entry:
                     os.close(entry[0])
 
-    def _read_record(self, seg: _Segment, i: int) -> dict:
-        return self._read_run(seg, i, i + 1)[0]
-
     def _runs(self, keys: list[str], fingerprint: str) -> list[tuple[_Segment, int, int, dict[int, list[int]]]]:
         """Group `keys` into runs of consecutive records per segment: (segment, i0, i1, record
         index -> positions in `keys`)."""

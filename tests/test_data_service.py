@@ -8,7 +8,6 @@ delivers exactly the plan: under producer churn, with 1 or 3 producers, across a
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmdit.launch.processes import ServeProcess
 from mmdit.parallel.spawn import free_port
 from mmdit.producer.cache import LatentCache
 from mmdit.producer.plan import MixtureVersion, PlanSpec, SampleRef, Selection, plan_epoch
@@ -76,37 +76,6 @@ def overrides(cache_dir, run_dir, port, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-class Serve:
-    """`mmdit serve` as a subprocess; ready once it printed its `serving` line."""
-
-    def __init__(self, args: list[str], timeout: float = 60):
-        self.proc = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "serve", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                line = self.proc.stdout.readline()
-                if '"serving"' in line:
-                    self.info = json.loads(line)
-                    return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mmdit serve exited with {self.proc.returncode}")
-        self.proc.kill()
-        raise TimeoutError("mmdit serve did not start")
-
-    def stop(self, timeout: float = 40) -> tuple[int, dict]:
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=timeout)
-        stopped = [json.loads(line) for line in out.splitlines() if '"stopped"' in line]
-        return self.proc.returncode, stopped[0] if stopped else {}
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def consume(args: list[str], timeout: float = 120, wait: bool = True):
     cmd = [sys.executable, "-m", "mmdit.launch.cli", "consume", *args]
     if not wait:
@@ -155,7 +124,7 @@ def churn_run(cache_dir, tmp_path_factory):
     """3 producers, 2 DP consumers, 2 epochs; one producer SIGKILLed mid-epoch 0."""
     run_dir = tmp_path_factory.mktemp("churn")
     args = overrides(cache_dir, run_dir, free_port(), **{"service.producers": 3})
-    serve = Serve(args)
+    serve = ServeProcess(args)
     try:
         proc = consume(args + [f"train.steps={STEPS}", "train.log_samples=true", "service.step_time_s=0.08"],
                        wait=False)
@@ -208,7 +177,7 @@ def test_every_batch_has_one_bucket_shapes(churn_run):
 def single_run(cache_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
     args = overrides(cache_dir, run_dir, free_port(), **{"service.producers": 1})
-    serve = Serve(args)
+    serve = ServeProcess(args)
     try:
         done = consume(args + [f"train.steps={STEPS}", "train.log_samples=true"])
         assert done.returncode == 0, done.stderr[-3000:]
@@ -231,7 +200,7 @@ def test_resume_from_saved_cursor_across_a_service_restart(cache_dir, tmp_path, 
     k = 9
     for part, steps in (("first", k), ("rest", STEPS)):
         args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1})
-        serve = Serve(args)  # a fresh coordinator each time: the cursor comes from the consumers
+        serve = ServeProcess(args)  # a fresh coordinator each time: the cursor comes from the consumers
         try:
             done = consume(args + [f"train.steps={steps}", "train.log_samples=true"])
             assert done.returncode == 0, f"{part}: {done.stderr[-3000:]}"
@@ -252,7 +221,7 @@ def test_resume_from_saved_cursor_across_a_service_restart(cache_dir, tmp_path, 
 @pytest.mark.timeout(200)
 def test_tp_broadcast_gives_both_tp_ranks_the_same_tensors(cache_dir, tmp_path):
     args = overrides(cache_dir, tmp_path, free_port(), **{"service.dp_size": 1})
-    serve = Serve(args)
+    serve = ServeProcess(args)
     try:
         done = consume(args + ["parallel.tp=2", "train.steps=8", "train.log_samples=true"])
         assert done.returncode == 0, done.stderr[-3000:]
@@ -275,7 +244,7 @@ def test_tp_broadcast_gives_both_tp_ranks_the_same_tensors(cache_dir, tmp_path):
 @pytest.mark.timeout(200)
 def test_producer_joining_mid_run_gets_leases(cache_dir, tmp_path):
     args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.prepare_depth": 2})
-    serve = Serve(args)
+    serve = ServeProcess(args)
     joiner = None
     try:
         proc = consume(args + ["train.steps=40", "train.log_samples=true", "service.step_time_s=0.15"], wait=False)
@@ -302,7 +271,7 @@ def test_producer_joining_mid_run_gets_leases(cache_dir, tmp_path):
 def test_consumer_fails_clearly_when_all_producers_are_gone(cache_dir, tmp_path):
     args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.consumer_timeout_s": 4,
                                                           "service.prepare_depth": 1, "service.prefetch": 1})
-    serve = Serve(args)
+    serve = ServeProcess(args)
     try:
         proc = consume(args + [f"train.steps={STEPS}", "train.log_samples=true", "service.step_time_s=0.1"],
                        wait=False)

@@ -3,7 +3,6 @@
 import dataclasses
 
 import pytest
-import torch
 
 from mmdit.launch.config import load_config
 from mmdit.parallel.spawn import spawn
