@@ -2,7 +2,7 @@
 
 from setuptools import setup
 
-SUBPACKAGES = ["producer", "consumer", "model", "parallel", "launch"]
+SUBPACKAGES = ["producer", "dataservice", "consumer", "model", "parallel", "launch", "utils"]
 
 setup(
     name="mmdit",

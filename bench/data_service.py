@@ -133,11 +133,9 @@ def _fetch_worker(cache: Path, tmp: Path, producers: int, depth: int, rounds: in
     same batches; the client's rate counts only steady state (after the batches it prefetched
     while the raw path ran, which it got for free).
     """
-    from mmdit.consumer.client import ServiceClient
-    from mmdit.producer import rpc
-    from mmdit.producer.coordinator import rpc_locate, rpc_status
-    from mmdit.producer.server import rpc_peek
-    from mmdit.producer.service_config import ServiceConfig
+    from mmdit.dataservice import protocol, rpc
+    from mmdit.dataservice.client import ServiceClient
+    from mmdit.dataservice.config import ClientSettings, ServiceConfig
 
     run = tmp / "fetch"
     port = free_port()
@@ -151,15 +149,15 @@ def _fetch_worker(cache: Path, tmp: Path, producers: int, depth: int, rounds: in
         name = rpc.incarnation_name("bench")
         rpc.join(name, svc.host, port, rpc_timeout_s=120)
         wait_for_status(run, lambda s: sum(p["held"] for p in s["producers"].values()) >= n)
-        gen = rpc.call(rpc.COORDINATOR, rpc_status, timeout_s=60)["gen"]
-        where = [rpc.call(rpc.COORDINATOR, rpc_locate, name, gen, seq, timeout_s=60) for seq in range(n)]
-        assert all(w["status"] == "ok" for w in where), where
+        gen = rpc.call(rpc.COORDINATOR, protocol.status, timeout_s=60)["gen"]
+        where = [rpc.call(rpc.COORDINATOR, protocol.locate, name, gen, seq, timeout_s=60) for seq in range(n)]
+        assert all(w.status == "ok" for w in where), where
         keys, nbytes = [], 0
         deadline = time.monotonic() + 120
         for w in where:  # wait until all are prepared (one simulated encode), warming every pipe
-            while (b := rpc.call(w["owner"], rpc_peek, w["uid"], 0, timeout_s=60)) is None:
+            while (b := rpc.call(w.owner, protocol.peek, w.uid, 0, timeout_s=60)) is None:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"batch {w['uid']} not prepared")
+                    raise TimeoutError(f"batch {w.uid} not prepared")
                 time.sleep(0.5)
             nbytes += sum(t.numel() * t.element_size() for t in b.values() if isinstance(t, torch.Tensor))
             keys.append(b["keys"])
@@ -170,10 +168,10 @@ def _fetch_worker(cache: Path, tmp: Path, producers: int, depth: int, rounds: in
             started = time.perf_counter()
             for _ in range(2):
                 for w in mine:
-                    torch.distributed.rpc.rpc_sync(w["owner"], rpc_peek, args=(w["uid"], 0), timeout=60)
+                    torch.distributed.rpc.rpc_sync(w.owner, protocol.peek, args=(w.uid, 0), timeout=60)
             raw_rates.append(2 * len(mine) / (time.perf_counter() - started))
             if client is None:
-                client = ServiceClient(svc, 0, 1, 4)
+                client = ServiceClient(svc.role(ClientSettings), 0, 1, 4)
             free = min(svc.prefetch, len(client._futures))
             for i in range(per_round):
                 if i == free:
@@ -228,8 +226,7 @@ def _light_worker(port: int, go: str, seconds: float, out: str) -> None:
     It joins, writes `<out>.ready`, and waits for the orchestrator to write `go` (a start time
     shortly after every light producer is ready), so all of them count over the same window.
     """
-    from mmdit.producer import rpc
-    from mmdit.producer.coordinator import rpc_ack, rpc_lease, rpc_producer_left
+    from mmdit.dataservice import protocol, rpc
 
     torch.set_num_threads(1)
     name = rpc.incarnation_name("producer")
@@ -244,12 +241,12 @@ def _light_worker(port: int, go: str, seconds: float, out: str) -> None:
     end = start_at + seconds
     while time.time() < end:
         t0 = time.perf_counter()
-        reply = rpc.call(rpc.COORDINATOR, rpc_lease, name, rank, 1, [], timeout_s=60)
-        for seq, _ in reply["leases"]:
-            rpc.call(rpc.COORDINATOR, rpc_ack, "bench_trainer", 0, reply["gen"], [seq], timeout_s=60)
+        reply = rpc.call(rpc.COORDINATOR, protocol.lease, name, rank, 1, [], timeout_s=60)
+        for seq, _ in reply.new:
+            rpc.call(rpc.COORDINATOR, protocol.ack, "bench_trainer", 0, reply.gen, [seq], timeout_s=60)
             ops += 1
         latencies.append(time.perf_counter() - t0)
-    rpc.call(rpc.COORDINATOR, rpc_producer_left, name, timeout_s=60)
+    rpc.call(rpc.COORDINATOR, protocol.producer_left, name, timeout_s=60)
     Path(out).write_text(json.dumps({"ops": ops, "median_op_ms": 1e3 * statistics.median(latencies)}))
     rpc.leave(graceful=True)
 

@@ -3,17 +3,16 @@
 It runs `train.steps` steps of `service.step_time_s` simulated compute on each of
 `service.dp_size` x `parallel.tp` local ranks (TP rank 0 of each DP rank fetches, the TP group
 receives over gloo), records how long every step waited for data, and with
-`train.log_samples=true` appends one line per step and rank to run.dir/samples.jsonl:
-{step, dp_rank, tp_rank, batch_id, keys, producer, shape, cond_shape, digest}.
+`train.log_samples=true` appends one line per step and rank to run.dir/samples.jsonl
+(consumer/sample_log.py).
 
-Resume: each DP rank saves {step, data: client.state()} to run.dir/consume_state_dp<r>.json at
-the end; with train.resume=true (the default) a later run continues from it up to train.steps.
+Resume: each DP rank saves its steps and data state (consumer/checkpoint.py) at the end; with
+train.resume=true (the default) a later run continues from it up to train.steps.
 Summaries go to run.dir/consume-dp<r>-tp<t>.json (data_wait_fraction and wait statistics).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,16 +30,6 @@ log = logging.getLogger("mmdit.consume")
 _RANK_ENV = "MMDIT_CONSUME_RANK"
 
 
-def batch_digest(batch: dict) -> str:
-    """Hash of every tensor of a batch (names, shapes, dtypes, bytes): equal on every TP rank."""
-    h = hashlib.sha1()
-    for name in sorted(k for k, v in batch.items() if isinstance(v, torch.Tensor)):
-        t = batch[name].contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def check_shapes(batch: dict) -> None:
     """Every sample of a batch has its bucket's latent shape (one bucket per batch)."""
     h, w = batch["bucket"]
@@ -51,54 +40,36 @@ def check_shapes(batch: dict) -> None:
         raise AssertionError(f"batch {batch['batch_id']}: prompt_embeds and prompt_mask disagree")
 
 
-def _append_line(path: Path, record: dict) -> None:
-    """One write per line, O_APPEND: lines of several ranks never interleave."""
-    data = (json.dumps(record) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
-    from mmdit.consumer.client import ServiceClient, TPBroadcast
+    from mmdit.consumer.checkpoint import read_data_state, write_data_state
+    from mmdit.consumer.sample_log import SampleLog
+    from mmdit.dataservice.client import ServiceClient, TPBroadcast
+    from mmdit.dataservice.config import ClientSettings
 
     svc, train = cfg.service, cfg.train
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state_path = run_dir / f"consume_state_dp{dp_rank}.json"
-    state = json.loads(state_path.read_text()) if train.resume and state_path.exists() else {}
-    start = int(state.get("step", 0))
-    client = ServiceClient(svc, dp_rank, svc.dp_size, train.micro_batch_size, state=state.get("data")) \
-        if tp_rank == 0 else None
+    start, data_state = read_data_state(run_dir, dp_rank) if train.resume else (0, {})
+    client = ServiceClient(svc.role(ClientSettings), dp_rank, svc.dp_size, train.micro_batch_size,
+                           state=data_state) if tp_rank == 0 else None
     batches = TPBroadcast(client, group, src) if group is not None else client
+    sample_log = SampleLog(run_dir, dp_rank, tp_rank) if train.log_samples else None
     waits, times = [], []
-    step = start
     try:
-        for step in range(start, train.steps):
+        for step in range(start + 1, train.steps + 1):
             begin = time.perf_counter()
             batch = next(batches)
             got = time.perf_counter()
             check_shapes(batch)
-            if train.log_samples:
-                cond = batch.get("cond_latents")
-                _append_line(run_dir / "samples.jsonl", {
-                    "step": step, "dp_rank": dp_rank, "tp_rank": tp_rank, "batch_id": list(batch["batch_id"]),
-                    "keys": list(batch["keys"]), "producer": batch["producer"],
-                    "shape": list(batch["latents"].shape), "cond_shape": list(cond.shape) if cond is not None else None,
-                    "config_version": batch["config_version"],
-                    "digest": batch_digest(batch) if group is not None else None})
+            if sample_log is not None:
+                sample_log.write(step, batch)
             left = svc.step_time_s - (time.perf_counter() - got)
             if left > 0:
                 time.sleep(left)
             waits.append(got - begin)
             times.append(time.perf_counter() - begin)
-        step = train.steps
         if tp_rank == 0:
-            tmp = state_path.with_name(f".tmp-{state_path.name}")
-            tmp.write_text(json.dumps({"step": step, "data": batches.state()}))
-            os.replace(tmp, state_path)
+            write_data_state(run_dir, dp_rank, train.steps, batches.state())
     finally:
         batches.close()
     summary = {
@@ -116,8 +87,8 @@ def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
 
 def _run(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> int:
     """run_rank with the data service's failures as one clear line on stderr and exit code 1."""
-    from mmdit.consumer.client import DataServiceError
-    from mmdit.producer.rpc import RpcError
+    from mmdit.dataservice.client import DataServiceError
+    from mmdit.dataservice.rpc import RpcError
 
     try:
         print(_brief(run_rank(cfg, dp_rank, tp_rank, group, src)), flush=True)
@@ -182,7 +153,7 @@ def main(argv: list[str]) -> int:
     dp_rank, tp_rank = divmod(rank, tp)
     group, src = None, 0
     if tp > 1:
-        from mmdit.consumer.client import tp_gloo_group
+        from mmdit.dataservice.client import tp_gloo_group
 
         dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
         group, src = tp_gloo_group(tp)

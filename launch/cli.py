@@ -16,6 +16,7 @@ COMMANDS = {
     "synth": ("mmdit.producer.synth", "render synthetic text images as webdataset shards"),
     "produce": ("mmdit.producer.produce", "score, filter, bucket and encode shards into the cache"),
     "serve": ("mmdit.launch.serve", "run the coordinator and producers on this machine"),
+    "producer": ("mmdit.dataservice.server", "one more producer for a running service (`mmdit serve`)"),
     "consume": ("mmdit.consumer.consume", "pull batches like a trainer, without a model"),
 }
 

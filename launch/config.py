@@ -15,7 +15,7 @@ from mmdit.consumer.config import TrainConfig
 from mmdit.model.args import MMDiTArgs
 from mmdit.parallel.config import ParallelConfig
 from mmdit.producer.config import CacheConfig, DataConfig, EncodersConfig, SynthConfig
-from mmdit.producer.service_config import ServiceConfig
+from mmdit.dataservice.config import ServiceConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

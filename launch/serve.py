@@ -1,13 +1,13 @@
 """`mmdit serve`: the data service on this machine, as real processes.
 
 This process is the coordinator (RPC rank 0, the store host); it starts `service.producers`
-producer processes (`python -m mmdit.producer.server`, same overrides), records every process
+producer processes (`mmdit producer`, same overrides), records every process
 in run.dir/processes.json, logs producers to run.dir/logs/, and keeps run.dir/service.json
 current. It runs until SIGTERM/SIGINT (or `service.max_runtime_s`), then stops the producers
 (SIGTERM: they hand their leases back and leave the group) and leaves last.
 
 Producers that die are not restarted here (their leases go to the others); more producers can
-join at any time with `python -m mmdit.producer.server` and the same overrides.
+join at any time with `mmdit producer` and the same overrides.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ log = logging.getLogger("mmdit.serve")
 def main(argv: list[str]) -> int:
     cfg = load_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    from mmdit.producer import rpc
-    from mmdit.producer.coordinator import CoordinatorService
-    from mmdit.producer.plan import PlanError
+    from mmdit.dataservice import rpc
+    from mmdit.dataservice.coordinator import CoordinatorService
+    from mmdit.dataservice.plan import PlanError
 
     svc = cfg.service
     run_dir = Path(cfg.run.dir)
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     try:
         for n in range(svc.producers):
             procs.append(start(
-                python_command("mmdit.producer.server", argv), table, "producer",
+                python_command("mmdit.dataservice.server", argv), table, "producer",
                 lambda pid, n=n: rpc.incarnation_name("producer", n=n, pid=pid),
                 env={"MMDIT_INCARNATION": str(n)}, log_path=run_dir / "logs" / f"producer-{n}.log"))
         print(json.dumps({"event": "serving", "host": svc.host, "port": svc.port, "selected": service.selection_counts,

@@ -20,7 +20,7 @@ import torch
 from mmdit.launch.processes import ServeProcess
 from mmdit.parallel.spawn import free_port
 from mmdit.producer.cache import LatentCache
-from mmdit.producer.plan import MixtureVersion, PlanSpec, SampleRef, Selection, plan_epoch
+from mmdit.dataservice.plan import MixtureVersion, PlanSpec, SampleRef, Selection, plan_epoch
 
 FP = "fp_test"
 BUCKETS = [(64, 64), (64, 128), (128, 64)]
@@ -99,7 +99,7 @@ def wait_for_samples(run_dir, n: int, timeout: float = 60) -> None:
 def sequence(run_dir, dp_rank: int) -> list[tuple]:
     rows = sorted((r for r in samples(run_dir) if r["dp_rank"] == dp_rank and r["tp_rank"] == 0),
                   key=lambda r: r["step"])
-    assert [r["step"] for r in rows] == list(range(len(rows))), "a step is missing or logged twice"
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), "a step is missing or logged twice"
     return [(tuple(r["batch_id"]), tuple(r["keys"])) for r in rows]
 
 
@@ -157,7 +157,7 @@ def test_exactly_once_under_producer_kill(churn_run):
     assert sorted(s["steps"] for s in churn_run["summaries"]) == [STEPS] * DP
     served_by = {r["producer"] for r in rows}
     assert len(served_by) == 3, served_by  # all three served, the victim before it died
-    after_kill = {r["producer"] for r in rows if r["step"] >= STEPS // 2}
+    after_kill = {r["producer"] for r in rows if r["step"] > STEPS // 2}
     assert churn_run["victim"] not in after_kill
     assert churn_run["serve_code"] == 0 and sorted(churn_run["stopped"]["producer_exit_codes"]) == [-9, 0, 0]
 
@@ -209,7 +209,7 @@ def test_resume_from_saved_cursor_across_a_service_restart(cache_dir, tmp_path, 
             serve.kill()
         state = json.loads((tmp_path / "consume_state_dp0.json").read_text())
         assert state["step"] == steps
-    first = [s for s in samples(tmp_path) if s["step"] < k]
+    first = [s for s in samples(tmp_path) if s["step"] <= k]
     assert len(first) == k * DP  # the second run did not repeat the first k steps
     for dp_rank in range(DP):
         assert sequence(tmp_path, dp_rank) == sequence(single_run, dp_rank)
@@ -232,7 +232,7 @@ def test_tp_broadcast_gives_both_tp_ranks_the_same_tensors(cache_dir, tmp_path):
     by_step = {}
     for r in rows:
         by_step.setdefault(r["step"], {})[r["tp_rank"]] = r
-    assert sorted(by_step) == list(range(8))
+    assert sorted(by_step) == list(range(1, 9))
     for step, ranks in by_step.items():
         assert set(ranks) == {0, 1}
         assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["keys"] == ranks[1]["keys"]
@@ -249,7 +249,7 @@ def test_producer_joining_mid_run_gets_leases(cache_dir, tmp_path):
     try:
         proc = consume(args + ["train.steps=40", "train.log_samples=true", "service.step_time_s=0.15"], wait=False)
         wait_for_samples(tmp_path, 2 * 3)
-        joiner = subprocess.Popen([sys.executable, "-m", "mmdit.producer.server", *args],
+        joiner = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "producer", *args],
                                   env={**os.environ, "MMDIT_INCARNATION": "7"},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _, err = proc.communicate(timeout=120)

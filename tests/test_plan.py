@@ -4,10 +4,10 @@ from collections import Counter
 
 import pytest
 
-from mmdit.producer.coordinator import Coordinator
-from mmdit.producer.plan import (Cursor, MixtureVersion, PlanError, Planner, PlanSpec, SampleRef, Selection,
+from mmdit.dataservice.coordinator import Coordinator
+from mmdit.dataservice.plan import (Cursor, MixtureVersion, PlanError, Planner, PlanSpec, SampleRef, Selection,
                                  plan_epoch, shard_bounds)
-from mmdit.producer.service_config import ServiceConfig
+from mmdit.dataservice.config import ServiceConfig
 
 BUCKETS = [(256, 256), (256, 512), (512, 256)]
 
@@ -152,39 +152,52 @@ class Clock:
 def coordinator(**svc):
     clock = Clock()
     svc = ServiceConfig(plan_ahead=8, heartbeat_s=1.0, lease_timeout_s=5.0, **svc)
-    return Coordinator(SEL, svc, seed=1, dp_size=2, micro_batch_size=2, history=list(V0), clock=clock), clock
+    c = Coordinator(SEL, svc, seed=1, dp_size=2, micro_batch_size=2, history=list(V0), clock=clock)
+    for dp_rank in range(2):
+        c.register_consumer(f"t{dp_rank}", 10 + dp_rank, dp_rank, 2, 2, None, None)
+    return c, clock
 
 
 def test_coordinator_leases_acks_and_revokes():
     c, clock = coordinator()
     a = c.lease("pa", 1, 2, []).wait()
-    assert [s for s, _ in a["leases"]] == [0] and a["keep"] == [0]
+    assert [s for s, _ in a.new] == [0] and a.keep == [0]
     b = c.lease("pb", 2, 2, []).wait()
-    assert [s for s, _ in b["leases"]] == [1]  # consecutive batches spread over producers
+    assert [s for s, _ in b.new] == [1]  # consecutive batches spread over producers
     loc = c.locate("t0", c.gen, 0).wait()
-    assert loc["status"] == "ok" and loc["owner"] == "pa" and loc["uid"] == (c.gen, 0)
+    assert loc.status == "ok" and loc.owner == "pa" and loc.uid == (c.gen, 0)
     a2 = c.lease("pa", 1, 2, [(c.gen, 0)]).wait()
-    assert [s for s, _ in a2["leases"]] == [2]
+    assert [s for s, _ in a2.new] == [2]
     parked = c.lease("pa", 1, 2, [(c.gen, 0), (c.gen, 2)])  # full: parks until something changes
     assert not parked.done()
     assert c.ack("t0", 0, c.gen, [0]) == 1 and not parked.done()  # one DP rank of two
     assert c.ack("t1", 1, c.gen, [0]) == 1
     reply = parked.wait()  # batch 0 done everywhere: pa drops it and gets batch 3
-    assert reply["keep"] == [2, 3] and [s for s, _ in reply["leases"]] == [3]
+    assert reply.keep == [2, 3] and [s for s, _ in reply.new] == [3]
     assert c.status()["base"] == 1
     # pb goes silent while pa keeps polling: after lease_timeout_s, pb's batch 1 goes back to the
-    # queue, then to pa
+    # queue; it is older than batches already leased (a gap), so pa gets it at once, beyond its
+    # prepare_depth of 2 (the liveness rule)
     polling = c.lease("pa", 1, 2, [(c.gen, 2), (c.gen, 3)])
     clock.now += 6.0
     c.reap()
-    assert polling.wait()["keep"] == [2, 3]  # the long poll answered at its deadline
+    reply = polling.wait()
+    assert reply.keep == [1, 2, 3] and [s for s, _ in reply.new] == [1]
     assert not c.status()["producers"]["pb"]["alive"]
     assert c.status()["counters"]["revoked"] == 1
+    assert c.locate("t0", c.gen, 1).wait().owner == "pa"
+    # capacity still bounds new work: pa (3 held, depth 2) gets batch 4 only once two are done
+    full = c.lease("pa", 1, 2, [(c.gen, 1), (c.gen, 2), (c.gen, 3)])
+    c.ack("t0", 0, c.gen, [1])
+    c.ack("t1", 1, c.gen, [1])
+    reply = full.wait()
+    assert reply.keep == [2, 3] and reply.new == []  # drop 1; still full
+    full = c.lease("pa", 1, 2, [(c.gen, 2), (c.gen, 3)])
+    assert not full.done()
     c.ack("t0", 0, c.gen, [2])
     c.ack("t1", 1, c.gen, [2])
-    again = c.lease("pa", 1, 2, [(c.gen, 3)]).wait()
-    assert [s for s, _ in again["leases"]] == [1]
-    assert c.locate("t0", c.gen, 1).wait()["owner"] == "pa"
+    reply = full.wait()
+    assert reply.keep == [3, 4] and [s for s, _ in reply.new] == [4]
 
 
 def test_coordinator_reports_waiting_and_resets():
@@ -193,15 +206,23 @@ def test_coordinator_reports_waiting_and_resets():
     assert not waiting.done()
     clock.now += 1.5
     c.reap()
-    assert waiting.wait() == {"status": "waiting", "producers": 0}
+    assert waiting.wait().status == "waiting" and waiting.wait().producers_alive == 0
     c.lease("pa", 1, 4, []).wait()
     gen = c.gen
-    reply = c.register_consumer("t0", 5, 0, 2, 2, Cursor(10, 0, 10).to_dict(), None)
-    assert reply["gen"] == gen + 1 and reply["cursor"]["seq"] == 10
-    assert c.locate("t0", gen, 10).wait()["status"] == "stale"
-    assert c.lease("pa", 1, 4, [(gen, 0)]).wait()["keep"] == [10]  # old holdings dropped, new lease
-    # the same registration again does not reset
-    assert c.register_consumer("t1", 6, 1, 2, 2, Cursor(10, 0, 10).to_dict(), None)["gen"] == gen + 1
+    # a rank that joins at a later position of the same plan implies its acks before it
+    assert c.register_consumer("t0b", 5, 0, 2, 2, Cursor(2, 0, 2).to_dict(), None).gen == gen
+    c.ack("t1", 1, gen, [0, 1])
+    assert c.status()["base"] == 2
+    # a cursor behind what is done everywhere (a restart from an older checkpoint) starts a new
+    # generation there; the other rank's next call is `stale`, and it registers again
+    reply = c.register_consumer("t0c", 6, 0, 2, 2, Cursor(1, 0, 1).to_dict(), None)
+    assert reply.gen == gen + 1 and reply.cursor["seq"] == 1
+    assert c.locate("t1", gen, 3).wait().status == "stale"
+    assert c.lease("pa", 1, 4, [(gen, 0)]).wait().keep == [1]  # old holdings dropped, new lease
+    assert c.register_consumer("t1b", 7, 1, 2, 2, Cursor(3, 0, 3).to_dict(), None).gen == gen + 1
+    assert c.ack("t0", 0, gen + 1, [1]) == 0  # an earlier incarnation of rank 0: ignored
+    # a different DP layout is a new plan
+    assert c.register_consumer("t2", 8, 0, 3, 2, Cursor(3, 0, 3).to_dict(), None).gen == gen + 2
 
 
 def test_coordinator_hot_swap_applies_from_the_next_unplanned_batch():
@@ -229,7 +250,7 @@ def test_selection_from_cache_headers_and_manifest_thresholds(tmp_path):
 
     from mmdit.producer.cache import LatentCache
     from mmdit.producer.config import FilterConfig
-    from mmdit.producer.coordinator import build_selection, resolve_fingerprint
+    from mmdit.dataservice.selection import build_selection, resolve_fingerprint
     from mmdit.producer.manifest import ManifestWriter
 
     g = torch.Generator().manual_seed(0)

@@ -1,18 +1,19 @@
 """A producer as an RPC server: it leases planned batches, prepares them ahead, and serves them.
 
-Loop: long-poll the coordinator's `lease` (producer/coordinator.py) with the batches it holds;
-the reply names new batches to prepare and the ones to keep (the rest were acked everywhere, or
-revoked: drop them). `prepare_workers` threads prepare held batches earliest first: read the
-records from the latent cache, collate one tensor dict per DP rank (so a fetch sends exactly its
-shard: TensorPipe sends whole storages, a slice would drag the full batch along). Trainer clients
-call `fetch(uid, dp_rank)`; it answers when the batch is ready.
+Loop: long-poll the coordinator's `lease` with the batches it holds; the reply names new batches
+to prepare and the ones to keep (the rest were acked everywhere, or revoked: drop them).
+`prepare_workers` threads prepare held batches earliest first (so a batch revoked from a dead
+producer, which some DP rank is waiting for, goes ahead of newer work): read the records from
+the latent cache and collate one tensor dict per DP rank (so a fetch sends exactly its shard:
+TensorPipe sends whole storages, a slice would drag the full batch along). Clients call
+`fetch(uid, dp_rank)`, a long poll answered when the batch is ready or after a heartbeat.
 
 Serving is from the cache. A key missing from it goes to `encode_hook(keys) -> records` when one
 is installed (a producer with encoders loaded can encode on a miss); without one the batch fails
 with an error that names the key, and the client surfaces it. `service.simulate_encode_s` adds
 that long to every batch, like an encoder would (benchmarks).
 
-Run as a process: `python -m mmdit.producer.server key=value ...` (what `mmdit serve` starts).
+Run as a process: `mmdit producer key=value ...` (what `mmdit serve` starts, once per producer).
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.rpc.functions import async_execution
 from torch.futures import Future
 
-from mmdit.producer import rpc
-from mmdit.producer.coordinator import resolve_fingerprint, rpc_lease, rpc_producer_left
-from mmdit.producer.plan import PlanError, PlannedBatch, shard_bounds
+from mmdit.dataservice import protocol, rpc
+from mmdit.dataservice.config import ProducerSettings
+from mmdit.dataservice.plan import PlanError, PlannedBatch, shard_bounds
+from mmdit.dataservice.protocol import Lease, Shard
 
-log = logging.getLogger("mmdit.producer.server")
+log = logging.getLogger("mmdit.producer")
 
 
 def collate(records: list[dict], batch: PlannedBatch, *, seq: int, gen: int, producer: str) -> dict:
@@ -78,16 +79,16 @@ class _Slot:
     dp_size: int
     shards: list[dict] | None = None
     error: str | None = None
-    waiters: list = field(default_factory=list)  # (Future, dp_rank)
+    waiters: list = field(default_factory=list)  # (Future, dp_rank, deadline)
 
 
 class ProducerServer:
     """Holds leased batches, prepares them on worker threads and answers fetches."""
 
-    def __init__(self, svc, cache, fingerprint: str, name: str, rank: int,
-                 encode_hook: Callable[[list[str]], list[dict]] | None = None):
-        self.svc, self.cache, self.fp, self.name, self.rank = svc, cache, fingerprint, name, rank
-        self.encode_hook = encode_hook
+    def __init__(self, settings: ProducerSettings, cache, fingerprint: str, name: str, rank: int,
+                 encode_hook: Callable[[list[str]], list[dict]] | None = None, clock=time.monotonic):
+        self.cfg, self.cache, self.fp, self.name, self.rank = settings, cache, fingerprint, name, rank
+        self.encode_hook, self.clock = encode_hook, clock
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
         self.slots: dict[tuple[int, int], _Slot] = {}
@@ -96,7 +97,7 @@ class ProducerServer:
         self.counters = {"leased": 0, "prepared": 0, "served": 0, "dropped": 0, "errors": 0}
         self._closed = False
         self._workers = [threading.Thread(target=self._prepare_loop, name=f"prepare-{i}", daemon=True)
-                         for i in range(svc.prepare_workers)]
+                         for i in range(settings.prepare_workers)]
         for t in self._workers:
             t.start()
 
@@ -106,21 +107,20 @@ class ProducerServer:
         with self.lock:
             return sorted(self.slots)
 
-    def apply(self, reply: dict) -> None:
+    def apply(self, reply: Lease) -> None:
         """Take a lease reply: drop what is not kept, queue new batches for preparation."""
-        gen = reply["gen"]
-        keep = {(gen, seq) for seq in reply["keep"]}
+        keep = {(reply.gen, seq) for seq in reply.keep}
         done = []
         with self.lock:
-            self.gen = gen
+            self.gen = reply.gen
             for uid in [u for u in self.slots if u not in keep]:
                 slot = self.slots.pop(uid)
                 self.counters["dropped"] += 1
-                done += [(f, {"status": "not_held"}) for f, _ in slot.waiters]
-            for seq, batch in reply["leases"]:
-                uid = (gen, seq)
+                done += [(f, Shard("not_held")) for f, _, _ in slot.waiters]
+            for seq, batch in reply.new:
+                uid = (reply.gen, seq)
                 if uid in keep and uid not in self.slots:
-                    self.slots[uid] = _Slot(uid, batch, reply["dp_size"])
+                    self.slots[uid] = _Slot(uid, batch, reply.dp_size)
                     heapq.heappush(self.queue, (seq, uid))
                     self.counters["leased"] += 1
             self.work.notify_all()
@@ -148,22 +148,22 @@ class ProducerServer:
                 slot.shards, slot.error = shards, error
                 self.counters["prepared" if error is None else "errors"] += 1
                 waiters, slot.waiters = slot.waiters, []
-            _complete([(f, self._answer(slot, r)) for f, r in waiters])
+            _complete([(f, self._answer(slot, r)) for f, r, _ in waiters])
 
     def _records(self, keys: list[str]) -> list[dict]:
         missing = [k for k in keys if not self.cache.contains(k, self.fp)]
         if missing and self.encode_hook is None:
             raise KeyError(f"{len(missing)} keys missing from the cache (first {missing[0]!r}) and this producer "
                            "has no encoder hook")
-        found = dict(zip([k for k in keys if k not in missing],
-                         self.cache.read_many([k for k in keys if k not in missing], self.fp)))
+        present = [k for k in keys if k not in missing]
+        found = dict(zip(present, self.cache.read_many(present, self.fp)))
         if missing:
             found.update({r["key"]: r for r in self.encode_hook(missing)})
         return [found[k] for k in keys]
 
     def prepare(self, batch: PlannedBatch, dp_size: int, uid: tuple[int, int]) -> list[dict]:
-        if self.svc.simulate_encode_s:
-            time.sleep(self.svc.simulate_encode_s)  # an encoder's time, spent before the batch exists
+        if self.cfg.simulate_encode_s:
+            time.sleep(self.cfg.simulate_encode_s)  # an encoder's time, spent before the batch exists
         records = self._records(list(batch.keys))
         shards = []
         for r in range(dp_size):
@@ -173,52 +173,67 @@ class ProducerServer:
 
     # ---- serving
 
-    def _answer(self, slot: _Slot, dp_rank: int) -> dict:
+    def _answer(self, slot: _Slot, dp_rank: int) -> Shard:
         if slot.error is not None:
-            return {"status": "error", "message": slot.error}
+            return Shard("error", message=slot.error)
         with self.lock:
             self.counters["served"] += 1
-        return {"status": "ok", "batch": slot.shards[dp_rank]}
+        return Shard("ok", slot.shards[dp_rank])
 
     def fetch(self, uid: tuple[int, int], dp_rank: int) -> Future:
+        """DP rank `dp_rank`'s shard of batch `uid`: at once when prepared, else when it is, or
+        `not_ready` after a heartbeat (the client then checks the lease did not move)."""
         fut: Future = Future()
         with self.lock:
-            slot = self.slots.get(tuple(uid))
+            slot = self.slots.get(uid)
             if slot is not None and slot.shards is None and slot.error is None:
-                slot.waiters.append((fut, dp_rank))
+                slot.waiters.append((fut, dp_rank, self.clock() + self.cfg.heartbeat_s))
                 return fut
-        fut.set_result({"status": "not_held"} if slot is None else self._answer(slot, dp_rank))
+        fut.set_result(Shard("not_held") if slot is None else self._answer(slot, dp_rank))
         return fut
+
+    def expire_fetches(self) -> None:
+        """Answer fetches that waited a heartbeat for their batch with `not_ready`."""
+        now, done = self.clock(), []
+        with self.lock:
+            for slot in self.slots.values():
+                if slot.waiters:
+                    expired = [w for w in slot.waiters if w[2] <= now]
+                    slot.waiters = [w for w in slot.waiters if w[2] > now]
+                    done += [(f, Shard("not_ready")) for f, _, _ in expired]
+        _complete(done)
 
     def peek(self, uid: tuple[int, int], dp_rank: int) -> dict | None:
         """A prepared shard, without waiting or counting (diagnostics, transport baselines)."""
         with self.lock:
-            slot = self.slots.get(tuple(uid))
+            slot = self.slots.get(uid)
             return None if slot is None or slot.shards is None else slot.shards[dp_rank]
 
     # ---- the lease loop
 
-    def run(self, stop: threading.Event) -> bool:
-        """Lease until `stop` is set; True if the coordinator stayed reachable to the end."""
-        svc = self.svc
+    def run(self, stop: threading.Event, give_up_after_s: float) -> bool:
+        """Lease until `stop` is set; True if the coordinator stayed reachable to the end.
+        Gives up when the coordinator stays unreachable for `give_up_after_s` (service.join_timeout_s
+        in a producer process: as long as it would wait for a starting coordinator)."""
+        cfg = self.cfg
         unreachable_since = None
         while not stop.is_set():
             try:
-                reply = rpc.call(rpc.COORDINATOR, rpc_lease, self.name, self.rank, svc.prepare_depth,
-                                 self.held(), timeout_s=svc.heartbeat_s + svc.rpc_timeout_s, retries=2)
+                reply = rpc.call(rpc.COORDINATOR, protocol.lease, self.name, self.rank, cfg.prepare_depth,
+                                 self.held(), timeout_s=cfg.heartbeat_s + cfg.rpc_timeout_s, retries=2)
                 unreachable_since = None
             except rpc.RpcError as e:
                 unreachable_since = unreachable_since or time.monotonic()
-                if time.monotonic() - unreachable_since > svc.consumer_timeout_s:
-                    log.error("coordinator unreachable for %.0fs (%s); stopping", svc.consumer_timeout_s, e)
+                if time.monotonic() - unreachable_since > give_up_after_s:
+                    log.error("coordinator unreachable for %.0fs (%s); stopping", give_up_after_s, e)
                     return False
                 stop.wait(0.5)
                 continue
             self.apply(reply)
-            if reply.get("stop"):
+            if reply.stop:
                 break
         try:
-            rpc.call(rpc.COORDINATOR, rpc_producer_left, self.name, timeout_s=5.0)
+            rpc.call(rpc.COORDINATOR, protocol.producer_left, self.name, timeout_s=5.0)
         except rpc.RpcError:
             return False
         return True
@@ -226,7 +241,7 @@ class ProducerServer:
     def close(self) -> None:
         with self.lock:
             self._closed = True
-            done = [(f, {"status": "not_held"}) for s in self.slots.values() for f, _ in s.waiters]
+            done = [(f, Shard("not_held")) for s in self.slots.values() for f, _, _ in s.waiters]
             self.work.notify_all()
         _complete(done)
 
@@ -237,26 +252,17 @@ def _complete(done: list) -> None:
             fut.set_result(value)
 
 
-# ----------------------------------------------------------------------------- RPC entry points
+class _FetchExpiry(threading.Thread):
+    """Answers long-polled fetches whose heartbeat ran out, also while the lease loop waits."""
 
-_SERVER: ProducerServer | None = None
+    def __init__(self, server: ProducerServer, stop: threading.Event):
+        super().__init__(name="fetch-expiry", daemon=True)
+        self.server, self.stop = server, stop
 
-
-@async_execution
-def rpc_fetch(uid: tuple[int, int], dp_rank: int) -> Future:
-    if _SERVER is None:
-        fut: Future = Future()
-        fut.set_result({"status": "not_held"})
-        return fut
-    return _SERVER.fetch(uid, dp_rank)
-
-
-def rpc_peek(uid: tuple[int, int], dp_rank: int) -> dict | None:
-    return None if _SERVER is None else _SERVER.peek(uid, dp_rank)
-
-
-def rpc_counters() -> dict:
-    return {} if _SERVER is None else dict(_SERVER.counters)
+    def run(self) -> None:
+        period = min(0.1, self.server.cfg.heartbeat_s / 4)
+        while not self.stop.wait(period):
+            self.server.expire_fetches()
 
 
 # ----------------------------------------------------------------------------- process entry
@@ -264,34 +270,43 @@ def rpc_counters() -> dict:
 
 def main(argv: list[str]) -> int:
     """One producer process: join the job's RPC group, serve until SIGTERM/SIGINT, leave."""
-    global _SERVER
+    from mmdit.dataservice.selection import resolve_fingerprint
     from mmdit.launch.config import load_config
     from mmdit.producer.cache import LatentCache
 
     cfg = load_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(1)
-    svc = cfg.service
+    settings = cfg.service.role(ProducerSettings)
     name = rpc.incarnation_name("producer", n=int(os.environ.get("MMDIT_INCARNATION", "0")))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     cache = LatentCache(cfg.cache.dir)
     try:
-        fingerprint = resolve_fingerprint(cache, svc.fingerprint)
+        fingerprint = resolve_fingerprint(cache, settings.fingerprint)
     except PlanError as e:
-        print(f"producer: {e}", file=sys.stderr)
+        print(f"mmdit producer: {e}", file=sys.stderr)
         return 2
-    rank = rpc.join(name, svc.host, svc.port, rpc_timeout_s=svc.rpc_timeout_s, join_timeout_s=svc.join_timeout_s,
-                    num_worker_threads=svc.rpc_threads)
-    _SERVER = server = ProducerServer(svc, cache, fingerprint, name, rank)
+    try:
+        rank = rpc.join(name, settings.host, settings.port, rpc_timeout_s=settings.rpc_timeout_s,
+                        join_timeout_s=settings.join_timeout_s, num_worker_threads=settings.rpc_threads)
+    except rpc.RpcError as e:
+        print(f"mmdit producer: {e}", file=sys.stderr)
+        return 1
+    server = ProducerServer(settings, cache, fingerprint, name, rank)
+    protocol.serve(protocol.PRODUCER, server)
+    halt = threading.Event()
+    _FetchExpiry(server, halt).start()
     log.info("producer %s (rank %d) serving %s from %s", name, rank, fingerprint, cfg.cache.dir)
     reachable = False
     try:
-        reachable = server.run(stop)
+        reachable = server.run(stop, give_up_after_s=settings.join_timeout_s)
     finally:
+        halt.set()
         server.close()
-        graceful = rpc.leave(graceful=reachable, timeout_s=svc.shutdown_timeout_s)
+        graceful = rpc.leave(graceful=reachable, timeout_s=settings.shutdown_timeout_s)
+        protocol.stop_serving(protocol.PRODUCER)
         cache.close()
         log.info("producer %s stopped (%s); counters %s", name, "graceful" if graceful else "not graceful",
                  server.counters)
@@ -299,8 +314,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    # Run main() in the importable module, not in __main__: RPC resolves rpc_fetch through
-    # `mmdit.producer.server`, whose _SERVER must be the one serving.
-    from mmdit.producer import server as _module
-
-    sys.exit(_module.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -1,17 +1,17 @@
 """The coordinator: one per job; owns the batch plan, leases, acks, the cursor and the mixture history.
 
-Protocol (every call is an RPC to the coordinator, rank 0 of the group; see producer/rpc.py):
-- a producer long-polls `lease(name, rank, depth)`: the reply lists the batches it must prepare
-  (at most one new one per call, so consecutive batches spread over producers) and `keep`, every
-  batch it still holds; it drops the rest (acked, or revoked). The call is its heartbeat.
+Protocol (every call is an RPC to the coordinator; messages in dataservice/protocol.py):
+- a producer long-polls `lease(name, rank, depth, held)`: the reply (`Lease`) lists the batches it
+  must prepare and `keep`, every batch it still holds; it drops the rest (acked, or revoked). The
+  call is its heartbeat.
 - a trainer client registers with its cursor and mixture history (`register_consumer`), then for
   each global batch `seq` it `locate`s the producer that holds it, fetches its DP shard from that
   producer, and `ack`s it after the step (acks travel in small groups). A batch acked by every
   DP rank is done; its producer is told to drop it and gets new work in the same answer.
 - a producer silent for `lease_timeout_s`, or reported dead by a client whose fetch failed with a
-  transport error, loses its leases: they go back to the pending queue, in plan order, and the
-  next producer that asks gets them. Batches are pure functions of the plan, so a batch prepared
-  twice is the same batch; the client consumes each `seq` exactly once.
+  transport error, loses its leases: they go back to the pending queue, and the next producer
+  that asks gets them. Batches are pure functions of the plan, so a batch prepared twice is the
+  same batch; the client consumes each `seq` exactly once.
 
 Resets: a client that registers with a cursor, DP layout or history different from the
 coordinator's starts a new plan *generation* from that cursor: everything planned before is
@@ -24,81 +24,20 @@ yet planned; batches already planned (leased, maybe prepared) keep their version
 from __future__ import annotations
 
 import heapq
-import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch.distributed.rpc.functions import async_execution
 from torch.futures import Future
 
-from mmdit.producer import rpc
-from mmdit.producer.plan import (Cursor, MixtureVersion, PlanError, PlannedBatch, Planner, PlanSpec, SampleRef,
-                                 Selection, validate_history)
-from mmdit.producer.service_config import ServiceConfig
+from mmdit.dataservice import protocol, rpc
+from mmdit.dataservice.config import CoordinatorSettings, ServiceConfig
+from mmdit.dataservice.plan import Cursor, MixtureVersion, PlannedBatch, Planner, PlanSpec, Selection, validate_history
+from mmdit.dataservice.protocol import Lease, Location, Registration
 
 log = logging.getLogger("mmdit.coordinator")
-
-
-# ----------------------------------------------------------------------------- the selection
-
-
-def resolve_fingerprint(cache, wanted: str) -> str:
-    """The encoder fingerprint to serve: `wanted`, or the only one in the cache."""
-    found = cache.fingerprints()
-    if not found:
-        raise PlanError(f"cache {cache.path} is empty: fill it with `mmdit produce` first")
-    if wanted:
-        if wanted not in found:
-            raise PlanError(f"fingerprint {wanted!r} not in cache {cache.path} (found {found})")
-        return wanted
-    if len(found) != 1:
-        raise PlanError(f"cache {cache.path} holds fingerprints {found}: set service.fingerprint to pick one")
-    return found[0]
-
-
-def _record_meta(cache, key: str, fingerprint: str) -> dict:
-    """task, source and condition shape of a cached record, from its segment header (no tensor read)."""
-    meta = cache.meta(key, fingerprint)
-    return {"task": meta["task"], "source": meta.get("source", ""), "cond_shape": meta.get("cond_shape")}
-
-
-def _manifest_keys(cache_dir: Path, filters) -> set[str] | None:
-    """Keys the manifest's thresholds select, or None when the cache has no manifest."""
-    from mmdit.producer.manifest import read_manifest, select
-
-    manifest_dir = cache_dir / "manifest"
-    if not manifest_dir.is_dir():
-        return None
-    table = read_manifest(manifest_dir)
-    if not table.num_rows:
-        return None
-    return set(select(table, filters).column("key").to_pylist())
-
-
-def build_selection(cache, fingerprint: str, filters=None) -> tuple[Selection, dict]:
-    """The samples to plan: every key cached under `fingerprint`, intersected with the manifest's
-    selection when a manifest exists. Returns (selection, counts for the status report)."""
-    allowed = _manifest_keys(Path(cache.path), filters) if filters is not None else None
-    refs, counts = [], {"cached": 0, "filtered_out": 0}
-    for bucket, keys in cache.buckets(fingerprint).items():
-        for key in keys:
-            counts["cached"] += 1
-            if allowed is not None and key not in allowed:
-                counts["filtered_out"] += 1
-                continue
-            meta = _record_meta(cache, key, fingerprint)
-            cond = meta["cond_shape"]
-            refs.append(SampleRef(key, tuple(bucket), meta["task"], meta["source"],
-                                  (cond[1] * 8, cond[2] * 8) if cond else None))
-    counts["selected"] = len(refs)
-    return Selection(refs), counts
-
-
-# ----------------------------------------------------------------------------- state
 
 
 @dataclass
@@ -139,23 +78,24 @@ class Coordinator:
     the lock is released.
     """
 
-    def __init__(self, selection: Selection, svc: ServiceConfig, seed: int, dp_size: int, micro_batch_size: int,
-                 history: list[MixtureVersion], clock=time.monotonic):
+    def __init__(self, selection: Selection, settings: CoordinatorSettings, seed: int, dp_size: int,
+                 micro_batch_size: int, history: list[MixtureVersion], clock=time.monotonic):
         validate_history(history)
-        self.sel, self.svc, self.seed, self.clock = selection, svc, seed, clock
+        self.sel, self.cfg, self.seed, self.clock = selection, settings, seed, clock
         self.lock = threading.RLock()
         self.producers: dict[str, _Producer] = {}
         self.consumers: dict[str, _Consumer] = {}
         self.counters = {"leases": 0, "acks": 0, "batches_done": 0, "revoked": 0, "handed_back": 0,
                          "producers_lost": 0, "producers_left": 0, "resets": 0}
         self.gen = -1
+        self.locate_waiters: dict[int, list[tuple[Future, float, int]]] = {}
         self._reset(Cursor(), history, dp_size, micro_batch_size)
 
     # ---- plan generations
 
     def _spec(self, dp_size: int, micro_batch_size: int) -> PlanSpec:
         gbs = dp_size * micro_batch_size
-        return PlanSpec(self.seed, gbs, min(gbs, self.svc.min_batch_size or dp_size), self.svc.drop_last)
+        return PlanSpec(self.seed, gbs, min(gbs, self.cfg.min_batch_size or dp_size), self.cfg.drop_last)
 
     def _reset(self, cursor: Cursor, history: list[MixtureVersion], dp_size: int, mbs: int) -> list:
         """Start plan generation gen+1 at `cursor`; returns futures to complete."""
@@ -166,32 +106,35 @@ class Coordinator:
         self.planner = planner
         self.entries: dict[int, _Entry] = {}
         self.pending: list[int] = []
+        self.leased_to = cursor.seq - 1
         self.base = cursor.seq
-        self.base_cursor = cursor
+        self.start = cursor
+        self.positions: dict[int, tuple[int, int]] = {}  # seq -> the cursor position after batch seq - 1
         done = []
         for p in self.producers.values():
             p.owned.clear()
             p.held.clear()
             done.append(self._release_waiter(p))
-        for waiters in getattr(self, "locate_waiters", {}).values():
-            done += [(f, {"status": "stale", "gen": self.gen}) for f, _, _ in waiters]
-        self.locate_waiters: dict[int, list[tuple[Future, float, int]]] = {}
+        for waiters in self.locate_waiters.values():
+            done += [(f, Location("stale", self.gen)) for f, _, _ in waiters]
+        self.locate_waiters = {}
         self._plan_window()
         return [d for d in done if d]
 
-    def _plan_window(self) -> None:
-        while self.planner.seq < self.base + self.svc.plan_ahead:
+    def _plan_window(self, at_least: int = 0) -> None:
+        """Plan up to `plan_ahead` batches past the oldest one not done (and up to `at_least`)."""
+        while self.planner.seq < max(self.base + self.cfg.plan_ahead, at_least):
             seq, batch = self.planner.next()
             self.entries[seq] = _Entry(seq, batch)
+            self.positions[seq + 1] = (batch.epoch, batch.index + 1)
             heapq.heappush(self.pending, seq)
 
     # ---- producers
 
-    def _reply(self, p: _Producer) -> dict:
+    def _reply(self, p: _Producer) -> Lease:
         """Everything p owns but does not hold yet (leases), and all it may keep."""
         new = sorted(p.owned - p.held)
-        return {"gen": self.gen, "dp_size": self.dp_size, "stop": False,
-                "leases": [(seq, self.entries[seq].batch) for seq in new], "keep": sorted(p.owned)}
+        return Lease(self.gen, self.dp_size, [(seq, self.entries[seq].batch) for seq in new], sorted(p.owned))
 
     def _release_waiter(self, p: _Producer):
         if p.waiter is None:
@@ -200,17 +143,23 @@ class Coordinator:
         return fut, self._reply(p)
 
     def _assign(self, p: _Producer) -> list[_Entry]:
-        """At most one pending batch (the earliest) for p, if it has room."""
-        if not p.alive or len(p.owned) >= p.depth:
+        """At most one pending batch (the earliest) for p: if it has room, or, room or not, when
+        the batch is a gap below `leased_to` (see the liveness rule in the class docstring)."""
+        if not p.alive:
             return []
         while self.pending:
-            seq = heapq.heappop(self.pending)
+            seq = self.pending[0]
             e = self.entries.get(seq)
             if e is None or e.owner is not None:
+                heapq.heappop(self.pending)
                 continue
+            if len(p.owned) >= p.depth and seq > self.leased_to:
+                return []
+            heapq.heappop(self.pending)
             e.owner = p.name
             p.owned.add(seq)
             p.leased_total += 1
+            self.leased_to = max(self.leased_to, seq)
             self.counters["leases"] += 1
             return [e]
         return []
@@ -234,7 +183,7 @@ class Coordinator:
             if p.owned - p.held or p.held - p.owned:
                 done.append((fut, self._reply(p)))
             else:
-                p.waiter, p.waiter_deadline = fut, now + self.svc.heartbeat_s
+                p.waiter, p.waiter_deadline = fut, now + self.cfg.heartbeat_s
         _complete([stale] + done)
         return fut
 
@@ -271,11 +220,14 @@ class Coordinator:
         consecutive batches spread over producers), then answer every parked producer that has
         news: new leases, or batches to drop."""
         done = []
-        parked = sorted((p for p in self.producers.values() if p.waiter is not None), key=lambda q: q.waiter_deadline)
+        parked = [p for p in self.producers.values() if p.waiter is not None]
         while self.pending and parked:
-            parked = [p for p in parked if len(p.owned) < p.depth]
-            for p in parked:
-                done += self._wake_locators(self._assign(p))
+            # the least loaded first, so batches handed out beyond capacity spread evenly
+            parked.sort(key=lambda q: (len(q.owned) / q.depth, q.waiter_deadline))
+            assigned = [e for p in parked for e in self._assign(p)]
+            if not assigned:
+                break
+            done += self._wake_locators(assigned)
         for p in self.producers.values():
             if p.waiter is not None and p.owned != p.held:
                 done.append(self._release_waiter(p))
@@ -284,30 +236,51 @@ class Coordinator:
     # ---- consumers
 
     def register_consumer(self, name: str, rank: int, dp_rank: int, dp_size: int, micro_batch_size: int,
-                          cursor: dict | None, history: list[dict] | None) -> dict:
+                          cursor: dict | None, history: list[dict] | None) -> Registration:
+        """A client joins at `cursor` (it consumed every batch before it). It joins the current
+        generation when the layout and history agree and the cursor is a position of its plan
+        not yet done everywhere; its acks of batches before the cursor are implied and its acks
+        from the cursor on are forgotten (an earlier incarnation of the rank made them). Else a
+        new generation starts at the cursor; clients of the old one get `stale` and register
+        again at their own cursors."""
         cursor = Cursor.from_dict(cursor)
         theirs = [MixtureVersion.from_dict(v) for v in history or []]
         with self.lock:
             merged = self._merge_history(theirs, cursor)
-            same = (cursor == self._consumer_cursor() and dp_size == self.dp_size
-                    and micro_batch_size == self.micro_batch_size and merged == self.history)
-            done = []
-            if not same:
+            joins = (dp_size == self.dp_size and micro_batch_size == self.micro_batch_size and merged == self.history
+                     and self._on_plan(cursor))
+            if joins:
+                for e in list(self.entries.values()):
+                    if e.seq < cursor.seq:
+                        self._acked(e, dp_rank)
+                    else:
+                        e.acked.discard(dp_rank)
+                done = self._dispatch()
+            else:
                 log.info("consumer %s registers at %s (dp %d x %d): plan generation %d", name, cursor, dp_size,
                          micro_batch_size, self.gen + 1)
                 done = self._reset(cursor, merged, dp_size, micro_batch_size)
                 self.consumers = {}
                 self.counters["resets"] += 1
+            for other in [c.name for c in self.consumers.values() if c.dp_rank == dp_rank]:
+                del self.consumers[other]  # an earlier incarnation of this rank: its late acks are void
             self.consumers[name] = _Consumer(name, rank, dp_rank, self.clock())
-            reply = {"gen": self.gen, "cursor": cursor.to_dict(), "history": [v.to_dict() for v in self.history],
-                     "selection": self.sel.digest(), "num_keys": len(self.sel),
-                     "global_batch_size": self.spec.global_batch_size}
+            reply = Registration(self.gen, cursor.to_dict(), [v.to_dict() for v in self.history], self.sel.digest(),
+                                 len(self.sel), self.spec.global_batch_size)
         _complete(done)
         return reply
 
-    def _consumer_cursor(self) -> Cursor:
-        """Where this generation's consumers stand (its start, until batches are done)."""
-        return self.base_cursor if self.base == self.base_cursor.seq else Cursor(self.base, -1, -1)
+    def _on_plan(self, cursor: Cursor) -> bool:
+        """Is `cursor` a position of this generation's plan from which nothing is done yet?
+        (Acks come on receipt, so batches beyond `base` may be done already.)"""
+        if cursor.seq < self.base:
+            return False
+        self._plan_window(at_least=cursor.seq)  # ranks may be further apart than the window
+        if any(seq not in self.entries for seq in range(cursor.seq, self.planner.seq)):
+            return False
+        if cursor.seq == self.start.seq:
+            return cursor == self.start
+        return self.positions.get(cursor.seq) == (cursor.epoch, cursor.index)
 
     def _merge_history(self, theirs: list[MixtureVersion], cursor: Cursor) -> list[MixtureVersion]:
         """A checkpoint's history against ours: the longer when one extends the other; on conflict
@@ -334,7 +307,7 @@ class Coordinator:
                 c.last_seen = self.clock()
             reply = self._where(gen, seq, ahead)
             if reply is None:
-                self.locate_waiters.setdefault(seq, []).append((fut, self.clock() + self.svc.heartbeat_s, ahead))
+                self.locate_waiters.setdefault(seq, []).append((fut, self.clock() + self.cfg.heartbeat_s, ahead))
         if reply is not None:
             fut.set_result(reply)
         return fut
@@ -346,17 +319,16 @@ class Coordinator:
         p = self.producers[e.owner]
         return (p.name, p.rank, (self.gen, seq))
 
-    def _where(self, gen: int, seq: int, ahead: int = 0) -> dict | None:
+    def _where(self, gen: int, seq: int, ahead: int = 0) -> Location | None:
         if gen != self.gen:
-            return {"status": "stale", "gen": self.gen}
+            return Location("stale", self.gen)
         if seq < self.base:
-            return {"status": "done"}
+            return Location("done", self.gen)
         owner = self._owner_of(seq)
         if owner is None:
             return None
         later = {s: o for s in range(seq + 1, seq + 1 + ahead) if (o := self._owner_of(s)) is not None}
-        return {"status": "ok", "owner": owner[0], "owner_rank": owner[1], "uid": owner[2], "ahead": later,
-                "history_len": len(self.history)}
+        return Location("ok", self.gen, owner[0], owner[1], owner[2], later, len(self.history), self._alive_count())
 
     def _wake_locators(self, entries: list[_Entry]) -> list:
         done = []
@@ -369,23 +341,24 @@ class Coordinator:
         """DP rank `dp_rank` consumed batches `seqs`; returns how many acks counted."""
         counted = 0
         with self.lock:
-            if gen != self.gen:
-                return 0
             c = self.consumers.get(name)
+            if gen != self.gen or c is None:  # an older generation, or a rank's earlier incarnation
+                return 0
             for seq in seqs:
                 e = self.entries.get(seq)
-                if e is None:
-                    continue
-                counted += 1
-                e.acked.add(dp_rank)
-                if len(e.acked) >= self.dp_size:
-                    self._finish(e)
+                if e is not None:
+                    counted += 1
+                    self._acked(e, dp_rank)
             self.counters["acks"] += counted
-            if c is not None:
-                c.last_seen, c.acked = self.clock(), c.acked + counted
+            c.last_seen, c.acked = self.clock(), c.acked + counted
             done = self._dispatch() if counted else []
         _complete(done)
         return counted
+
+    def _acked(self, e: _Entry, dp_rank: int) -> None:
+        e.acked.add(dp_rank)
+        if len(e.acked) >= self.dp_size:
+            self._finish(e)
 
     def _finish(self, e: _Entry) -> None:
         """Batch e is done everywhere: forget it, tell its producer (at the next dispatch), plan on."""
@@ -394,6 +367,7 @@ class Coordinator:
         if e.owner is not None:
             self.producers[e.owner].owned.discard(e.seq)
         while self.base not in self.entries and self.base < self.planner.seq:
+            self.positions.pop(self.base, None)
             self.base += 1
         self._plan_window()
 
@@ -427,9 +401,9 @@ class Coordinator:
         now = self.clock()
         with self.lock:
             silent = [p.name for p in self.producers.values()
-                      if p.alive and p.waiter is None and now - p.last_seen > self.svc.lease_timeout_s]
+                      if p.alive and p.waiter is None and now - p.last_seen > self.cfg.lease_timeout_s]
         for name in silent:
-            self._lose(name, f"silent for {self.svc.lease_timeout_s:.0f}s")
+            self._lose(name, f"silent for {self.cfg.lease_timeout_s:.0f}s")
         done = []
         with self.lock:
             for p in self.producers.values():
@@ -439,7 +413,7 @@ class Coordinator:
                 keep = []
                 for fut, deadline, ahead in self.locate_waiters[seq]:
                     if now >= deadline:
-                        done.append((fut, {"status": "waiting", "producers": self._alive_count()}))
+                        done.append((fut, Location("waiting", self.gen, producers_alive=self._alive_count())))
                     else:
                         keep.append((fut, deadline, ahead))
                 if keep:
@@ -474,83 +448,34 @@ def _complete(done: list) -> None:
                 fut.set_result(value)
 
 
-# ----------------------------------------------------------------------------- RPC entry points
-
-_COORDINATOR: Coordinator | None = None
-
-
-def _coordinator() -> Coordinator:
-    if _COORDINATOR is None:
-        raise RuntimeError("this process is not the coordinator")
-    return _COORDINATOR
-
-
-@async_execution
-def rpc_lease(name: str, rank: int, depth: int, held: list) -> Future:
-    return _coordinator().lease(name, rank, depth, held)
-
-
-@async_execution
-def rpc_locate(name: str, gen: int, seq: int, ahead: int = 0) -> Future:
-    return _coordinator().locate(name, gen, seq, ahead)
-
-
-def rpc_ack(name: str, dp_rank: int, gen: int, seqs: list[int]) -> int:
-    return _coordinator().ack(name, dp_rank, gen, seqs)
-
-
-def rpc_register_consumer(name, rank, dp_rank, dp_size, micro_batch_size, cursor, history) -> dict:
-    return _coordinator().register_consumer(name, rank, dp_rank, dp_size, micro_batch_size, cursor, history)
-
-
-def rpc_consumer_left(name: str) -> None:
-    _coordinator().consumer_left(name)
-
-
-def rpc_producer_left(name: str) -> None:
-    _coordinator().producer_left(name)
-
-
-def rpc_producer_failed(name: str, reporter: str) -> None:
-    _coordinator().producer_failed(name, reporter)
-
-
-def rpc_history() -> list[dict]:
-    return _coordinator().history_dicts()
-
-
-def rpc_update_mixture(task_weights: dict, source_weights: dict) -> dict:
-    return _coordinator().update_mixture(task_weights, source_weights)
-
-
-def rpc_status() -> dict:
-    return _coordinator().status()
-
-
 # ----------------------------------------------------------------------------- the service
 
 
 class CoordinatorService:
     """The coordinator in this process: RPC rank 0, a reaper thread, and run.dir/service.json."""
 
-    def __init__(self, cfg, run_dir: str | os.PathLike):
+    def __init__(self, cfg, run_dir):
+        from mmdit.dataservice.selection import build_selection, resolve_fingerprint
         from mmdit.producer.cache import LatentCache
 
-        global _COORDINATOR
-        svc = cfg.service
+        svc: ServiceConfig = cfg.service
+        self.settings = settings = svc.role(CoordinatorSettings)
         cache = LatentCache(cfg.cache.dir)
-        self.fingerprint = resolve_fingerprint(cache, svc.fingerprint)
+        self.fingerprint = resolve_fingerprint(cache, settings.fingerprint)
         selection, self.selection_counts = build_selection(cache, self.fingerprint, cfg.data.filters)
         cache.close()
         history = [MixtureVersion(0, 0, 0, dict(cfg.data.task_weights), dict(cfg.data.source_weights))]
-        self.coordinator = Coordinator(selection, svc, cfg.seed, svc.dp_size, cfg.train.micro_batch_size, history)
+        self.coordinator = Coordinator(selection, settings, cfg.seed, svc.dp_size, cfg.train.micro_batch_size, history)
         self.status_path = Path(run_dir) / "service.json"
         self.status_path.parent.mkdir(parents=True, exist_ok=True)
-        self.svc = svc
-        _COORDINATOR = self.coordinator
-        rpc.join(rpc.COORDINATOR, svc.host, svc.port, rank=0, rpc_timeout_s=svc.rpc_timeout_s,
-                 join_timeout_s=svc.join_timeout_s, num_worker_threads=svc.rpc_threads)
-        log.info("coordinator up on %s:%d: %d samples selected (%s), fingerprint %s", svc.host, svc.port,
+        protocol.serve(protocol.COORDINATOR, self.coordinator)
+        try:
+            rpc.join(rpc.COORDINATOR, settings.host, settings.port, rank=0, rpc_timeout_s=settings.rpc_timeout_s,
+                     join_timeout_s=settings.join_timeout_s, num_worker_threads=settings.rpc_threads)
+        except BaseException:
+            protocol.stop_serving(protocol.COORDINATOR)
+            raise
+        log.info("coordinator up on %s:%d: %d samples selected (%s), fingerprint %s", settings.host, settings.port,
                  len(selection), self.selection_counts, self.fingerprint)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._tick, name="coordinator-reaper", daemon=True)
@@ -558,22 +483,22 @@ class CoordinatorService:
 
     def _tick(self) -> None:
         last_status = 0.0
-        period = min(0.1, self.svc.heartbeat_s / 4)
+        period = min(0.1, self.settings.heartbeat_s / 4)
         while not self._stop.wait(period):
             try:
                 self.coordinator.reap()
-                if time.monotonic() - last_status >= self.svc.status_every_s:
+                if time.monotonic() - last_status >= self.settings.status_every_s:
                     self.write_status()
                     last_status = time.monotonic()
             except Exception:  # noqa: BLE001 - the reaper must survive a bad status write
                 log.exception("coordinator tick failed")
 
     def write_status(self) -> dict:
+        from mmdit.utils.atomic import atomic_write_json
+
         status = {**self.coordinator.status(), "fingerprint": self.fingerprint,
                   "selection_counts": self.selection_counts, "time": time.time()}
-        tmp = self.status_path.with_name(f".tmp-{self.status_path.name}")
-        tmp.write_text(json.dumps(status, indent=1))
-        os.replace(tmp, self.status_path)
+        atomic_write_json(self.status_path, status, fsync=False)
         return status
 
     def alive_producers(self) -> list[str]:
@@ -581,10 +506,8 @@ class CoordinatorService:
 
     def stop(self) -> None:
         """Stop the reaper and leave RPC; the store host leaves last, so never gracefully."""
-        global _COORDINATOR
         self._stop.set()
         self._thread.join(timeout=5)
         self.write_status()
         rpc.leave(graceful=False)
-        _COORDINATOR = None
-
+        protocol.stop_serving(protocol.COORDINATOR)

@@ -1,0 +1,394 @@
+"""The trainer side of the data service: prefetching batches over RPC, and the TP broadcast.
+
+`ServiceClient` is one DP rank's connection (only TP rank 0 of each DP rank has one): it keeps
+`service.prefetch` global batches in flight, fetched in plan order by `service.fetch_threads`
+worker threads: ask the coordinator which producer holds the batch (`locate`, which also tells
+where the next few are) and fetch this rank's shard from that producer. A fetch that fails with
+a transport error reports the producer dead and asks again: the coordinator has handed the
+batch to another producer. The client acks a batch as soon as its shard arrived (a thread sends
+acks every `service.ack_interval_s`, in one call), so producers free their slots without waiting
+for the trainer's step, and times how long each `__next__` waited. Its `state()` (cursor +
+mixture history) goes into checkpoints; a client built from it continues with exactly the
+batches an uninterrupted run would have seen. When the coordinator starts a new plan generation
+(another rank registered from an earlier cursor, after a restart), the client registers again at
+its own cursor and fetches on.
+
+`TPBroadcast` gives every rank of a TP group the batch of its TP rank 0, over a gloo group
+(never NCCL next to RPC); `trainer_batches` builds the right one for a trainer rank.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from concurrent.futures import Future as ThreadFuture
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.distributed as dist
+import torch.distributed.rpc as torch_rpc
+
+from mmdit.dataservice import protocol, rpc
+from mmdit.dataservice.config import ClientSettings
+from mmdit.dataservice.plan import Cursor
+from mmdit.dataservice.protocol import Location
+
+log = logging.getLogger("mmdit.client")
+
+
+class DataServiceError(RuntimeError):
+    """The data service cannot deliver (no producer left, coordinator gone, a batch that fails)."""
+
+
+class _Stale(Exception):
+    """The coordinator started a new plan generation: register again at the cursor."""
+
+
+class ServiceClient:
+    """Global batches for one DP rank, in plan order, `service.prefetch` of them in flight."""
+
+    def __init__(self, settings: ClientSettings, dp_rank: int, dp_size: int, micro_batch_size: int,
+                 state: dict | None = None, name: str | None = None):
+        self.cfg, self.dp_rank, self.dp_size, self.micro_batch_size = settings, dp_rank, dp_size, micro_batch_size
+        self.name = name or rpc.incarnation_name("trainer")
+        self._own_rpc = not torch_rpc.is_available() or not _rpc_initialized()
+        if self._own_rpc:
+            self.rank = rpc.join(self.name, settings.host, settings.port, rpc_timeout_s=settings.rpc_timeout_s,
+                                 join_timeout_s=settings.join_timeout_s, num_worker_threads=settings.rpc_threads)
+        else:
+            self.name = torch_rpc.get_worker_info().name
+            self.rank = torch_rpc.get_worker_info().id
+        state = state or {}
+        self.cursor = Cursor.from_dict(state.get("cursor"))
+        self.history = state.get("history") or []
+        self._register()
+        if state.get("selection") and state["selection"] != self.selection:
+            log.warning("the selection changed since this state was saved (%s -> %s): the plan from the cursor "
+                        "on differs from the original run's", state["selection"], self.selection)
+        saved_batch = state.get("global_batch_size")
+        if saved_batch and saved_batch != self.global_batch_size:
+            log.warning("the global batch size changed since this state was saved (%d -> %d): the rest of the "
+                        "current epoch is re-planned from its batch index, so some of its samples may repeat "
+                        "or be skipped; later epochs are exact", saved_batch, self.global_batch_size)
+        self.waits: list[float] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._history_stale = False
+        self._last_progress = time.monotonic()
+        self._ack_queue: list[tuple[int, int]] = []  # (generation, seq)
+        self._ack_stop = threading.Event()
+        self._acker = threading.Thread(target=self._ack_loop, name=f"acks-dp{dp_rank}", daemon=True)
+        self._acker.start()
+        self._reports: list = []
+        self._futures: dict[int, ThreadFuture] = {}
+        self._located: dict[int, Location] = {}  # seq -> a location given ahead of time
+        self._pool = ThreadPoolExecutor(min(settings.fetch_threads, settings.prefetch),
+                                        thread_name_prefix=f"prefetch-dp{dp_rank}")
+        self._fill()
+        atexit.register(self.close)
+
+    def _register(self) -> None:
+        """Join the coordinator's plan at `self.cursor` (every batch before it is consumed)."""
+        reply = rpc.call(rpc.COORDINATOR, protocol.register_consumer, self.name, self.rank, self.dp_rank,
+                         self.dp_size, self.micro_batch_size, self.cursor.to_dict(), self.history,
+                         timeout_s=self.cfg.rpc_timeout_s, retries=2)
+        self.gen, self.history, self.selection = reply.gen, reply.history, reply.selection
+        self.global_batch_size = reply.global_batch_size
+
+    def _rejoin(self) -> None:
+        """A new plan generation: drop what was prefetched for the old one and register again."""
+        for fut in self._futures.values():
+            fut.cancel()
+        self._futures = {}
+        with self._lock:
+            self._located = {}
+        self._register()
+        log.info("%s: rejoined the plan at %s (generation %d)", self.name, self.cursor, self.gen)
+
+    # ---- the iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._closed:
+            raise StopIteration
+        seq = self.cursor.seq
+        started = time.perf_counter()
+        budget = self.cfg.consumer_timeout_s + self.cfg.rpc_timeout_s + 2 * self.cfg.heartbeat_s
+        while True:
+            self._fill()
+            try:
+                batch = self._futures[seq].result(timeout=budget)
+                break
+            except _Stale:
+                self._rejoin()
+            except TimeoutError as e:
+                raise DataServiceError(f"{self.name}: batch seq {seq} not delivered within {budget:.0f}s") from e
+        self.waits.append(time.perf_counter() - started)
+        del self._futures[seq]
+        self._last_progress = time.monotonic()
+        epoch, index = batch["batch_id"]
+        self.cursor = Cursor(seq + 1, epoch, index + 1)
+        if self._history_stale or batch["config_version"] > self.history[-1]["version"]:
+            self._refresh_history()
+        self._fill()
+        return batch
+
+    def state(self) -> dict:
+        """Cursor of the next batch to consume, the mixture history, and the plan's identity."""
+        return {"cursor": self.cursor.to_dict(), "history": list(self.history), "selection": self.selection,
+                "global_batch_size": self.global_batch_size}
+
+    # ---- fetching
+
+    def _fill(self) -> None:
+        if self._closed:
+            return
+        for seq in range(self.cursor.seq, self.cursor.seq + self.cfg.prefetch):
+            if seq not in self._futures:
+                self._futures[seq] = self._pool.submit(self._fetch, self.gen, seq)
+
+    def _locate(self, gen: int, seq: int) -> Location:
+        """Where batch `seq` is: from an earlier answer's look-ahead, else from the coordinator
+        (which long-polls up to a heartbeat when it is not leased yet)."""
+        with self._lock:
+            where = self._located.pop(seq, None)
+        if where is not None and where.gen == gen:
+            return where
+        where = rpc.call(rpc.COORDINATOR, protocol.locate, self.name, gen, seq, 2 * self.cfg.prefetch,
+                         timeout_s=self.cfg.heartbeat_s + self.cfg.rpc_timeout_s, retries=2)
+        if where.status == "ok":
+            with self._lock:  # where the next batches are: their workers skip a locate
+                for s, (owner, rank, uid) in where.ahead.items():
+                    if s >= self.cursor.seq:
+                        self._located[s] = Location("ok", where.gen, owner, rank, uid, {}, where.history_len,
+                                                    where.producers_alive)
+        return where
+
+    def _fetch(self, gen: int, seq: int) -> dict:
+        """Locate batch `seq` of generation `gen` and fetch this rank's shard, until it arrives or
+        the deadline passes. The batch is acked on arrival: the producer may drop it, this client
+        holds it until the trainer takes it."""
+        cfg = self.cfg
+        started = time.monotonic()
+        why = "no answer yet"
+        while not self._closed:
+            if gen != self.gen:
+                raise _Stale()
+            if time.monotonic() - max(started, self._last_progress) > cfg.consumer_timeout_s:
+                raise DataServiceError(f"{self.name}: no batch for seq {seq} within service.consumer_timeout_s="
+                                       f"{cfg.consumer_timeout_s:.0f}s: {why}")
+            try:
+                where = self._locate(gen, seq)
+            except rpc.RpcError as e:
+                why = f"coordinator unreachable ({e})"
+                time.sleep(0.5)
+                continue
+            if where.status == "waiting":
+                why = f"batch not leased; {where.producers_alive} producers alive"
+                continue
+            if where.status == "stale":
+                raise _Stale()
+            if where.status == "done":
+                raise DataServiceError(f"{self.name}: batch seq {seq} was already consumed by every DP rank")
+            if where.history_len > len(self.history):
+                self._history_stale = True
+            shard, why = self._fetch_from(where)
+            if shard is not None:
+                self._last_progress = time.monotonic()
+                with self._lock:
+                    self._ack_queue.append((gen, seq))
+                return shard
+        raise DataServiceError(f"{self.name}: closed")
+
+    def _fetch_from(self, where: Location) -> tuple[dict | None, str]:
+        """Fetch this rank's shard from `where.owner`: (shard, "") or (None, why it failed).
+
+        The fetch is a long poll (the producer answers `not_ready` after a heartbeat); a transfer
+        still running after a heartbeat is kept while the coordinator still names the same owner
+        and abandoned when the lease moved (a hung producer loses its leases after
+        `lease_timeout_s`), so a rank never waits on a producer the coordinator gave up on."""
+        owner, cfg = where.owner, self.cfg
+        try:
+            rpc.ensure_known(owner, where.owner_rank)
+            fut = torch_rpc.rpc_async(owner, protocol.fetch, args=(where.uid, self.dp_rank),
+                                      timeout=cfg.rpc_timeout_s + cfg.heartbeat_s)
+        except RuntimeError as e:
+            self._report_dead(owner)
+            return None, f"fetch from {owner} failed ({e})"
+        arrived = threading.Event()
+        fut.add_done_callback(lambda _: arrived.set())
+        while not arrived.wait(2 * cfg.heartbeat_s):
+            if self._closed:
+                return None, "closed"
+            try:
+                now = rpc.call(rpc.COORDINATOR, protocol.locate, self.name, where.gen, where.uid[1], 0,
+                               timeout_s=cfg.heartbeat_s + cfg.rpc_timeout_s, retries=2)
+            except rpc.RpcError:
+                continue  # the next locate in _fetch reports an unreachable coordinator
+            if now.status != "ok" or now.owner != owner:
+                return None, f"{owner} stopped answering and lost the lease"
+        try:
+            got = fut.wait()
+        except RuntimeError as e:
+            if not rpc.is_timeout(e):
+                self._report_dead(owner)
+            return None, f"fetch from {owner} failed ({str(e).splitlines()[0][:200]})"
+        if got.status == "ok":
+            return got.batch, ""
+        if got.status == "error":
+            raise DataServiceError(got.message)
+        if got.status == "not_held":
+            time.sleep(0.02)
+            return None, f"{owner} does not hold the batch (lease moving)"
+        return None, f"{owner} is still preparing the batch"
+
+    def _report_dead(self, producer: str) -> None:
+        try:
+            self._reports.append(torch_rpc.rpc_async(rpc.COORDINATOR, protocol.producer_failed,
+                                                     args=(producer, self.name), timeout=self.cfg.rpc_timeout_s))
+        except RuntimeError as e:
+            log.warning("could not report %s dead: %s", producer, e)
+
+    def _ack_loop(self) -> None:
+        while not self._ack_stop.wait(self.cfg.ack_interval_s):
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        with self._lock:
+            queued, self._ack_queue = self._ack_queue, []
+        by_gen: dict[int, list[int]] = {}
+        for gen, seq in queued:
+            by_gen.setdefault(gen, []).append(seq)
+        for gen, seqs in by_gen.items():  # acks of an old generation are ignored by the coordinator
+            try:
+                rpc.call(rpc.COORDINATOR, protocol.ack, self.name, self.dp_rank, gen, seqs,
+                         timeout_s=self.cfg.rpc_timeout_s, retries=2)
+            except rpc.RpcError as e:  # the coordinator is gone; the next locate reports it properly
+                log.warning("ack of %d batches failed: %s", len(seqs), e)
+
+    def _refresh_history(self) -> None:
+        try:
+            self.history = rpc.call(rpc.COORDINATOR, protocol.history, timeout_s=self.cfg.rpc_timeout_s, retries=2)
+            self._history_stale = False
+        except rpc.RpcError as e:
+            log.warning("could not refresh the mixture history: %s", e)
+
+    # ---- shutdown
+
+    def close(self) -> None:
+        """Ack the last batch, stop prefetching, leave the coordinator and (if ours) the RPC group."""
+        if self._closed:
+            return
+        self._closed = True
+        for fut in self._futures.values():
+            fut.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ack_stop.set()
+        self._acker.join()
+        self._flush_acks()
+        for f in self._reports:
+            try:
+                f.wait()
+            except RuntimeError:
+                pass
+        reachable = True
+        try:
+            rpc.call(rpc.COORDINATOR, protocol.consumer_left, self.name, timeout_s=5.0)
+        except rpc.RpcError:
+            reachable = False
+        if self._own_rpc:
+            rpc.leave(graceful=reachable, timeout_s=self.cfg.shutdown_timeout_s)
+        atexit.unregister(self.close)
+
+
+def _rpc_initialized() -> bool:
+    from torch.distributed.rpc import api
+
+    return api._is_current_rpc_agent_set()
+
+
+# ----------------------------------------------------------------------------- TP broadcast
+
+_WIRE_DTYPES = {torch.bool: torch.uint8}  # sent as uint8, restored on arrival
+
+
+class TPBroadcast:
+    """The batch of TP rank 0 (which owns the `ServiceClient`) on every rank of the TP group."""
+
+    def __init__(self, source: ServiceClient | None, group, src: int):
+        self.source, self.group, self.src = source, group, src
+        self.waits: list[float] = []
+        self._state: dict = source.state() if source is not None else {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        started = time.perf_counter()
+        if self.source is not None:
+            batch = next(self.source)
+            tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            meta = {"fields": {k: v for k, v in batch.items() if k not in tensors}, "state": self.source.state(),
+                    "tensors": [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]}
+        else:
+            meta, tensors = None, {}
+        box = [meta]
+        dist.broadcast_object_list(box, src=self.src, group=self.group)
+        meta = box[0]
+        out = dict(meta["fields"])
+        for name, shape, dtype in meta["tensors"]:
+            wire = _WIRE_DTYPES.get(dtype, dtype)
+            t = tensors[name].to(wire).contiguous() if self.source is not None else torch.empty(shape, dtype=wire)
+            dist.broadcast(t, src=self.src, group=self.group)
+            out[name] = t.to(dtype) if wire != dtype else t
+        self._state = meta["state"]
+        self.waits.append(time.perf_counter() - started)
+        return out
+
+    def state(self) -> dict:
+        return dict(self._state)
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
+def tp_gloo_group(tp: int):
+    """This rank's TP group as a gloo group, with its source (global rank of TP rank 0).
+
+    Every rank must call this (group creation is collective). TP groups are consecutive ranks,
+    as megatron's parallel_state lays them out; when megatron is initialized that is checked.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % tp:
+        raise ValueError(f"TP size {tp} does not divide the world size {world}")
+    layout = [list(range(start, start + tp)) for start in range(0, world, tp)]
+    mine = layout[rank // tp]
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            megatron_ranks = dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
+            if sorted(megatron_ranks) != mine:
+                raise RuntimeError(f"megatron's TP group {megatron_ranks} is not the consecutive ranks {mine}")
+    except ImportError:
+        pass
+    group, _ = dist.new_subgroups_by_enumeration(layout, backend="gloo")
+    return group, mine[0]
+
+
+def trainer_batches(cfg, dims, data_state: dict | None):
+    """The batch source of one trainer rank: a `ServiceClient` on TP rank 0 of each DP rank,
+    broadcast to the TP group when TP > 1. `data_state` is a checkpoint's `state()` (or empty)."""
+    client = None
+    if dims.tp_rank == 0:
+        client = ServiceClient(cfg.service.role(ClientSettings), dims.dp_rank, dims.dp, cfg.train.micro_batch_size,
+                               state=data_state or None)
+    if dims.tp == 1:
+        return client
+    group, src = tp_gloo_group(dims.tp)
+    return TPBroadcast(client, group, src)

@@ -1,0 +1,186 @@
+"""The data service's wire protocol: every RPC entry point and every message, in one place.
+
+Roles (one process may hold several): the *coordinator* (RPC rank 0, one per job), *producers*
+(prepare and serve batches), *clients* (one per DP rank of the trainer, on its TP rank 0).
+
+    producer -> coordinator   lease(name, rank, depth, held) -> Lease        long poll, heartbeat
+                              producer_left(name)
+    client   -> coordinator   register_consumer(...) -> Registration
+                              locate(name, gen, seq, ahead) -> Location      long poll
+                              ack(name, dp_rank, gen, seqs) -> int
+                              producer_failed(name, reporter), consumer_left(name), history()
+    client   -> producer      fetch(uid, dp_rank) -> Shard                   long poll
+    anyone   -> coordinator   status() -> dict, update_mixture(...) -> dict
+
+A batch is named by its `uid` (plan generation, global sequence number). A process serves a role
+by `serve(role, handler)`; the entry points below call the handler's method of the same name.
+TensorPipe resolves a function by its module path, so entry points live here, in a module every
+role imports the same way, never in a `__main__`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from torch.distributed.rpc.functions import async_execution
+from torch.futures import Future
+
+from mmdit.dataservice.plan import PlannedBatch
+
+COORDINATOR, PRODUCER = "coordinator", "producer"
+
+# ----------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Coordinator -> producer: batches to prepare (`new`) and every batch it may keep (`keep`);
+    it drops what it holds beyond `keep` (acked everywhere, or revoked)."""
+
+    gen: int
+    dp_size: int
+    new: list[tuple[int, PlannedBatch]]
+    keep: list[int]
+    stop: bool = False
+
+
+@dataclass(frozen=True)
+class Location:
+    """Coordinator -> client: where batch `seq` is.
+
+    status: `ok` (owner holds it), `waiting` (not leased within a heartbeat: ask again), `stale`
+    (the plan generation changed under the client), `done` (every DP rank consumed it).
+    `ahead` maps later seqs already leased to (owner, owner_rank, uid), saving calls."""
+
+    status: str
+    gen: int
+    owner: str = ""
+    owner_rank: int = -1
+    uid: tuple[int, int] = (-1, -1)
+    ahead: dict = field(default_factory=dict)
+    history_len: int = 0
+    producers_alive: int = 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Producer -> client: one DP rank's share of a batch.
+
+    status: `ok` (`batch` holds it), `not_ready` (still being prepared after a heartbeat: ask
+    again), `not_held` (the producer dropped or never had it: locate again), `error`
+    (`message` says why the batch cannot be made)."""
+
+    status: str
+    batch: dict | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Coordinator -> client: the plan this client follows (its generation and starting cursor)."""
+
+    gen: int
+    cursor: dict
+    history: list[dict]
+    selection: str
+    num_keys: int
+    global_batch_size: int
+
+
+# ----------------------------------------------------------------------------- handlers
+
+_handlers: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def serve(role: str, handler) -> None:
+    """Answer `role`'s entry points in this process with `handler`'s methods."""
+    with _lock:
+        if role in _handlers and _handlers[role] is not handler:
+            raise RuntimeError(f"this process already serves the {role} role")
+        _handlers[role] = handler
+
+
+def stop_serving(role: str) -> None:
+    with _lock:
+        _handlers.pop(role, None)
+
+
+def _handler(role: str):
+    handler = _handlers.get(role)
+    if handler is None:
+        raise RuntimeError(f"this process does not serve the {role} role")
+    return handler
+
+
+def _ready(value) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+# ----------------------------------------------------------------------------- coordinator entry points
+
+
+@async_execution
+def lease(name: str, rank: int, depth: int, held: list) -> Future:
+    return _handler(COORDINATOR).lease(name, rank, depth, held)
+
+
+@async_execution
+def locate(name: str, gen: int, seq: int, ahead: int = 0) -> Future:
+    return _handler(COORDINATOR).locate(name, gen, seq, ahead)
+
+
+def ack(name: str, dp_rank: int, gen: int, seqs: list[int]) -> int:
+    return _handler(COORDINATOR).ack(name, dp_rank, gen, seqs)
+
+
+def register_consumer(name: str, rank: int, dp_rank: int, dp_size: int, micro_batch_size: int,
+                      cursor: dict | None, history: list[dict] | None) -> Registration:
+    return _handler(COORDINATOR).register_consumer(name, rank, dp_rank, dp_size, micro_batch_size, cursor, history)
+
+
+def consumer_left(name: str) -> None:
+    _handler(COORDINATOR).consumer_left(name)
+
+
+def producer_left(name: str) -> None:
+    _handler(COORDINATOR).producer_left(name)
+
+
+def producer_failed(name: str, reporter: str) -> None:
+    _handler(COORDINATOR).producer_failed(name, reporter)
+
+
+def history() -> list[dict]:
+    return _handler(COORDINATOR).history_dicts()
+
+
+def update_mixture(task_weights: dict, source_weights: dict) -> dict:
+    return _handler(COORDINATOR).update_mixture(task_weights, source_weights)
+
+
+def status() -> dict:
+    return _handler(COORDINATOR).status()
+
+
+# ----------------------------------------------------------------------------- producer entry points
+
+
+@async_execution
+def fetch(uid: tuple[int, int], dp_rank: int) -> Future:
+    handler = _handlers.get(PRODUCER)
+    return _ready(Shard("not_held")) if handler is None else handler.fetch(tuple(uid), dp_rank)
+
+
+def peek(uid: tuple[int, int], dp_rank: int) -> dict | None:
+    """A prepared shard without waiting or counting (diagnostics, transport baselines)."""
+    handler = _handlers.get(PRODUCER)
+    return None if handler is None else handler.peek(tuple(uid), dp_rank)
+
+
+def producer_counters() -> dict:
+    handler = _handlers.get(PRODUCER)
+    return {} if handler is None else dict(handler.counters)
