@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmdit.consumer.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from mmdit.consumer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmdit.consumer.metrics import MetricsWriter, StepMetrics
 from mmdit.consumer.random_data import RandomBatches
+from mmdit.consumer.sample_log import SampleLog
 from mmdit.launch.config import JobConfig, config_yaml, load_config
 from mmdit.model.flops import mfu, peak_flops, step_flops
 from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
@@ -125,8 +126,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(config_yaml(cfg))
         resume = latest_checkpoint(self.run_dir) if cfg.train.resume else None
         if resume is not None:
-            state = load_checkpoint(resume, self.model, self.backend, self.dims)
-            self.step, self.data_state = state["step"], state.get("data", {})
+            state, self.data_state = load_checkpoint(resume, self.model, self.backend, self.dims)
+            self.step = state["step"]
             log.info("resumed from %s at step %d", resume, self.step)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank0, log_every=cfg.train.log_every)
         self.peak = cfg.train.peak_tflops * 1e12 or (peak_flops(torch.cuda.get_device_name()) if on_gpu else None)
@@ -138,23 +139,20 @@ class Trainer:
         if self.cfg.train.data_source == "random":
             return RandomBatches(self.cfg.model, self.cfg.train, self.cfg.seed, self.dims.dp_rank, self.dims.dp,
                                  start_step=self.step)
-        from mmdit.consumer.client import trainer_batches
+        from mmdit.dataservice.client import trainer_batches
 
         return trainer_batches(self.cfg, self.dims, self.data_state)
 
     def checkpoint(self, batches) -> None:
-        state = {"data": batches.state(), "seed": self.cfg.seed}
-        save_checkpoint(self.run_dir, self.step, self.model, self.backend, self.dims, state)
-
-    def log_samples(self, batch: dict) -> None:
-        with (self.run_dir / "samples.jsonl").open("a") as f:
-            f.write(json.dumps({"step": self.step, "dp_rank": self.dims.dp_rank, "batch_id": batch["batch_id"],
-                                "keys": list(batch["keys"])}) + "\n")
+        save_checkpoint(self.run_dir, self.step, self.model, self.backend, self.dims, batches.state(),
+                        {"seed": self.cfg.seed})
 
     def run(self) -> dict:
         cfg = self.cfg
         batches = self.batches()
         data_iter = iter(batches)
+        sample_log = SampleLog(self.run_dir, self.dims.dp_rank, 0) \
+            if cfg.train.log_samples and self.dims.tp_rank == 0 else None
         while self.step < cfg.train.steps:
             started = time.perf_counter()
             batch = next(data_iter)
@@ -169,8 +167,8 @@ class Trainer:
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - started
             self.step += 1
-            if cfg.train.log_samples and self.dims.tp_rank == 0:
-                self.log_samples(batch)
+            if sample_log is not None:
+                sample_log.write(self.step, batch)
             self._record(batch, loss_value, lr, grad_norm, step_time, data_wait)
             if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                 self.checkpoint(batches)

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from mmdit.utils.atomic import atomic_write_json
+
 PROCESSES = "processes.json"
 
 
@@ -47,9 +49,7 @@ class ProcessTable:
             return []
 
     def _write(self, rows: list[dict]) -> None:
-        tmp = self.path.with_name(f".tmp-{PROCESSES}-{os.getpid()}")
-        tmp.write_text(json.dumps(rows, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, rows, fsync=False)
 
     def add(self, role: str, name: str, pid: int, **extra) -> None:
         row = {"role": role, "name": name, "pid": pid, "host": socket.gethostname(), "started": time.time(),

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mmdit.model.args import MMDiTArgs
 from mmdit.model.sharding import partition_dims, shard, unshard
+from mmdit.utils.atomic import atomic_save_safetensors, atomic_write_json
 
 FORMAT = "mmdit-model/1"
 INDEX = "mmdit.json"
@@ -29,25 +29,17 @@ def shard_file(rank: int, size: int) -> str:
     return f"model-tp{rank:02d}-of-{size:02d}.safetensors"
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def _write_index(path: Path, args: MMDiTArgs, tp: int, dims: dict, dtype: torch.dtype) -> None:
     index = {"format": FORMAT, "model": asdict(args), "tp": tp, "dtype": str(dtype).removeprefix("torch."),
              "partition_dims": dims, "files": [shard_file(r, tp) for r in range(tp)]}
-    tmp = path / f".{INDEX}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, path / INDEX)
+    atomic_write_json(path / INDEX, index)
 
 
 def write_model_shard(model, path: str | os.PathLike) -> None:
     """This TP rank's slices of every parameter."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_save(dict(model.named_parameters()), path / shard_file(model.tp_rank, model.tp_size), {"format": FORMAT})
+    atomic_save_safetensors(dict(model.named_parameters()), path / shard_file(model.tp_rank, model.tp_size), {"format": FORMAT})
 
 
 def write_model_index(model, path: str | os.PathLike) -> None:
@@ -72,7 +64,7 @@ def save_full_state_dict(full: dict[str, torch.Tensor], args: MMDiTArgs, dims: d
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for rank in range(tp):
-        _atomic_save({k: shard(v, dims[k], rank, tp) for k, v in full.items()}, path / shard_file(rank, tp),
+        atomic_save_safetensors({k: shard(v, dims[k], rank, tp) for k, v in full.items()}, path / shard_file(rank, tp),
                      {"format": FORMAT})
     _write_index(path, args, tp, dims, next(iter(full.values())).dtype)
 

@@ -13,7 +13,7 @@ for megatron without a GPU is an error rather than a silent fallback.
 
 import logging
 import math
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from mmdit.consumer.config import TrainConfig
 from mmdit.parallel.config import ParallelConfig
+from mmdit.utils.atomic import atomic_path, atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,16 @@ class TorchBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def save_optimizer(self, directory: Path, tp_rank: int, dp_rank: int) -> None:
-        """Collective over DP: DP rank 0 writes the full optimizer state of this TP rank's shard."""
+    def save_optimizer(self, file_for: Callable[[str], Path], dp_rank: int) -> None:
+        """Collective over DP: DP rank 0 writes the full optimizer state of this TP rank's shard
+        to `file_for("")` (the checkpoint module names the files)."""
         self.optimizer.consolidate_state_dict(to=0)
         if dp_rank == 0:
-            atomic_torch_save(self.optimizer.state_dict(), directory / f"tp{tp_rank:02d}.pt")
+            atomic_torch_save(self.optimizer.state_dict(), file_for(""))
 
-    def load_optimizer(self, directory: Path, tp_rank: int, dp_rank: int) -> None:
+    def load_optimizer(self, file_for: Callable[[str], Path], dp_rank: int) -> None:
         # ZeroRedundancyOptimizer takes the full state on every rank and keeps its own shard.
-        self.optimizer.load_state_dict(torch.load(directory / f"tp{tp_rank:02d}.pt", weights_only=False))
+        self.optimizer.load_state_dict(torch.load(file_for(""), weights_only=False))
 
 
 @dataclass
@@ -109,23 +111,20 @@ class MegatronBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def save_optimizer(self, directory: Path, tp_rank: int, dp_rank: int) -> None:
+    def save_optimizer(self, file_for: Callable[[str], Path], dp_rank: int) -> None:
         """Collective over DP: the sharded fp32 weights and Adam state are gathered to DP rank 0,
         which writes them (megatron's own format) next to the param-group state."""
-        self.optimizer.save_parameter_state(str(directory / f"tp{tp_rank:02d}-params.pt"))
         if dp_rank == 0:
-            atomic_torch_save(self.optimizer.state_dict(), directory / f"tp{tp_rank:02d}-groups.pt")
+            with atomic_path(file_for("params")) as tmp:
+                self.optimizer.save_parameter_state(str(tmp))
+            atomic_torch_save(self.optimizer.state_dict(), file_for("groups"))
+        else:
+            self.optimizer.save_parameter_state("")  # collective: only DP rank 0 writes
 
-    def load_optimizer(self, directory: Path, tp_rank: int, dp_rank: int) -> None:
-        self.optimizer.load_state_dict(torch.load(directory / f"tp{tp_rank:02d}-groups.pt", weights_only=False))
+    def load_optimizer(self, file_for: Callable[[str], Path], dp_rank: int) -> None:
+        self.optimizer.load_state_dict(torch.load(file_for("groups"), weights_only=False))
         # Read on DP rank 0 only and scattered: no rank holds more than its shard plus one buffer.
-        self.optimizer.load_parameter_state(str(directory / f"tp{tp_rank:02d}-params.pt"))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+        self.optimizer.load_parameter_state(str(file_for("params")))
 
 
 def build_backend(model, parallel: ParallelConfig, train: TrainConfig, tp_group, dp_group, linear_config):

@@ -12,8 +12,8 @@ shape varies). Per-record metadata (key, task, caption, source, token count, con
 the safetensors header, so a segment describes itself and any safetensors reader can mmap it.
 
 Why this shape:
-- Publication is atomic: a writer streams to a hidden `.tmp-...` file, fsyncs it and
-  `os.replace`s it to its final name (then fsyncs the directory). Readers list only
+- Publication is atomic (`utils/atomic.py`): a writer streams to a hidden `.tmp-...` file,
+  fsyncs it and renames it to its final name (then fsyncs the directory). Readers list only
   `seg-*.safetensors`, so a writer killed at any point leaves at most a tmp file, never a torn
   or half-visible record. Writer ids (host, pid, random) make names unique, so any number of
   producer processes can write one cache concurrently without locks.
@@ -34,7 +34,6 @@ import json
 import contextlib
 import os
 import re
-import socket
 import struct
 import threading
 import time
@@ -45,6 +44,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save as safetensors_save
+
+from mmdit.utils.atomic import TMP_PREFIX, atomic_write_bytes, host_id, remove_stale_tmp
 
 # ----------------------------------------------------------------------------- record schema
 
@@ -59,7 +60,6 @@ this is the whole record (design brief, "Cache record per sample")."""
 SEGMENT_GLOB = "seg-*.safetensors"
 DATA_ALIGN = 4096
 """Tensor data starts at a multiple of this file offset."""
-TMP_PREFIX = ".tmp-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -163,26 +163,8 @@ def _encode_segment(fingerprint: str, bucket: tuple[int, int], records: list[dic
     return [struct.pack("<Q", padded), raw[8:8 + n], b" " * (padded - n), memoryview(raw)[8 + n:]]
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _host_id() -> str:
-    """Host name plus PID namespace: containers on one node may share a host name, and a pid
-    only means something inside its namespace (stale tmp cleanup relies on it)."""
-    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
-    try:
-        return f"{host}{os.stat('/proc/self/ns/pid').st_ino:x}"
-    except OSError:
-        return host
-
-
 def _writer_id() -> str:
-    return f"{_host_id()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{host_id()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -227,14 +209,7 @@ class LatentCache:
         with self._lock:
             self._seq += 1
             name = f"seg-{self._writer}-{self._seq:06d}.safetensors"
-        tmp = d / f"{TMP_PREFIX}{name}"
-        with open(tmp, "wb") as f:
-            for chunk in payload:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / name)
-        _fsync_dir(str(d))
+        atomic_write_bytes(d / name, payload)
 
     def remove_stale_tmp(self, max_age_s: float = 3600.0) -> int:
         """Delete unpublished tmp files left by dead writers; returns how many.
@@ -242,19 +217,7 @@ class LatentCache:
         A tmp file of this host whose writer pid is gone is removed at once; others (another
         host's, or a live writer's) only when older than `max_age_s`.
         """
-        host = _host_id()
-        removed = 0
-        for tmp in self.path.glob(f"*/*/{TMP_PREFIX}seg-*"):
-            parts = tmp.name[len(TMP_PREFIX):].split("-")
-            try:
-                dead = parts[1] == host and not _pid_alive(int(parts[2]))
-                old = time.time() - tmp.stat().st_mtime > max_age_s
-                if (dead or old) and not tmp.name.startswith(f"{TMP_PREFIX}seg-{self._writer}-"):
-                    tmp.unlink()
-                    removed += 1
-            except (IndexError, ValueError, FileNotFoundError):
-                continue
-        return removed
+        return remove_stale_tmp(self.path, f"*/*/{TMP_PREFIX}*", max_age_s)
 
     # ---- reading
 
@@ -531,13 +494,3 @@ def _pread_into(fd: int, out: torch.Tensor, offset: int) -> torch.Tensor:
             raise OSError(f"segment truncated at byte {offset + got}")
         got += n
     return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

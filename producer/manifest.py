@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdit.producer.config import FilterConfig
+from mmdit.utils.atomic import atomic_path
 
 SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -154,11 +155,8 @@ class ManifestWriter:
         table = pa.Table.from_pylist(self._rows, schema=SCHEMA)
         self._seq += 1
         name = f"part-{time.time_ns():020d}-{self._writer}-{self._seq:05d}.parquet"
-        tmp = self.dir / f".tmp-{name}"
-        pq.write_table(table, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / name)
+        with atomic_path(self.dir / name) as tmp:
+            pq.write_table(table, tmp)
         self.parts.append(self.dir / name)
         self._rows = []
 

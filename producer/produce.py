@@ -45,6 +45,7 @@ from mmdit.producer.encoders import preprocess_image
 from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
 from mmdit.producer.manifest import OK, ManifestWriter, duplicates, read_manifest, rejection_reasons
 from mmdit.producer.scores import score_sample
+from mmdit.utils.atomic import atomic_write_json
 
 MANIFEST_DIR = "manifest"
 REPORT = "report.json"
@@ -320,7 +321,7 @@ class Producer:
             self._finish_manifest()
             bar.close()
         out = self.report.as_dict(self.errors.counts)
-        _write_json(self.dir / REPORT, out)
+        atomic_write_json(self.dir / REPORT, out, indent=2)
         return out
 
     def _next(self, window: queue.Queue):
@@ -436,11 +437,6 @@ def _progress_bar(progress: bool | None):
 
     return tqdm(unit="sample", desc="produce", dynamic_ncols=True)
 
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def shards_override(argv: list[str]) -> list[str]:

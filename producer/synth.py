@@ -44,6 +44,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from mmdit.producer.config import SynthConfig
+from mmdit.utils.atomic import atomic_path
 from mmdit.producer.fonts import FONTS, FontSpec, TextFitError, fit_text, line_height, load_font, require_fonts
 
 EN_SENTENCES = (
@@ -414,20 +415,14 @@ def write_shards(out_dir: str, cfg: SynthConfig) -> list[str]:
     paths = []
     for shard in range(math.ceil(cfg.num_samples / cfg.samples_per_shard)):
         path = out / f"synth-{shard:06d}.tar"
-        tmp = out / f".{path.name}.tmp-{os.getpid()}"
         start = shard * cfg.samples_per_shard
-        try:
-            with open(tmp, "wb") as stream:
-                writer = wds.TarWriter(stream, mtime=0)
-                try:
-                    for index in range(start, min(start + cfg.samples_per_shard, cfg.num_samples)):
-                        writer.write(make_sample(index, cfg))
-                finally:
-                    writer.close()
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+            writer = wds.TarWriter(stream, mtime=0)
+            try:
+                for index in range(start, min(start + cfg.samples_per_shard, cfg.num_samples)):
+                    writer.write(make_sample(index, cfg))
+            finally:
+                writer.close()
         paths.append(str(path))
     return paths
 

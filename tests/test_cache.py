@@ -182,7 +182,7 @@ def test_sigkilled_writer_leaves_no_torn_record(tmp_path):
     proc.wait()
     # a torn tmp file as a crash at any byte would leave one; readers must ignore it
     seg_dir = tmp_path / "fpA" / "512x512"
-    torn = seg_dir / ".tmp-seg-deadhost-999999-abcdef00-000001.safetensors"
+    torn = seg_dir / ".tmp-deadhost-999999-abcdef00-seg-x-000001.safetensors"
     torn.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"trunc")
     reader = LatentCache(tmp_path)
     keys = reader.keys("fpA")

@@ -211,7 +211,7 @@ def test_sigkilled_producer_leaves_a_clean_cache_and_the_rerun_finishes(tmp_path
                      CacheConfig(dir=str(cache_dir)), encoders, progress=False)
     assert report["cache_hits"] == len(done) and report["encoded"] == 16 - len(done)
     assert sorted(LatentCache(cache_dir).keys(fp)) == sorted(f"many-000000/good{i:04d}" for i in range(16))
-    assert not list(cache_dir.rglob(".tmp-seg-*"))  # the dead writer's tmp files were cleaned
+    assert not list(cache_dir.rglob(".tmp-*"))  # the dead writer's tmp files were cleaned
 
 
 def test_bare_shard_patterns_on_the_command_line():
