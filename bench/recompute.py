@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 from common import (  # bench/ is a scripts folder: run as `python bench/recompute.py`
     DTYPES,
     BatchShape,
@@ -41,6 +40,7 @@ from common import (  # bench/ is a scripts folder: run as `python bench/recompu
     train_step,
     write_json,
 )
+
 from mmdit.model.args import MMDiTArgs
 from mmdit.model.flops import mfu, model_params, peak_flops, recompute_extra_flops, step_flops
 from mmdit.parallel.config import RECOMPUTE_POLICIES

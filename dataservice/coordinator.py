@@ -76,6 +76,24 @@ class Coordinator:
 
     Methods that may have to wait return a `torch.futures.Future`; futures are completed after
     the lock is released.
+
+    Liveness rule: *the leased batches always form a prefix of the plan's unfinished batches.*
+    `leased_to` is the newest batch ever leased in this generation; a pending batch older than it
+    (a gap: revoked from a producer that died, went silent or left) is leased to a live producer
+    at once, beyond its `prepare_depth` if every producer is full (to the least loaded one first);
+    `prepare_depth` only limits how far past `leased_to` the prefix grows. Producers prepare
+    their batches oldest first, and clients ack a batch as soon as it arrived.
+
+    Why this suffices: let s be the oldest batch some DP rank has not received yet. Every rank
+    has received and acked every batch before s, so every batch a producer holds is s or newer.
+    If s is pending and any batch newer than s is leased, s is a gap and is leased at once; if no
+    batch newer than s is leased, producers hold nothing at all, so one has room. Either way s is
+    leased within one heartbeat of a producer being alive (a parked long poll is answered at once,
+    others poll within a heartbeat), prepared next, and served; a client waiting on an owner that
+    hangs re-checks the lease every two heartbeats and follows it when it moves. So while one
+    producer lives, the oldest needed batch is served within `lease_timeout_s` (to notice a silent
+    owner) plus a few heartbeats and preparation times. tests/coordinator_sim.py checks this
+    bound, and exactly-once delivery in plan order, over thousands of random schedules.
     """
 
     def __init__(self, selection: Selection, settings: CoordinatorSettings, seed: int, dp_size: int,
@@ -87,7 +105,10 @@ class Coordinator:
         self.consumers: dict[str, _Consumer] = {}
         self.counters = {"leases": 0, "acks": 0, "batches_done": 0, "revoked": 0, "handed_back": 0,
                          "producers_lost": 0, "producers_left": 0, "resets": 0}
-        self.gen = -1
+        self.gen, self.dp_size = -1, dp_size
+        self.ranks_of: dict[str, int] = {}  # consumer name -> DP rank, every incarnation
+        self.latest: dict[int, str] = {}  # DP rank -> its latest consumer's name
+        self.departed: set[int] = set()  # DP ranks whose latest consumer left
         self.locate_waiters: dict[int, list[tuple[Future, float, int]]] = {}
         self._reset(Cursor(), history, dp_size, micro_batch_size)
 
@@ -102,6 +123,8 @@ class Coordinator:
         spec = self._spec(dp_size, mbs)
         planner = Planner(spec, self.sel, history, cursor)  # raises before any state changes
         self.gen += 1
+        if dp_size != self.dp_size:
+            self.departed = set()  # another layout: DP ranks are new
         self.spec, self.dp_size, self.micro_batch_size, self.history = spec, dp_size, mbs, history
         self.planner = planner
         self.entries: dict[int, _Entry] = {}
@@ -265,6 +288,8 @@ class Coordinator:
             for other in [c.name for c in self.consumers.values() if c.dp_rank == dp_rank]:
                 del self.consumers[other]  # an earlier incarnation of this rank: its late acks are void
             self.consumers[name] = _Consumer(name, rank, dp_rank, self.clock())
+            self.ranks_of[name], self.latest[dp_rank] = dp_rank, name
+            self.departed.discard(dp_rank)
             reply = Registration(self.gen, cursor.to_dict(), [v.to_dict() for v in self.history], self.sel.digest(),
                                  len(self.sel), self.spec.global_batch_size)
         _complete(done)
@@ -355,9 +380,13 @@ class Coordinator:
         _complete(done)
         return counted
 
+    def _needed(self) -> set[int]:
+        """DP ranks whose acks a batch waits for: all but those whose client left."""
+        return set(range(self.dp_size)) - self.departed
+
     def _acked(self, e: _Entry, dp_rank: int) -> None:
         e.acked.add(dp_rank)
-        if len(e.acked) >= self.dp_size:
+        if self._needed() <= e.acked:
             self._finish(e)
 
     def _finish(self, e: _Entry) -> None:
@@ -372,8 +401,20 @@ class Coordinator:
         self._plan_window()
 
     def consumer_left(self, name: str) -> None:
+        """A client closed (its run is over, or it stops on purpose): batches no longer wait for
+        its acks. Should that DP rank register again from an earlier cursor, the plan restarts
+        there (a new generation) and nothing is lost."""
         with self.lock:
             self.consumers.pop(name, None)
+            dp_rank = self.ranks_of.get(name)
+            if dp_rank is None or self.latest.get(dp_rank) != name:
+                return
+            self.departed.add(dp_rank)
+            for e in list(self.entries.values()):
+                if self._needed() <= e.acked:
+                    self._finish(e)
+            done = self._dispatch()
+        _complete(done)
 
     # ---- mixture
 
@@ -434,7 +475,7 @@ class Coordinator:
                 "selection": self.sel.digest(), "config_version": self.history[-1].version,
                 "history": [v.to_dict() for v in self.history], "counters": dict(self.counters),
                 "pending": len([s for s in self.pending if s in self.entries and self.entries[s].owner is None]),
-                "producers": {p.name: {"rank": p.rank, "alive": p.alive, "held": len(p.owned),
+                "producers": {p.name: {"rank": p.rank, "alive": p.alive, "held": len(p.owned), "seqs": sorted(p.owned),
                                        "leased_total": p.leased_total} for p in self.producers.values()},
                 "consumers": {c.name: {"dp_rank": c.dp_rank, "acked": c.acked} for c in self.consumers.values()},
             }

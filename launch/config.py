@@ -12,10 +12,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from mmdit.consumer.config import TrainConfig
+from mmdit.dataservice.config import ServiceConfig
 from mmdit.model.args import MMDiTArgs
 from mmdit.parallel.config import ParallelConfig
 from mmdit.producer.config import CacheConfig, DataConfig, EncodersConfig, SynthConfig
-from mmdit.dataservice.config import ServiceConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

@@ -30,13 +30,12 @@ are equivalent; readers keep the first segment in name order.
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import os
 import re
 import struct
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass

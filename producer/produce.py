@@ -22,7 +22,6 @@ tmp files and encodes the rest.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import sys
 import threading

@@ -33,7 +33,6 @@ sample, keyed `%08d` (the sample index):
 import io
 import json
 import math
-import os
 import random
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -44,8 +43,8 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from mmdit.producer.config import SynthConfig
-from mmdit.utils.atomic import atomic_path
 from mmdit.producer.fonts import FONTS, FontSpec, TextFitError, fit_text, line_height, load_font, require_fonts
+from mmdit.utils.atomic import atomic_path
 
 EN_SENTENCES = (
     "Hello, world!",

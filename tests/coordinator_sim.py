@@ -27,7 +27,7 @@ import logging
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mmdit.dataservice.config import CoordinatorSettings
 from mmdit.dataservice.coordinator import Coordinator
@@ -121,7 +121,7 @@ class Consumer:
         self.busy_until = 0.0
         self.fetches: dict[int, Fetch] = {}
         self.acks: list[tuple[float, int]] = []
-        self.registered = False
+        self.registered, self.left = False, False
         self.waiting_since: float | None = None
         self.counted_since: float | None = None
 
@@ -153,6 +153,9 @@ class Consumer:
         if any(f.phase == "stale" for f in self.fetches.values()):
             self.register()
         if self.done:
+            if not self.acks and not self.left:  # the client closes at the end of its run
+                sim.coord.consumer_left(self.name)
+                self.left = True
             return
         for seq in range(self.cursor, min(self.cursor + sim.prefetch, sim.target)):
             self.advance(seq, self.fetches.setdefault(seq, Fetch()))
@@ -359,7 +362,7 @@ class Sim:
     def run(self, max_time: float = 1000.0) -> dict:
         self.excused = 0.0
         order = list(self.producers.values()) + list(self.consumers)
-        while not all(c.done for c in self.consumers) or any(c.acks for c in self.consumers):
+        while not all(c.left for c in self.consumers):
             if self.clock.now > max_time:
                 raise SimFailure(f"not finished after {max_time:.0f}s: cursors {[c.cursor for c in self.consumers]}")
             self.fault()

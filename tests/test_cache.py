@@ -154,6 +154,7 @@ def spawn_writer(cache_dir, name, n, per, big=False):
     )
 
 
+@pytest.mark.slow
 def test_concurrent_writer_processes(tmp_path):
     procs = [spawn_writer(tmp_path, name, 20, 3) for name in ("p0", "p1")]
     reader = LatentCache(tmp_path)
@@ -173,6 +174,7 @@ def test_concurrent_writer_processes(tmp_path):
     assert not list(tmp_path.rglob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_sigkilled_writer_leaves_no_torn_record(tmp_path):
     proc = spawn_writer(tmp_path, "victim", 10_000, 4, big=True)
     # let it publish a few segments, then kill it mid-stream (most of its time is spent writing)

@@ -55,6 +55,7 @@ def test_sharded_diffusers_weights(diffusers_dir, tmp_path):
     assert all(torch.equal(state[k], full[k]) for k in state)
 
 
+@pytest.mark.slow
 def test_verify_cli_at_tp2(diffusers_dir):
     result = subprocess.run([sys.executable, "-m", "mmdit.launch.cli", "convert", "verify", str(diffusers_dir),
                              "--tp", "2"], capture_output=True, text=True, timeout=300)

@@ -10,8 +10,8 @@ import logging
 import os
 
 import pytest
-
 from coordinator_sim import SimFailure, run_many, run_schedule
+
 from mmdit.dataservice.coordinator import Coordinator
 
 SCHEDULES = int(os.environ.get("MMDIT_SIM_SCHEDULES", "2000"))

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmdit.dataservice.plan import MixtureVersion, PlanSpec, SampleRef, Selection, plan_epoch
 from mmdit.launch.processes import ServeProcess
 from mmdit.parallel.spawn import free_port
 from mmdit.producer.cache import LatentCache
-from mmdit.dataservice.plan import MixtureVersion, PlanSpec, SampleRef, Selection, plan_epoch
+
+pytestmark = pytest.mark.slow  # real processes
 
 FP = "fp_test"
 BUCKETS = [(64, 64), (64, 128), (128, 64)]
@@ -112,8 +114,13 @@ def producer_pids(run_dir) -> dict[str, int]:
     return {r["name"]: r["pid"] for r in rows if r["role"] == "producer"}
 
 
-def service_status(run_dir) -> dict:
-    return json.loads((Path(run_dir) / "service.json").read_text())
+def service_status(run_dir, timeout: float = 60) -> dict:
+    """run.dir/service.json, which the coordinator writes every second (waits for the first)."""
+    path, deadline = Path(run_dir) / "service.json", time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+    return json.loads(path.read_text())
 
 
 # ----------------------------------------------------------------------------- churn and determinism
@@ -233,7 +240,7 @@ def test_tp_broadcast_gives_both_tp_ranks_the_same_tensors(cache_dir, tmp_path):
     for r in rows:
         by_step.setdefault(r["step"], {})[r["tp_rank"]] = r
     assert sorted(by_step) == list(range(1, 9))
-    for step, ranks in by_step.items():
+    for ranks in by_step.values():
         assert set(ranks) == {0, 1}
         assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["keys"] == ranks[1]["keys"]
     assert len({r["digest"] for r in rows}) == 8  # different batches, not one repeated
@@ -241,30 +248,73 @@ def test_tp_broadcast_gives_both_tp_ranks_the_same_tensors(cache_dir, tmp_path):
     assert roles.count("consumer") == 2 and roles.count("producer") == 1
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_producer_joining_mid_run_gets_leases(cache_dir, tmp_path):
-    args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.prepare_depth": 2})
+    """The only producer stops answering (SIGSTOP) mid-run, so the run can only finish through
+    a producer that joins afterwards: no timing decides whether the joiner is needed."""
+    args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.prepare_depth": 2,
+                                                          "service.lease_timeout_s": 3})
     serve = ServeProcess(args)
-    joiner = None
+    joiner, stopped = None, None
     try:
-        proc = consume(args + ["train.steps=40", "train.log_samples=true", "service.step_time_s=0.15"], wait=False)
+        proc = consume(args + [f"train.steps={STEPS}", "train.log_samples=true", "service.step_time_s=0.02"],
+                       wait=False)
         wait_for_samples(tmp_path, 2 * 3)
+        (first_name, stopped), = producer_pids(tmp_path).items()
+        os.kill(stopped, signal.SIGSTOP)
         joiner = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "producer", *args],
                                   env={**os.environ, "MMDIT_INCARNATION": "7"},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
         status = service_status(tmp_path)
     finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
         if joiner is not None:
             joiner.send_signal(signal.SIGTERM)
-            joiner.wait(timeout=30)
+            joiner.wait(timeout=60)
         serve.stop()
         serve.kill()
     name = next(n for n in status["producers"] if n.endswith(f"_{joiner.pid}_7"))
     assert status["producers"][name]["leased_total"] > 0
-    assert any(r["producer"] == name for r in samples(tmp_path))
+    assert not status["producers"][first_name]["alive"]  # declared dead while stopped
+    rows = samples(tmp_path)
+    assert any(r["producer"] == name for r in rows)
+    for dp_rank in range(DP):
+        assert sequence(tmp_path, dp_rank) == planned_sequence(dp_rank)
     assert joiner.returncode == 0
+
+
+@pytest.mark.timeout(300)
+def test_lagging_rank_gets_batches_revoked_from_a_killed_producer(cache_dir, tmp_path):
+    """DP rank 0 runs ahead until every producer slot holds batches only it has acked; the
+    producer holding the oldest batch is killed; DP rank 1 starts afterwards and must still get
+    every batch (the stall of the capacity-only lease rule)."""
+    args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 3, "service.prepare_depth": 2})
+    serve = ServeProcess(args)
+    try:
+        steps = [f"train.steps={STEPS}", "train.log_samples=true"]
+        leader = consume(args + steps + ["service.dp_rank=0"], wait=False)
+        deadline = time.monotonic() + 120
+        while sum(len(p["seqs"]) for p in service_status(tmp_path)["producers"].values()) < 3 * 2:
+            assert time.monotonic() < deadline, "the producers' slots never filled"
+            time.sleep(0.1)
+        holders = {n: min(p["seqs"]) for n, p in service_status(tmp_path)["producers"].items() if p["seqs"]}
+        victim = min(holders, key=holders.get)
+        assert holders[victim] == 0  # it holds the oldest batch, which rank 1 needs first
+        os.kill(producer_pids(tmp_path)[victim], signal.SIGKILL)
+        lagger = consume(args + steps + ["service.dp_rank=1"], wait=False)
+        for proc in (leader, lagger):
+            _, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err[-3000:]
+        status = service_status(tmp_path)
+    finally:
+        serve.stop()
+        serve.kill()
+    assert status["counters"]["revoked"] >= 1
+    for dp_rank in range(DP):
+        assert sequence(tmp_path, dp_rank) == planned_sequence(dp_rank)
 
 
 @pytest.mark.timeout(200)

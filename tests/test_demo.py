@@ -4,6 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real processes
+
 
 def test_demo_trains_from_synthetic_shards_through_the_data_service(tmp_path):
     run = tmp_path / "demo"

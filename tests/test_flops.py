@@ -155,6 +155,7 @@ def test_bad_shapes_are_rejected():
         step_flops(MMDiTArgs(), 0, 1024, 128)
 
 
+@pytest.mark.slow
 def test_bench_recompute_reduced_slice_runs(tmp_path):
     """The GPU slice benchmark, reduced to run on CPU in seconds: it must work before a GPU run,
     and its TFLOP/s must come from step_flops for the shape it ran."""

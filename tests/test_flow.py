@@ -20,7 +20,6 @@ from mmdit.model.flow import (
     velocity_target,
 )
 
-
 # Qwen/Qwen-Image scheduler/scheduler_config.json, spelled out so a wrong value in flow.py fails.
 PUBLISHED_CONFIG = {
     "base_image_seq_len": 256,

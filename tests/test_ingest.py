@@ -7,12 +7,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from badfiles import bomb_png, corrupt_jpeg, encode, good_t2i, gradient, raw_png, rgb16_png, shapes, write_shard
 from PIL import Image
 
-from badfiles import bomb_png, corrupt_jpeg, encode, good_t2i, gradient, raw_png, rgb16_png, shapes, write_shard
 from mmdit.producer.config import FilterConfig
 from mmdit.producer.ingest import (
-    ErrorLog, SampleError, decode_image, decode_sample, expand_shards, samples, source_name, tar_samples,
+    ErrorLog,
+    SampleError,
+    decode_image,
+    decode_sample,
+    expand_shards,
+    samples,
+    source_name,
+    tar_samples,
 )
 from mmdit.producer.manifest import ManifestWriter, read_manifest, rejection_reasons, select, select_mask
 from mmdit.producer.scores import hamming, phash, score_image

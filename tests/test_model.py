@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+from model_workers import forward_backward, random_full_state_dict
 
 from mmdit.launch.config import load_config
 from mmdit.model.convert_cli import verification_cases
@@ -14,7 +15,6 @@ from mmdit.model.mmdit import build_mmdit, pack_latents, unpack_latents
 from mmdit.model.rope import msrope
 from mmdit.model.sharding import load_full_state_dict, partition_dims
 from mmdit.parallel.state import init_parallel, tp_group
-from model_workers import forward_backward, random_full_state_dict
 
 TINY = load_config([]).model
 

@@ -4,10 +4,19 @@ from collections import Counter
 
 import pytest
 
-from mmdit.dataservice.coordinator import Coordinator
-from mmdit.dataservice.plan import (Cursor, MixtureVersion, PlanError, Planner, PlanSpec, SampleRef, Selection,
-                                 plan_epoch, shard_bounds)
 from mmdit.dataservice.config import ServiceConfig
+from mmdit.dataservice.coordinator import Coordinator
+from mmdit.dataservice.plan import (
+    Cursor,
+    MixtureVersion,
+    PlanError,
+    Planner,
+    PlanSpec,
+    SampleRef,
+    Selection,
+    plan_epoch,
+    shard_bounds,
+)
 
 BUCKETS = [(256, 256), (256, 512), (512, 256)]
 
@@ -248,9 +257,9 @@ def test_coordinator_hot_swap_applies_from_the_next_unplanned_batch():
 def test_selection_from_cache_headers_and_manifest_thresholds(tmp_path):
     import torch
 
+    from mmdit.dataservice.selection import build_selection, resolve_fingerprint
     from mmdit.producer.cache import LatentCache
     from mmdit.producer.config import FilterConfig
-    from mmdit.dataservice.selection import build_selection, resolve_fingerprint
     from mmdit.producer.manifest import ManifestWriter
 
     g = torch.Generator().manual_seed(0)

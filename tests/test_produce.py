@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from badfiles import bomb_png, corrupt_jpeg, encode, good_t2i, shapes, write_shard
 from PIL import Image
 
-from badfiles import bomb_png, corrupt_jpeg, encode, good_t2i, shapes, write_shard
 from mmdit.producer.buckets import assign_bucket, bucket_set
 from mmdit.producer.cache import LatentCache, stage_fingerprint
 from mmdit.producer.config import CacheConfig, DataConfig, EncodersConfig
@@ -159,6 +159,7 @@ def cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_two_producer_processes_write_one_cache(tmp_path, shards, encoders, tiny_encoders_dir):
     cache_dir = tmp_path / "cache"
     common = [f"cache.dir={cache_dir}", f"encoders.dir={tiny_encoders_dir}", f"data.base_resolution={BASE}",
@@ -184,6 +185,7 @@ def test_two_producer_processes_write_one_cache(tmp_path, shards, encoders, tiny
     assert rerun["encoded"] == 0 and rerun["cache_hits"] == 14
 
 
+@pytest.mark.slow
 def test_sigkilled_producer_leaves_a_clean_cache_and_the_rerun_finishes(tmp_path, encoders, tiny_encoders_dir):
     d = tmp_path / "shards"
     d.mkdir()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mmdit.producer.config import SynthConfig
 from mmdit.producer.fonts import DEFAULT_FONT_DIR, FONTS, FontMissingError, fit_text, load_font, require_fonts
-from mmdit.producer.synth import Scene, Layout, layout_scene, make_sample, render, write_shards
+from mmdit.producer.synth import Layout, Scene, layout_scene, make_sample, render, write_shards
 
 CJK_FONT = str(Path(DEFAULT_FONT_DIR) / FONTS[0].relpath)
 
@@ -111,6 +111,7 @@ def test_missing_font_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_cli_writes_shards_and_reports_missing_fonts(tmp_path):
     cli = [sys.executable, "-m", "mmdit.launch.cli", "synth"]
     run = dict(capture_output=True, text=True, timeout=120)

@@ -3,11 +3,18 @@
 import dataclasses
 
 import pytest
+from model_workers import (
+    forward_backward,
+    forward_from_state,
+    outputs_from_checkpoint,
+    random_full_state_dict,
+    save_sharded,
+)
 
 from mmdit.launch.config import load_config
 from mmdit.parallel.spawn import spawn
-from model_workers import (forward_backward, forward_from_state, outputs_from_checkpoint, random_full_state_dict,
-                           save_sharded)
+
+pytestmark = pytest.mark.slow  # real processes
 
 TINY = load_config([]).model
 

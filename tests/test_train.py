@@ -27,6 +27,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_metrics_summary_and_learning(tmp_path):
     train(tmp_path, "train.steps=12", "train.random_pool_size=2")
     records = metrics(tmp_path)
@@ -39,6 +40,7 @@ def test_metrics_summary_and_learning(tmp_path):
     assert last < first, "fitting two samples must lower the loss"
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, "train.steps=6")
@@ -48,6 +50,7 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
 
 
+@pytest.mark.slow
 def test_tensor_and_data_parallel_match_single_process(tmp_path):
     """TP=2 and DP=2 (one sample per rank) follow the single-process loss curve."""
     single = tmp_path / "single"
@@ -60,6 +63,7 @@ def test_tensor_and_data_parallel_match_single_process(tmp_path):
         assert got == pytest.approx(expected, abs=1e-5), name
 
 
+@pytest.mark.slow
 def test_bad_config_is_rejected_with_reason(tmp_path):
     result = train(tmp_path, "parallel.recompute=sometimes", check=False)
     assert result.returncode == 2
