@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from mmdit.utils.dtypes import check_dtype
+
 SIGMA_SAMPLINGS = ("uniform", "logit_normal")
 
 
@@ -48,8 +50,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.sigma_sampling not in SIGMA_SAMPLINGS:
             raise ValueError(f"train.sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {self.sigma_sampling!r}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        check_dtype("train.dtype", self.dtype, ("auto", "bf16", "fp32"))  # fp16 would need loss scaling
         if self.data_source not in ("random", "service"):
             raise ValueError(f"train.data_source must be random or service, got {self.data_source!r}")
         if self.steps < 0 or self.micro_batch_size < 1:

@@ -28,14 +28,13 @@ from mmdit.model.mmdit import build_mmdit, pack_latents, packed_shape
 from mmdit.parallel.backend import build_backend, resolve_backend
 from mmdit.parallel.recompute import apply_recompute_config
 from mmdit.parallel.state import ParallelDims, destroy_parallel, dp_group, init_parallel, tp_group
+from mmdit.utils.dtypes import resolve_dtype
 
 log = logging.getLogger("mmdit.train")
 
 
 def compute_dtype(cfg: JobConfig) -> torch.dtype:
-    if cfg.train.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
+    return resolve_dtype(cfg.train.dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def lr_at(step: int, cfg: JobConfig) -> float:

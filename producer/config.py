@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from mmdit.utils.dtypes import check_dtype
+
 
 @dataclass
 class FilterConfig:
@@ -89,7 +91,7 @@ class EncodersConfig:
     device: str = "auto"
     """auto: cuda if available, else cpu; or any torch device string."""
     dtype: str = "auto"
-    """auto: bf16 on GPU, fp32 on CPU; or float32 / bfloat16 / float16."""
+    """auto: bf16 on GPU, fp32 on CPU; or bf16 / fp16 / fp32."""
     max_text_tokens: int = 1024
     """Prompt features kept per sample after the template prefix is dropped."""
     resample: str = "bicubic"
@@ -100,8 +102,7 @@ class EncodersConfig:
     first Qwen-Image-Edit used 1024*1024 (about 1340 tokens, over max_text_tokens)."""
 
     def __post_init__(self):
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"encoders.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        check_dtype("encoders.dtype", self.dtype)
         if self.resample not in ("bicubic", "lanczos", "bilinear", "nearest"):
             raise ValueError(f"encoders.resample must be bicubic, lanczos, bilinear or nearest, not {self.resample!r}")
         if self.max_text_tokens < 1:

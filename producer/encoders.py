@@ -27,6 +27,7 @@ from PIL import Image
 
 from mmdit.producer.config import EncodersConfig
 from mmdit.producer.prompts import EDIT_TEMPLATE, T2I_TEMPLATE, build_input_ids, check_drop
+from mmdit.utils.dtypes import resolve_dtype
 
 PREPROCESS_VERSION = 1
 """Bump when `preprocess_image` or the edit vision resize change behaviour (it is fingerprinted)."""
@@ -146,9 +147,7 @@ def fingerprint_of(parts: dict) -> str:
 
 def resolve_device(cfg: EncodersConfig) -> tuple[torch.device, torch.dtype]:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    if cfg.dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, cfg.dtype)
+    return device, resolve_dtype(cfg.dtype, device.type)
 
 
 @dataclass

@@ -13,8 +13,9 @@ Invariants, checked at every tick:
 - exactly once, in plan order: the batch a rank consumes at position `seq` is the pure plan's
   batch `seq` (same keys, bucket, version), and every rank gets every batch of the run;
 - liveness: while a producer is up, the oldest batch that some rank still needs reaches it
-  within `lease_timeout_s + 3 heartbeats + 3 preparation times` (a dead or silent owner costs one
-  lease timeout; revoking, re-leasing, preparing and a client's re-check cost the rest).
+  within `lease_timeout_s + 3 heartbeats + 3 preparation times` of becoming the oldest, or of
+  the last failure of a producer that owned it (a dead or silent owner costs one lease timeout;
+  revoking, re-leasing, preparing and a client's re-check cost the rest).
 
 Run many schedules: `python tests/coordinator_sim.py --schedules 100000 [--seed S]`.
 """
@@ -243,6 +244,7 @@ class Sim:
                 continue
         self.producers: dict[str, Producer] = {}
         self.n_producers, self.next_join, self.log = 0, None, []
+        self.faulted: dict[int, float] = {}  # seq -> when a producer owning it last failed
         for _ in range(rng.choice((0, 1, 1, 2, 3))):
             self.join()
         if not self.producers:
@@ -304,6 +306,9 @@ class Sim:
             self.restart()
             return
         p = rng.choice(up)
+        for seq, e in self.coord.entries.items():  # a fault of an owner restarts its batches' clock
+            if e.owner == p.name:
+                self.faulted[seq] = now
         if kind == "kill":
             p.state = "dead"
         elif kind == "silence":
@@ -354,7 +359,7 @@ class Sim:
                 continue
             if c.counted_since is None:
                 c.counted_since = now
-            waited = now - max(c.counted_since, self.excused)
+            waited = now - max(c.counted_since, self.excused, self.faulted.get(c.cursor, 0.0))
             if waited > self.bound:
                 raise SimFailure(f"rank {c.dp_rank} waited {waited:.2f}s (bound {self.bound:.2f}s) for seq {c.cursor} "
                                  f"with {len(self.up())} producers up; status {self.coord.status()['counters']}")
