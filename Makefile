@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 FONTS := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
-.PHONY: install sysdeps demo test bench clean
+.PHONY: install sysdeps demo test test-quick bench clean
 
 install: $(VENV)/.installed sysdeps
 
@@ -31,6 +31,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The in-process tier (under a minute): what to run while editing.
+test-quick: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: install
 	$(BIN)/python bench/recompute.py
