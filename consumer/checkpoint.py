@@ -17,6 +17,12 @@
 after it, so a job killed mid-save resumes from the previous checkpoint, never a partial one.
 Every file is published atomically (`utils/atomic.py`).
 
+Resume takes the newest checkpoint that verifies completely (`verify_checkpoint`: every file
+present, JSON parseable, safetensors headers whole and file sizes what they promise, optimizer
+archives intact), logging why it passed over newer ones; when checkpoints exist but none
+verifies, it stops rather than start over. After each save, checkpoints beyond the newest
+`train.keep_checkpoints` are deleted, except every `train.keep_every`-th step.
+
 `mmdit consume` (a trainer without a model) keeps the same `data.json` content per DP rank in
 `run.dir/consume_state_dp<r>.json`, with its step, through `write_data_state`/`read_data_state`.
 """
@@ -24,13 +30,19 @@ Every file is published atomically (`utils/atomic.py`).
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import torch.distributed as dist
 
 from mmdit.model.checkpoint import load_model, write_model_index, write_model_shard
-from mmdit.parallel.state import barrier
-from mmdit.utils.atomic import atomic_write_json, atomic_write_text
+from mmdit.parallel.state import all_ranks_true
+from mmdit.utils.atomic import DiskFullError, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("mmdit.checkpoint")
 
 CHECKPOINTS, LATEST = "checkpoints", "latest"
 MODEL, OPTIMIZER, DATA, TRAINER = "model", "optimizer", "data.json", "trainer.json"
@@ -45,7 +57,81 @@ def optimizer_file(path: Path, tp_rank: int, part: str = "") -> Path:
     return path / OPTIMIZER / f"tp{tp_rank:02d}{'-' + part if part else ''}.pt"
 
 
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be resumed from; the message says why for each."""
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Every step_N directory, newest first (complete or not)."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the file holds every byte it promises (a truncated copy does not)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path.name}: truncated ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path.name}: header of {n} bytes in a {size}-byte file")
+        header = json.loads(f.read(n))
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{path.name}: truncated ({size} of {8 + n + end} bytes)")
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint at `path` is complete and intact, else what is wrong with it."""
+    from mmdit.model.checkpoint import read_index
+
+    try:
+        trainer = json.loads((path / TRAINER).read_text())
+        if step_of(path) != trainer["step"]:
+            return f"{TRAINER} says step {trainer['step']}"
+        json.loads((path / DATA).read_text())
+        index = read_index(path / MODEL)
+        for name in index["files"]:
+            _check_safetensors(path / MODEL / name)
+        parts = ("params", "groups") if trainer["backend"].startswith("megatron") else ("",)
+        for tp_rank in range(trainer["tp"]):
+            for part in parts:
+                with zipfile.ZipFile(optimizer_file(path, tp_rank, part)) as archive:  # reads the end record
+                    archive.namelist()
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; None when there is none at all. Raises
+    CheckpointError when checkpoints exist but none verifies (never a silent fresh start)."""
+    rejected = []
+    for path in checkpoints(run_dir):
+        why = verify_checkpoint(path)
+        if why is None:
+            for bad, reason in rejected:
+                log.warning("not resuming from %s: %s", bad, reason)
+            if rejected:
+                log.warning("resuming from %s, the newest complete checkpoint", path)
+            return path
+        rejected.append((path, why))
+    if rejected:
+        raise CheckpointError("no checkpoint in " + str(Path(run_dir) / CHECKPOINTS) + " can be resumed from: "
+                              + "; ".join(f"{p.name}: {why}" for p, why in rejected)
+                              + " (move them away or set train.resume=false to start over)")
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, if complete (a quick look; resume uses `resume_checkpoint`)."""
     pointer = Path(run_dir) / CHECKPOINTS / LATEST
     if not pointer.is_file():
         return None
@@ -53,22 +139,59 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / TRAINER).is_file() else None
 
 
+def prune_checkpoints(run_dir: Path, keep: int, keep_every: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep` (0: keep all), except steps that are
+    multiples of `keep_every`; and what killed saves left (incomplete directories, temp files).
+    Rank 0 only, while no save runs."""
+    from mmdit.utils.atomic import remove_stale_tmp
+
+    remove_stale_tmp(Path(run_dir) / CHECKPOINTS, "**/.tmp-*")
+    complete = [p for p in checkpoints(run_dir) if (p / TRAINER).is_file()]
+    doomed = []
+    if keep > 0:
+        doomed += [p for p in complete[keep:] if not (keep_every and step_of(p) % keep_every == 0)]
+    doomed += [p for p in checkpoints(run_dir) if not (p / TRAINER).is_file()]  # killed saves
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
 def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: dict, trainer_state: dict) -> Path:
     """Collective over all ranks. Barriers are gloo (`parallel.state.barrier`): an NCCL barrier
-    next to the data service's RPC threads can deadlock."""
+    next to the data service's RPC threads can deadlock.
+
+    Refuses (CheckpointError, on every rank) to save non-finite weights; a write that fails on
+    any rank (a full disk: DiskFullError) fails on every rank, and the partial directory is
+    removed, so `latest` and the previous checkpoint stay as they were."""
+    bad = sum(int((~p.detach().isfinite()).sum()) for p in model.parameters())
+    if not all_ranks_true(bad == 0):
+        raise CheckpointError(f"step {step}: the model holds non-finite values ({bad} on rank {dist.get_rank()}); "
+                              "not saving a checkpoint of it")
     path = checkpoint_dir(run_dir, step)
-    (path / OPTIMIZER).mkdir(parents=True, exist_ok=True)
-    if dims.dp_rank == 0:
-        write_model_shard(model, path / MODEL)
-    backend.save_optimizer(lambda part: optimizer_file(path, dims.tp_rank, part), dims.dp_rank)  # collective over DP
-    barrier()
-    if dist.get_rank() == 0:
-        write_model_index(model, path / MODEL)
-        atomic_write_json(path / DATA, data_state)
-        atomic_write_json(path / TRAINER, {**trainer_state, "step": step, "tp": dims.tp, "dp": dims.dp,
-                                           "backend": backend.name})
-        atomic_write_text(path.parent / LATEST, path.name)
-    barrier()
+    error: Exception | None = None
+    try:
+        (path / OPTIMIZER).mkdir(parents=True, exist_ok=True)
+        if dims.dp_rank == 0:
+            write_model_shard(model, path / MODEL)
+        backend.save_optimizer(lambda part: optimizer_file(path, dims.tp_rank, part), dims.dp_rank)  # collective
+    except OSError as e:
+        error = e
+    if all_ranks_true(error is None) and dist.get_rank() == 0:
+        try:
+            write_model_index(model, path / MODEL)
+            atomic_write_json(path / DATA, data_state)
+            atomic_write_json(path / TRAINER, {**trainer_state, "step": step, "tp": dims.tp, "dp": dims.dp,
+                                               "backend": backend.name})
+            atomic_write_text(path.parent / LATEST, path.name)
+        except OSError as e:
+            error = e
+    if not all_ranks_true(error is None):
+        if dist.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        if isinstance(error, DiskFullError):
+            raise error
+        raise CheckpointError(f"checkpoint of step {step} not written"
+                              + (f": {error}" if error else " (another rank failed to write its part)"))
     return path
 
 

@@ -38,6 +38,13 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the newest N checkpoints (0: all); older ones are deleted after each save."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none beyond keep_checkpoints)."""
+    max_bad_steps: int = 5
+    """A step whose loss or gradient is not finite is skipped (no optimizer update, counted in
+    metrics.jsonl); this many in a row stop the run with an error."""
     init_from: str = ""
     """Start from these weights: an mmdit checkpoint or a diffusers transformer dir (e.g. Qwen-Image)."""
     resume: bool = True
@@ -55,6 +62,13 @@ class TrainConfig:
             raise ValueError(f"train.data_source must be random or service, got {self.data_source!r}")
         if self.steps < 0 or self.micro_batch_size < 1:
             raise ValueError("train.steps must be >= 0 and train.micro_batch_size >= 1")
+        for name in ("save_every", "keep_checkpoints", "keep_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_bad_steps < 1 or self.log_every < 1:
+            raise ValueError("train.max_bad_steps and train.log_every must be >= 1")
+        if not self.lr > 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("train.lr must be > 0, train.grad_clip and train.weight_decay >= 0")
         for side in (self.random_height, self.random_width):
             if side % 16:
                 raise ValueError(f"train.random_height/width must be multiples of 16, got {side}")

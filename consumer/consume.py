@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,8 +27,6 @@ import torch.distributed as dist
 from mmdit.launch.config import ConfigError, load_config
 
 log = logging.getLogger("mmdit.consume")
-
-_RANK_ENV = "MMDIT_CONSUME_RANK"
 
 
 def check_shapes(batch: dict) -> None:
@@ -54,12 +53,15 @@ def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
                            state=data_state) if tp_rank == 0 else None
     batches = TPBroadcast(client, group, src) if group is not None else client
     sample_log = SampleLog(run_dir, dp_rank, tp_rank) if train.log_samples else None
+    stop = _StopFlag(group)
     waits, times = [], []
+    step = start
     try:
-        for step in range(start + 1, train.steps + 1):
+        while step < train.steps and not stop.agreed():
             begin = time.perf_counter()
             batch = next(batches)
             got = time.perf_counter()
+            step += 1
             check_shapes(batch)
             if sample_log is not None:
                 sample_log.write(step, batch)
@@ -69,11 +71,13 @@ def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
             waits.append(got - begin)
             times.append(time.perf_counter() - begin)
         if tp_rank == 0:
-            write_data_state(run_dir, dp_rank, train.steps, batches.state())
+            write_data_state(run_dir, dp_rank, step, batches.state())
     finally:
+        stop.restore()
         batches.close()
     summary = {
-        "dp_rank": dp_rank, "tp_rank": tp_rank, "start_step": start, "steps": len(times),
+        "dp_rank": dp_rank, "tp_rank": tp_rank, "start_step": start, "steps": len(times), "final_step": step,
+        "stopped_early": step < train.steps,
         "data_wait_fraction": sum(waits) / sum(times) if times else 0.0,
         "data_wait_fraction_after_first": sum(waits[1:]) / sum(times[1:]) if len(times) > 1 else 0.0,
         "wait_mean_s": sum(waits) / len(waits) if waits else 0.0, "wait_max_s": max(waits, default=0.0),
@@ -85,17 +89,26 @@ def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
     return summary
 
 
-def _run(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> int:
-    """run_rank with the data service's failures as one clear line on stderr and exit code 1."""
-    from mmdit.dataservice.client import DataServiceError
-    from mmdit.dataservice.rpc import RpcError
+class _StopFlag:
+    """SIGTERM/SIGINT ask to stop after the current step; ranks of a TP group agree on when."""
 
-    try:
-        print(_brief(run_rank(cfg, dp_rank, tp_rank, group, src)), flush=True)
-        return 0
-    except (DataServiceError, RpcError) as e:
-        print(f"mmdit consume (dp rank {dp_rank}, tp rank {tp_rank}): {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    def __init__(self, group):
+        self.group, self.requested = group, False
+        self.previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _set(self, *_) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if self.group is None:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _brief(summary: dict) -> str:
@@ -103,62 +116,37 @@ def _brief(summary: dict) -> str:
     return json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)})
 
 
-def _spawn_ranks(cfg, argv: list[str], world: int) -> int:
-    """Start every rank as a local process (recorded in processes.json); the worst exit code."""
-    from mmdit.launch.processes import ProcessTable, python_command, start, stop_all
-
-    table = ProcessTable(cfg.run.dir)
-    port = cfg.launch.master_port
-    procs = []
-    for r in range(world):
-        env = {_RANK_ENV: str(r), "RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(start(python_command("mmdit.consumer.consume", argv), table, "consumer",
-                           lambda pid, r=r: f"consumer_rank{r}_pid{pid}", env=env))
-    worst = 0
-    try:
-        for p in procs:
-            code = p.wait()
-            table.set_returncode(p.pid, code)
-            if code:
-                worst = worst or code
-                log.error("consumer pid %d exited with %d; stopping the others", p.pid, code)
-                stop_all(procs, table, cfg.service.shutdown_timeout_s)
-    except KeyboardInterrupt:
-        stop_all(procs, table, cfg.service.shutdown_timeout_s)
-        raise
-    return worst
-
-
 def main(argv: list[str]) -> int:
+    from mmdit.dataservice.rpc import check_reachable
+    from mmdit.launch.local import is_rank, main_or_launch
+
     cfg = load_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     svc, tp = cfg.service, cfg.parallel.tp
     if tp > 1 and svc.dp_rank >= 0:
         raise ConfigError("service.dp_rank selects one rank with parallel.tp=1 only; with TP, start all ranks")
+    check_reachable(svc.host, svc.port, svc.join_timeout_s)
+    code = main_or_launch("consume", argv, cfg, role="consumer", nproc=svc.dp_size * tp if svc.dp_rank < 0 else 1)
+    if code is not None:
+        return code
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(1)
-    if _RANK_ENV not in os.environ:
-        world = svc.dp_size * tp
-        if svc.dp_rank < 0 and world > 1:
-            return _spawn_ranks(cfg, argv, world)
+    group, src = None, 0
+    if is_rank():
+        dp_rank, tp_rank = divmod(int(os.environ["RANK"]), tp)
+    else:
         from mmdit.launch.processes import ProcessTable
 
-        dp_rank = max(svc.dp_rank, 0)
-        table = ProcessTable(cfg.run.dir)
-        table.add("consumer", f"consumer_rank{dp_rank * tp}_pid{os.getpid()}", os.getpid())
-        code = _run(cfg, dp_rank, 0)
-        table.set_returncode(os.getpid(), code)
-        return code
-    rank = int(os.environ[_RANK_ENV])
-    dp_rank, tp_rank = divmod(rank, tp)
-    group, src = None, 0
+        dp_rank, tp_rank = max(svc.dp_rank, 0), 0
+        ProcessTable(cfg.run.dir).add("consumer", f"consumer_rank{dp_rank * tp}", os.getpid())
     if tp > 1:
         from mmdit.dataservice.client import tp_gloo_group
+        from mmdit.utils.store import join_process_group
 
-        dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+        join_process_group("gloo")
         group, src = tp_gloo_group(tp)
     try:
-        return _run(cfg, dp_rank, tp_rank, group, src)
+        print(_brief(run_rank(cfg, dp_rank, tp_rank, group, src)), flush=True)
+        return 0
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 log = logging.getLogger("mmdit.train")
 
+METRICS = "metrics.jsonl"
+
 
 @dataclass
 class StepMetrics:
@@ -17,16 +19,20 @@ class StepMetrics:
     grad_norm: float
     samples_per_second: float
     tflops_per_gpu: float
-    mfu: float
+    mfu: float | None
+    """Model FLOPs utilization; None where the device's peak is unknown (a CPU)."""
     data_wait_fraction: float
     config_version: int
     step_time_s: float
     global_batch_size: int
+    skipped: bool = False
+    """The loss or gradient was not finite: no optimizer update was made."""
 
     def log_line(self) -> str:
         return (f"step {self.step:>6} | loss {self.loss:.4f} | lr {self.lr:.2e} | grad_norm {self.grad_norm:.3f} | "
                 f"{self.samples_per_second:.2f} samples/s | {self.tflops_per_gpu:.2f} TFLOP/s/dev | "
-                f"mfu {100 * self.mfu:.1f}% | data wait {100 * self.data_wait_fraction:.1f}%")
+                f"mfu {'n/a' if self.mfu is None else f'{100 * self.mfu:.1f}%'} | "
+                f"data wait {100 * self.data_wait_fraction:.1f}%" + (" | SKIPPED" if self.skipped else ""))
 
 
 class MetricsWriter:
@@ -34,7 +40,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool, log_every: int = 1):
         self.enabled, self.log_every = enabled, max(1, log_every)
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         self.records: list[StepMetrics] = []
         self.started = time.time()
 
@@ -56,8 +62,30 @@ class MetricsWriter:
             "final_loss": self.records[-1].loss if self.records else None,
             "mean_samples_per_second": mean("samples_per_second"),
             "mean_tflops_per_gpu": mean("tflops_per_gpu"),
-            "mean_mfu": mean("mfu"),
+            "mean_mfu": None if any(m.mfu is None for m in steady) else mean("mfu"),
+            "skipped_steps": sum(m.skipped for m in self.records),
             "mean_data_wait_fraction": mean("data_wait_fraction"),
             "wall_time_s": time.time() - self.started,
             **extra,
         }
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the lines of a per-step JSONL log (metrics.jsonl, samples.jsonl) after `step`: a run
+    resumed from step N logs steps N+1... again, so each step is in the file once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) != len(lines):
+        from mmdit.utils.atomic import atomic_write_text
+
+        atomic_write_text(path, "".join(kept))
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one JSONL line; None for a torn line (a crash mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

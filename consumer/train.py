@@ -7,6 +7,8 @@ local ranks started through torchrun) or under torchrun/SLURM.
 
 import json
 import logging
+import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -15,11 +17,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmdit.consumer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mmdit.consumer.metrics import MetricsWriter, StepMetrics
+from mmdit.consumer.checkpoint import (
+    checkpoint_dir,
+    load_checkpoint,
+    prune_checkpoints,
+    resume_checkpoint,
+    save_checkpoint,
+)
+from mmdit.consumer.metrics import METRICS, MetricsWriter, StepMetrics, truncate_after
 from mmdit.consumer.random_data import RandomBatches
-from mmdit.consumer.sample_log import SampleLog
-from mmdit.launch.config import JobConfig, config_yaml, load_config
+from mmdit.consumer.sample_log import SAMPLES, SampleLog
+from mmdit.launch.config import ConfigError, JobConfig, config_yaml, load_config
 from mmdit.model.flops import mfu, peak_flops, step_flops
 from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
 from mmdit.model.init import init_weights
@@ -27,7 +35,8 @@ from mmdit.model.layers import transformer_engine_available
 from mmdit.model.mmdit import build_mmdit, pack_latents, packed_shape
 from mmdit.parallel.backend import build_backend, resolve_backend
 from mmdit.parallel.recompute import apply_recompute_config
-from mmdit.parallel.state import ParallelDims, destroy_parallel, dp_group, init_parallel, tp_group
+from mmdit.parallel.state import ParallelDims, any_rank_true, destroy_parallel, dp_group, init_parallel, tp_group
+from mmdit.utils.atomic import atomic_write_json, atomic_write_text
 from mmdit.utils.dtypes import resolve_dtype
 
 log = logging.getLogger("mmdit.train")
@@ -95,6 +104,10 @@ def train_step(backend, batch: dict, cfg: JobConfig, step: int, first_index: int
     return loss.detach()
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (too many non-finite steps in a row); the message says why."""
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -118,18 +131,22 @@ class Trainer:
         self.model.to(params_dtype)
         apply_recompute_config(self.model, cfg.parallel)
         self.backend = build_backend(self.model, cfg.parallel, cfg.train, tp_group(), dp_group(), self.model.config)
-        self.step = 0
+        self.step, self.bad_steps = 0, 0
         self.data_state: dict = {}
-        if self.rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_yaml(cfg))
-        resume = latest_checkpoint(self.run_dir) if cfg.train.resume else None
+        resume = resume_checkpoint(self.run_dir) if cfg.train.resume else None  # raises before anything is written
         if resume is not None:
             state, self.data_state = load_checkpoint(resume, self.model, self.backend, self.dims)
             self.step = state["step"]
             log.info("resumed from %s at step %d", resume, self.step)
+        if self.rank0:  # the config is accepted: record it, and forget what ran after the checkpoint
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", config_yaml(cfg))
+            for name in (METRICS, SAMPLES):
+                truncate_after(self.run_dir / name, self.step)
+            prune_checkpoints(self.run_dir, cfg.train.keep_checkpoints, cfg.train.keep_every)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank0, log_every=cfg.train.log_every)
         self.peak = cfg.train.peak_tflops * 1e12 or (peak_flops(torch.cuda.get_device_name()) if on_gpu else None)
+        self.stop_requested = False
         log.info("backend %s | layers %s | tp %d x dp %d | dtype %s | recompute %s | device %s",
                  self.backend.name, "transformer-engine" if use_te else "megatron-local", self.dims.tp, self.dims.dp,
                  str(self.dtype).removeprefix("torch."), cfg.parallel.recompute, self.device)
@@ -145,13 +162,36 @@ class Trainer:
     def checkpoint(self, batches) -> None:
         save_checkpoint(self.run_dir, self.step, self.model, self.backend, self.dims, batches.state(),
                         {"seed": self.cfg.seed})
+        if self.rank0:
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, self.cfg.train.keep_every)
+
+    def _on_signal(self, signum, _frame) -> None:
+        log.warning("%s: checkpointing at the end of this step, then stopping", signal.Signals(signum).name)
+        self.stop_requested = True
 
     def run(self) -> dict:
         cfg = self.cfg
+        handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         batches = self.batches()
+        try:
+            self._loop(batches)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if hasattr(batches, "close"):
+                batches.close()  # acks what arrived and leaves the data service
+        summary = self.metrics.summary(backend=self.backend.name, tp=self.dims.tp, dp=self.dims.dp,
+                                       stopped_early=self.step < cfg.train.steps)
+        if self.rank0:
+            atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _loop(self, batches) -> None:
+        cfg = self.cfg
         data_iter = iter(batches)
         sample_log = SampleLog(self.run_dir, self.dims.dp_rank, 0) \
             if cfg.train.log_samples and self.dims.tp_rank == 0 else None
+        saved = self.step
         while self.step < cfg.train.steps:
             started = time.perf_counter()
             batch = next(data_iter)
@@ -160,25 +200,36 @@ class Trainer:
             self.backend.set_lr(lr)
             first_index = self.dims.dp_rank * batch["latents"].shape[0]
             loss = train_step(self.backend, batch, cfg, self.step, first_index, self.device, self.dtype)
-            grad_norm = self.backend.step()
             loss_value = self._mean_over_dp(loss)
+            grad_norm, stepped = self.backend.step(skip=not math.isfinite(loss_value))
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - started
             self.step += 1
             if sample_log is not None:
                 sample_log.write(self.step, batch)
-            self._record(batch, loss_value, lr, grad_norm, step_time, data_wait)
-            if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+            self._record(batch, loss_value, lr, grad_norm, step_time, data_wait, skipped=not stepped)
+            self._count_bad_steps(stepped, loss_value, grad_norm)
+            stop = any_rank_true(self.stop_requested)  # every rank stops at the same step
+            if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.checkpoint(batches)
-        if self.metrics.records and (not cfg.train.save_every or self.step % cfg.train.save_every):
+                saved = self.step
+            if stop:
+                log.warning("stopped at step %d (checkpoint %s)", self.step, checkpoint_dir(self.run_dir, self.step))
+                return
+        if self.step > saved:
             self.checkpoint(batches)
-        if hasattr(batches, "close"):
-            batches.close()  # acks the last batch and leaves the data service
-        summary = self.metrics.summary(backend=self.backend.name, tp=self.dims.tp, dp=self.dims.dp)
-        if self.rank0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        return summary
+
+    def _count_bad_steps(self, stepped: bool, loss: float, grad_norm: float) -> None:
+        if stepped:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        log.warning("step %d skipped: loss %s, grad norm %s (%d in a row)", self.step, loss, grad_norm, self.bad_steps)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingError(f"{self.bad_steps} steps in a row with a non-finite loss or gradient (last: step "
+                                f"{self.step}, loss {loss}, grad norm {grad_norm}); the last checkpoint holds "
+                                "finite weights (train.max_bad_steps)")
 
     def _mean_over_dp(self, loss: torch.Tensor) -> float:
         loss = loss.float().cpu() if self.device.type == "cpu" else loss.float()
@@ -187,7 +238,7 @@ class Trainer:
             loss = loss / self.dims.dp
         return loss.item()
 
-    def _record(self, batch, loss, lr, grad_norm, step_time, data_wait) -> None:
+    def _record(self, batch, loss, lr, grad_norm, step_time, data_wait, skipped: bool) -> None:
         latents = batch["latents"]
         image_tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
         cond = batch.get("cond_latents")
@@ -197,17 +248,29 @@ class Trainer:
         per_device = flops / self.dims.world_size / step_time
         self.metrics.write(StepMetrics(
             step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, samples_per_second=global_batch / step_time,
-            tflops_per_gpu=per_device / 1e12, mfu=mfu(flops, step_time, self.dims.world_size, self.peak) if self.peak else 0.0,
+            tflops_per_gpu=per_device / 1e12, mfu=mfu(flops, step_time, self.dims.world_size, self.peak) if self.peak else None,
             data_wait_fraction=data_wait / step_time, config_version=int(batch.get("config_version", 0)),
-            step_time_s=step_time, global_batch_size=global_batch))
+            step_time_s=step_time, global_batch_size=global_batch, skipped=skipped))
+
+
+def check_inputs(cfg: JobConfig) -> None:
+    """What can be checked before any rank starts: the weights to start from, the data service."""
+    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
+        raise ConfigError(f"train.init_from={cfg.train.init_from} does not exist")
+    if cfg.train.data_source == "service":
+        from mmdit.dataservice.rpc import check_reachable
+
+        check_reachable(cfg.service.host, cfg.service.port, cfg.service.join_timeout_s)
 
 
 def main(argv: list[str]) -> int:
     cfg = load_config(argv)
-    from mmdit.launch.local import relaunch_under_torchrun
+    check_inputs(cfg)
+    from mmdit.launch.local import main_or_launch
 
-    if relaunch_under_torchrun("mmdit.consumer.train", argv, cfg):
-        return 0
+    code = main_or_launch("train", argv, cfg, role="trainer")
+    if code is not None:
+        return code
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     try:
         summary = Trainer(cfg).run()

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import Future as ThreadFuture
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -84,8 +84,7 @@ class ServiceClient:
         self._reports: list = []
         self._futures: dict[int, ThreadFuture] = {}
         self._located: dict[int, Location] = {}  # seq -> a location given ahead of time
-        self._pool = ThreadPoolExecutor(min(settings.fetch_threads, settings.prefetch),
-                                        thread_name_prefix=f"prefetch-dp{dp_rank}")
+        self._pool = _DaemonPool(min(settings.fetch_threads, settings.prefetch), f"prefetch-dp{dp_rank}")
         self._fill()
         atexit.register(self.close)
 
@@ -286,7 +285,7 @@ class ServiceClient:
         self._closed = True
         for fut in self._futures.values():
             fut.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(timeout_s=2 * self.cfg.heartbeat_s)
         self._ack_stop.set()
         self._acker.join()
         self._flush_acks()
@@ -303,6 +302,48 @@ class ServiceClient:
         if self._own_rpc:
             rpc.leave(graceful=reachable, timeout_s=self.cfg.shutdown_timeout_s)
         atexit.unregister(self.close)
+
+
+class _DaemonPool:
+    """A few daemon threads running submitted calls in order. Unlike ThreadPoolExecutor's
+    workers, which the interpreter joins at exit, a fetch blocked on a hung peer never delays
+    a trainer's exit; `shutdown` waits a bounded time for the rest."""
+
+    def __init__(self, threads: int, name: str):
+        self._jobs: queue.Queue = queue.Queue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args) -> ThreadFuture:
+        fut: ThreadFuture = ThreadFuture()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                fut.set_exception(e)
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Cancel what has not started; give running calls `timeout_s` to notice the close."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _rpc_initialized() -> bool:

@@ -16,6 +16,10 @@ How an epoch is drawn (weighted sampling without replacement, exactly once per e
   carry, and take the next `global_batch_size` samples of its order. A group's remainder smaller
   than `min_batch_size` joins its last batch (a batch never splits into empty DP shares); with
   `drop_last`, remainders are dropped instead and every batch is full.
+- A group with fewer samples than `min_batch_size` in all (say one 1664x928 edit pair with 8 DP
+  ranks) is *padded*: its order repeats until `min_batch_size` samples, so each DP rank gets one.
+  Every selected sample is thus served in every epoch; only such tiny groups repeat samples
+  (`EpochPlanner.padded` counts the repeats). With `drop_last` they are left out instead.
 - The epoch ends when no group has samples left; the next epoch starts over with fresh clocks.
 
 Randomness comes from counter-based seeds: the batch choice from (seed, epoch, index), the
@@ -224,7 +228,9 @@ class EpochPlanner:
         self.index = 0
         self.remaining = np.ones(len(selection), dtype=bool)
         self.skipped: list[str] = []
-        """Keys left out of this epoch: zero weight, or a group smaller than min_batch_size."""
+        """Keys left out of this epoch: zero weight (or, with drop_last, a group smaller than a batch)."""
+        self.padded = 0
+        """Repeats added to groups smaller than min_batch_size."""
         self._version: MixtureVersion | None = None
 
     def _activate(self, version: MixtureVersion) -> None:
@@ -239,12 +245,16 @@ class EpochPlanner:
             w = weights[idx]
             live = w > 0
             idx, clocks, w = idx[live], clocks[live], w[live]
-            too_few = self.spec.global_batch_size if self.spec.drop_last else self.spec.min_batch_size
-            if len(idx) < too_few:  # left out of this epoch (reported in `skipped`)
-                idx, w = idx[:0], w[:0]
             order = np.argsort(clocks / w, kind="stable") if len(idx) else np.zeros(0, dtype=np.int64)
-            self._order.append(idx[order])
-            self._cumw.append(np.cumsum(w[order]))
+            idx, w = idx[order], w[order]
+            if self.spec.drop_last and len(idx) < self.spec.global_batch_size:
+                idx, w = idx[:0], w[:0]  # left out of this epoch (reported in `skipped`)
+            elif 0 < len(idx) < self.spec.min_batch_size:  # a tiny group: repeat its samples
+                repeat = np.resize(np.arange(len(idx)), self.spec.min_batch_size)
+                self.padded += self.spec.min_batch_size - len(idx)
+                idx, w = idx[repeat], w[repeat]
+            self._order.append(idx)
+            self._cumw.append(np.cumsum(w))
             self._ptr.append(0)
 
     def _mass(self, g: int) -> float:

@@ -41,6 +41,8 @@ from torch.distributed.rpc import api as rpc_api
 from torch.distributed.rpc import backend_registry
 from torch.distributed.rpc._utils import _update_group_membership
 
+from mmdit.utils.store import is_loopback, rendezvous_url
+
 log = logging.getLogger("mmdit.rpc")
 
 COORDINATOR = "coordinator"
@@ -202,21 +204,36 @@ def join(name: str, host: str, port: int, *, rank: int | None = None, rpc_timeou
     """
     if "-" in name:
         raise ValueError(f"RPC name {name!r} has a dash, which breaks torch's member list (use underscores)")
-    if host in ("127.0.0.1", "localhost"):
+    if is_loopback(host):
         os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
     _settings.update(notify_timeout_s=notify_timeout_s, token_timeout_s=join_timeout_s,
                      stale_token_s=max(2 * notify_timeout_s + 5.0, 10.0))
     try:
         if rank is None:
             rank = allocate_rank(host, port, join_timeout_s)
-        opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{host}:{port}", rpc_timeout=rpc_timeout_s,
+        opts = rpc.TensorPipeRpcBackendOptions(init_method=rendezvous_url(host, port), rpc_timeout=rpc_timeout_s,
                                                num_worker_threads=num_worker_threads)
         rpc.init_rpc(name, backend=_backend(), rank=rank, rpc_backend_options=opts)
-    except (RuntimeError, ValueError) as e:  # c10d raises DistNetworkError/DistStoreError (RuntimeErrors)
+    except (RuntimeError, ValueError, OSError) as e:  # c10d raises DistNetworkError/DistStoreError (RuntimeErrors)
         where = "host" if rank == 0 else "reach"
         raise RpcError(f"{name}: cannot {where} the data service's RPC group at {host}:{port} "
                        f"(service.host/service.port; is `mmdit serve` running?): {str(e).splitlines()[0][:300]}") from e
     return rank
+
+
+def check_reachable(host: str, port: int, timeout_s: float = 10.0) -> None:
+    """Raise RpcError unless something accepts connections at host:port within `timeout_s`
+    (a launcher checks this before it starts any rank)."""
+    deadline = time.monotonic() + min(timeout_s, 10.0)
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise RpcError(f"no data service at {host}:{port} ({e.strerror or e}): start `mmdit serve` first, "
+                               "or check service.host and service.port") from None
+            time.sleep(0.2)
 
 
 def leave(graceful: bool = True, timeout_s: float = 10.0) -> bool:

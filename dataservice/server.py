@@ -8,10 +8,11 @@ the latent cache and collate one tensor dict per DP rank (so a fetch sends exact
 TensorPipe sends whole storages, a slice would drag the full batch along). Clients call
 `fetch(uid, dp_rank)`, a long poll answered when the batch is ready or after a heartbeat.
 
-Serving is from the cache. A key missing from it goes to `encode_hook(keys) -> records` when one
-is installed (a producer with encoders loaded can encode on a miss); without one the batch fails
-with an error that names the key, and the client surfaces it. `service.simulate_encode_s` adds
-that long to every batch, like an encoder would (benchmarks).
+Serving is from the cache, every record checked (producer/cache.py). A key missing from it or
+damaged there goes to `encode_hook(keys) -> records` when one is installed (a producer with
+encoders loaded encodes on a miss); without one the batch is served without it, logged and
+counted (a batch left with fewer samples than DP ranks repeats intact ones). `service.simulate_encode_s`
+adds that long to every batch, like an encoder would (benchmarks).
 
 Run as a process: `mmdit producer key=value ...` (what `mmdit serve` starts, once per producer).
 """
@@ -35,6 +36,7 @@ from mmdit.dataservice import protocol, rpc
 from mmdit.dataservice.config import ProducerSettings
 from mmdit.dataservice.plan import PlanError, PlannedBatch, shard_bounds
 from mmdit.dataservice.protocol import Lease, Shard
+from mmdit.producer.cache import DamagedRecord
 
 log = logging.getLogger("mmdit.producer")
 
@@ -94,7 +96,8 @@ class ProducerServer:
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.queue: list[tuple[int, tuple[int, int]]] = []
         self.gen = -1
-        self.counters = {"leased": 0, "prepared": 0, "served": 0, "dropped": 0, "errors": 0}
+        self.counters = {"leased": 0, "prepared": 0, "served": 0, "dropped": 0, "errors": 0, "damaged": 0,
+                         "missing": 0, "encoded": 0}
         self._closed = False
         self._workers = [threading.Thread(target=self._prepare_loop, name=f"prepare-{i}", daemon=True)
                          for i in range(settings.prepare_workers)]
@@ -151,20 +154,28 @@ class ProducerServer:
             _complete([(f, self._answer(slot, r)) for f, r, _ in waiters])
 
     def _records(self, keys: list[str]) -> list[dict]:
-        missing = [k for k in keys if not self.cache.contains(k, self.fp)]
-        if missing and self.encode_hook is None:
-            raise KeyError(f"{len(missing)} keys missing from the cache (first {missing[0]!r}) and this producer "
-                           "has no encoder hook")
-        present = [k for k in keys if k not in missing]
-        found = dict(zip(present, self.cache.read_many(present, self.fp)))
-        if missing:
-            found.update({r["key"]: r for r in self.encode_hook(missing)})
-        return [found[k] for k in keys]
+        """The batch's records, in plan order. A key missing from the cache or damaged there goes
+        to the encoder hook when there is one; else it is left out (logged with its file, counted
+        in `damaged`/`missing`), and the batch is served without it."""
+        found, problems = self.cache.read_available(keys, self.fp)
+        if problems and self.encode_hook is not None:
+            found.update({r["key"]: r for r in self.encode_hook(list(problems))})
+            self.counters["encoded"] += len(problems)
+        lost = [k for k in dict.fromkeys(keys) if k not in found]
+        for key in lost:
+            self.counters["damaged" if isinstance(problems.get(key), DamagedRecord) else "missing"] += 1
+            log.warning("batch without %s: %s", key, problems.get(key))
+        return [found[k] for k in keys if k in found]
 
     def prepare(self, batch: PlannedBatch, dp_size: int, uid: tuple[int, int]) -> list[dict]:
         if self.cfg.simulate_encode_s:
             time.sleep(self.cfg.simulate_encode_s)  # an encoder's time, spent before the batch exists
         records = self._records(list(batch.keys))
+        if not records:
+            raise ValueError(f"every record of the batch is missing or damaged in the cache (first key "
+                             f"{batch.keys[0]!r}): run `mmdit cache verify --repair` and `mmdit produce`")
+        if len(records) < dp_size:  # keep every DP rank busy: repeat intact records of this batch
+            records = [records[i % len(records)] for i in range(dp_size)]
         shards = []
         for r in range(dp_size):
             lo, hi = shard_bounds(len(records), r, dp_size)

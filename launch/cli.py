@@ -5,7 +5,10 @@ the command's module lazily so `mmdit --help` and light commands start fast.
 """
 
 import importlib
+import os
 import sys
+import traceback
+import warnings
 
 COMMANDS = {
     "demo": ("mmdit.launch.demo", "the whole local pipeline: encoders, synth, produce, serve, train"),
@@ -15,6 +18,7 @@ COMMANDS = {
     "make-tiny-encoders": ("mmdit.producer.tiny_encoders", "write tiny random VAE/Qwen2.5-VL/tokenizer"),
     "synth": ("mmdit.producer.synth", "render synthetic text images as webdataset shards"),
     "produce": ("mmdit.producer.produce", "score, filter, bucket and encode shards into the cache"),
+    "cache": ("mmdit.producer.cache_cli", "verify the latent cache (`cache verify DIR [--repair]`)"),
     "serve": ("mmdit.launch.serve", "run the coordinator and producers on this machine"),
     "producer": ("mmdit.dataservice.server", "one more producer for a running service (`mmdit serve`)"),
     "consume": ("mmdit.consumer.consume", "pull batches like a trainer, without a model"),
@@ -28,7 +32,12 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a bad command line or config (nothing started), 1 a failure at run
+    time (one line on stderr; `MMDIT_DEBUG=1` adds the traceback), 130 stopped by a signal."""
     argv = sys.argv[1:] if argv is None else argv
+    from mmdit.launch.processes import die_with_parent
+
+    die_with_parent()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -36,14 +45,30 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"mmdit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    # Warnings users can do nothing about (megatron without TE/apex on CPU, deprecations).
+    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     from mmdit.launch.config import ConfigError
 
     try:
+        module = importlib.import_module(COMMANDS[name][0])
         return module.main(args) or 0
     except ConfigError as e:
         print(f"mmdit {name}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mmdit {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the operator; the traceback on request
+        if os.environ.get("MMDIT_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"mmdit {name}: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
 
 
 if __name__ == "__main__":

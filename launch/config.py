@@ -31,6 +31,13 @@ class LaunchConfig:
     nproc: int = 1
     """Local processes (tp * dp) the local launcher starts."""
     master_port: int = 29500
+    """Port of the job's store, which rank 0 hosts on 127.0.0.1 (local launcher)."""
+
+    def __post_init__(self):
+        if self.nproc < 1:
+            raise ValueError(f"launch.nproc must be >= 1, got {self.nproc}")
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"launch.master_port must be in 1..65535, got {self.master_port}")
 
 
 @dataclass
@@ -61,15 +68,39 @@ def compose_config(overrides: list[str] = (), config_name: str = "config"):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return compose(config_name=config_name, overrides=list(overrides))
     except Exception as e:  # hydra/omegaconf raise many types; surface one with the reason
-        raise ConfigError(f"invalid config: {e}") from e
+        raise ConfigError(f"invalid config: {_reason(e)}") from e
 
 
 def to_job_config(cfg) -> JobConfig:
-    """Resolve interpolations and build the dataclasses, running their value checks."""
+    """Resolve interpolations and build the dataclasses, running their value checks, then the
+    checks that span groups."""
     try:
-        return OmegaConf.to_object(cfg)
+        job = OmegaConf.to_object(cfg)
     except Exception as e:
-        raise ConfigError(f"invalid config: {e}") from e
+        raise ConfigError(f"invalid config: {_reason(e)}") from e
+    check_job(job)
+    return job
+
+
+def _reason(e: BaseException) -> str:
+    """One line: the first line of each message along the exception's cause chain."""
+    parts: list[str] = []
+    while e is not None and len(parts) < 4:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if first not in parts and "$VALUE" not in first:
+            parts.append(first.rstrip("."))
+        e = e.__cause__ or e.__context__
+    return ": ".join(parts)
+
+
+def check_job(job: JobConfig) -> None:
+    """Checks between groups, before any process starts."""
+    heads, tp, nproc = job.model.num_attention_heads, job.parallel.tp, job.launch.nproc
+    if heads % tp:
+        raise ConfigError(f"invalid config: parallel.tp={tp} must divide model.num_attention_heads={heads} "
+                          "(each tensor-parallel rank owns whole heads)")
+    if nproc > 1 and nproc % tp:
+        raise ConfigError(f"invalid config: launch.nproc={nproc} must be a multiple of parallel.tp={tp}")
 
 
 def load_config(overrides: list[str] = (), config_name: str = "config") -> JobConfig:

@@ -1,25 +1,116 @@
-"""The local launcher (the embedded default): start `launch.nproc` ranks on this machine.
+"""The local launcher (the embedded default): the ranks of one job, started on this machine.
 
-A command that needs several ranks re-runs itself under torchrun (torch.distributed.run) with
-the same overrides; inside torchrun (RANK set) it just runs.
+mmdit starts local ranks itself rather than through `torchrun --standalone`, whose rendezvous
+store listens on every interface on a port of its own choosing. Here:
+- rank 0 hosts the job's store on 127.0.0.1:`launch.master_port` (utils/store.py), and gloo and
+  TensorPipe sockets use the loopback interface: nothing listens beyond this machine;
+- every rank is recorded in run.dir/processes.json with its exit code;
+- ranks stay in the launcher's process group (a Ctrl-C in the terminal reaches them all, and
+  whoever started the launcher in a group of its own can stop everything with one signal) and
+  die with the launcher, even when it is SIGKILLed;
+- SIGINT/SIGTERM to the launcher alone is passed on as SIGTERM to every rank (a trainer then
+  checkpoints and exits); ranks still running after `service.shutdown_timeout_s` are killed.
+  When one rank fails, the others are stopped the same way.
+
+Under torchrun, SLURM or any launcher that sets RANK/WORLD_SIZE, a command just runs.
 """
 
+from __future__ import annotations
+
+import logging
 import os
+import signal
 import subprocess
-import sys
+import threading
+import time
+
+from mmdit.launch.processes import ProcessTable, child_env, python_command
+
+log = logging.getLogger("mmdit.launch")
 
 
-def relaunch_under_torchrun(module: str, argv: list[str], cfg) -> bool:
-    """Run `python -m module argv` on launch.nproc local ranks; True if this process delegated."""
-    nproc = cfg.launch.nproc
-    if nproc <= 1 or "RANK" in os.environ:
-        return False
-    if nproc % cfg.parallel.tp:
-        raise ValueError(f"launch.nproc={nproc} must be a multiple of parallel.tp={cfg.parallel.tp}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
-    result = subprocess.run(cmd, env=env)
-    if result.returncode:
-        raise SystemExit(result.returncode)
-    return True
+def is_rank() -> bool:
+    """Is this process one rank of a job started by some launcher (this one, torchrun, SLURM)?"""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch_local(command: str, argv: list[str], nproc: int, run_dir: str, role: str, master_port: int,
+                 shutdown_timeout_s: float) -> int:
+    """Run `mmdit command argv` as `nproc` ranks on this machine; the first failure's exit code."""
+    table = ProcessTable(run_dir)
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    procs: list[subprocess.Popen] = []
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for rank in range(nproc):
+            env = {**child_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                   "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port),
+                   "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo",
+                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+            proc = subprocess.Popen(python_command("mmdit.launch.cli", [command, *argv]), env=env)
+            procs.append(proc)
+            table.add(role, f"{role}_rank{rank}", proc.pid, rank=rank)
+        worst = _wait(procs, table, stop, shutdown_timeout_s)
+    finally:
+        _stop(procs, table, shutdown_timeout_s)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop.is_set() and worst in (0, -signal.SIGTERM):
+        return 130  # stopped by the operator
+    return worst
+
+
+def _wait(procs: list[subprocess.Popen], table: ProcessTable, stop: threading.Event, timeout_s: float) -> int:
+    """Until every rank exited, the first failure (others are stopped then), or a signal."""
+    recorded: set[int] = set()
+    while len(recorded) < len(procs):
+        if stop.is_set():
+            log.warning("stopping %d ranks", len(procs) - len(recorded))
+            _stop(procs, table, timeout_s)
+            break
+        for proc in procs:
+            if proc.pid not in recorded and proc.poll() is not None:
+                recorded.add(proc.pid)
+                table.set_returncode(proc.pid, proc.returncode)
+                if proc.returncode:
+                    log.error("rank pid %d exited with %d; stopping the others", proc.pid, proc.returncode)
+                    _stop(procs, table, timeout_s)
+                    return proc.returncode
+        time.sleep(0.1)
+    codes = [p.returncode for p in procs if p.returncode is not None]
+    return next((c for c in codes if c), 0)
+
+
+def _stop(procs: list[subprocess.Popen], table: ProcessTable, timeout_s: float) -> None:
+    """SIGTERM every live rank, SIGKILL what is left after `timeout_s`."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in live:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        table.set_returncode(p.pid, p.returncode)
+
+
+def exit_code_of(code: int) -> int:
+    """A launcher's own exit code for a child's (a signal -N becomes 128 + N, as shells do)."""
+    return 128 - code if code < 0 else code
+
+
+def main_or_launch(command: str, argv: list[str], cfg, role: str, nproc: int | None = None) -> int | None:
+    """In a launcher with more than one process (launch.nproc): start the ranks, return their
+    exit code. In a rank, or with one process: None (the caller runs the job itself)."""
+    nproc = cfg.launch.nproc if nproc is None else nproc
+    if nproc <= 1 or is_rank():
+        return None
+    code = launch_local(command, argv, nproc, cfg.run.dir, role, cfg.launch.master_port,
+                        cfg.service.shutdown_timeout_s)
+    return exit_code_of(code)

@@ -66,6 +66,38 @@ class ProcessTable:
             self._write(rows)
 
 
+PARENT_ENV = "MMDIT_PARENT_PID"
+
+
+def child_env(env: dict | None = None) -> dict:
+    """The environment of a child that must not outlive this process (see `die_with_parent`)."""
+    return {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
+
+
+def die_with_parent() -> None:
+    """Called first thing by every mmdit process: when started by another one (`child_env`),
+    ask the kernel to SIGKILL it when that parent dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so a killed launcher never leaves ranks or producers behind. (Set here,
+    not in a pre-exec hook, which is unsafe in a parent that runs threads.)"""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before the request took effect
+        os._exit(1)
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signal the process group that process `pid` leads (it and whatever it started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
 def python_command(module: str, argv: list[str]) -> list[str]:
     return [sys.executable, "-m", module, *argv]
 
@@ -73,13 +105,12 @@ def python_command(module: str, argv: list[str]) -> list[str]:
 def start(cmd: list[str], table: ProcessTable, role: str, name_of, env: dict | None = None,
           log_path: str | os.PathLike | None = None) -> subprocess.Popen:
     """Start `cmd` and record it; `name_of(pid)` names it (incarnation names contain the pid).
-
-    Output goes to `log_path` when given (appended), else to this process's stdout/stderr.
+    It stays in this process's group (a signal to the group reaches it) and dies with this
+    process. Output goes to `log_path` when given (appended), else to this process's stdout/stderr.
     """
     out = open(log_path, "ab") if log_path else None
     try:
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out,
-                                stderr=subprocess.STDOUT if out else None)
+        proc = subprocess.Popen(cmd, env=child_env(env), stdout=out, stderr=subprocess.STDOUT if out else None)
     finally:
         if out:
             out.close()
@@ -117,8 +148,10 @@ class ServeProcess:
     """
 
     def __init__(self, overrides: list[str], timeout: float = 120):
+        # its own process group, holding its producers: kill() reaches them all
         self.proc = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "serve", *overrides],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     start_new_session=True, env=child_env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if select.select([self.proc.stdout], [], [], 0.5)[0]:
@@ -143,6 +176,7 @@ class ServeProcess:
         return self.proc.returncode, stopped[0] if stopped else {}
 
     def kill(self) -> None:
+        signal_group(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()

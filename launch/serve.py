@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     try:
         for n in range(svc.producers):
             procs.append(start(
-                python_command("mmdit.dataservice.server", argv), table, "producer",
+                python_command("mmdit.launch.cli", ["producer", *argv]), table, "producer",
                 lambda pid, n=n: rpc.incarnation_name("producer", n=n, pid=pid),
                 env={"MMDIT_INCARNATION": str(n)}, log_path=run_dir / "logs" / f"producer-{n}.log"))
         print(json.dumps({"event": "serving", "host": svc.host, "port": svc.port, "selected": service.selection_counts,

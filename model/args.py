@@ -26,6 +26,12 @@ class MMDiTArgs:
     eps: float = 1e-6
 
     def __post_init__(self):
+        for name in ("patch_size", "in_channels", "out_channels", "num_layers", "num_attention_heads",
+                     "attention_head_dim", "joint_attention_dim", "rope_theta"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.mlp_ratio > 0 or not self.eps > 0:
+            raise ValueError(f"model.mlp_ratio and model.eps must be > 0, got {self.mlp_ratio}, {self.eps}")
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ValueError(
                 f"axes_dims_rope {list(self.axes_dims_rope)} must sum to attention_head_dim "

@@ -61,17 +61,22 @@ class TorchBackend:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self) -> float:
-        """Clip by the global grad norm, then step. Gradients are already DP-averaged by DDP."""
+    def step(self, skip: bool = False) -> tuple[float, bool]:
+        """Clip by the global grad norm, then step; (grad norm, stepped). Gradients are already
+        DP-averaged by DDP, so every rank sees the same norm: a non-finite one (or `skip`, for a
+        non-finite loss) skips the update on every rank alike."""
         params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = grad_norm_tp(params, self.tp_group)
-        if self.grad_clip > 0 and math.isfinite(norm.item()):
-            scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        norm = grad_norm_tp(params, self.tp_group).item()
+        if skip or not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm, False
+        if self.grad_clip > 0:
+            scale = min(1.0, self.grad_clip / (norm + 1e-6))
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
         self.optimizer.step()
-        return norm.item()
+        return norm, True
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -102,10 +107,14 @@ class MegatronBackend:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> tuple[float, bool]:
         self.model.finish_grad_sync()
-        _, grad_norm, _ = self.optimizer.step()  # clips by cfg.grad_clip inside
-        return float(grad_norm) if grad_norm is not None else float("nan")
+        if skip:
+            self.optimizer.zero_grad()
+            return float("nan"), False
+        # megatron checks the gradients for NaN itself (check_for_nan_in_grad) and clips inside
+        stepped, grad_norm, _ = self.optimizer.step()
+        return (float(grad_norm) if grad_norm is not None else float("nan")), bool(stepped)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -147,7 +156,7 @@ def _build_megatron(model, train: TrainConfig, linear_config):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
-                                               use_distributed_optimizer=True)
+                                               use_distributed_optimizer=True, check_for_nan_in_grad=True)
     ddp = DistributedDataParallel(config=linear_config, ddp_config=ddp_config, module=model)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     optimizer = get_megatron_optimizer(

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from mmdit.utils.store import join_process_group
+
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -32,14 +34,15 @@ class ParallelDims:
 
 
 def init_distributed(backend: str | None = None) -> None:
-    """Join the torchrun job described by the environment, or form a one-process group."""
+    """Join the job the environment describes (mmdit's local launcher, torchrun, SLURM), or form
+    a one-process group."""
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        join_process_group(backend)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
@@ -66,6 +69,20 @@ _GLOO_WORLD = None
 def barrier() -> None:
     """A barrier over all ranks on gloo: never an NCCL barrier next to RPC threads (deadlock)."""
     dist.barrier(group=_GLOO_WORLD)
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True on every rank when `flag` is true on every rank (a gloo all-reduce; also a barrier)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([0 if flag else 1], dtype=torch.int32)
+    dist.all_reduce(t, group=_GLOO_WORLD)
+    return int(t.item()) == 0
+
+
+def any_rank_true(flag: bool) -> bool:
+    """True on every rank when `flag` is true on some rank."""
+    return not all_ranks_true(not flag)
 
 
 def init_fake_parallel(tp: int) -> ParallelDims:

@@ -26,17 +26,28 @@ Why this shape:
 
 If one key is published twice (two producers racing on it, or a rerun after a crash) the copies
 are equivalent; readers keep the first segment in name order.
+
+Integrity: each record carries a CRC-32 of its tensor bytes in the header, checked on every read
+(with a check that its values are finite). A record that fails, a segment whose header does not
+parse or whose data is cut short, and stray files are *damage*: named (file and key), counted in
+`LatentCache.damage`, skipped, never fatal; the index then treats the record as missing, so a
+producer with encoders re-encodes it. `verify()` reads everything; with `repair`, a damaged
+segment's healthy records are written to a new segment and the damaged file moves to
+`<cache dir>/quarantine/` (what `mmdit cache verify --repair` and `mmdit produce` do).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
+import shutil
 import struct
 import threading
 import uuid
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +57,14 @@ from safetensors.torch import save as safetensors_save
 
 from mmdit.utils.atomic import TMP_PREFIX, atomic_write_bytes, host_id, remove_stale_tmp
 
+log = logging.getLogger("mmdit.cache")
+
+QUARANTINE = "quarantine"
+
 # ----------------------------------------------------------------------------- record schema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: records carry `crc` (CRC-32 of latents, prompt_embeds and cond_latents bytes, in order)."""
 TASKS = ("t2i", "edit", "reconstruction")
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
@@ -92,6 +108,10 @@ def validate_record(rec: dict) -> None:
     cond = rec.get("cond_latents")
     if cond is not None and (cond.dim() != 3 or cond.shape[0] != LATENT_CHANNELS):
         raise ValueError(f"cache record {key!r}: cond_latents must be [16, h, w], got {tuple(cond.shape)}")
+    for name in ("latents", "prompt_embeds", "cond_latents"):
+        t = rec.get(name)
+        if t is not None and not bool(t.isfinite().all()):
+            raise ValueError(f"cache record {key!r}: {name} holds non-finite values")
 
 
 # ----------------------------------------------------------------------------- segment format
@@ -116,15 +136,46 @@ class _Segment:
     cond_offsets: list[int]
 
 
+class DamagedRecord(ValueError):
+    """A cached record (or its segment) that cannot be read back intact; names file and key."""
+
+    def __init__(self, path: str, key: str | None, reason: str):
+        super().__init__(f"{path}" + (f" record {key!r}" if key else "") + f": {reason}")
+        self.path, self.key, self.reason = path, key, reason
+
+
+def _crc(*tensors) -> int:
+    crc = 0
+    for t in tensors:
+        if t is not None and t.numel():
+            crc = zlib.crc32(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()), crc)
+    return crc
+
+
 def _read_segment_header(path: str) -> _Segment:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    meta = json.loads(header.pop("__metadata__")["mmdit"])
-    base = 8 + n
-    tensors = {
-        name: (_DTYPES[t["dtype"]], tuple(t["shape"]), base + t["data_offsets"][0]) for name, t in header.items()
-    }
+    """Parse a segment's header; DamagedRecord (naming the file) when it is not a whole segment."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes: no header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"header length {n} beyond the file's {size} bytes")
+            header = json.loads(f.read(n))
+        meta = json.loads(header.pop("__metadata__")["mmdit"])
+        base = 8 + n
+        tensors = {
+            name: (_DTYPES[t["dtype"]], tuple(t["shape"]), base + t["data_offsets"][0]) for name, t in header.items()
+        }
+        end = base + max(t["data_offsets"][1] for t in header.values())
+        if end > size:
+            raise ValueError(f"data cut short: {size} of {end} bytes")
+        for r in meta["records"]:
+            r["key"], r["tokens"]  # noqa: B018 - a KeyError here means a malformed header
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise DamagedRecord(path, None, f"unreadable segment ({type(e).__name__}: {e})") from None
     token_offsets, cond_offsets = [0], [0]
     for r in meta["records"]:
         token_offsets.append(token_offsets[-1] + r["tokens"])
@@ -150,6 +201,8 @@ def _encode_segment(fingerprint: str, bucket: tuple[int, int], records: list[dic
                 "key": r["key"], "task": r["task"], "caption": r["caption"], "source": r["source"],
                 "tokens": int(r["prompt_embeds"].shape[0]),
                 "cond_shape": list(r["cond_latents"].shape) if r.get("cond_latents") is not None else None,
+                "crc": _crc(r["latents"].to(latents.dtype), r["prompt_embeds"],
+                            r["cond_latents"].to(latents.dtype) if r.get("cond_latents") is not None else None),
             }
             for r in records
         ],
@@ -189,6 +242,8 @@ class LatentCache:
         self._index: dict[str, dict[str, tuple[_Segment, int]]] = {}
         self._by_bucket: dict[str, dict[tuple[int, int], list[str]]] = {}
         self._fds: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, readers]
+        self.damage: dict[str, str] = {}
+        """What could not be read: "<file>" or "<file> record <key>" -> reason (see module doc)."""
 
     # ---- writing
 
@@ -221,20 +276,70 @@ class LatentCache:
     # ---- reading
 
     def read(self, key: str, fingerprint: str) -> dict:
-        """The record of `key` encoded under `fingerprint`; KeyError if absent."""
-        seg, i = self._locate(key, fingerprint)
-        return self._read_record(seg, i)
+        """The record of `key` encoded under `fingerprint`; KeyError if absent, DamagedRecord if
+        it fails its checksum (it then counts as absent)."""
+        return self.read_many([key], fingerprint)[0]
 
     def read_many(self, keys: list[str], fingerprint: str) -> list[dict]:
-        """Records of `keys`, in that order. Keys that sit next to each other in a segment (a
-        bucket's keys in listing order do) are read together, one read per run of records; the
-        records' tensors are views of that read."""
-        out: list[dict | None] = [None] * len(keys)
-        for seg, i0, i1, where in self._runs(keys, fingerprint):
-            for i, rec in zip(range(i0, i1), self._records(seg, i0, i1, *self._read_span(seg, i0, i1))):
-                for j in where[i]:
-                    out[j] = rec
-        return out
+        """Records of `keys`, in that order; KeyError for an absent key, DamagedRecord for one that
+        fails its check. Keys that sit next to each other in a segment (a bucket's keys in listing
+        order do) are read together, one read per run of records; the records' tensors are views
+        of that read."""
+        found, problems = self.read_available(keys, fingerprint)
+        for key in keys:
+            if key in problems:
+                raise problems[key]
+        return [found[k] for k in keys]
+
+    def read_available(self, keys: list[str], fingerprint: str) -> tuple[dict[str, dict], dict[str, Exception]]:
+        """The records of `keys` that are present and intact (key -> record), and why the others
+        are not (key -> KeyError or DamagedRecord). Never raises for a single record."""
+        found: dict[str, dict] = {}
+        problems: dict[str, Exception] = {}
+        located = []
+        for key in dict.fromkeys(keys):
+            try:
+                located.append((key, self._locate(key, fingerprint)))
+            except KeyError as e:
+                problems[key] = e
+        for seg, i0, i1, _ in self._group_runs(located):
+            try:
+                records = self._records(seg, i0, i1, *self._read_span(seg, i0, i1))
+            except DamagedRecord as e:
+                records = [e] * (i1 - i0)
+            for i, rec in zip(range(i0, i1), records):
+                key = seg.records[i]["key"]
+                why = rec if isinstance(rec, DamagedRecord) else self._check(seg, i, rec)
+                if why is None:
+                    found[key] = rec
+                else:
+                    problems[key] = self._mark_damaged(fingerprint, key, why)
+        return found, problems
+
+    @staticmethod
+    def _check(seg: _Segment, i: int, rec: dict) -> DamagedRecord | None:
+        meta = seg.records[i]
+        tensors = (rec["latents"], rec["prompt_embeds"], rec.get("cond_latents"))
+        if "crc" in meta and _crc(*tensors) != meta["crc"]:
+            return DamagedRecord(seg.path, meta["key"], "checksum mismatch")
+        if not all(bool(t.isfinite().all()) for t in tensors if t is not None):
+            return DamagedRecord(seg.path, meta["key"], "non-finite values")
+        return None
+
+    def _mark_damaged(self, fingerprint: str, key: str, why: DamagedRecord) -> DamagedRecord:
+        """Log and count a damaged record once; it leaves the index (a miss from now on)."""
+        with self._lock:
+            entry = self._index.get(fingerprint, {}).pop(key, None)
+            if entry is not None:
+                keys = self._by_bucket.get(fingerprint, {}).get(entry[0].bucket, [])
+                if key in keys:
+                    keys.remove(key)
+            name = f"{why.path} record {key}"
+            new = name not in self.damage
+            self.damage[name] = why.reason
+        if new:
+            log.warning("damaged cache record, skipped: %s", why)
+        return why
 
     def read_batch(self, keys: list[str], fingerprint: str) -> dict:
         """`keys` of one bucket as one batch, without per-record tensors: `latents` [B,16,h,w],
@@ -288,9 +393,15 @@ class LatentCache:
                         embeds[j] = embeds[where[i][0]]
                         if cond is not None:
                             cond[j] = cond[where[i][0]]
+        for j, (seg, m) in enumerate(metas):  # the same checks as read_available
+            c = cond[j] if cond is not None else None
+            if "crc" in m and _crc(latents[j], embeds[j, :lengths[j]], c) != m["crc"]:
+                raise self._mark_damaged(fingerprint, m["key"], DamagedRecord(seg.path, m["key"], "checksum mismatch"))
         for j, n in enumerate(lengths):
             if n < lmax:
                 embeds[j, n:].zero_()
+        if not (latents.isfinite().all() and embeds.isfinite().all() and (cond is None or cond.isfinite().all())):
+            raise DamagedRecord(seg0.path, None, "non-finite values in the batch")
         lengths = torch.tensor(lengths)
         out = {
             "keys": list(keys), "fingerprint": fingerprint, "bucket": seg0.bucket, "latents": latents,
@@ -306,7 +417,8 @@ class LatentCache:
         """A record's metadata without reading tensors: key, fingerprint, bucket, task, caption,
         source, tokens (prompt length), cond_shape ([16, h, w] or None). KeyError if absent."""
         seg, i = self._locate(key, fingerprint)
-        return {**seg.records[i], "fingerprint": seg.fingerprint, "bucket": seg.bucket}
+        meta = {k: v for k, v in seg.records[i].items() if k != "crc"}
+        return {**meta, "fingerprint": seg.fingerprint, "bucket": seg.bucket}
 
     def contains(self, key: str, fingerprint: str) -> bool:
         try:
@@ -329,11 +441,76 @@ class LatentCache:
 
     def fingerprints(self) -> list[str]:
         """Fingerprints with at least one published segment."""
-        return sorted({Path(p).parent.parent.name for p in self.path.glob(f"*/*/{SEGMENT_GLOB}")})
+        return sorted({Path(p).parent.parent.name for p in self.path.glob(f"*/*/{SEGMENT_GLOB}")} - {QUARANTINE})
 
     def segment_paths(self, fingerprint: str) -> list[str]:
         """Published segment files under `fingerprint`, sorted (for tools and benchmarks)."""
         return sorted(str(p) for p in (self.path / fingerprint).glob(f"*/{SEGMENT_GLOB}"))
+
+    def verify(self, fingerprint: str | None = None, repair: bool = False) -> dict:
+        """Read every record (of `fingerprint`, or of all) and check it. With `repair`, each
+        damaged segment's intact records are published again in a new segment and the damaged
+        file moves to quarantine/, so what is left to re-encode is exactly what was lost.
+        Returns counts and the damage found, file and key named."""
+        fingerprints = [fingerprint] if fingerprint else self.fingerprints()
+        report = {"segments": 0, "records": 0, "damaged_segments": {}, "damaged_records": {},
+                  "repaired_segments": 0, "quarantined": []}
+        for fp in fingerprints:
+            for path in self.segment_paths(fp):
+                report["segments"] += 1
+                try:
+                    seg = _read_segment_header(path)
+                except DamagedRecord as e:
+                    report["damaged_segments"][path] = e.reason
+                    if repair:
+                        report["quarantined"].append(self._quarantine(path))
+                    continue
+                keys = [r["key"] for r in seg.records]
+                good, bad = [], {}
+                try:
+                    records = self._records(seg, 0, len(keys), *self._read_span(seg, 0, len(keys)))
+                except DamagedRecord as e:
+                    records = [e] * len(keys)
+                for i, rec in enumerate(records):
+                    report["records"] += 1
+                    why = rec if isinstance(rec, DamagedRecord) else self._check(seg, i, rec)
+                    if why is None:
+                        good.append(rec)
+                    else:
+                        bad[keys[i]] = why.reason
+                        self._mark_damaged(fp, keys[i], why)
+                if bad:
+                    report["damaged_records"].update({f"{path} record {k}": why for k, why in bad.items()})
+                    if repair:
+                        if good:
+                            self.write([{**r, **{t: r[t].clone() for t in ("latents", "prompt_embeds")}} for r in good])
+                        report["quarantined"].append(self._quarantine(path))
+                        report["repaired_segments"] += 1
+        for stray in self._stray_files():
+            report["damaged_segments"][str(stray)] = "not a cache file"
+        self._forget_scans()
+        return report
+
+    def _quarantine(self, path: str) -> str:
+        """Move a damaged file out of the cache's listing, keeping it for inspection."""
+        rel = Path(path).relative_to(self.path)
+        dest = self.path / QUARANTINE / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, dest)
+        log.warning("moved damaged %s to %s", path, dest)
+        return str(dest)
+
+    def _stray_files(self) -> list[Path]:
+        """Files in bucket directories that are neither segments nor temp files."""
+        return [p for p in self.path.glob("*/*/*") if p.parent.parent.name != QUARANTINE and p.is_file()
+                and not p.match(SEGMENT_GLOB) and not p.name.startswith(TMP_PREFIX)]
+
+    def _forget_scans(self) -> None:
+        """Drop the index: the next read rescans (after a repair moved files)."""
+        with self._lock:
+            self._seen.clear()
+            self._index.clear()
+            self._by_bucket.clear()
 
     def close(self) -> None:
         with self._lock:
@@ -366,7 +543,15 @@ class LatentCache:
         if not _NAME_RE.match(fingerprint):
             raise ValueError(f"bad fingerprint {fingerprint!r}")
         new = [p for p in self.segment_paths(fingerprint) if p not in self._seen]
-        parsed = [_read_segment_header(p) for p in new]
+        parsed = []
+        for p in new:
+            try:
+                parsed.append(_read_segment_header(p))
+            except DamagedRecord as e:
+                with self._lock:
+                    self._seen.add(p)
+                    self.damage[p] = e.reason
+                log.warning("damaged cache segment, skipped: %s", e)
         with self._lock:
             index = self._index.setdefault(fingerprint, {})
             by_bucket = self._by_bucket.setdefault(fingerprint, {})
@@ -408,9 +593,12 @@ class LatentCache:
     def _runs(self, keys: list[str], fingerprint: str) -> list[tuple[_Segment, int, int, dict[int, list[int]]]]:
         """Group `keys` into runs of consecutive records per segment: (segment, i0, i1, record
         index -> positions in `keys`)."""
+        return self._group_runs([(key, self._locate(key, fingerprint)) for key in keys])
+
+    @staticmethod
+    def _group_runs(located: list) -> list[tuple[_Segment, int, int, dict[int, list[int]]]]:
         by_segment: dict[str, tuple[_Segment, dict[int, list[int]]]] = {}
-        for j, key in enumerate(keys):
-            seg, i = self._locate(key, fingerprint)
+        for j, (_, (seg, i)) in enumerate(located):
             by_segment.setdefault(seg.path, (seg, {}))[1].setdefault(i, []).append(j)
         runs = []
         for seg, wanted in by_segment.values():
@@ -424,15 +612,15 @@ class LatentCache:
                 start = end + 1
         return runs
 
-    def _read_record(self, seg: _Segment, i: int) -> dict:
-        return self._records(seg, i, i + 1, *self._read_span(seg, i, i + 1))[0]
-
     def _read_span(self, seg: _Segment, i0: int, i1: int):
         """Records i0..i1-1's tensors: latents [n,16,h,w], prompt_embeds [sum L, D], flat
         cond_latents or None. One positional read when the run's bytes of every tensor lie in
         one span (the run is most of its segment), else one read per tensor."""
-        with self._opened(seg.path) as fd:
-            return self._read_span_from(fd, seg, i0, i1)
+        try:
+            with self._opened(seg.path) as fd:
+                return self._read_span_from(fd, seg, i0, i1)
+        except OSError as e:  # truncated since the header was read, or gone
+            raise DamagedRecord(seg.path, None, f"unreadable data ({e})") from None
 
     @staticmethod
     def _read_span_from(fd: int, seg: _Segment, i0: int, i1: int):

@@ -21,7 +21,10 @@ tmp files and encodes the rest.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import queue
 import sys
 import threading
@@ -158,6 +161,47 @@ class Report:
         }
 
 
+class ShardClaims:
+    """Exclusive claims on shards (flock on `<cache>/.claims/<hash>.lock`), held until released
+    or until the process ends (a killed run's claims vanish with it)."""
+
+    def __init__(self, cache_dir: Path):
+        self.dir = Path(cache_dir) / ".claims"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.held: list[int] = []
+
+    def _path(self, url: str) -> Path:
+        return self.dir / f"{hashlib.sha1(url.encode()).hexdigest()[:20]}.lock"
+
+    def take(self, urls: list[str]) -> list[str]:
+        """Claim what is free now; returns the claimed urls, in order."""
+        mine = []
+        for url in urls:
+            fd = os.open(self._path(url), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.held.append(fd)
+            mine.append(url)
+        return mine
+
+    def wait(self, urls: list[str]) -> None:
+        """Block until nobody holds a claim on `urls` (their runs finished or died)."""
+        for url in urls:
+            fd = os.open(self._path(url), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            finally:
+                os.close(fd)
+
+    def release(self) -> None:
+        for fd in self.held:
+            os.close(fd)
+        self.held = []
+
+
 class Writer:
     """Background publisher of encoded records: it gathers them into segments of at least
     `min_records`, or whatever it holds once the oldest has waited `max_delay_s`."""
@@ -267,6 +311,7 @@ class Producer:
         self.cache = LatentCache(self.dir)
         self.cache.remove_stale_tmp()
         self.fp = stage_fingerprint(encoders.fingerprint, data.base_resolution)
+        self.repair = self.cache.verify(self.fp, repair=True)  # damaged records are re-encoded below
         self.urls = expand_shards(data.shards)
         if not self.urls:
             raise ValueError(f"data.shards {data.shards!r} matches no shard")
@@ -291,16 +336,45 @@ class Producer:
         return {r["key"]: r for r in rows if r["key"] in self.cached}
 
     def run(self) -> dict:
+        """Claim the shards no other `mmdit produce` on this cache is working on, process them,
+        then wait for the others' claims and process the rest (mostly cache hits by then): two
+        runs over the same shards split the work instead of encoding everything twice."""
+        self.writer = Writer(self.cache, self.cache_cfg.segment_records, self.cache_cfg.segment_seconds)
+        bar = _progress_bar(self.progress)
+        claims = ShardClaims(self.dir)
+        try:
+            mine = claims.take(self.urls)
+            self._pass(mine, bar)
+            rest = [u for u in self.urls if u not in set(mine)]
+            if rest:
+                claims.wait(rest)
+                self.cached = set(self.cache.keys(self.fp))
+                self.known = self._known_rows()
+                self._pass(rest, bar)
+        finally:
+            claims.release()
+            self.writer.close()
+            self._finish_manifest()
+            bar.close()
+        out = self.report.as_dict(self.errors.counts)
+        out["cache_repair"] = {k: self.repair[k] for k in ("damaged_segments", "damaged_records", "quarantined")}
+        failed = [e for e in self.errors.errors if e.reason == "encode_failed"]
+        if failed:
+            out["first_encode_error"] = f"{failed[0].key}: {failed[0]}"
+        atomic_write_json(self.dir / REPORT, out, indent=2)
+        return out
+
+    def _pass(self, urls: list[str], bar) -> None:
         data = self.data
+        if not urls:
+            return
         window: queue.Queue = queue.Queue(maxsize=max(4 * data.encode_batch_size, 2 * data.decode_workers))
         stop = threading.Event()
         pool = ThreadPoolExecutor(data.decode_workers, thread_name_prefix="decode")
-        raws = tar_samples(self.urls, self.errors)
+        raws = tar_samples(urls, self.errors)
         reader = threading.Thread(
             target=_read_ahead, args=(raws, pool, self.ctx, self.known, window, stop), name="shard-reader", daemon=True
         )
-        self.writer = Writer(self.cache, self.cache_cfg.segment_records, self.cache_cfg.segment_seconds)
-        bar = _progress_bar(self.progress)
         reader.start()
         try:
             while (fut := self._next(window)) is not None:
@@ -316,12 +390,6 @@ class Producer:
             stop.set()
             _drain(window, reader)
             pool.shutdown(wait=True, cancel_futures=True)
-            self.writer.close()
-            self._finish_manifest()
-            bar.close()
-        out = self.report.as_dict(self.errors.counts)
-        atomic_write_json(self.dir / REPORT, out, indent=2)
-        return out
 
     def _next(self, window: queue.Queue):
         """The next sample's future; while none is ready, the encoder works on what is batched
@@ -475,4 +543,9 @@ def main(argv: list[str]) -> int:
         return 2
     report = produce(cfg.data, cfg.cache, encoders)
     print(json.dumps(report, indent=2, ensure_ascii=False))
+    failed = report["errors"].get("encode_failed", 0)
+    if failed:
+        print(f"mmdit produce: {failed} accepted samples could not be encoded (first: "
+              f"{report['first_encode_error']}); the others are cached", file=sys.stderr)
+        return 1
     return 0

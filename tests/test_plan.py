@@ -78,12 +78,33 @@ def test_remainders_merge_or_drop():
     assert [len(b.keys) for b in plan_epoch(PlanSpec(0, 4, 2), 0, one, V0)] == [4, 4, 2]
     dropped = plan_epoch(PlanSpec(0, 4, 2, drop_last=True), 0, one, V0)
     assert [len(b.keys) for b in dropped] == [4, 4]
-    # a group smaller than min_batch_size is left out of the epoch (reported as skipped)
+    # a group smaller than min_batch_size is padded with its own samples: every DP rank gets one,
+    # and every selected sample is served in every epoch
     tiny = Selection([*one.refs, SampleRef("lonely", (512, 512), "t2i")])
     planner = Planner(PlanSpec(0, 4, 2), tiny, V0)
-    planned = [planner.next()[1] for _ in range(3)]
-    assert "lonely" not in keys_of(planned) and planner._epoch.next() is None
-    assert planner._epoch.skipped == ["lonely"]
+    planned = [planner.next()[1] for _ in range(4)]
+    assert ("lonely", "lonely") in [b.keys for b in planned] and planner._epoch.next() is None
+    assert planner._epoch.skipped == [] and planner._epoch.padded == 1
+    # with drop_last a group smaller than a batch is left out (reported as skipped)
+    strict = Planner(PlanSpec(0, 4, 2, drop_last=True), tiny, V0)
+    assert "lonely" not in keys_of([strict.next()[1] for _ in range(2)]) and strict._epoch.next() is None
+    assert "lonely" in strict._epoch.skipped  # (beside the remainders drop_last drops)
+
+
+@pytest.mark.parametrize("dp", [1, 2, 3, 4, 8])
+def test_every_selected_sample_is_served_each_epoch_at_any_dp_size(dp):
+    """Groups of every size (1 sample up), any DP size: each key at least once per epoch, only
+    tiny groups repeat, and every batch splits into non-empty DP shares."""
+    sizes = [1, 2, 3, 5, 7, 8, 13]
+    sel = Selection([SampleRef(f"g{g}-{i}", (256, 256 + 16 * g), "t2i") for g, n in enumerate(sizes) for i in range(n)])
+    for mbs in (1, 2, 3):
+        spec = PlanSpec(seed=dp, global_batch_size=dp * mbs, min_batch_size=dp)
+        for epoch in range(2):
+            batches = plan_epoch(spec, epoch, sel, V0)
+            served = Counter(keys_of(batches))
+            assert set(served) == sel.keys()
+            assert all(c == 1 for k, c in served.items() if sizes[int(k[1:].split("-")[0])] >= dp)
+            assert all(len(b.keys) >= dp for b in batches)
 
 
 def test_weights_order_the_epoch_without_changing_its_content():
