@@ -7,9 +7,12 @@ need the fingerprint.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from mmdit.dataservice.plan import PlanError, SampleRef, Selection
+
+log = logging.getLogger("mmdit.selection")
 
 
 def resolve_fingerprint(cache, wanted: str) -> str:
@@ -54,4 +57,12 @@ def build_selection(cache, fingerprint: str, filters=None) -> tuple[Selection, d
             refs.append(SampleRef(key, tuple(bucket), meta["task"], meta.get("source", ""),
                                   (cond[1] * 8, cond[2] * 8) if cond else None))
     counts["selected"] = len(refs)
+    counts["damaged"] = len(cache.damage)
+    if allowed is not None:  # selected by the manifest but not cached: a deleted or damaged segment
+        cached = {r.key for r in refs}
+        missing = sorted(allowed - cached)
+        counts["missing"] = len(missing)
+        if missing:
+            log.warning("%d samples the manifest selects are not in the cache (first: %s): `mmdit produce` encodes "
+                        "them again", len(missing), missing[0])
     return Selection(refs), counts

@@ -30,14 +30,14 @@ class RunConfig:
 class LaunchConfig:
     nproc: int = 1
     """Local processes (tp * dp) the local launcher starts."""
-    master_port: int = 29500
-    """Port of the job's store, which rank 0 hosts on 127.0.0.1 (local launcher)."""
+    master_port: int = 0
+    """Port of the job's store, which rank 0 hosts on 127.0.0.1 (local launcher); 0: a free one."""
 
     def __post_init__(self):
         if self.nproc < 1:
             raise ValueError(f"launch.nproc must be >= 1, got {self.nproc}")
-        if not 0 < self.master_port < 65536:
-            raise ValueError(f"launch.master_port must be in 1..65535, got {self.master_port}")
+        if not 0 <= self.master_port < 65536:
+            raise ValueError(f"launch.master_port must be in 0..65535, got {self.master_port}")
 
 
 @dataclass

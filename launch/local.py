@@ -25,6 +25,7 @@ import threading
 import time
 
 from mmdit.launch.processes import ProcessTable, child_env, python_command
+from mmdit.parallel.spawn import free_port
 
 log = logging.getLogger("mmdit.launch")
 
@@ -38,6 +39,7 @@ def launch_local(command: str, argv: list[str], nproc: int, run_dir: str, role: 
                  shutdown_timeout_s: float) -> int:
     """Run `mmdit command argv` as `nproc` ranks on this machine; the first failure's exit code."""
     table = ProcessTable(run_dir)
+    master_port = master_port or free_port()
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
     procs: list[subprocess.Popen] = []
     stop = threading.Event()

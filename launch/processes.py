@@ -55,7 +55,15 @@ class ProcessTable:
         row = {"role": role, "name": name, "pid": pid, "host": socket.gethostname(), "started": time.time(),
                "returncode": None, **extra}
         with self._locked():
-            self._write(self.read() + [row])
+            self._write(_reconciled(self.read()) + [row])
+
+    def reconcile(self) -> list[dict]:
+        """Mark rows of this host whose process is gone without a recorded exit code (it was
+        killed with its launcher, say) as `"gone": true`; returns the rows."""
+        with self._locked():
+            rows = _reconciled(self.read())
+            self._write(rows)
+            return rows
 
     def set_returncode(self, pid: int, returncode: int | None) -> None:
         with self._locked():
@@ -90,6 +98,27 @@ def die_with_parent() -> None:
         return
     if os.getppid() != int(parent):  # the parent died before the request took effect
         os._exit(1)
+
+
+def _reconciled(rows: list[dict]) -> list[dict]:
+    host = socket.gethostname()
+    for row in rows:
+        if row.get("returncode") is None and row.get("host") == host and not _pid_alive(row["pid"]):
+            row["gone"] = True
+    return rows
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is gone too
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
 
 
 def signal_group(pid: int, sig: int) -> None:

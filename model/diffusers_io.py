@@ -43,11 +43,19 @@ def weight_files(src: str | os.PathLike) -> list[Path]:
 
 
 def read_diffusers(src: str | os.PathLike) -> tuple[MMDiTArgs, dict[str, torch.Tensor]]:
-    args = MMDiTArgs.from_diffusers_config(read_config(src))
+    """(model args, full state dict); errors name the file that could not be read."""
+    config = transformer_dir(src) / "config.json"
+    try:
+        args = MMDiTArgs.from_diffusers_config(read_config(src))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{config}: not a usable {CLASS_NAME} config ({type(e).__name__}: {e})") from None
     state = {}
     for file in weight_files(src):
-        with safe_open(str(file), framework="pt") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types, naming no file
+            raise ValueError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     return args, state
 
 

@@ -242,6 +242,7 @@ class LatentCache:
         self._index: dict[str, dict[str, tuple[_Segment, int]]] = {}
         self._by_bucket: dict[str, dict[tuple[int, int], list[str]]] = {}
         self._fds: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, readers]
+        self._damaged: dict[tuple[str, str], DamagedRecord] = {}
         self.damage: dict[str, str] = {}
         """What could not be read: "<file>" or "<file> record <key>" -> reason (see module doc)."""
 
@@ -301,7 +302,7 @@ class LatentCache:
             try:
                 located.append((key, self._locate(key, fingerprint)))
             except KeyError as e:
-                problems[key] = e
+                problems[key] = self._damaged.get((fingerprint, key), e)
         for seg, i0, i1, _ in self._group_runs(located):
             try:
                 records = self._records(seg, i0, i1, *self._read_span(seg, i0, i1))
@@ -337,6 +338,7 @@ class LatentCache:
             name = f"{why.path} record {key}"
             new = name not in self.damage
             self.damage[name] = why.reason
+            self._damaged[(fingerprint, key)] = why
         if new:
             log.warning("damaged cache record, skipped: %s", why)
         return why
@@ -511,6 +513,7 @@ class LatentCache:
             self._seen.clear()
             self._index.clear()
             self._by_bucket.clear()
+            self._damaged.clear()
 
     def close(self) -> None:
         with self._lock:

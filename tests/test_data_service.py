@@ -72,13 +72,13 @@ def cache_dir(tmp_path_factory) -> str:
 def overrides(cache_dir, run_dir, port, **extra) -> list[str]:
     base = {"cache.dir": cache_dir, "run.dir": str(run_dir), "seed": SEED, "service.port": port,
             "service.dp_size": DP, "train.micro_batch_size": MBS, "service.heartbeat_s": 0.5,
-            "service.lease_timeout_s": 5, "service.rpc_timeout_s": 20, "service.join_timeout_s": 30,
-            "service.consumer_timeout_s": 30, "service.shutdown_timeout_s": 10, "launch.master_port": free_port()}
+            "service.lease_timeout_s": 5, "service.rpc_timeout_s": 60, "service.join_timeout_s": 120,
+            "service.consumer_timeout_s": 120, "service.shutdown_timeout_s": 20, "launch.master_port": free_port()}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def consume(args: list[str], timeout: float = 120, wait: bool = True):
+def consume(args: list[str], timeout: float = 400, wait: bool = True):
     cmd = [sys.executable, "-m", "mmdit.launch.cli", "consume", *args]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -90,7 +90,7 @@ def samples(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def wait_for_samples(run_dir, n: int, timeout: float = 60) -> None:
+def wait_for_samples(run_dir, n: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while len(samples(run_dir)) < n:
         if time.monotonic() > deadline:
@@ -114,7 +114,7 @@ def producer_pids(run_dir) -> dict[str, int]:
     return {r["name"]: r["pid"] for r in rows if r["role"] == "producer"}
 
 
-def service_status(run_dir, timeout: float = 60) -> dict:
+def service_status(run_dir, timeout: float = 300) -> dict:
     """run.dir/service.json, which the coordinator writes every second (waits for the first)."""
     path, deadline = Path(run_dir) / "service.json", time.monotonic() + timeout
     while not path.exists():
@@ -137,12 +137,12 @@ def churn_run(cache_dir, tmp_path_factory):
                        wait=False)
         wait_for_samples(run_dir, 2 * 5)
         victim, pid = sorted(producer_pids(run_dir).items())[1]
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 300
         while service_status(run_dir)["producers"].get(victim, {}).get("held", 0) == 0:  # it holds leases
             assert time.monotonic() < deadline, "the victim never held a lease"
             time.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-3000:]
         code, stopped = serve.stop()
     finally:
@@ -151,7 +151,7 @@ def churn_run(cache_dir, tmp_path_factory):
             "summaries": [json.loads(line) for line in out.splitlines() if line.startswith("{")]}
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(900)
 def test_exactly_once_under_producer_kill(churn_run):
     rows = samples(churn_run["dir"])
     for epoch in (0, 1):
@@ -169,7 +169,7 @@ def test_exactly_once_under_producer_kill(churn_run):
     assert churn_run["serve_code"] == 0 and sorted(churn_run["stopped"]["producer_exit_codes"]) == [-9, 0, 0]
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(900)
 def test_every_batch_has_one_bucket_shapes(churn_run):
     for r in samples(churn_run["dir"]):
         buckets = {BY_KEY[k]["bucket"] for k in r["keys"]}
@@ -194,7 +194,7 @@ def single_run(cache_dir, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(900)
 def test_same_sequence_with_1_and_3_producers_equals_the_plan(churn_run, single_run):
     for dp_rank in range(DP):
         expected = planned_sequence(dp_rank)
@@ -202,7 +202,7 @@ def test_same_sequence_with_1_and_3_producers_equals_the_plan(churn_run, single_
         assert sequence(churn_run["dir"], dp_rank) == expected
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(900)
 def test_resume_from_saved_cursor_across_a_service_restart(cache_dir, tmp_path, single_run):
     k = 9
     for part, steps in (("first", k), ("rest", STEPS)):
@@ -225,7 +225,7 @@ def test_resume_from_saved_cursor_across_a_service_restart(cache_dir, tmp_path, 
 # ----------------------------------------------------------------------------- TP, joins, failures
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(900)
 def test_tp_broadcast_gives_both_tp_ranks_the_same_tensors(cache_dir, tmp_path):
     args = overrides(cache_dir, tmp_path, free_port(), **{"service.dp_size": 1})
     serve = ServeProcess(args)
@@ -248,7 +248,7 @@ def test_tp_broadcast_gives_both_tp_ranks_the_same_tensors(cache_dir, tmp_path):
     assert roles.count("consumer") == 2 and roles.count("producer") == 1
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_producer_joining_mid_run_gets_leases(cache_dir, tmp_path):
     """The only producer stops answering (SIGSTOP) mid-run, so the run can only finish through
     a producer that joins afterwards: no timing decides whether the joiner is needed."""
@@ -265,7 +265,7 @@ def test_producer_joining_mid_run_gets_leases(cache_dir, tmp_path):
         joiner = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "producer", *args],
                                   env={**os.environ, "MMDIT_INCARNATION": "7"},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, err = proc.communicate(timeout=240)
+        _, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-3000:]
         status = service_status(tmp_path)
     finally:
@@ -286,7 +286,7 @@ def test_producer_joining_mid_run_gets_leases(cache_dir, tmp_path):
     assert joiner.returncode == 0
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_lagging_rank_gets_batches_revoked_from_a_killed_producer(cache_dir, tmp_path):
     """DP rank 0 runs ahead until every producer slot holds batches only it has acked; the
     producer holding the oldest batch is killed; DP rank 1 starts afterwards and must still get
@@ -296,7 +296,7 @@ def test_lagging_rank_gets_batches_revoked_from_a_killed_producer(cache_dir, tmp
     try:
         steps = [f"train.steps={STEPS}", "train.log_samples=true"]
         leader = consume(args + steps + ["service.dp_rank=0"], wait=False)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while sum(len(p["seqs"]) for p in service_status(tmp_path)["producers"].values()) < 3 * 2:
             assert time.monotonic() < deadline, "the producers' slots never filled"
             time.sleep(0.1)
@@ -306,7 +306,7 @@ def test_lagging_rank_gets_batches_revoked_from_a_killed_producer(cache_dir, tmp
         os.kill(producer_pids(tmp_path)[victim], signal.SIGKILL)
         lagger = consume(args + steps + ["service.dp_rank=1"], wait=False)
         for proc in (leader, lagger):
-            _, err = proc.communicate(timeout=240)
+            _, err = proc.communicate(timeout=400)
             assert proc.returncode == 0, err[-3000:]
         status = service_status(tmp_path)
     finally:
@@ -317,7 +317,7 @@ def test_lagging_rank_gets_batches_revoked_from_a_killed_producer(cache_dir, tmp
         assert sequence(tmp_path, dp_rank) == planned_sequence(dp_rank)
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(900)
 def test_consumer_fails_clearly_when_all_producers_are_gone(cache_dir, tmp_path):
     args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.consumer_timeout_s": 4,
                                                           "service.prepare_depth": 1, "service.prefetch": 1})
@@ -329,12 +329,12 @@ def test_consumer_fails_clearly_when_all_producers_are_gone(cache_dir, tmp_path)
         for pid in producer_pids(tmp_path).values():
             os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
         elapsed = time.monotonic() - killed
-        code, _ = serve.stop(timeout=30)  # a dead producer must not hang the shutdown
+        code, _ = serve.stop(timeout=60)  # a dead producer must not hang the shutdown
     finally:
         serve.kill()
     assert proc.returncode != 0
     assert "DataServiceError" in err and "0 producers alive" in err
-    assert 3 < elapsed < 30
+    assert 3 < elapsed < 60  # service.consumer_timeout_s=4, plus shutting down
     assert code == 0

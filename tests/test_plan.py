@@ -296,7 +296,7 @@ def test_selection_from_cache_headers_and_manifest_thresholds(tmp_path):
     cache = LatentCache(tmp_path)
     assert resolve_fingerprint(cache, "") == "fpm"
     sel, counts = build_selection(cache, "fpm", FilterConfig(min_blur=10.0))
-    assert counts == {"cached": 6, "filtered_out": 0, "selected": 6}  # no manifest: everything cached
+    assert counts == {"cached": 6, "filtered_out": 0, "selected": 6, "damaged": 0}  # no manifest: all cached
     by_key = {r.key: r for r in sel.refs}
     assert by_key["m0"] == SampleRef("m0", (64, 128), "edit", "src0", (32, 32))
     assert by_key["m3"] == SampleRef("m3", (64, 128), "t2i", "src1", None)
@@ -306,5 +306,5 @@ def test_selection_from_cache_headers_and_manifest_thresholds(tmp_path):
                           "blur": 5.0 if i in (1, 4) else 50.0, "brightness": 0.5, "contrast": 0.5, "entropy": 5.0,
                           "phash": i})
     sel, counts = build_selection(cache, "fpm", FilterConfig(min_blur=10.0))
-    assert counts == {"cached": 6, "filtered_out": 2, "selected": 4}
+    assert counts == {"cached": 6, "filtered_out": 2, "selected": 4, "damaged": 0, "missing": 0}
     assert sel.keys() == {"m0", "m2", "m3", "m5"}

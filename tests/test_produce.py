@@ -172,6 +172,7 @@ def test_two_producer_processes_write_one_cache(tmp_path, shards, encoders, tiny
     ra, rb = (json.loads(out[out.index("{"):]) for out, _ in outs)
     assert ra["accepted"] == 13 and rb["accepted"] == 4
     assert ra["encoded"] + ra["cache_hits"] == 13 and rb["encoded"] + rb["cache_hits"] == 4
+    assert ra["encoded"] + rb["encoded"] == 14  # the shared shard was claimed by one: nothing encoded twice
     cache = LatentCache(cache_dir)
     fp = stage_fingerprint(encoders.fingerprint, BASE)
     keys = cache.keys(fp)
