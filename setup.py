@@ -26,6 +26,7 @@ setup(
         "webdataset>=0.2.100",
         "safetensors>=0.4",
         "pyarrow>=14",
+        "pyyaml>=6",
         "prometheus_client>=0.20",
         "pillow>=10",
         "numpy>=1.24",

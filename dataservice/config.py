@@ -53,6 +53,10 @@ class CoordinatorSettings(RpcSettings):
     """Encoder fingerprint whose cache entries are served; empty: the only one in the cache."""
     status_every_s: float = 1.0
     """The coordinator rewrites run.dir/service.json this often."""
+    control_host: str = "127.0.0.1"
+    """Address of the coordinator's HTTP control endpoint (hot-swap, metrics, dashboard)."""
+    control_port: int = 0
+    """Its port (0: any free one; the URL is in run.dir/control.json)."""
 
 
 @dataclass
@@ -114,6 +118,8 @@ class ServiceConfig(CoordinatorSettings, ProducerSettings, ClientSettings):
                 raise ValueError(f"service.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise ValueError(f"service.port must be in 1..65535, got {self.port}")
+        if not 0 <= self.control_port < 65536:
+            raise ValueError(f"service.control_port must be in 0..65535, got {self.control_port}")
         if self.heartbeat_s >= self.lease_timeout_s:
             raise ValueError(f"service.heartbeat_s ({self.heartbeat_s}) must be < service.lease_timeout_s "
                              f"({self.lease_timeout_s}), or live producers would lose their leases")

@@ -17,8 +17,11 @@ Resets: a client that registers with a cursor, DP layout or history different fr
 coordinator's starts a new plan *generation* from that cursor: everything planned before is
 dropped (producers are told through `keep`), stale clients get `stale` answers.
 
-Hot-swap: `update_mixture` appends a mixture version that takes effect at the first batch not
-yet planned; batches already planned (leased, maybe prepared) keep their version.
+Hot-swap (`update_data`, what `mmdit ctl set` calls): a change appends a data-config version
+(dataservice/data_config.py) that takes effect at the first batch no producer holds yet: batches
+planned but not leased are planned again under it, batches leased (maybe prepared, maybe
+prefetched) keep their version. Its start (epoch, index) and first training step are recorded,
+so a run replaying the history (from scratch or from a checkpoint) sees the same batches.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ import heapq
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch.futures import Future
 
 from mmdit.dataservice import protocol, rpc
 from mmdit.dataservice.config import CoordinatorSettings, ServiceConfig
-from mmdit.dataservice.plan import Cursor, MixtureVersion, PlannedBatch, Planner, PlanSpec, Selection, validate_history
+from mmdit.dataservice.plan import Cursor, DataVersion, PlannedBatch, Planner, PlanSpec, Selection, validate_history
 from mmdit.dataservice.protocol import Lease, Location, Registration
 
 log = logging.getLogger("mmdit.coordinator")
@@ -60,6 +63,8 @@ class _Producer:
     waiter: Future | None = None
     waiter_deadline: float = 0.0
     leased_total: int = 0
+    can_encode: bool = False
+    """It loaded encoders: it can serve samples that are not cached."""
 
 
 @dataclass
@@ -97,15 +102,19 @@ class Coordinator:
     """
 
     def __init__(self, selection: Selection, settings: CoordinatorSettings, seed: int, dp_size: int,
-                 micro_batch_size: int, history: list[MixtureVersion], clock=time.monotonic):
+                 micro_batch_size: int, history: list[DataVersion], clock=time.monotonic,
+                 stages: dict[int, str] | None = None):
         validate_history(history)
         self.sel, self.cfg, self.seed, self.clock = selection, settings, seed, clock
+        self.stages = stages or {0: ""}
+        """Curriculum stage (base resolution) -> cache fingerprint."""
         self.lock = threading.RLock()
         self.producers: dict[str, _Producer] = {}
         self.consumers: dict[str, _Consumer] = {}
         self.counters = {"leases": 0, "acks": 0, "batches_done": 0, "revoked": 0, "handed_back": 0,
                          "producers_lost": 0, "producers_left": 0, "resets": 0}
         self.gen, self.dp_size = -1, dp_size
+        self.leased_to = self.old_frontier = -1
         self.ranks_of: dict[str, int] = {}  # consumer name -> DP rank, every incarnation
         self.latest: dict[int, str] = {}  # DP rank -> its latest consumer's name
         self.departed: set[int] = set()  # DP ranks whose latest consumer left
@@ -118,7 +127,7 @@ class Coordinator:
         gbs = dp_size * micro_batch_size
         return PlanSpec(self.seed, gbs, min(gbs, self.cfg.min_batch_size or dp_size), self.cfg.drop_last)
 
-    def _reset(self, cursor: Cursor, history: list[MixtureVersion], dp_size: int, mbs: int) -> list:
+    def _reset(self, cursor: Cursor, history: list[DataVersion], dp_size: int, mbs: int) -> list:
         """Start plan generation gen+1 at `cursor`; returns futures to complete."""
         spec = self._spec(dp_size, mbs)
         planner = Planner(spec, self.sel, history, cursor)  # raises before any state changes
@@ -129,7 +138,9 @@ class Coordinator:
         self.planner = planner
         self.entries: dict[int, _Entry] = {}
         self.pending: list[int] = []
+        self.old_frontier = max(self.old_frontier, self.leased_to)  # what older generations leased
         self.leased_to = cursor.seq - 1
+        self.joined_at: dict[int, int] = {}  # DP rank -> the cursor it registered at in this generation
         self.base = cursor.seq
         self.start = cursor
         self.positions: dict[int, tuple[int, int]] = {}  # seq -> the cursor position after batch seq - 1
@@ -187,7 +198,7 @@ class Coordinator:
             return [e]
         return []
 
-    def lease(self, name: str, rank: int, depth: int, held: list) -> Future:
+    def lease(self, name: str, rank: int, depth: int, held: list, can_encode: bool = False) -> Future:
         """A producer's long poll. `held`: the (gen, seq) batches it holds. The reply comes at once
         when it owns batches it does not hold yet, else after `heartbeat_s` at the latest."""
         fut: Future = Future()
@@ -199,7 +210,7 @@ class Coordinator:
                     log.warning("producer %s is back after being declared dead; it starts empty", name)
                 p = self.producers[name] = _Producer(name, rank, depth, now)
                 log.info("producer %s (rank %d) joined", name, rank)
-            p.last_seen, p.depth = now, depth
+            p.last_seen, p.depth, p.can_encode = now, depth, can_encode
             p.held = {seq for g, seq in held if g == self.gen}
             stale = self._release_waiter(p)  # a poll the producer gave up on
             done = self._wake_locators(self._assign(p))
@@ -267,7 +278,7 @@ class Coordinator:
         new generation starts at the cursor; clients of the old one get `stale` and register
         again at their own cursors."""
         cursor = Cursor.from_dict(cursor)
-        theirs = [MixtureVersion.from_dict(v) for v in history or []]
+        theirs = [DataVersion.from_dict(v) for v in history or []]
         with self.lock:
             merged = self._merge_history(theirs, cursor)
             joins = (dp_size == self.dp_size and micro_batch_size == self.micro_batch_size and merged == self.history
@@ -288,6 +299,7 @@ class Coordinator:
             for other in [c.name for c in self.consumers.values() if c.dp_rank == dp_rank]:
                 del self.consumers[other]  # an earlier incarnation of this rank: its late acks are void
             self.consumers[name] = _Consumer(name, rank, dp_rank, self.clock())
+            self.joined_at[dp_rank] = cursor.seq
             self.ranks_of[name], self.latest[dp_rank] = dp_rank, name
             self.departed.discard(dp_rank)
             reply = Registration(self.gen, cursor.to_dict(), [v.to_dict() for v in self.history], self.sel.digest(),
@@ -307,9 +319,9 @@ class Coordinator:
             return cursor == self.start
         return self.positions.get(cursor.seq) == (cursor.epoch, cursor.index)
 
-    def _merge_history(self, theirs: list[MixtureVersion], cursor: Cursor) -> list[MixtureVersion]:
+    def _merge_history(self, theirs: list[DataVersion], cursor: Cursor) -> list[DataVersion]:
         """A checkpoint's history against ours: the longer when one extends the other; on conflict
-        the checkpoint's (it made the batches already trained on) plus, when our current mixture
+        the checkpoint's (it made the batches already trained on) plus, when our current config
         differs from its last one, ours as a new version from the cursor on."""
         ours = list(self.history)
         if not theirs or theirs == ours[:len(theirs)]:
@@ -317,10 +329,11 @@ class Coordinator:
         if ours == theirs[:len(ours)]:
             return theirs
         last, mine = theirs[-1], ours[-1]
-        if (last.task_weights, last.source_weights) == (mine.task_weights, mine.source_weights):
+        if last.same_plan(mine):
             return theirs
         start = max((cursor.epoch, cursor.index), last.start)
-        return theirs + [MixtureVersion(last.version + 1, start[0], start[1], mine.task_weights, mine.source_weights)]
+        return theirs + [replace(mine, version=last.version + 1, epoch=start[0], index=start[1],
+                                 from_step=cursor.seq + 1, why="the service's config differs from the checkpoint's")]
 
     def locate(self, name: str, gen: int, seq: int, ahead: int = 0) -> Future:
         """Which producer holds batch `seq` (waits up to `heartbeat_s` for it to be leased), and
@@ -416,24 +429,63 @@ class Coordinator:
             done = self._dispatch()
         _complete(done)
 
-    # ---- mixture
+    # ---- the data config
 
-    def update_mixture(self, task_weights: dict, source_weights: dict) -> dict:
-        """Append a mixture version, in force from the first batch not yet planned."""
+    def update_data(self, changes: dict, why: str = "") -> dict:
+        """Apply a data-config change (dataservice/data_config.py) from the first batch no
+        producer holds yet. Raises ChangeError (nothing changed) when the change is invalid or
+        would select no sample. Concurrent changes are serialized by the lock."""
+        from mmdit.dataservice.data_config import ChangeError, apply_changes
+
         with self.lock:
-            start = self.planner.cursor
             last = self.history[-1]
-            version = MixtureVersion(last.version + 1, start.epoch, start.index,
-                                     {str(k): float(v) for k, v in task_weights.items()},
-                                     {str(k): float(v) for k, v in source_weights.items()})
-            candidate = self.history + [version]
-            validate_history(candidate)
-            self.history.append(version)  # the planner holds this list: it applies the version itself
-            return version.to_dict()
+            candidate, applied = apply_changes(last, changes, set(self.stages))
+            encoders = any(p.alive and p.can_encode for p in self.producers.values())
+            candidate = replace(candidate, encode_missing=encoders)
+            if candidate.task_weights and not any(w > 0 for w in candidate.task_weights.values()):
+                raise ChangeError("every task weight would be 0")
+            weights = self.sel.weights(candidate)
+            if weights.sum() <= 0:
+                raise ChangeError(f"the change selects no sample ({', '.join(f'{k}={v}' for k, v in applied.items())})")
+            # the first batch nobody holds: no producer leased it, no rank consumed it (a rank that
+            # joined this generation at a later cursor consumed everything before that cursor; a
+            # rank yet to rejoin after a reset may hold anything the old generations leased)
+            seq = max([self.leased_to + 1, *self.joined_at.values()])
+            if set(self.joined_at) | self.departed != set(range(self.dp_size)):
+                seq = max(seq, self.old_frontier + 1)
+            self._plan_window(at_least=seq)
+            epoch, index = (self.start.epoch, self.start.index) if seq == self.start.seq else self.positions[seq]
+            version = replace(candidate, version=last.version + 1, epoch=epoch, index=index, time=time.time(),
+                              from_step=seq + 1, why=why, changes=applied)
+            # Versions starting later than this one were planned in a timeline a restart from an
+            # earlier checkpoint abandoned; this change (made on top of them) replaces them.
+            history = [v for v in self.history if v.start <= version.start] + [version]
+            validate_history(history)
+            self._replan_from(seq, Cursor(seq, epoch, index), history)
+            drawn = weights > 0
+            missing = int((drawn & ~self.sel.cached).sum())
+            log.info("data config version %d from step %d (%s): %s", version.version, version.from_step,
+                     why or "no reason given", applied)
+            return {"config_version": version.version, "from_step": version.from_step, "changes": applied,
+                    "selected": int(drawn.sum()), "missing": missing,
+                    "missing_planned": missing if encoders else 0}
+
+    def _replan_from(self, seq: int, cursor: Cursor, history: list[DataVersion]) -> None:
+        """Forget planned batches from `seq` on (none is leased) and plan them under `history`."""
+        self.planner = Planner(self.spec, self.sel, history, cursor)
+        self.history = history
+        for s in [s for s in self.entries if s >= seq]:
+            del self.entries[s]
+            self.positions.pop(s + 1, None)
+        self._plan_window()
 
     def history_dicts(self) -> list[dict]:
         with self.lock:
             return [v.to_dict() for v in self.history]
+
+    def history_versions(self) -> list[DataVersion]:
+        with self.lock:
+            return list(self.history)
 
     # ---- time
 
@@ -496,17 +548,21 @@ class CoordinatorService:
     """The coordinator in this process: RPC rank 0, a reaper thread, and run.dir/service.json."""
 
     def __init__(self, cfg, run_dir):
-        from mmdit.dataservice.selection import build_selection, resolve_fingerprint
+        from mmdit.dataservice.data_config import version_zero
+        from mmdit.dataservice.selection import build_selection, resolve_fingerprint, resolve_stages
         from mmdit.producer.cache import LatentCache
 
         svc: ServiceConfig = cfg.service
         self.settings = settings = svc.role(CoordinatorSettings)
         cache = LatentCache(cfg.cache.dir)
         self.fingerprint = resolve_fingerprint(cache, settings.fingerprint)
-        selection, self.selection_counts = build_selection(cache, self.fingerprint, cfg.data.filters)
+        stages = resolve_stages(cache, self.fingerprint)
+        stage = cfg.data.base_resolution if cfg.data.base_resolution in stages else min(stages)
+        selection, self.selection_counts = build_selection(cache, stages, cfg.data.filters, stage)
         cache.close()
-        history = [MixtureVersion(0, 0, 0, dict(cfg.data.task_weights), dict(cfg.data.source_weights))]
-        self.coordinator = Coordinator(selection, settings, cfg.seed, svc.dp_size, cfg.train.micro_batch_size, history)
+        history = [version_zero(cfg.data, stage)]
+        self.coordinator = Coordinator(selection, settings, cfg.seed, svc.dp_size, cfg.train.micro_batch_size, history,
+                                       stages=stages)
         self.status_path = Path(run_dir) / "service.json"
         self.status_path.parent.mkdir(parents=True, exist_ok=True)
         protocol.serve(protocol.COORDINATOR, self.coordinator)
@@ -516,8 +572,11 @@ class CoordinatorService:
         except BaseException:
             protocol.stop_serving(protocol.COORDINATOR)
             raise
-        log.info("coordinator up on %s:%d: %d samples selected (%s), fingerprint %s", settings.host, settings.port,
-                 len(selection), self.selection_counts, self.fingerprint)
+        from mmdit.dataservice.control import ControlServer
+
+        self.control = ControlServer(self.coordinator, settings.control_host, settings.control_port, run_dir)
+        log.info("coordinator up on %s:%d: %d samples in the universe (%s), fingerprint %s", settings.host,
+                 settings.port, len(selection), self.selection_counts, self.fingerprint)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._tick, name="coordinator-reaper", daemon=True)
         self._thread.start()
@@ -550,5 +609,6 @@ class CoordinatorService:
         self._stop.set()
         self._thread.join(timeout=5)
         self.write_status()
+        self.control.close()
         rpc.leave(graceful=False)
         protocol.stop_serving(protocol.COORDINATOR)

@@ -1,4 +1,4 @@
-"""The batch plan: a pure function of (seed, epoch, selection, mixture history) -> global batches.
+"""The batch plan: a pure function of (seed, epoch, selection, data-config history) -> global batches.
 
 Every trainer step consumes one *global batch*: `global_batch_size` samples of ONE group (same
 resolution bucket, same task, same condition-image bucket, because MSRoPE tables and tensor
@@ -7,8 +7,10 @@ depends on nothing else (not on producers, their number, their speed or their cr
 coordinator can rebuild it and a trainer resumes from a cursor exactly.
 
 How an epoch is drawn (weighted sampling without replacement, exactly once per epoch):
-- A *mixture version* gives each sample a weight: task weight x source weight (unnamed tasks and
-  sources weigh 1; weight 0 leaves a sample out while that version is active).
+- A *data-config version* (`DataVersion`) gives each sample a weight: task x source x category x
+  bucket weight (unnamed ones weigh 1), times 0 for samples outside its curriculum stage, outside
+  its manifest filters, or not cached when nothing can encode them. Weight 0 leaves a sample out
+  while that version is in force.
 - When a version becomes active (at the epoch start, or at the batch where the coordinator put a
   hot-swapped version), every group orders its not-yet-planned samples by exponential clocks
   `E / w` (Efraimidis-Spirakis: the order of weighted sampling without replacement).
@@ -20,16 +22,23 @@ How an epoch is drawn (weighted sampling without replacement, exactly once per e
   ranks) is *padded*: its order repeats until `min_batch_size` samples, so each DP rank gets one.
   Every selected sample is thus served in every epoch; only such tiny groups repeat samples
   (`EpochPlanner.padded` counts the repeats). With `drop_last` they are left out instead.
-- The epoch ends when no group has samples left; the next epoch starts over with fresh clocks.
+- The epoch ends when no group has samples of positive weight left; the next epoch starts over
+  with fresh clocks.
+
+What "exactly once per epoch" means across a change: an epoch is one pass over the samples of
+positive weight. A version that starts mid-epoch re-weighs the samples this epoch has not served
+yet: samples it leaves out are not drawn for the rest of the epoch, samples it adds join the rest
+of the epoch; no sample is served twice in one epoch (but for the padding of tiny groups above).
 
 Randomness comes from counter-based seeds: the batch choice from (seed, epoch, index), the
-clocks from (seed, epoch, version). So the plan can be replayed from any cursor, and a mixture
-change alters only batches from its start position on.
+clocks from (seed, epoch, version). So the plan can be replayed from any cursor, and a change
+alters only batches from its start position on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -42,7 +51,7 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class SampleRef:
-    """What the plan needs to know of one selected sample."""
+    """What the plan needs to know of one sample of the universe it draws from."""
 
     key: str
     bucket: tuple[int, int]
@@ -50,52 +59,87 @@ class SampleRef:
     source: str = ""
     cond_bucket: tuple[int, int] | None = None
     """(H, W) in pixels of the condition image (edit/reconstruction), None for text-to-image."""
+    stage: int = 0
+    """The base resolution (256, 640, 1328) the sample is encoded at; 0 where there is one stage."""
+    category: str = ""
+    cached: bool = True
+    """False: selected by the manifest but not in the cache; planned only by versions whose
+    producers can encode on a miss (`DataVersion.encode_missing`)."""
 
     @property
     def group(self) -> tuple:
-        """Samples of one group can share a batch: equal target and condition shapes, one task."""
-        return (tuple(self.bucket), self.task, tuple(self.cond_bucket) if self.cond_bucket else (0, 0))
+        """Samples of one group can share a batch: one stage, equal target and condition shapes, one task."""
+        return (self.stage, tuple(self.bucket), self.task, tuple(self.cond_bucket) if self.cond_bucket else (0, 0))
+
+
+_PLAN_FIELDS = ("task_weights", "source_weights", "category_weights", "bucket_weights", "stage", "filters",
+                "encode_missing")
 
 
 @dataclass(frozen=True)
-class MixtureVersion:
-    """Task and source weights, in force from global batch (epoch, index) until the next version."""
+class DataVersion:
+    """One version of the data config, in force from global batch (epoch, index) until the next.
+
+    The plan reads the weights (task x source x category x bucket; unnamed ones weigh 1, weight 0
+    leaves a sample out), the curriculum `stage` (the base resolution; 0: every stage), the
+    manifest `filters` (thresholds over stored scores; empty: everything cached) and whether
+    uncached samples may be planned (`encode_missing`). The rest records the change: when, from
+    which training step, what changed and why; it does not affect the plan.
+    """
 
     version: int
     epoch: int
     index: int
     task_weights: dict = field(default_factory=dict)
     source_weights: dict = field(default_factory=dict)
+    category_weights: dict = field(default_factory=dict)
+    bucket_weights: dict = field(default_factory=dict)
+    """"HxW" -> weight."""
+    stage: int = 0
+    filters: dict = field(default_factory=dict)
+    encode_missing: bool = False
+    time: float = field(default=0.0, compare=False)
+    from_step: int = field(default=1, compare=False)
+    why: str = field(default="", compare=False)
+    changes: dict = field(default_factory=dict, compare=False)
 
     @property
     def start(self) -> tuple[int, int]:
         return (self.epoch, self.index)
 
+    def same_plan(self, other: DataVersion) -> bool:
+        """Do both select and weigh samples alike (whatever their numbers and starts)?"""
+        return all(getattr(self, f) == getattr(other, f) for f in _PLAN_FIELDS)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> MixtureVersion:
-        return cls(int(d["version"]), int(d["epoch"]), int(d["index"]),
-                   {str(k): float(v) for k, v in d.get("task_weights", {}).items()},
-                   {str(k): float(v) for k, v in d.get("source_weights", {}).items()})
+    def from_dict(cls, d: dict) -> DataVersion:
+        weights = lambda name: {str(k): float(v) for k, v in (d.get(name) or {}).items()}  # noqa: E731
+        return cls(int(d["version"]), int(d["epoch"]), int(d["index"]), weights("task_weights"),
+                   weights("source_weights"), weights("category_weights"), weights("bucket_weights"),
+                   int(d.get("stage", 0)), dict(d.get("filters") or {}), bool(d.get("encode_missing", False)),
+                   float(d.get("time", 0.0)), int(d.get("from_step", 1)), str(d.get("why", "")),
+                   dict(d.get("changes") or {}))
 
 
-def validate_history(history: Sequence[MixtureVersion]) -> None:
+def validate_history(history: Sequence[DataVersion]) -> None:
     if not history:
-        raise PlanError("the mixture history is empty: it needs a version 0 at (0, 0)")
+        raise PlanError("the data-config history is empty: it needs a version 0 at (0, 0)")
     if history[0].start != (0, 0):
-        raise PlanError(f"the first mixture version must start at (0, 0), got {history[0].start}")
+        raise PlanError(f"the first data-config version must start at (0, 0), got {history[0].start}")
     for a, b in zip(history, history[1:]):
         if b.version <= a.version or b.start < a.start:
-            raise PlanError(f"mixture versions must increase in number and start: {a} then {b}")
+            raise PlanError(f"data-config versions must increase in number and start: {a} then {b}")
     for v in history:
-        for name, w in (*v.task_weights.items(), *v.source_weights.items()):
+        for name, w in (*v.task_weights.items(), *v.source_weights.items(), *v.category_weights.items(),
+                        *v.bucket_weights.items()):
             if not np.isfinite(w) or w < 0:
-                raise PlanError(f"mixture version {v.version}: weight of {name!r} must be finite and >= 0, got {w}")
+                raise PlanError(f"data-config version {v.version}: weight of {name!r} must be finite and >= 0, got {w}")
 
 
-def active_version(history: Sequence[MixtureVersion], epoch: int, index: int) -> MixtureVersion:
+def active_version(history: Sequence[DataVersion], epoch: int, index: int) -> DataVersion:
     """The version in force at global batch (epoch, index)."""
     current = history[0]
     for v in history:
@@ -134,6 +178,8 @@ class PlannedBatch:
     cond_bucket: tuple[int, int] | None
     keys: tuple[str, ...]
     config_version: int
+    stage: int = 0
+    """The base resolution the batch's records are encoded at (0: the cache's only stage)."""
 
     @property
     def batch_id(self) -> tuple[int, int]:
@@ -171,14 +217,16 @@ class Cursor:
 
 
 class Selection:
-    """The selected samples, canonically ordered (by key) and grouped; shared by every epoch."""
+    """The universe the plan draws from, canonically ordered (by stage and key) and grouped; shared
+    by every epoch. `manifest` (a pyarrow table of producer/manifest.py rows) lets versions filter
+    by the stored scores; without it every filter passes."""
 
-    def __init__(self, refs: Iterable[SampleRef]):
-        self.refs: tuple[SampleRef, ...] = tuple(sorted(refs, key=lambda r: r.key))
+    def __init__(self, refs: Iterable[SampleRef], manifest=None):
+        self.refs: tuple[SampleRef, ...] = tuple(sorted(refs, key=lambda r: (r.stage, r.key)))
         if not self.refs:
             raise PlanError("the selection is empty: nothing to plan")
         for a, b in zip(self.refs, self.refs[1:]):
-            if a.key == b.key:
+            if (a.stage, a.key) == (b.stage, b.key):
                 raise PlanError(f"key {a.key!r} is selected twice")
         by_group: dict[tuple, list[int]] = {}
         for i, r in enumerate(self.refs):
@@ -187,6 +235,12 @@ class Selection:
         self.members: list[np.ndarray] = [np.asarray(by_group[g], dtype=np.int64) for g in self.groups]
         self.tasks = np.asarray([r.task for r in self.refs], dtype=object)
         self.sources = np.asarray([r.source for r in self.refs], dtype=object)
+        self.categories = np.asarray([r.category for r in self.refs], dtype=object)
+        self.bucket_names = np.asarray([f"{r.bucket[0]}x{r.bucket[1]}" for r in self.refs], dtype=object)
+        self.stages = np.asarray([r.stage for r in self.refs], dtype=np.int64)
+        self.cached = np.asarray([r.cached for r in self.refs], dtype=bool)
+        self.manifest = manifest
+        self._passing: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -195,17 +249,52 @@ class Selection:
         return {r.key for r in self.refs}
 
     def digest(self) -> str:
-        """Identity of the selection (keys and groups): a resumed run checks it did not change."""
+        """Identity of the universe (keys, groups, caching, scores): a resumed run checks it."""
         h = hashlib.sha256()
         for r in self.refs:
-            h.update(f"{r.key}\0{r.group}\0{r.source}\n".encode())
+            h.update(f"{r.key}\0{r.group}\0{r.source}\0{r.category}\0{r.cached}\n".encode())
+        if self.manifest is not None:
+            for name in sorted(self.manifest.column_names):
+                h.update(name.encode())
+                h.update(str(self.manifest.column(name).to_pylist()).encode())
         return h.hexdigest()[:16]
 
-    def weights(self, version: MixtureVersion) -> np.ndarray:
-        """Weight of every sample under `version` (task weight x source weight; unnamed: 1)."""
-        tw = np.asarray([version.task_weights.get(t, 1.0) for t in self.tasks], dtype=np.float64)
-        sw = np.asarray([version.source_weights.get(s, 1.0) for s in self.sources], dtype=np.float64)
-        return tw * sw
+    def passes(self, filters: dict) -> np.ndarray:
+        """Mask of samples whose manifest scores pass `filters` (FilterConfig fields; the
+        defaults for fields not named). Samples without a manifest row pass."""
+        cache_key = json.dumps(filters, sort_keys=True)
+        if cache_key not in self._passing:
+            self._passing[cache_key] = self._passing_mask(filters)
+        return self._passing[cache_key]
+
+    def _passing_mask(self, filters: dict) -> np.ndarray:
+        if self.manifest is None or not filters:
+            return np.ones(len(self), dtype=bool)
+        from mmdit.producer.config import FilterConfig
+        from mmdit.producer.manifest import select_mask
+
+        mask, _ = select_mask(self.manifest, FilterConfig(**filters))
+        keys = self.manifest.column("key").to_pylist()
+        accepted = {k for k, ok in zip(keys, mask) if ok}
+        in_manifest = set(keys)
+        return np.asarray([r.key in accepted or r.key not in in_manifest for r in self.refs], dtype=bool)
+
+    def weights(self, version: DataVersion) -> np.ndarray:
+        """Weight of every sample under `version` (0: not drawn while it is in force)."""
+        def lookup(table: dict, names: np.ndarray) -> np.ndarray:
+            if not table:
+                return np.ones(len(names))
+            return np.asarray([table.get(n, 1.0) for n in names], dtype=np.float64)
+
+        w = (lookup(version.task_weights, self.tasks) * lookup(version.source_weights, self.sources)
+             * lookup(version.category_weights, self.categories) * lookup(version.bucket_weights, self.bucket_names))
+        if version.stage:
+            w = w * (self.stages == version.stage)
+        if not version.encode_missing:
+            w = w * self.cached
+        if version.filters:
+            w = w * self.passes(version.filters)
+        return w
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -222,7 +311,7 @@ class EpochPlanner:
     is the next unplanned batch); a version is picked up when its start is reached.
     """
 
-    def __init__(self, spec: PlanSpec, epoch: int, selection: Selection, history: Sequence[MixtureVersion]):
+    def __init__(self, spec: PlanSpec, epoch: int, selection: Selection, history: Sequence[DataVersion]):
         validate_history(history)
         self.spec, self.epoch, self.sel, self.history = spec, epoch, selection, history
         self.index = 0
@@ -231,9 +320,9 @@ class EpochPlanner:
         """Keys left out of this epoch: zero weight (or, with drop_last, a group smaller than a batch)."""
         self.padded = 0
         """Repeats added to groups smaller than min_batch_size."""
-        self._version: MixtureVersion | None = None
+        self._version: DataVersion | None = None
 
-    def _activate(self, version: MixtureVersion) -> None:
+    def _activate(self, version: DataVersion) -> None:
         """Order every group's remaining samples by exponential clocks under `version`."""
         self._version = version
         weights = self.sel.weights(version)
@@ -290,9 +379,9 @@ class EpochPlanner:
         taken = self._order[g][ptr:ptr + k]
         self._ptr[g] = ptr + k
         self.remaining[taken] = False
-        bucket, task, cond = self.sel.groups[g]
+        stage, bucket, task, cond = self.sel.groups[g]
         batch = PlannedBatch(self.epoch, self.index, bucket, task, cond if cond != (0, 0) else None,
-                             tuple(self.sel.refs[i].key for i in taken), version.version)
+                             tuple(self.sel.refs[i].key for i in taken), version.version, stage)
         self.index += 1
         return batch
 
@@ -306,7 +395,7 @@ class EpochPlanner:
 
 
 def plan_epoch(spec: PlanSpec, epoch: int, selection: Selection,
-               history: Sequence[MixtureVersion]) -> list[PlannedBatch]:
+               history: Sequence[DataVersion]) -> list[PlannedBatch]:
     """All global batches of `epoch`, in order: the pure form of the plan."""
     return list(EpochPlanner(spec, epoch, selection, history))
 
@@ -314,7 +403,7 @@ def plan_epoch(spec: PlanSpec, epoch: int, selection: Selection,
 class Planner:
     """The global batch sequence across epochs, from a cursor on: `next() -> (seq, batch)`."""
 
-    def __init__(self, spec: PlanSpec, selection: Selection, history: Sequence[MixtureVersion],
+    def __init__(self, spec: PlanSpec, selection: Selection, history: Sequence[DataVersion],
                  start: Cursor = Cursor()):
         self.spec, self.sel, self.history = spec, selection, history
         self.seq = start.seq

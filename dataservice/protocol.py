@@ -3,14 +3,14 @@
 Roles (one process may hold several): the *coordinator* (RPC rank 0, one per job), *producers*
 (prepare and serve batches), *clients* (one per DP rank of the trainer, on its TP rank 0).
 
-    producer -> coordinator   lease(name, rank, depth, held) -> Lease        long poll, heartbeat
+    producer -> coordinator   lease(name, rank, depth, held, can_encode) -> Lease   long poll, heartbeat
                               producer_left(name)
     client   -> coordinator   register_consumer(...) -> Registration
                               locate(name, gen, seq, ahead) -> Location      long poll
                               ack(name, dp_rank, gen, seqs) -> int
                               producer_failed(name, reporter), consumer_left(name), history()
     client   -> producer      fetch(uid, dp_rank) -> Shard                   long poll
-    anyone   -> coordinator   status() -> dict, update_mixture(...) -> dict
+    anyone   -> coordinator   status() -> dict, update_data(changes, why) -> dict
 
 A batch is named by its `uid` (plan generation, global sequence number). A process serves a role
 by `serve(role, handler)`; the entry points below call the handler's method of the same name.
@@ -124,8 +124,8 @@ def _ready(value) -> Future:
 
 
 @async_execution
-def lease(name: str, rank: int, depth: int, held: list) -> Future:
-    return _handler(COORDINATOR).lease(name, rank, depth, held)
+def lease(name: str, rank: int, depth: int, held: list, can_encode: bool = False) -> Future:
+    return _handler(COORDINATOR).lease(name, rank, depth, held, can_encode)
 
 
 @async_execution
@@ -158,8 +158,8 @@ def history() -> list[dict]:
     return _handler(COORDINATOR).history_dicts()
 
 
-def update_mixture(task_weights: dict, source_weights: dict) -> dict:
-    return _handler(COORDINATOR).update_mixture(task_weights, source_weights)
+def update_data(changes: dict, why: str = "") -> dict:
+    return _handler(COORDINATOR).update_data(changes, why)
 
 
 def status() -> dict:

@@ -1,22 +1,29 @@
-"""What the service serves: the encoder fingerprint, and the selected samples of the cache.
+"""What the service can serve: the curriculum stages of the cache, and the universe of samples.
 
-The selection is every record cached under the fingerprint, intersected with what the manifest's
-thresholds select (when the cache has a manifest). The coordinator plans over it; producers only
-need the fingerprint.
+A cache written by `mmdit produce` holds one fingerprint per stage, `<encoders>-b<base>` (256,
+640, 1328: the latents of one sample differ per stage). The universe the plan draws from is every
+record cached at any stage, plus, when the cache has a manifest, the manifest's decodable samples
+that are not cached (yet): a data-config version may plan them when a producer can encode on a
+miss. Which samples a version actually draws is decided by its weights, stage and filters
+(`Selection.weights`); changing a threshold needs no rebuild.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from mmdit.dataservice.plan import PlanError, SampleRef, Selection
 
 log = logging.getLogger("mmdit.selection")
 
+_STAGED = re.compile(r"^(?P<encoders>.+)-b(?P<base>\d+)$")
+
 
 def resolve_fingerprint(cache, wanted: str) -> str:
-    """The encoder fingerprint to serve: `wanted`, or the only one in the cache."""
+    """The encoder fingerprint to serve: `wanted`, or the only one in the cache (a cache written
+    by `mmdit produce` at several stages counts as one: its stage fingerprints share a prefix)."""
     found = cache.fingerprints()
     if not found:
         raise PlanError(f"cache {cache.path} is empty: fill it with `mmdit produce` first")
@@ -24,45 +31,99 @@ def resolve_fingerprint(cache, wanted: str) -> str:
         if wanted not in found:
             raise PlanError(f"fingerprint {wanted!r} not in cache {cache.path} (found {found})")
         return wanted
-    if len(found) != 1:
+    families = {(m.group("encoders") if (m := _STAGED.match(fp)) else fp) for fp in found}
+    if len(families) != 1:
         raise PlanError(f"cache {cache.path} holds fingerprints {found}: set service.fingerprint to pick one")
-    return found[0]
+    return sorted(found)[0]
 
 
-def _manifest_keys(cache_dir: Path, filters) -> set[str] | None:
-    """Keys the manifest's thresholds select, or None when the cache has no manifest."""
-    from mmdit.producer.manifest import read_manifest, select
+def resolve_stages(cache, fingerprint: str) -> dict[int, str]:
+    """stage (base resolution) -> cache fingerprint: every stage of `fingerprint`'s encoders, or
+    {0: fingerprint} for a cache without stages."""
+    m = _STAGED.match(fingerprint)
+    if m is None:
+        return {0: fingerprint}
+    stages = {}
+    for fp in cache.fingerprints():
+        other = _STAGED.match(fp)
+        if other is not None and other.group("encoders") == m.group("encoders"):
+            stages[int(other.group("base"))] = fp
+    return stages
 
-    manifest_dir = cache_dir / "manifest"
+
+def read_manifest_table(cache_dir: Path):
+    """The cache's manifest (producer/manifest.py), or None when it has none."""
+    from mmdit.producer.manifest import read_manifest
+
+    manifest_dir = Path(cache_dir) / "manifest"
     if not manifest_dir.is_dir():
         return None
     table = read_manifest(manifest_dir)
-    if not table.num_rows:
-        return None
-    return set(select(table, filters).column("key").to_pylist())
+    return table if table.num_rows else None
 
 
-def build_selection(cache, fingerprint: str, filters=None) -> tuple[Selection, dict]:
-    """The samples to plan. Returns (selection, counts for the status report)."""
-    allowed = _manifest_keys(Path(cache.path), filters) if filters is not None else None
-    refs, counts = [], {"cached": 0, "filtered_out": 0}
-    for bucket, keys in cache.buckets(fingerprint).items():
-        for key in keys:
-            counts["cached"] += 1
-            if allowed is not None and key not in allowed:
-                counts["filtered_out"] += 1
-                continue
-            meta = cache.meta(key, fingerprint)  # from the segment header: no tensor is read
-            cond = meta.get("cond_shape")
-            refs.append(SampleRef(key, tuple(bucket), meta["task"], meta.get("source", ""),
-                                  (cond[1] * 8, cond[2] * 8) if cond else None))
-    counts["selected"] = len(refs)
+def build_selection(cache, stages: dict[int, str], filters=None, stage: int | None = None) -> tuple[Selection, dict]:
+    """The universe over `stages`, and counts for the status report: cached (records), selected
+    (what `filters` select of it at `stage`, default the first), missing (selected by the
+    manifest but not cached), damaged (unreadable files and records met while indexing)."""
+    manifest = read_manifest_table(Path(cache.path))
+    rows = _manifest_rows(manifest)
+    refs, counts = [], {"cached": 0}
+    for stage, fp in sorted(stages.items()):
+        cached = set()
+        for bucket, keys in cache.buckets(fp).items():
+            for key in keys:
+                meta = cache.meta(key, fp)  # from the segment header: no tensor is read
+                cond = meta.get("cond_shape")
+                row = rows.get(key, {})
+                refs.append(SampleRef(key, tuple(bucket), meta["task"], meta.get("source", ""),
+                                      (cond[1] * 8, cond[2] * 8) if cond else None, stage, row.get("category") or ""))
+                cached.add(key)
+        counts["cached"] += len(cached)
+        for key, row in rows.items():
+            if key not in cached and (ref := _uncached_ref(row, stage)) is not None:
+                refs.append(ref)
+    selection = Selection(refs, manifest)
+    if filters is not None:
+        from dataclasses import asdict
+
+        from mmdit.dataservice.plan import DataVersion
+
+        first = min(stages) if stage is None else stage
+        weights = selection.weights(DataVersion(0, 0, 0, stage=first, filters=asdict(filters), encode_missing=True))
+        wanted = {selection.refs[i].key for i in weights.nonzero()[0]}
+        have = {r.key for r in selection.refs if r.cached and r.stage == first}
+        counts["selected"] = len(wanted & have)
+        counts["missing"] = len(wanted - have)
+        if counts["missing"]:
+            log.warning("%d samples the manifest selects are not in the cache (first: %s): producers with encoders "
+                        "encode them on demand, `mmdit produce` ahead of time", counts["missing"],
+                        sorted(wanted - have)[0])
     counts["damaged"] = len(cache.damage)
-    if allowed is not None:  # selected by the manifest but not cached: a deleted or damaged segment
-        cached = {r.key for r in refs}
-        missing = sorted(allowed - cached)
-        counts["missing"] = len(missing)
-        if missing:
-            log.warning("%d samples the manifest selects are not in the cache (first: %s): `mmdit produce` encodes "
-                        "them again", len(missing), missing[0])
-    return Selection(refs), counts
+    return selection, counts
+
+
+def _manifest_rows(manifest) -> dict[str, dict]:
+    """key -> manifest row, for the rows that decoded (status ok)."""
+    if manifest is None:
+        return {}
+    from mmdit.producer.manifest import OK
+
+    return {r["key"]: r for r in manifest.to_pylist() if r.get("status") == OK}
+
+
+def _uncached_ref(row: dict, stage: int) -> SampleRef | None:
+    """A manifest sample not in the cache, as it would be encoded at `stage` (its bucket there)."""
+    from mmdit.producer.buckets import assign_bucket, bucket_set
+
+    if stage:
+        buckets = bucket_set(stage)
+        bucket = assign_bucket(row["width"], row["height"], buckets)
+        cond = assign_bucket(row["src_width"], row["src_height"], buckets) if row.get("src_width") else None
+    elif row.get("bucket_h"):
+        bucket = (row["bucket_h"], row["bucket_w"])
+        cond = (row["src_bucket_h"], row["src_bucket_w"]) if row.get("src_bucket_h") else None
+    else:
+        return None
+    return SampleRef(row["key"], tuple(bucket), row["task"], row.get("source") or "", tuple(cond) if cond else None,
+                     stage, row.get("category") or "", cached=False)

@@ -87,9 +87,12 @@ class _Slot:
 class ProducerServer:
     """Holds leased batches, prepares them on worker threads and answers fetches."""
 
-    def __init__(self, settings: ProducerSettings, cache, fingerprint: str, name: str, rank: int,
-                 encode_hook: Callable[[list[str]], list[dict]] | None = None, clock=time.monotonic):
-        self.cfg, self.cache, self.fp, self.name, self.rank = settings, cache, fingerprint, name, rank
+    def __init__(self, settings: ProducerSettings, cache, stages: dict[int, str] | str, name: str, rank: int,
+                 encode_hook: Callable[[list[str], int], list[dict]] | None = None, clock=time.monotonic):
+        """`stages`: curriculum stage -> cache fingerprint (a bare fingerprint: one stage, 0);
+        `encode_hook(keys, stage) -> records` encodes what the cache lacks."""
+        self.cfg, self.cache, self.name, self.rank = settings, cache, name, rank
+        self.stages = {0: stages} if isinstance(stages, str) else dict(stages)
         self.encode_hook, self.clock = encode_hook, clock
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
@@ -153,14 +156,15 @@ class ProducerServer:
                 waiters, slot.waiters = slot.waiters, []
             _complete([(f, self._answer(slot, r)) for f, r, _ in waiters])
 
-    def _records(self, keys: list[str]) -> list[dict]:
+    def _records(self, keys: list[str], stage: int) -> list[dict]:
         """The batch's records, in plan order. A key missing from the cache or damaged there goes
         to the encoder hook when there is one; else it is left out (logged with its file, counted
         in `damaged`/`missing`), and the batch is served without it."""
-        found, problems = self.cache.read_available(keys, self.fp)
+        found, problems = self.cache.read_available(keys, self.stages[stage])
         if problems and self.encode_hook is not None:
-            found.update({r["key"]: r for r in self.encode_hook(list(problems))})
-            self.counters["encoded"] += len(problems)
+            encoded = self.encode_hook(list(problems), stage)
+            found.update({r["key"]: r for r in encoded})
+            self.counters["encoded"] += len(encoded)
         lost = [k for k in dict.fromkeys(keys) if k not in found]
         for key in lost:
             self.counters["damaged" if isinstance(problems.get(key), DamagedRecord) else "missing"] += 1
@@ -170,7 +174,7 @@ class ProducerServer:
     def prepare(self, batch: PlannedBatch, dp_size: int, uid: tuple[int, int]) -> list[dict]:
         if self.cfg.simulate_encode_s:
             time.sleep(self.cfg.simulate_encode_s)  # an encoder's time, spent before the batch exists
-        records = self._records(list(batch.keys))
+        records = self._records(list(batch.keys), batch.stage)
         if not records:
             raise ValueError(f"every record of the batch is missing or damaged in the cache (first key "
                              f"{batch.keys[0]!r}): run `mmdit cache verify --repair` and `mmdit produce`")
@@ -231,7 +235,8 @@ class ProducerServer:
         while not stop.is_set():
             try:
                 reply = rpc.call(rpc.COORDINATOR, protocol.lease, self.name, self.rank, cfg.prepare_depth,
-                                 self.held(), timeout_s=cfg.heartbeat_s + cfg.rpc_timeout_s, retries=2)
+                                 self.held(), self.encode_hook is not None,
+                                 timeout_s=cfg.heartbeat_s + cfg.rpc_timeout_s, retries=2)
                 unreachable_since = None
             except rpc.RpcError as e:
                 unreachable_since = unreachable_since or time.monotonic()
@@ -279,9 +284,23 @@ class _FetchExpiry(threading.Thread):
 # ----------------------------------------------------------------------------- process entry
 
 
+def _on_demand_encoder(cfg, cache, stages: dict[int, str]):
+    """The encoders of `encoders.dir` as an encode hook, when they made this cache."""
+    if not cfg.encoders.dir:
+        return None
+    from mmdit.producer.on_demand import OnDemandEncoder
+
+    hook = OnDemandEncoder(cfg, cache)
+    if not any(hook.fingerprint(stage) == fp for stage, fp in stages.items()):
+        log.warning("encoders.dir=%s did not write this cache (fingerprint %s, cache %s): not encoding on a miss",
+                    cfg.encoders.dir, hook.fingerprint(min(stages)), sorted(stages.values()))
+        return None
+    return hook
+
+
 def main(argv: list[str]) -> int:
     """One producer process: join the job's RPC group, serve until SIGTERM/SIGINT, leave."""
-    from mmdit.dataservice.selection import resolve_fingerprint
+    from mmdit.dataservice.selection import resolve_fingerprint, resolve_stages
     from mmdit.launch.config import load_config
     from mmdit.producer.cache import LatentCache
 
@@ -299,17 +318,20 @@ def main(argv: list[str]) -> int:
     except PlanError as e:
         print(f"mmdit producer: {e}", file=sys.stderr)
         return 2
+    stages = resolve_stages(cache, fingerprint)
+    encode_hook = _on_demand_encoder(cfg, cache, stages)
     try:
         rank = rpc.join(name, settings.host, settings.port, rpc_timeout_s=settings.rpc_timeout_s,
                         join_timeout_s=settings.join_timeout_s, num_worker_threads=settings.rpc_threads)
     except rpc.RpcError as e:
         print(f"mmdit producer: {e}", file=sys.stderr)
         return 1
-    server = ProducerServer(settings, cache, fingerprint, name, rank)
+    server = ProducerServer(settings, cache, stages, name, rank, encode_hook)
     protocol.serve(protocol.PRODUCER, server)
     halt = threading.Event()
     _FetchExpiry(server, halt).start()
-    log.info("producer %s (rank %d) serving %s from %s", name, rank, fingerprint, cfg.cache.dir)
+    log.info("producer %s (rank %d) serving %s from %s%s", name, rank, sorted(stages.values()), cfg.cache.dir,
+             "; encodes on a miss" if encode_hook else "")
     reachable = False
     try:
         reachable = server.run(stop, give_up_after_s=settings.join_timeout_s)

@@ -21,6 +21,7 @@ COMMANDS = {
     "cache": ("mmdit.producer.cache_cli", "verify the latent cache (`cache verify DIR [--repair]`)"),
     "serve": ("mmdit.launch.serve", "run the coordinator and producers on this machine"),
     "producer": ("mmdit.dataservice.server", "one more producer for a running service (`mmdit serve`)"),
+    "ctl": ("mmdit.launch.ctl", "change a running job's data config (`ctl get|set|history RUN_DIR`)"),
     "consume": ("mmdit.consumer.consume", "pull batches like a trainer, without a model"),
 }
 

@@ -30,6 +30,9 @@ class FilterConfig:
     max_caption_chars: int = 4000
     drop_duplicates: bool = True
     """Keep only the first sample of each perceptual hash."""
+    max_text_chars: int = -1
+    """The text stage: longest rendered text kept, in characters (0: images without text only; a
+    few dozen: short text; -1: any). From the samples' metadata (synthetic renderings record it)."""
 
     def __post_init__(self):
         if not 0 < self.min_aspect <= self.max_aspect:
@@ -51,6 +54,10 @@ class DataConfig:
     """Relative weight of each task in the batch mixture."""
     source_weights: dict[str, float] = field(default_factory=dict)
     """Relative weight per data source (shard stem); sources not named weigh 1."""
+    category_weights: dict[str, float] = field(default_factory=dict)
+    """Relative weight per category; categories not named weigh 1."""
+    bucket_weights: dict[str, float] = field(default_factory=dict)
+    """Relative weight per resolution bucket ("HxW"); buckets not named weigh 1."""
     encode_batch_size: int = 8
     """Samples per VAE / Qwen2.5-VL forward (one bucket per batch)."""
     decode_workers: int = 4

@@ -49,9 +49,11 @@ SCHEMA = pa.schema([
     ("bucket_w", pa.int32()),
     ("src_bucket_h", pa.int32()),    # edit: the source image's bucket (cond_latents shape x 8)
     ("src_bucket_w", pa.int32()),
+    ("text_chars", pa.int32()),      # characters of rendered text the sample shows (metadata), 0: none
 ])
 OK = "ok"
-REASONS = ("min_side", "aspect", "blur", "brightness", "contrast", "entropy", "caption_length", "duplicate")
+REASONS = ("min_side", "aspect", "blur", "brightness", "contrast", "entropy", "caption_length", "text_length",
+           "duplicate")
 """Filter rejection reasons, in the order they are checked (a row counts under its first)."""
 
 
@@ -59,7 +61,11 @@ REASONS = ("min_side", "aspect", "blur", "brightness", "contrast", "entropy", "c
 
 
 def _col(cols, name, dtype=np.float64) -> np.ndarray:
-    """Column `name` as numpy; missing scores (rows that failed to decode) read as 0."""
+    """Column `name` as numpy; missing scores (rows that failed to decode, or a manifest written
+    before the column existed) read as 0."""
+    if name not in (cols.column_names if isinstance(cols, pa.Table) else cols):
+        rows = cols.num_rows if isinstance(cols, pa.Table) else len(next(iter(cols.values())))
+        return np.zeros(rows, dtype=dtype)
     v = cols[name]
     if isinstance(v, (pa.ChunkedArray, pa.Array)):
         v = (v if dtype is object else v.fill_null(0)).to_numpy(zero_copy_only=False)
@@ -89,6 +95,7 @@ def rejection_reasons(cols, filters: FilterConfig) -> np.ndarray:
         ("contrast", _col(cols, "contrast") < filters.min_contrast),
         ("entropy", _col(cols, "entropy") < filters.min_entropy),
         ("caption_length", (chars < filters.min_caption_chars) | (chars > filters.max_caption_chars)),
+        ("text_length", (filters.max_text_chars >= 0) & (_col(cols, "text_chars") > filters.max_text_chars)),
     )
     for reason, bad in checks:
         hit = ok & bad & (out == "")

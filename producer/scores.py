@@ -16,7 +16,7 @@ from PIL import Image
 SCORE_SIDE = 256
 SCORE_FIELDS = (
     "width", "height", "aspect", "blur", "brightness", "saturation", "contrast", "entropy", "phash",
-    "caption_chars",
+    "caption_chars", "text_chars",
 )
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -93,6 +93,8 @@ def score_sample(sample: dict) -> dict:
     """Scores of a decoded sample (producer/ingest.py): its target image plus caption and task."""
     s = score_image(sample["image"])
     s["caption_chars"] = len(sample["caption"])
+    text = (sample.get("meta") or {}).get("text", "")
+    s["text_chars"] = len(text) if isinstance(text, str) else 0
     s["task"] = sample["task"]
     if sample.get("source_image") is not None:
         s["src_width"], s["src_height"] = sample["source_image"].size

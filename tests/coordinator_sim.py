@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from mmdit.dataservice.config import CoordinatorSettings
 from mmdit.dataservice.coordinator import Coordinator
-from mmdit.dataservice.plan import Cursor, MixtureVersion, PlanError, Planner, PlanSpec, SampleRef, Selection
+from mmdit.dataservice.plan import Cursor, DataVersion, PlanError, Planner, PlanSpec, SampleRef, Selection
 
 TICK = 0.25
 BUCKETS = [(256, 256), (256, 512), (512, 256)]
@@ -253,7 +253,7 @@ class Sim:
         self.consumers = [Consumer(self, r, rng.uniform(0, 15) if lagging and rng.random() < 0.5 else 0.0,
                                    rng.choice((0.0, 0.25, 1.0, 2.0))) for r in range(self.dp)]
         self.delivered: list[list] = [[] for _ in range(self.dp)]
-        self.restarts = 0
+        self.restarts = self.swaps = 0
         self.fault_rate = rng.choice((0.0, 0.02, 0.05))
         self.bound = self.lease_timeout + 3 * self.heartbeat + 3 * self.max_prep + 4 * TICK
 
@@ -265,7 +265,7 @@ class Sim:
             refs.append(SampleRef(f"k{i:03d}", BUCKETS[i % rng.randint(1, 3)], task, rng.choice(("a", "b")),
                                   (256, 256) if task == "edit" else None))
         sel = Selection(refs)
-        history = [MixtureVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
+        history = [DataVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
         settings = CoordinatorSettings(plan_ahead=self.plan_ahead, heartbeat_s=self.heartbeat,
                                        lease_timeout_s=self.lease_timeout)
         gbs = self.dp * self.mbs
@@ -297,7 +297,10 @@ class Sim:
         if rng.random() >= self.fault_rate:
             return
         up = self.up()
-        kind = rng.choice(("kill", "silence", "leave", "join", "join", "restart"))
+        kind = rng.choice(("kill", "silence", "leave", "join", "join", "restart", "swap"))
+        if kind == "swap":
+            self.swap()
+            return
         if kind == "join" or not up:
             if len(up) < 4:
                 self.join()
@@ -319,6 +322,26 @@ class Sim:
         self.log.append(f"{now:.2f} {kind} {p.name}")
         if not self.up() and self.next_join is None:
             self.next_join = now + rng.uniform(0, 10)
+
+    def swap(self) -> None:
+        """A data-config change (`mmdit ctl set`): the batches nobody holds are planned again under
+        it; every batch any rank may already hold must stay as it was."""
+        from mmdit.dataservice.data_config import ChangeError
+
+        weights = {"task_weights.edit": self.rng.choice((0.0, 0.3, 1.0, 4.0)),
+                   "task_weights.t2i": self.rng.choice((0.5, 1.0, 2.0))}
+        try:
+            reply = self.coord.update_data(weights, why="sim")
+        except ChangeError:
+            return
+        planner = Planner(self.coord.spec, self.coord.sel, list(self.coord.history))
+        plan = [planner.next()[1] for _ in range(self.target)]
+        held = reply["from_step"] - 1  # batches before it were leased: none may change
+        if plan[:held] != self.plan[:held]:
+            raise SimFailure(f"a change rewrote batches before step {reply['from_step']}")
+        self.plan = plan
+        self.swaps += 1
+        self.log.append(f"{self.clock.now:.2f} swap {weights} from step {reply['from_step']}")
 
     def restart(self) -> None:
         """Every rank crashes and resumes from the last checkpoint (all ranks reached it)."""
@@ -381,7 +404,7 @@ class Sim:
         for r, got in enumerate(self.delivered):
             if got != self.plan:
                 raise SimFailure(f"rank {r} consumed {len(got)} batches, not the plan's {len(self.plan)}")
-        return {"time": self.clock.now, "restarts": self.restarts, "producers": self.n_producers,
+        return {"time": self.clock.now, "restarts": self.restarts, "swaps": self.swaps, "producers": self.n_producers,
                 "counters": self.coord.status()["counters"]}
 
     def describe(self) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdit.dataservice.plan import MixtureVersion, PlanSpec, SampleRef, Selection, plan_epoch
+from mmdit.dataservice.plan import DataVersion, PlanSpec, SampleRef, Selection, plan_epoch
 from mmdit.launch.processes import ServeProcess
 from mmdit.parallel.spawn import free_port
 from mmdit.producer.cache import LatentCache
@@ -54,7 +54,7 @@ def expected_plan(epochs: int = 2) -> list:
     """The batches the service must deliver, from the pure plan (min batch = DP size)."""
     sel = Selection(SampleRef(r["key"], r["bucket"], r["task"], r["source"], (64, 64) if "cond_latents" in r else None)
                     for r in RECORDS)
-    history = [MixtureVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
+    history = [DataVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
     return [b for e in range(epochs) for b in plan_epoch(PlanSpec(SEED, DP * MBS, DP), e, sel, history)]
 
 

@@ -8,7 +8,7 @@ from mmdit.dataservice.config import ServiceConfig
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import (
     Cursor,
-    MixtureVersion,
+    DataVersion,
     PlanError,
     Planner,
     PlanSpec,
@@ -31,7 +31,7 @@ def refs(n=103, sources=("a", "b")):
     return out
 
 
-V0 = [MixtureVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
+V0 = [DataVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
 SEL = Selection(refs())
 
 
@@ -46,7 +46,7 @@ def test_every_key_once_per_epoch_each_batch_one_group():
         assert sorted(keys_of(batches)) == sorted(SEL.keys())  # exactly once: no loss, no duplicate
         by_key = {r.key: r for r in SEL.refs}
         for b in batches:
-            assert {by_key[k].group for k in b.keys} == {(b.bucket, b.task, b.cond_bucket or (0, 0))}
+            assert {by_key[k].group for k in b.keys} == {(b.stage, b.bucket, b.task, b.cond_bucket or (0, 0))}
             assert spec.min_batch_size <= len(b.keys) < spec.global_batch_size + spec.min_batch_size
         assert [b.index for b in batches] == list(range(len(batches)))
 
@@ -109,19 +109,19 @@ def test_every_selected_sample_is_served_each_epoch_at_any_dp_size(dp):
 
 def test_weights_order_the_epoch_without_changing_its_content():
     sel = Selection(refs(400, sources=("a", "b")))
-    heavy = [MixtureVersion(0, 0, 0, {}, {"a": 20.0, "b": 1.0})]
+    heavy = [DataVersion(0, 0, 0, {}, {"a": 20.0, "b": 1.0})]
     batches = plan_epoch(PlanSpec(1, 4, 1), 0, sel, heavy)
     assert sorted(keys_of(batches)) == sorted(sel.keys())
     source = {r.key: r.source for r in sel.refs}
     first_half = Counter(source[k] for k in keys_of(batches[:len(batches) // 2]))
     assert first_half["a"] > 3 * first_half["b"]  # weight 20:1 puts source a first
-    tasks = [MixtureVersion(0, 0, 0, {"edit": 50.0, "t2i": 1.0}, {})]
+    tasks = [DataVersion(0, 0, 0, {"edit": 50.0, "t2i": 1.0}, {})]
     first = plan_epoch(PlanSpec(1, 4, 1), 0, sel, tasks)[:10]
     assert Counter(b.task for b in first)["edit"] >= 8
 
 
 def test_zero_weight_leaves_samples_out():
-    no_edit = [MixtureVersion(0, 0, 0, {"edit": 0.0}, {})]
+    no_edit = [DataVersion(0, 0, 0, {"edit": 0.0}, {})]
     batches = plan_epoch(PlanSpec(0, 8, 2), 0, SEL, no_edit)
     assert {b.task for b in batches} == {"t2i"}
     assert sorted(keys_of(batches)) == sorted(r.key for r in SEL.refs if r.task == "t2i")
@@ -130,7 +130,7 @@ def test_zero_weight_leaves_samples_out():
 def test_mixture_change_mid_epoch_keeps_prefix_and_coverage():
     spec = PlanSpec(5, 8, 2)
     base = plan_epoch(spec, 0, SEL, V0)
-    swapped = V0 + [MixtureVersion(1, 0, 4, {"edit": 30.0}, {})]
+    swapped = V0 + [DataVersion(1, 0, 4, {"edit": 30.0}, {})]
     changed = plan_epoch(spec, 0, SEL, swapped)
     assert changed[:4] == base[:4]  # batches before the swap are untouched
     assert all(b.config_version == 1 for b in changed[4:])
@@ -159,13 +159,13 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(PlanError, match="twice"):
         Selection([SampleRef("a", (256, 256), "t2i"), SampleRef("a", (256, 256), "t2i")])
     with pytest.raises(PlanError, match="start at"):
-        plan_epoch(PlanSpec(0, 4), 0, SEL, [MixtureVersion(0, 0, 3)])
+        plan_epoch(PlanSpec(0, 4), 0, SEL, [DataVersion(0, 0, 3)])
     with pytest.raises(PlanError, match=">= 0"):
-        plan_epoch(PlanSpec(0, 4), 0, SEL, [MixtureVersion(0, 0, 0, {"t2i": -1.0})])
+        plan_epoch(PlanSpec(0, 4), 0, SEL, [DataVersion(0, 0, 0, {"t2i": -1.0})])
     with pytest.raises(PlanError, match="past the end"):
         Planner(PlanSpec(0, 8, 2), SEL, V0, Cursor(999, 0, 999))
     with pytest.raises(PlanError, match="plans no batch"):
-        Planner(PlanSpec(0, 8, 2), SEL, [MixtureVersion(0, 0, 0, {"t2i": 0.0, "edit": 0.0})]).next()
+        Planner(PlanSpec(0, 8, 2), SEL, [DataVersion(0, 0, 0, {"t2i": 0.0, "edit": 0.0})]).next()
 
 
 # ----------------------------------------------------------------------------- coordinator (no RPC)
@@ -255,19 +255,35 @@ def test_coordinator_reports_waiting_and_resets():
     assert c.register_consumer("t2", 8, 0, 3, 2, Cursor(3, 0, 3).to_dict(), None).gen == gen + 2
 
 
-def test_coordinator_hot_swap_applies_from_the_next_unplanned_batch():
+def test_coordinator_hot_swap_applies_from_the_first_batch_no_producer_holds():
+    from mmdit.dataservice.data_config import ChangeError
+
     c, _ = coordinator()
-    frontier = c.planner.cursor
-    version = c.update_mixture({"edit": 9.0}, {})
-    assert (version["epoch"], version["index"]) == (frontier.epoch, frontier.index) and version["version"] == 1
-    c.lease("pa", 1, 8, []).wait()
-    c.ack("t0", 0, c.gen, list(range(8)))
-    c.ack("t1", 1, c.gen, list(range(8)))
-    status = c.status()
-    assert status["planned_to"] == 16 and status["config_version"] == 1
-    planned = {s: e.batch.config_version for s, e in c.entries.items()}
-    assert planned and all(v == 1 for s, v in planned.items() if s >= frontier.seq)
-    # a resumed trainer whose checkpoint predates the swap: the histories merge, the swap survives
+    c.lease("pa", 1, 3, []).wait()
+    c.lease("pa", 1, 3, [(c.gen, 0)]).wait()
+    assert c.leased_to == 1
+    before = {s: e.batch for s, e in c.entries.items()}
+    reply = c.update_data({"task_weights.edit": 9.0}, why="more edits")
+    assert reply["config_version"] == 1 and reply["from_step"] == 3 and reply["changes"] == {"task_weights.edit": 9.0}
+    assert c.entries[0].batch == before[0] and c.entries[1].batch == before[1]  # leased: unchanged
+    assert all(e.batch.config_version == 1 for s, e in c.entries.items() if s >= 2)
+    edits = sum(e.batch.task == "edit" for s, e in c.entries.items() if s >= 2)
+    assert edits > sum(b.task == "edit" for s, b in before.items() if s >= 2)
+    v1 = c.history[-1]
+    assert (v1.why, v1.from_step, v1.task_weights["edit"]) == ("more edits", 3, 9.0)
+    # the same history replayed from scratch plans the same batches
+    fresh = Planner(c.spec, SEL, list(c.history))
+    assert [fresh.next()[1] for _ in range(c.planner.seq)] == [c.entries[s].batch for s in range(c.planner.seq)]
+    # bad changes are rejected with the reason, and change nothing
+    for bad, words in [({"task_weights.t2i": -1}, ">= 0"), ({"task_weights.t2i": "lots"}, "must be a number"),
+                       ({"nonsense": 1}, "unknown key"), ({"filters.min_blur": True}, "must be a number"),
+                       ({"filters.min_side": 1.5}, "integer"), ({"base_resolution": 640}, "cached stages"),
+                       ({"task_weights.t2i": 0.0, "task_weights.edit": 0.0}, "every task weight"),
+                       ({}, "no change"), ({"filters.min_aspect": 5.0}, "min_aspect")]:
+        with pytest.raises(ChangeError, match=words):
+            c.update_data(bad)
+    assert c.history[-1] == v1 and len(c.history) == 2
+    # a checkpoint whose history predates the swap merges with it: the swap survives
     merged = c._merge_history([V0[0]], Cursor())
     assert [v.version for v in merged] == [0, 1]
 
@@ -295,16 +311,20 @@ def test_selection_from_cache_headers_and_manifest_thresholds(tmp_path):
     LatentCache(tmp_path).write(records)
     cache = LatentCache(tmp_path)
     assert resolve_fingerprint(cache, "") == "fpm"
-    sel, counts = build_selection(cache, "fpm", FilterConfig(min_blur=10.0))
-    assert counts == {"cached": 6, "filtered_out": 0, "selected": 6, "damaged": 0}  # no manifest: all cached
+    sel, counts = build_selection(cache, {0: "fpm"}, FilterConfig(min_blur=10.0))
+    assert counts == {"cached": 6, "damaged": 0, "selected": 6, "missing": 0}  # no manifest: all cached
     by_key = {r.key: r for r in sel.refs}
     assert by_key["m0"] == SampleRef("m0", (64, 128), "edit", "src0", (32, 32))
     assert by_key["m3"] == SampleRef("m3", (64, 128), "t2i", "src1", None)
     with ManifestWriter(tmp_path / "manifest") as manifest:
-        for i in range(6):
+        for i in range(7):  # m6: in the manifest, not in the cache
             manifest.add({"key": f"m{i}", "status": "ok", "width": 128, "height": 64, "caption_chars": 10,
                           "blur": 5.0 if i in (1, 4) else 50.0, "brightness": 0.5, "contrast": 0.5, "entropy": 5.0,
-                          "phash": i})
-    sel, counts = build_selection(cache, "fpm", FilterConfig(min_blur=10.0))
-    assert counts == {"cached": 6, "filtered_out": 2, "selected": 4, "damaged": 0, "missing": 0}
-    assert sel.keys() == {"m0", "m2", "m3", "m5"}
+                          "phash": i, "task": "t2i", "source": "src0", "bucket_h": 64, "bucket_w": 128})
+    sel, counts = build_selection(cache, {0: "fpm"}, FilterConfig(min_blur=10.0))
+    assert counts == {"cached": 6, "selected": 4, "missing": 1, "damaged": 0}
+    assert sel.keys() == {f"m{i}" for i in range(7)}  # the universe: thresholds are a version's business
+    strict = DataVersion(0, 0, 0, filters={"min_blur": 10.0})
+    assert {r.key for r, w in zip(sel.refs, sel.weights(strict)) if w} == {"m0", "m2", "m3", "m5"}
+    loose = DataVersion(0, 0, 0, filters={"min_blur": 0.0}, encode_missing=True)
+    assert {r.key for r, w in zip(sel.refs, sel.weights(loose)) if w} == {f"m{i}" for i in range(7)}

@@ -1,0 +1,96 @@
+"""`mmdit ctl`: change a running job's data pipeline through its coordinator's control endpoint.
+
+    mmdit ctl get RUN_DIR                          the data config in force and its version
+    mmdit ctl set RUN_DIR KEY=VALUE... [--why T]   a change, from the first batch no producer holds
+    mmdit ctl history RUN_DIR                      every version: when, from which step, what, why
+
+RUN_DIR is the service's run directory (where `mmdit serve` writes control.json and
+control.token), or the demo's (its service/ is looked at too). Values are YAML scalars
+(`task_weights.edit=2`, `filters.min_blur=15.5`, `filters.drop_duplicates=false`). Exit codes: 0
+done, 2 the change was rejected (the reason on stderr), 1 the endpoint cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from mmdit.dataservice.control import CONTROL_JSON, CONTROL_TOKEN
+
+
+class Unreachable(RuntimeError):
+    pass
+
+
+def find_endpoint(run_dir: str) -> tuple[str, Path]:
+    """(url, directory holding control.json) of the run's coordinator."""
+    for d in (Path(run_dir), Path(run_dir) / "service"):
+        if (d / CONTROL_JSON).is_file():
+            return json.loads((d / CONTROL_JSON).read_text())["url"], d
+    raise Unreachable(f"no {CONTROL_JSON} in {run_dir} (or its service/): is the job's `mmdit serve` running?")
+
+
+def request(run_dir: str, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+    url, where = find_endpoint(run_dir)
+    headers = {"Content-Type": "application/json"}
+    if method != "GET":
+        try:
+            headers["Authorization"] = "Bearer " + (where / CONTROL_TOKEN).read_text().strip()
+        except OSError as e:
+            raise Unreachable(f"cannot read the token {where / CONTROL_TOKEN}: {e.strerror}") from None
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+    except (urllib.error.URLError, OSError) as e:
+        raise Unreachable(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        return key, value
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mmdit ctl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("get").add_argument("run_dir")
+    sub.add_parser("history").add_argument("run_dir")
+    p = sub.add_parser("set")
+    p.add_argument("run_dir")
+    p.add_argument("changes", nargs="+", metavar="KEY=VALUE")
+    p.add_argument("--why", default="", help="recorded in the history with the change")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "set":
+            try:
+                changes = dict(parse_assignment(a) for a in args.changes)
+            except ValueError as e:
+                print(f"mmdit ctl: {e}", file=sys.stderr)
+                return 2
+            status, reply = request(args.run_dir, "POST", "/config", {"changes": changes, "why": args.why})
+        else:
+            status, reply = request(args.run_dir, "GET", "/config" if args.action == "get" else "/history")
+    except Unreachable as e:
+        print(f"mmdit ctl: {e}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"mmdit ctl: rejected: {reply.get('error', status) if isinstance(reply, dict) else status}",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(reply, indent=1))
+    return 0
