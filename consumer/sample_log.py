@@ -5,7 +5,7 @@ One line per step and logging rank, written by `mmdit train` (TP rank 0 of each 
 
     {"step": 1, "dp_rank": 0, "tp_rank": 0, "seq": 0, "batch_id": [epoch, index], "keys": [...],
      "config_version": 0, "producer": "producer_host_123_0", "shape": [B, 16, h, w],
-     "cond_shape": null, "digest": "..."}
+     "cond_shape": null, "digest": "...", "time": 1764500000.123}
 
 `step` counts optimizer steps from 1, as metrics.jsonl does: line `step: N` is the batch of the
 step that metrics.jsonl reports as `step: N`. `seq` is the batch's position in the data plan,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ class SampleLog:
             "batch_id": list(batch_id) if isinstance(batch_id, (tuple, list)) else batch_id, "keys": list(batch["keys"]),
             "config_version": int(batch.get("config_version", 0)), "producer": batch.get("producer"),
             "shape": list(batch["latents"].shape), "cond_shape": list(cond.shape) if cond is not None else None,
-            "digest": batch_digest(batch),
+            "digest": batch_digest(batch), "time": round(time.time(), 3),
         }
         data = (json.dumps(record) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
