@@ -27,6 +27,7 @@ setup(
         "safetensors>=0.4",
         "pyarrow>=14",
         "pyyaml>=6",
+        "tensorboard>=2.14",
         "prometheus_client>=0.20",
         "pillow>=10",
         "numpy>=1.24",

@@ -51,6 +51,8 @@ class TrainConfig:
     """Resume from the newest checkpoint in run.dir when one exists."""
     log_samples: bool = False
     """Append each step's sample keys to run.dir/samples.jsonl."""
+    tensorboard: bool = True
+    """Write the per-step scalars to run.dir/tensorboard/ as well (`tensorboard --logdir RUN_DIR`)."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 picks a known value for the GPU (H100/H200: 989)."""
 

@@ -70,6 +70,8 @@ def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
                 time.sleep(left)
             waits.append(got - begin)
             times.append(time.perf_counter() - begin)
+            batches.report({"step": step, "samples_per_second": len(batch["keys"]) * svc.dp_size / times[-1],
+                            "data_wait_fraction": waits[-1] / times[-1], "config_version": batch["config_version"]})
         if tp_rank == 0:
             write_data_state(run_dir, dp_rank, step, batches.state())
     finally:

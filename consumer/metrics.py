@@ -9,6 +9,8 @@ from pathlib import Path
 log = logging.getLogger("mmdit.train")
 
 METRICS = "metrics.jsonl"
+TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "samples_per_second", "image_tokens_per_second", "tflops_per_gpu",
+                       "mfu", "data_wait_fraction", "config_version", "step_time_s")
 
 
 @dataclass
@@ -18,6 +20,7 @@ class StepMetrics:
     lr: float
     grad_norm: float
     samples_per_second: float
+    image_tokens_per_second: float
     tflops_per_gpu: float
     mfu: float | None
     """Model FLOPs utilization; None where the device's peak is unknown (a CPU)."""
@@ -27,6 +30,12 @@ class StepMetrics:
     global_batch_size: int
     skipped: bool = False
     """The loss or gradient was not finite: no optimizer update was made."""
+
+    def telemetry(self) -> dict:
+        """What a trainer reports to the coordinator (dataservice/telemetry.py TRAINER_FIELDS)."""
+        return {"step": self.step, "loss": self.loss, "samples_per_second": self.samples_per_second,
+                "image_tokens_per_second": self.image_tokens_per_second, "tflops_per_device": self.tflops_per_gpu,
+                "mfu": self.mfu, "data_wait_fraction": self.data_wait_fraction, "config_version": self.config_version}
 
     def log_line(self) -> str:
         return (f"step {self.step:>6} | loss {self.loss:.4f} | lr {self.lr:.2e} | grad_norm {self.grad_norm:.3f} | "
@@ -38,9 +47,14 @@ class StepMetrics:
 class MetricsWriter:
     """Appends metrics.jsonl (rank 0 only) and keeps what summary.json reports."""
 
-    def __init__(self, run_dir: Path, enabled: bool, log_every: int = 1):
+    def __init__(self, run_dir: Path, enabled: bool, log_every: int = 1, tensorboard: bool = False):
         self.enabled, self.log_every = enabled, max(1, log_every)
         self.path = run_dir / METRICS
+        self.board = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
         self.records: list[StepMetrics] = []
         self.started = time.time()
 
@@ -51,6 +65,16 @@ class MetricsWriter:
                 f.write(json.dumps(asdict(metrics)) + "\n")
             if metrics.step % self.log_every == 0 or metrics.step == 1:
                 log.info(metrics.log_line())
+            if self.board is not None:
+                for name in TENSORBOARD_SCALARS:
+                    value = getattr(metrics, name)
+                    if value is not None:
+                        self.board.add_scalar(f"train/{name}", value, metrics.step)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def summary(self, **extra) -> dict:
         steady = self.records[1:] or self.records  # the first step pays one-time warm-up costs

@@ -144,7 +144,8 @@ class Trainer:
             for name in (METRICS, SAMPLES):
                 truncate_after(self.run_dir / name, self.step)
             prune_checkpoints(self.run_dir, cfg.train.keep_checkpoints, cfg.train.keep_every)
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.rank0, log_every=cfg.train.log_every)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.rank0, log_every=cfg.train.log_every,
+                                     tensorboard=cfg.train.tensorboard)
         self.peak = cfg.train.peak_tflops * 1e12 or (peak_flops(torch.cuda.get_device_name()) if on_gpu else None)
         self.stop_requested = False
         log.info("backend %s | layers %s | tp %d x dp %d | dtype %s | recompute %s | device %s",
@@ -180,6 +181,7 @@ class Trainer:
                 signal.signal(sig, handler)
             if hasattr(batches, "close"):
                 batches.close()  # acks what arrived and leaves the data service
+        self.metrics.close()
         summary = self.metrics.summary(backend=self.backend.name, tp=self.dims.tp, dp=self.dims.dp,
                                        stopped_early=self.step < cfg.train.steps)
         if self.rank0:
@@ -208,7 +210,9 @@ class Trainer:
             self.step += 1
             if sample_log is not None:
                 sample_log.write(self.step, batch)
-            self._record(batch, loss_value, lr, grad_norm, step_time, data_wait, skipped=not stepped)
+            m = self._record(batch, loss_value, lr, grad_norm, step_time, data_wait, skipped=not stepped)
+            if hasattr(batches, "report"):  # to the coordinator's /metrics and dashboard, with the acks
+                batches.report(m.telemetry())
             self._count_bad_steps(stepped, loss_value, grad_norm)
             stop = any_rank_true(self.stop_requested)  # every rank stops at the same step
             if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
@@ -238,7 +242,7 @@ class Trainer:
             loss = loss / self.dims.dp
         return loss.item()
 
-    def _record(self, batch, loss, lr, grad_norm, step_time, data_wait, skipped: bool) -> None:
+    def _record(self, batch, loss, lr, grad_norm, step_time, data_wait, skipped: bool) -> StepMetrics:
         latents = batch["latents"]
         image_tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
         cond = batch.get("cond_latents")
@@ -246,11 +250,14 @@ class Trainer:
         global_batch = latents.shape[0] * self.dims.dp
         flops = step_flops(self.cfg.model, global_batch, image_tokens, batch["prompt_embeds"].shape[1], cond_tokens)
         per_device = flops / self.dims.world_size / step_time
-        self.metrics.write(StepMetrics(
+        m = StepMetrics(
             step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, samples_per_second=global_batch / step_time,
-            tflops_per_gpu=per_device / 1e12, mfu=mfu(flops, step_time, self.dims.world_size, self.peak) if self.peak else None,
+            image_tokens_per_second=global_batch * image_tokens / step_time, tflops_per_gpu=per_device / 1e12,
+            mfu=mfu(flops, step_time, self.dims.world_size, self.peak) if self.peak else None,
             data_wait_fraction=data_wait / step_time, config_version=int(batch.get("config_version", 0)),
-            step_time_s=step_time, global_batch_size=global_batch, skipped=skipped))
+            step_time_s=step_time, global_batch_size=global_batch, skipped=skipped)
+        self.metrics.write(m)
+        return m
 
 
 def check_inputs(cfg: JobConfig) -> None:

@@ -78,6 +78,7 @@ class ServiceClient:
         self._history_stale = False
         self._last_progress = time.monotonic()
         self._ack_queue: list[tuple[int, int]] = []  # (generation, seq)
+        self._report: dict | None = None  # the trainer's last step, sent with the next acks
         self._ack_stop = threading.Event()
         self._acker = threading.Thread(target=self._ack_loop, name=f"acks-dp{dp_rank}", daemon=True)
         self._acker.start()
@@ -256,16 +257,26 @@ class ServiceClient:
         while not self._ack_stop.wait(self.cfg.ack_interval_s):
             self._flush_acks()
 
+    def report(self, figures: dict) -> None:
+        """The trainer's figures of its last step (dataservice/telemetry.py TRAINER_FIELDS): they
+        travel to the coordinator's /metrics and dashboard with the next acks, no extra call."""
+        with self._lock:
+            self._report = dict(figures)
+
     def _flush_acks(self) -> None:
         with self._lock:
             queued, self._ack_queue = self._ack_queue, []
+            report, self._report = self._report, None
         by_gen: dict[int, list[int]] = {}
         for gen, seq in queued:
             by_gen.setdefault(gen, []).append(seq)
+        if report is not None and not by_gen:
+            by_gen[self.gen] = []
         for gen, seqs in by_gen.items():  # acks of an old generation are ignored by the coordinator
             try:
-                rpc.call(rpc.COORDINATOR, protocol.ack, self.name, self.dp_rank, gen, seqs,
+                rpc.call(rpc.COORDINATOR, protocol.ack, self.name, self.dp_rank, gen, seqs, report,
                          timeout_s=self.cfg.rpc_timeout_s, retries=2)
+                report = None
             except rpc.RpcError as e:  # the coordinator is gone; the next locate reports it properly
                 log.warning("ack of %d batches failed: %s", len(seqs), e)
 
@@ -392,6 +403,10 @@ class TPBroadcast:
 
     def state(self) -> dict:
         return dict(self._state)
+
+    def report(self, figures: dict) -> None:
+        if self.source is not None:
+            self.source.report(figures)
 
     def close(self) -> None:
         if self.source is not None:

@@ -51,6 +51,7 @@ class ControlServer:
         self.coordinator, self.run_dir = coordinator, Path(run_dir)
         self.token = secrets.token_urlsafe(32)
         self.routes: dict[tuple[str, str], Handler] = {}
+        self.prefixes: list[tuple[str, str, Handler]] = []
         self.route("GET", "/config", lambda req: _json(self._get_config()))
         self.route("GET", "/history", lambda req: _json(self.coordinator.history_dicts()))
         self.route("GET", "/status", lambda req: _json(self.coordinator.status()))
@@ -65,6 +66,10 @@ class ControlServer:
 
     def route(self, method: str, path: str, handler: Handler, write: bool = False) -> None:
         self.routes[(method, path)] = (lambda req: self._authorized(req) or handler(req)) if write else handler
+
+    def prefix_route(self, method: str, prefix: str, handler: Handler) -> None:
+        """Read-only routes for every path under `prefix`."""
+        self.prefixes.append((method, prefix, handler))
 
     # ---- routes
 
@@ -124,7 +129,8 @@ class ControlServer:
 
             def _serve(self, method: str) -> None:
                 path, _, query = self.path.partition("?")
-                handler = server.routes.get((method, path))
+                handler = server.routes.get((method, path)) or next(
+                    (h for m, prefix, h in server.prefixes if m == method and path.startswith(prefix)), None)
                 try:
                     if handler is None:
                         raise HttpError(HTTPStatus.NOT_FOUND, f"no route {method} {path}")

@@ -39,6 +39,7 @@ from mmdit.dataservice import protocol, rpc
 from mmdit.dataservice.config import CoordinatorSettings, ServiceConfig
 from mmdit.dataservice.plan import Cursor, DataVersion, PlannedBatch, Planner, PlanSpec, Selection, validate_history
 from mmdit.dataservice.protocol import Lease, Location, Registration
+from mmdit.dataservice.telemetry import Telemetry
 
 log = logging.getLogger("mmdit.coordinator")
 
@@ -108,6 +109,7 @@ class Coordinator:
         self.sel, self.cfg, self.seed, self.clock = selection, settings, seed, clock
         self.stages = stages or {0: ""}
         """Curriculum stage (base resolution) -> cache fingerprint."""
+        self.telemetry = Telemetry()
         self.lock = threading.RLock()
         self.producers: dict[str, _Producer] = {}
         self.consumers: dict[str, _Consumer] = {}
@@ -198,7 +200,8 @@ class Coordinator:
             return [e]
         return []
 
-    def lease(self, name: str, rank: int, depth: int, held: list, can_encode: bool = False) -> Future:
+    def lease(self, name: str, rank: int, depth: int, held: list, can_encode: bool = False,
+              counters: dict | None = None) -> Future:
         """A producer's long poll. `held`: the (gen, seq) batches it holds. The reply comes at once
         when it owns batches it does not hold yet, else after `heartbeat_s` at the latest."""
         fut: Future = Future()
@@ -211,6 +214,8 @@ class Coordinator:
                 p = self.producers[name] = _Producer(name, rank, depth, now)
                 log.info("producer %s (rank %d) joined", name, rank)
             p.last_seen, p.depth, p.can_encode = now, depth, can_encode
+            if counters:
+                self.telemetry.producer_report(name, counters)
             p.held = {seq for g, seq in held if g == self.gen}
             stale = self._release_waiter(p)  # a poll the producer gave up on
             done = self._wake_locators(self._assign(p))
@@ -375,8 +380,11 @@ class Coordinator:
                 done.append((fut, self._where(self.gen, e.seq, ahead)))
         return done
 
-    def ack(self, name: str, dp_rank: int, gen: int, seqs: list[int]) -> int:
-        """DP rank `dp_rank` consumed batches `seqs`; returns how many acks counted."""
+    def ack(self, name: str, dp_rank: int, gen: int, seqs: list[int], report: dict | None = None) -> int:
+        """DP rank `dp_rank` received batches `seqs`; returns how many acks counted. `report`: the
+        figures of its last step (dataservice/telemetry.py), whatever the generation."""
+        if report:
+            self.telemetry.trainer_report(dp_rank, report)
         counted = 0
         with self.lock:
             c = self.consumers.get(name)
@@ -529,7 +537,8 @@ class Coordinator:
                 "pending": len([s for s in self.pending if s in self.entries and self.entries[s].owner is None]),
                 "producers": {p.name: {"rank": p.rank, "alive": p.alive, "held": len(p.owned), "seqs": sorted(p.owned),
                                        "leased_total": p.leased_total} for p in self.producers.values()},
-                "consumers": {c.name: {"dp_rank": c.dp_rank, "acked": c.acked} for c in self.consumers.values()},
+                "consumers": {c.name: {"dp_rank": c.dp_rank, "acked": c.acked, "last_seen": c.last_seen}
+                              for c in self.consumers.values()},
             }
 
 
@@ -572,9 +581,12 @@ class CoordinatorService:
         except BaseException:
             protocol.stop_serving(protocol.COORDINATOR)
             raise
+        from mmdit.dataservice import dashboard
         from mmdit.dataservice.control import ControlServer
 
         self.control = ControlServer(self.coordinator, settings.control_host, settings.control_port, run_dir)
+        dashboard.install(self.control, self.coordinator, self.coordinator.telemetry, run_dir)
+        self.dashboard_url = f"{self.control.url}/dashboard"
         log.info("coordinator up on %s:%d: %d samples in the universe (%s), fingerprint %s", settings.host,
                  settings.port, len(selection), self.selection_counts, self.fingerprint)
         self._stop = threading.Event()
@@ -588,7 +600,8 @@ class CoordinatorService:
             try:
                 self.coordinator.reap()
                 if time.monotonic() - last_status >= self.settings.status_every_s:
-                    self.write_status()
+                    status = self.write_status()
+                    self.coordinator.telemetry.tick(sum(p["alive"] for p in status["producers"].values()))
                     last_status = time.monotonic()
             except Exception:  # noqa: BLE001 - the reaper must survive a bad status write
                 log.exception("coordinator tick failed")

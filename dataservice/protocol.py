@@ -3,11 +3,12 @@
 Roles (one process may hold several): the *coordinator* (RPC rank 0, one per job), *producers*
 (prepare and serve batches), *clients* (one per DP rank of the trainer, on its TP rank 0).
 
-    producer -> coordinator   lease(name, rank, depth, held, can_encode) -> Lease   long poll, heartbeat
+    producer -> coordinator   lease(name, rank, depth, held, can_encode, counters) -> Lease   long poll,
+                                                                               heartbeat, telemetry
                               producer_left(name)
     client   -> coordinator   register_consumer(...) -> Registration
                               locate(name, gen, seq, ahead) -> Location      long poll
-                              ack(name, dp_rank, gen, seqs) -> int
+                              ack(name, dp_rank, gen, seqs, report) -> int   with the last step's figures
                               producer_failed(name, reporter), consumer_left(name), history()
     client   -> producer      fetch(uid, dp_rank) -> Shard                   long poll
     anyone   -> coordinator   status() -> dict, update_data(changes, why) -> dict
@@ -124,8 +125,9 @@ def _ready(value) -> Future:
 
 
 @async_execution
-def lease(name: str, rank: int, depth: int, held: list, can_encode: bool = False) -> Future:
-    return _handler(COORDINATOR).lease(name, rank, depth, held, can_encode)
+def lease(name: str, rank: int, depth: int, held: list, can_encode: bool = False, counters: dict | None = None
+          ) -> Future:
+    return _handler(COORDINATOR).lease(name, rank, depth, held, can_encode, counters)
 
 
 @async_execution
@@ -133,8 +135,8 @@ def locate(name: str, gen: int, seq: int, ahead: int = 0) -> Future:
     return _handler(COORDINATOR).locate(name, gen, seq, ahead)
 
 
-def ack(name: str, dp_rank: int, gen: int, seqs: list[int]) -> int:
-    return _handler(COORDINATOR).ack(name, dp_rank, gen, seqs)
+def ack(name: str, dp_rank: int, gen: int, seqs: list[int], report: dict | None = None) -> int:
+    return _handler(COORDINATOR).ack(name, dp_rank, gen, seqs, report)
 
 
 def register_consumer(name: str, rank: int, dp_rank: int, dp_size: int, micro_batch_size: int,

@@ -69,7 +69,7 @@ def build_selection(cache, stages: dict[int, str], filters=None, stage: int | No
     manifest = read_manifest_table(Path(cache.path))
     rows = _manifest_rows(manifest)
     refs, counts = [], {"cached": 0}
-    for stage, fp in sorted(stages.items()):
+    for at, fp in sorted(stages.items()):
         cached = set()
         for bucket, keys in cache.buckets(fp).items():
             for key in keys:
@@ -77,11 +77,11 @@ def build_selection(cache, stages: dict[int, str], filters=None, stage: int | No
                 cond = meta.get("cond_shape")
                 row = rows.get(key, {})
                 refs.append(SampleRef(key, tuple(bucket), meta["task"], meta.get("source", ""),
-                                      (cond[1] * 8, cond[2] * 8) if cond else None, stage, row.get("category") or ""))
+                                      (cond[1] * 8, cond[2] * 8) if cond else None, at, row.get("category") or ""))
                 cached.add(key)
         counts["cached"] += len(cached)
         for key, row in rows.items():
-            if key not in cached and (ref := _uncached_ref(row, stage)) is not None:
+            if key not in cached and (ref := _uncached_ref(row, at)) is not None:
                 refs.append(ref)
     selection = Selection(refs, manifest)
     if filters is not None:

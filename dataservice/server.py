@@ -100,7 +100,7 @@ class ProducerServer:
         self.queue: list[tuple[int, tuple[int, int]]] = []
         self.gen = -1
         self.counters = {"leased": 0, "prepared": 0, "served": 0, "dropped": 0, "errors": 0, "damaged": 0,
-                         "missing": 0, "encoded": 0}
+                         "missing": 0, "encoded": 0, "cache_hits": 0, "cache_misses": 0}
         self._closed = False
         self._workers = [threading.Thread(target=self._prepare_loop, name=f"prepare-{i}", daemon=True)
                          for i in range(settings.prepare_workers)]
@@ -161,6 +161,8 @@ class ProducerServer:
         to the encoder hook when there is one; else it is left out (logged with its file, counted
         in `damaged`/`missing`), and the batch is served without it."""
         found, problems = self.cache.read_available(keys, self.stages[stage])
+        self.counters["cache_hits"] += len(found)
+        self.counters["cache_misses"] += len(problems)
         if problems and self.encode_hook is not None:
             encoded = self.encode_hook(list(problems), stage)
             found.update({r["key"]: r for r in encoded})
@@ -235,7 +237,7 @@ class ProducerServer:
         while not stop.is_set():
             try:
                 reply = rpc.call(rpc.COORDINATOR, protocol.lease, self.name, self.rank, cfg.prepare_depth,
-                                 self.held(), self.encode_hook is not None,
+                                 self.held(), self.encode_hook is not None, self.telemetry(),
                                  timeout_s=cfg.heartbeat_s + cfg.rpc_timeout_s, retries=2)
                 unreachable_since = None
             except rpc.RpcError as e:
@@ -253,6 +255,12 @@ class ProducerServer:
         except rpc.RpcError:
             return False
         return True
+
+    def telemetry(self) -> dict:
+        """What the coordinator's /metrics reports of this producer (sent with each heartbeat)."""
+        c = self.counters
+        return {"batches_served": c["served"], "cache_hits": c["cache_hits"], "cache_misses": c["cache_misses"],
+                "encoded": c["encoded"]}
 
     def close(self) -> None:
         with self.lock:

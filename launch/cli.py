@@ -18,6 +18,7 @@ COMMANDS = {
     "make-tiny-encoders": ("mmdit.producer.tiny_encoders", "write tiny random VAE/Qwen2.5-VL/tokenizer"),
     "synth": ("mmdit.producer.synth", "render synthetic text images as webdataset shards"),
     "produce": ("mmdit.producer.produce", "score, filter, bucket and encode shards into the cache"),
+    "status": ("mmdit.launch.status", "one screen on a run: processes, step, throughput, service, checkpoint"),
     "cache": ("mmdit.producer.cache_cli", "verify the latent cache (`cache verify DIR [--repair]`)"),
     "serve": ("mmdit.launch.serve", "run the coordinator and producers on this machine"),
     "producer": ("mmdit.dataservice.server", "one more producer for a running service (`mmdit serve`)"),

@@ -62,10 +62,23 @@ def main(argv: list[str]) -> int:
     cfg = load_config(argv)  # validates the overrides once, before any stage runs
     signal.signal(signal.SIGTERM, _interrupt)
     run = Path(cfg.run.dir)
-    encoders = Path(cfg.encoders.dir) if cfg.encoders.dir else run / "encoders"
-    shards = run / "shards"
     table = ProcessTable(run)
     table.add("demo", "demo", os.getpid())
+    code = 1
+    try:
+        _run(cfg, argv, run, table)
+        code = 0
+    except KeyboardInterrupt:
+        code = 130
+        raise
+    finally:
+        table.set_returncode(os.getpid(), code)
+    return 0
+
+
+def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
+    encoders = Path(cfg.encoders.dir) if cfg.encoders.dir else run / "encoders"
+    shards = run / "shards"
     stages = Stages(table, cfg.service.shutdown_timeout_s)
     common = [f"run.dir={run}", f"encoders.dir={encoders}", f"cache.dir={cfg.cache.dir}", *argv]
     if not (encoders / "vae").is_dir():
@@ -91,5 +104,3 @@ def main(argv: list[str]) -> int:
               f"{summary['final_loss']:.4f}; metrics in {run / 'metrics.jsonl'}, checkpoints in {run / 'checkpoints'}")
     else:
         print(f"== done: {run} is already trained to step {cfg.train.steps} (raise train.steps to go on)")
-    table.set_returncode(os.getpid(), 0)
-    return 0

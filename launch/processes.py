@@ -103,12 +103,12 @@ def die_with_parent() -> None:
 def _reconciled(rows: list[dict]) -> list[dict]:
     host = socket.gethostname()
     for row in rows:
-        if row.get("returncode") is None and row.get("host") == host and not _pid_alive(row["pid"]):
+        if row.get("returncode") is None and row.get("host") == host and not process_alive(row["pid"]):
             row["gone"] = True
     return rows
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

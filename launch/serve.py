@@ -55,7 +55,9 @@ def main(argv: list[str]) -> int:
                 python_command("mmdit.launch.cli", ["producer", *argv]), table, "producer",
                 lambda pid, n=n: rpc.incarnation_name("producer", n=n, pid=pid),
                 env={"MMDIT_INCARNATION": str(n)}, log_path=run_dir / "logs" / f"producer-{n}.log"))
+        print(f"dashboard: {service.dashboard_url}", file=sys.stderr, flush=True)
         print(json.dumps({"event": "serving", "host": svc.host, "port": svc.port, "control": service.control.url,
+                          "dashboard": service.dashboard_url,
                           "selected": service.selection_counts,
                           "producers": [p.pid for p in procs]}), flush=True)
         deadline = time.monotonic() + svc.max_runtime_s if svc.max_runtime_s else None

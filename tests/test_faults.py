@@ -96,7 +96,7 @@ def test_truncated_headers_and_garbage_files_are_reported_never_fatal(tmp_path):
     reader = LatentCache(tmp_path)
     assert sorted(reader.keys(FP)) == [f"k{i:03d}" for i in range(6, 12)]
     assert {str(first), str(bucket / "seg-garbage-000001.safetensors")} <= set(reader.damage)
-    sel, counts = build_selection(reader, FP)
+    sel, counts = build_selection(reader, {0: FP})
     assert len(sel) == 6 and counts["damaged"] >= 3
     verify = cli("cache", "verify", str(tmp_path))
     assert verify.returncode == 1, verify.stderr

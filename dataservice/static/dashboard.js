@@ -1,0 +1,124 @@
+// The mmdit dashboard: polls the coordinator's /api/series and /api/run, draws uPlot charts.
+// Every chart container gets data-points (how many points it draws), for tests and curious eyes.
+"use strict";
+
+const charts = {};
+let versions = [];
+
+// Vertical lines at data-config changes, labelled with the version and its reason.
+function changeMarkers() {
+  return {
+    hooks: {
+      draw: [(u) => {
+        const ctx = u.ctx;
+        ctx.save();
+        ctx.strokeStyle = "#d33";
+        ctx.fillStyle = "#d33";
+        ctx.lineWidth = 1.5;
+        ctx.font = "11px sans-serif";
+        for (const v of versions) {
+          if (!v.time) continue;
+          const x = u.valToPos(v.time, "x", true);
+          if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
+          ctx.beginPath();
+          ctx.moveTo(x, u.bbox.top);
+          ctx.lineTo(x, u.bbox.top + u.bbox.height);
+          ctx.stroke();
+          ctx.fillText(`v${v.version}${v.why ? ": " + v.why : ""}`, x + 3, u.bbox.top + 12);
+        }
+        ctx.restore();
+      }],
+    },
+  };
+}
+
+function makeChart(id, series, scales) {
+  const el = document.getElementById(id);
+  const opts = {
+    width: Math.max(320, el.clientWidth || 540), height: 200,
+    scales: Object.assign({ x: { time: true } }, scales || {}),
+    series: [{}].concat(series),
+    axes: [{}].concat(series.some(s => s.scale === "mfu") ? [{}, { scale: "mfu", side: 1, grid: { show: false } }] : [{}]),
+    plugins: [changeMarkers()],
+  };
+  charts[id] = new uPlot(opts, [[]].concat(series.map(() => [])), el);
+}
+
+function setData(id, columns) {
+  const points = columns[0].length;
+  charts[id].setData(columns);
+  document.getElementById(id).dataset.points = String(points);
+}
+
+function init() {
+  makeChart("chart-loss", [{ label: "loss", stroke: "#1f77b4" }]);
+  makeChart("chart-throughput", [{ label: "samples/s", stroke: "#2ca02c" }]);
+  makeChart("chart-flops", [{ label: "TFLOP/s", stroke: "#9467bd" },
+                            { label: "MFU", stroke: "#ff7f0e", scale: "mfu" }], { mfu: { range: [0, 1] } });
+  makeChart("chart-wait", [{ label: "data wait", stroke: "#8c564b" }], { y: { range: [0, 1] } });
+  makeChart("chart-producers", [{ label: "batches/s", stroke: "#17becf" }]);
+  makeChart("chart-alive", [{ label: "producers", stroke: "#7f7f7f" }]);
+}
+
+function cell(row, text, cls) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (cls) td.className = cls;
+}
+
+function fmt(v, digits) {
+  return v === null || v === undefined ? "n/a" : Number(v).toFixed(digits);
+}
+
+async function refresh() {
+  try {
+    const [series, run] = await Promise.all([fetch("/api/series").then(r => r.json()),
+                                             fetch("/api/run").then(r => r.json())]);
+    versions = run.history;
+    const t = series.trainer;
+    setData("chart-loss", [t.time, t.loss]);
+    setData("chart-throughput", [t.time, t.samples_per_second]);
+    setData("chart-flops", [t.time, t.tflops_per_device, t.mfu]);
+    setData("chart-wait", [t.time, t.data_wait_fraction]);
+    const p = series.producers;
+    setData("chart-producers", [p.time, p.batches_per_second]);
+    setData("chart-alive", [p.time, p.producers_alive]);
+    const n = t.step.length;
+    document.getElementById("summary").textContent = n
+      ? `step ${t.step[n - 1]} | loss ${fmt(t.loss[n - 1], 4)} | ${fmt(t.samples_per_second[n - 1], 2)} samples/s | ` +
+        `${fmt(t.tflops_per_device[n - 1], 3)} TFLOP/s/dev | MFU ${t.mfu[n - 1] === null ? "n/a" : fmt(100 * t.mfu[n - 1], 1) + "%"} | ` +
+        `data wait ${fmt(100 * t.data_wait_fraction[n - 1], 1)}% | config v${run.config_version} | ` +
+        `${run.producers_alive} producers`
+      : "waiting for the first training step...";
+    const vt = document.getElementById("versions");
+    vt.innerHTML = "<tr><th>version</th><th>from step</th><th>changes</th><th>why</th></tr>";
+    for (const v of run.history) {
+      const r = vt.insertRow();
+      cell(r, v.version); cell(r, v.from_step); cell(r, JSON.stringify(v.changes)); cell(r, v.why);
+    }
+    const pt = document.getElementById("processes");
+    pt.innerHTML = "<tr><th>role</th><th>name</th><th>pid</th><th>state</th></tr>";
+    for (const proc of run.processes) {
+      const r = pt.insertRow();
+      cell(r, proc.role); cell(r, proc.name); cell(r, proc.pid ?? "");
+      cell(r, proc.alive ? "alive" : `exited ${proc.returncode ?? ""}`, proc.alive ? "" : "dead");
+    }
+    const samples = document.getElementById("samples");
+    if (run.samples.length) {
+      samples.innerHTML = "";
+      for (const src of run.samples) {
+        const img = document.createElement("img");
+        img.src = src;
+        img.title = src;
+        samples.appendChild(img);
+      }
+    }
+  } catch (err) {
+    document.getElementById("summary").textContent = "the coordinator does not answer: " + err;
+  }
+}
+
+window.mmditCharts = charts;
+init();
+refresh();
+setInterval(refresh, 2000);
