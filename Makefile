@@ -5,9 +5,8 @@ BIN := $(VENV)/bin
 # The CPU quickstart pins torch first; on a GPU cluster install mmdit into your own CUDA torch
 # environment with `pip install -e .[gpu]` instead (mmdit never replaces an installed torch).
 TORCH_PIN ?= torch==2.13.0
-FONTS := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
-.PHONY: install sysdeps demo test test-quick bench clean
+.PHONY: install sysdeps testdeps demo test test-quick bench clean
 
 install: $(VENV)/.installed sysdeps
 
@@ -18,18 +17,29 @@ $(VENV)/.installed: setup.py
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# Fonts for synthetic text rendering (Chinese + Latin), from Debian packages.
-sysdeps:
-	@for f in $(FONTS); do [ -f $$f ] || missing=1; done; \
+# Debian packages, installed when missing: fonts for synthetic text rendering (the demo and
+# tests), and the real Prometheus server and Chromium the observability tests drive.
+DEMO_DEBS := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei \
+             /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core
+TEST_DEBS := /usr/bin/prometheus:prometheus /usr/bin/chromium:chromium
+define apt_install
+	@missing=""; for pair in $(1); do [ -e "$${pair%%:*}" ] || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing fonts-wqy-microhei fonts-dejavu-core"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-wqy-microhei fonts-dejavu-core >/dev/null; \
+	  echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+endef
+
+sysdeps:
+	$(call apt_install,$(DEMO_DEBS))
+
+testdeps: sysdeps
+	$(call apt_install,$(TEST_DEBS))
 
 demo: install
 	$(BIN)/mmdit demo run.dir=runs/demo
 
-test: install
+test: install testdeps
 	$(BIN)/python -m pytest -q tests
 
 # The in-process tier (under a minute): what to run while editing.
@@ -37,6 +47,7 @@ test-quick: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: install
+	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/recompute.py
 	$(BIN)/python bench/producer.py
 	$(BIN)/python bench/data_service.py

@@ -53,6 +53,8 @@ class TrainConfig:
     """Append each step's sample keys to run.dir/samples.jsonl."""
     tensorboard: bool = True
     """Write the per-step scalars to run.dir/tensorboard/ as well (`tensorboard --logdir RUN_DIR`)."""
+    telemetry: bool = True
+    """Report each step's figures to the data service's /metrics and dashboard (with the acks)."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 picks a known value for the GPU (H100/H200: 989)."""
 

@@ -8,6 +8,7 @@ local ranks started through torchrun) or under torchrun/SLURM.
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -211,7 +212,7 @@ class Trainer:
             if sample_log is not None:
                 sample_log.write(self.step, batch)
             m = self._record(batch, loss_value, lr, grad_norm, step_time, data_wait, skipped=not stepped)
-            if hasattr(batches, "report"):  # to the coordinator's /metrics and dashboard, with the acks
+            if cfg.train.telemetry and hasattr(batches, "report"):  # to /metrics and the dashboard, with the acks
                 batches.report(m.telemetry())
             self._count_bad_steps(stepped, loss_value, grad_norm)
             stop = any_rank_true(self.stop_requested)  # every rank stops at the same step
@@ -273,18 +274,27 @@ def check_inputs(cfg: JobConfig) -> None:
 def main(argv: list[str]) -> int:
     cfg = load_config(argv)
     check_inputs(cfg)
-    from mmdit.launch.local import main_or_launch
+    from mmdit.launch.local import is_rank, main_or_launch
+    from mmdit.launch.processes import ProcessTable
 
     code = main_or_launch("train", argv, cfg, role="trainer")
     if code is not None:
         return code
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    table = None
+    if not is_rank():  # one process, started by hand: it records itself
+        table = ProcessTable(cfg.run.dir)
+        table.add("trainer", "trainer_rank0", os.getpid())
+    code = 1
     try:
         summary = Trainer(cfg).run()
         if dist.get_rank() == 0:
             print(json.dumps(summary))
+        code = 0
     finally:
         destroy_parallel()
+        if table is not None:
+            table.set_returncode(os.getpid(), code)
     return 0
 
 

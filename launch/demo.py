@@ -92,7 +92,8 @@ def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
     print(f"== serve: {' '.join(serve_overrides)}", flush=True)
     serve = ServeProcess(serve_overrides)
     table.add("serve", "demo_serve", serve.proc.pid)
-    print(json.dumps(serve.info), flush=True)
+    print(f"== dashboard: {serve.info['dashboard']}  (live while the demo trains; `mmdit status {run}`, "
+          f"`mmdit ctl get {run}`)", flush=True)
     try:
         stages.run("train", mmdit("train", *common, "train.data_source=service", *service))
     finally:
