@@ -211,8 +211,10 @@ def join(name: str, host: str, port: int, *, rank: int | None = None, rpc_timeou
     try:
         if rank is None:
             rank = allocate_rank(host, port, join_timeout_s)
+        # TCP (uv) only: TensorPipe's shared-memory transport, its default between processes of one
+        # host, busy-polls a reactor thread at 100% of a core in every process, idle or not.
         opts = rpc.TensorPipeRpcBackendOptions(init_method=rendezvous_url(host, port), rpc_timeout=rpc_timeout_s,
-                                               num_worker_threads=num_worker_threads)
+                                               num_worker_threads=num_worker_threads, _transports=["uv"])
         rpc.init_rpc(name, backend=_backend(), rank=rank, rpc_backend_options=opts)
     except (RuntimeError, ValueError, OSError) as e:  # c10d raises DistNetworkError/DistStoreError (RuntimeErrors)
         where = "host" if rank == 0 else "reach"
