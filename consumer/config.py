@@ -12,10 +12,21 @@ class TrainConfig:
     steps: int = 30
     """Optimizer steps to run (in total, counting resumed ones)."""
     micro_batch_size: int = 2
-    """Samples per data-parallel rank per step."""
+    """Samples per data-parallel rank per forward/backward."""
+    global_batch_size: int = 0
+    """Samples per optimizer step, over all DP ranks; a multiple of micro_batch_size x DP, the
+    rest is gradient accumulation. 0: micro_batch_size x DP (no accumulation)."""
     lr: float = 5e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_schedule: str = "cosine"
+    """Decay after warmup: cosine | linear | constant (consumer/schedule.py)."""
     warmup_steps: int = 5
+    decay_steps: int = 0
+    """Steps (warmup included) over which the rate decays to min_lr; 0: train.steps."""
     weight_decay: float = 0.0
+    """AdamW weight decay, applied to weight matrices only (not to biases and norm weights)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
@@ -51,6 +62,13 @@ class TrainConfig:
     """Resume from the newest checkpoint in run.dir when one exists."""
     log_samples: bool = False
     """Append each step's sample keys to run.dir/samples.jsonl."""
+    eval_every: int = 0
+    """Score the held-out samples (data.eval_fraction; random data: past the pool) every N steps
+    (0: never); records with "eval": true in metrics.jsonl."""
+    eval_sigmas: int = 8
+    """Stratified noise levels each held-out sample is scored at."""
+    eval_samples: int = 32
+    """At most this many held-out samples per evaluation."""
     tensorboard: bool = True
     """Write the per-step scalars to run.dir/tensorboard/ as well (`tensorboard --logdir RUN_DIR`)."""
     telemetry: bool = True
@@ -59,6 +77,13 @@ class TrainConfig:
     """Peak dense TFLOP/s of one device for MFU; 0 picks a known value for the GPU (H100/H200: 989)."""
 
     def __post_init__(self):
+        from mmdit.consumer.schedule import SCHEDULES
+
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"train.lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if self.global_batch_size < 0 or self.decay_steps < 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError("train.global_batch_size and train.decay_steps must be >= 0, and 0 <= train.min_lr <= "
+                             "train.lr")
         if self.sigma_sampling not in SIGMA_SAMPLINGS:
             raise ValueError(f"train.sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {self.sigma_sampling!r}")
         check_dtype("train.dtype", self.dtype, ("auto", "bf16", "fp32"))  # fp16 would need loss scaling
@@ -69,6 +94,8 @@ class TrainConfig:
         for name in ("save_every", "keep_checkpoints", "keep_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.eval_sigmas < 1 or self.eval_samples < 1:
+            raise ValueError("train.eval_every must be >= 0, train.eval_sigmas and train.eval_samples >= 1")
         if self.max_bad_steps < 1 or self.log_every < 1:
             raise ValueError("train.max_bad_steps and train.log_every must be >= 1")
         if not self.lr > 0 or self.grad_clip < 0 or self.weight_decay < 0:

@@ -56,6 +56,7 @@ class MetricsWriter:
 
             self.board = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
         self.records: list[StepMetrics] = []
+        self.evals: list[dict] = []
         self.started = time.time()
 
     def write(self, metrics: StepMetrics) -> None:
@@ -70,6 +71,17 @@ class MetricsWriter:
                     value = getattr(metrics, name)
                     if value is not None:
                         self.board.add_scalar(f"train/{name}", value, metrics.step)
+
+    def write_eval(self, step: int, result: dict) -> None:
+        """An evaluation record (consumer/evaluation.py) in metrics.jsonl, TensorBoard and the log."""
+        self.evals.append({"step": step, **result})
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **result}) + "\n")
+        log.info("step %6d | eval loss %.4f over %d held-out samples", step, result["eval_loss"], result["eval_samples"])
+        if self.board is not None:
+            self.board.add_scalar("eval/loss", result["eval_loss"], step)
 
     def close(self) -> None:
         if self.board is not None:
@@ -88,6 +100,7 @@ class MetricsWriter:
             "mean_tflops_per_gpu": mean("tflops_per_gpu"),
             "mean_mfu": None if any(m.mfu is None for m in steady) else mean("mfu"),
             "skipped_steps": sum(m.skipped for m in self.records),
+            "last_eval_loss": self.evals[-1]["eval_loss"] if self.evals else None,
             "mean_data_wait_fraction": mean("data_wait_fraction"),
             "wall_time_s": time.time() - self.started,
             **extra,

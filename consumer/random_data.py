@@ -25,6 +25,8 @@ def random_sample(args: MMDiTArgs, train: TrainConfig, seed: int, index: int) ->
 
 
 def random_batch(args: MMDiTArgs, train: TrainConfig, seed: int, step: int, dp_rank: int, dp_size: int) -> dict:
+    """Micro-batch round `step` (optimizer step x accumulation + micro-batch) of DP rank `dp_rank`:
+    samples are numbered across ranks and rounds, so any split of a global batch sees the same."""
     b = train.micro_batch_size
     first = (step * dp_size + dp_rank) * b
     samples = [random_sample(args, train, seed, (first + i) % train.random_pool_size) for i in range(b)]

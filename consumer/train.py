@@ -5,6 +5,7 @@ outer loop with logging and checkpoints. Run it directly (one process, or `launc
 local ranks started through torchrun) or under torchrun/SLURM.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from mmdit.consumer.checkpoint import (
 from mmdit.consumer.metrics import METRICS, MetricsWriter, StepMetrics, truncate_after
 from mmdit.consumer.random_data import RandomBatches
 from mmdit.consumer.sample_log import SAMPLES, SampleLog
+from mmdit.consumer.schedule import lr_at as schedule_lr
 from mmdit.launch.config import ConfigError, JobConfig, config_yaml, load_config
 from mmdit.model.flops import mfu, peak_flops, step_flops
 from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
@@ -48,8 +50,8 @@ def compute_dtype(cfg: JobConfig) -> torch.dtype:
 
 
 def lr_at(step: int, cfg: JobConfig) -> float:
-    """Linear warmup to train.lr, then constant."""
-    return cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup_steps))
+    t = cfg.train
+    return schedule_lr(step, t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.lr_schedule)
 
 
 @dataclass
@@ -90,19 +92,27 @@ def sample_noise(cfg: JobConfig, step: int, first_index: int, x0: torch.Tensor, 
     return torch.cat(sigmas).to(x0.device), torch.stack(noise).to(x0.device)
 
 
-def train_step(backend, batch: dict, cfg: JobConfig, step: int, first_index: int, device, dtype) -> torch.Tensor:
+def micro_step(backend, batch: dict, cfg: JobConfig, step: int, first_index: int, device, dtype,
+               scale: float = 1.0) -> torch.Tensor:
+    """Forward and backward of one micro-batch; gradients add up (`scale` weighs this micro-batch's
+    mean loss within the optimizer step). Returns the unscaled loss."""
     inputs = StepInputs.from_batch(batch, device, dtype)
     x0, num_target = inputs.x0, inputs.x0.shape[1]
     sigmas, noise = sample_noise(cfg, step, first_index, x0, num_target)
     x_s = noisy_input(x0, noise, sigmas).to(dtype)
     tokens = x_s if inputs.cond_tokens is None else torch.cat([x_s, inputs.cond_tokens], dim=1)
-    backend.zero_grad()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         pred = backend.model(tokens, inputs.txt, inputs.txt_mask, sigmas, inputs.image_shapes)
     # The loss covers target tokens only: condition-image tokens are inputs, not predictions.
     loss = flow_matching_loss(pred[:, :num_target].float(), velocity_target(x0, noise))
-    loss.backward()
+    (loss * scale).backward()
     return loss.detach()
+
+
+def train_step(backend, batch: dict, cfg: JobConfig, step: int, first_index: int, device, dtype) -> torch.Tensor:
+    """One optimizer step's forward and backward on one micro-batch (no accumulation)."""
+    backend.zero_grad()
+    return micro_step(backend, batch, cfg, step, first_index, device, dtype)
 
 
 class TrainingError(RuntimeError):
@@ -145,18 +155,45 @@ class Trainer:
             for name in (METRICS, SAMPLES):
                 truncate_after(self.run_dir / name, self.step)
             prune_checkpoints(self.run_dir, cfg.train.keep_checkpoints, cfg.train.keep_every)
+        per_round = cfg.train.micro_batch_size * self.dims.dp
+        if cfg.train.global_batch_size % per_round:
+            raise ConfigError(f"invalid config: train.global_batch_size={cfg.train.global_batch_size} must be a "
+                              f"multiple of train.micro_batch_size x DP = {per_round}")
+        self.accumulation = max(1, cfg.train.global_batch_size // per_round)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank0, log_every=cfg.train.log_every,
                                      tensorboard=cfg.train.tensorboard)
         self.peak = cfg.train.peak_tflops * 1e12 or (peak_flops(torch.cuda.get_device_name()) if on_gpu else None)
         self.stop_requested = False
+        self.evaluator = self._evaluator() if cfg.train.eval_every else None
         log.info("backend %s | layers %s | tp %d x dp %d | dtype %s | recompute %s | device %s",
                  self.backend.name, "transformer-engine" if use_te else "megatron-local", self.dims.tp, self.dims.dp,
                  str(self.dtype).removeprefix("torch."), cfg.parallel.recompute, self.device)
 
+    def _evaluator(self):
+        from mmdit.consumer.evaluation import Evaluator, held_out_records, random_held_out
+
+        t = self.cfg.train
+        if t.data_source == "random":
+            samples = random_held_out(self.cfg.model, t, self.cfg.seed, t.eval_samples)
+        elif self.cfg.data.eval_fraction > 0:
+            samples = held_out_records(self.cfg.cache.dir, self.cfg.service.fingerprint, self.cfg.data.eval_fraction,
+                                       t.eval_samples)
+        else:
+            log.warning("train.eval_every is set but data.eval_fraction is 0: nothing is held out, no evaluation")
+            return None
+        if not samples:
+            log.warning("no held-out sample in the cache: no evaluation")
+            return None
+        return Evaluator(samples, t.eval_sigmas, self.dims.dp_rank, self.dims.dp, dp_group())
+
+    def evaluate(self) -> None:
+        result = self.evaluator.run(self.backend.module, self.device, self.dtype)
+        self.metrics.write_eval(self.step, result)
+
     def batches(self):
         if self.cfg.train.data_source == "random":
             return RandomBatches(self.cfg.model, self.cfg.train, self.cfg.seed, self.dims.dp_rank, self.dims.dp,
-                                 start_step=self.step)
+                                 start_step=self.step * self.accumulation)
         from mmdit.dataservice.client import trainer_batches
 
         return trainer_batches(self.cfg, self.dims, self.data_state)
@@ -195,26 +232,38 @@ class Trainer:
         sample_log = SampleLog(self.run_dir, self.dims.dp_rank, 0) \
             if cfg.train.log_samples and self.dims.tp_rank == 0 else None
         saved = self.step
+        accum = self.accumulation
         while self.step < cfg.train.steps:
             started = time.perf_counter()
-            batch = next(data_iter)
-            data_wait = time.perf_counter() - started
             lr = lr_at(self.step, cfg)
             self.backend.set_lr(lr)
-            first_index = self.dims.dp_rank * batch["latents"].shape[0]
-            loss = train_step(self.backend, batch, cfg, self.step, first_index, self.device, self.dtype)
-            loss_value = self._mean_over_dp(loss)
+            self.backend.zero_grad()
+            data_wait, losses, micro_batches = 0.0, [], []
+            for micro in range(accum):
+                fetch = time.perf_counter()
+                batch = next(data_iter)
+                data_wait += time.perf_counter() - fetch
+                micro_batches.append(batch)
+                # index in the optimizer step's global batch: noise follows the sample, not the split
+                first_index = (micro * self.dims.dp + self.dims.dp_rank) * batch["latents"].shape[0]
+                with self.backend.no_sync() if micro < accum - 1 else contextlib.nullcontext():
+                    losses.append(micro_step(self.backend, batch, cfg, self.step, first_index, self.device,
+                                             self.dtype, scale=1.0 / accum))
+            loss_value = self._mean_over_dp(torch.stack(losses).mean())
             grad_norm, stepped = self.backend.step(skip=not math.isfinite(loss_value))
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - started
             self.step += 1
             if sample_log is not None:
-                sample_log.write(self.step, batch)
-            m = self._record(batch, loss_value, lr, grad_norm, step_time, data_wait, skipped=not stepped)
+                for batch in micro_batches:
+                    sample_log.write(self.step, batch)
+            m = self._record(micro_batches, loss_value, lr, grad_norm, step_time, data_wait, skipped=not stepped)
             if cfg.train.telemetry and hasattr(batches, "report"):  # to /metrics and the dashboard, with the acks
                 batches.report(m.telemetry())
             self._count_bad_steps(stepped, loss_value, grad_norm)
+            if self.evaluator is not None and self.step % cfg.train.eval_every == 0:
+                self.evaluate()
             stop = any_rank_true(self.stop_requested)  # every rank stops at the same step
             if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.checkpoint(batches)
@@ -243,19 +292,22 @@ class Trainer:
             loss = loss / self.dims.dp
         return loss.item()
 
-    def _record(self, batch, loss, lr, grad_norm, step_time, data_wait, skipped: bool) -> StepMetrics:
-        latents = batch["latents"]
-        image_tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-        cond = batch.get("cond_latents")
-        cond_tokens = 0 if cond is None else (cond.shape[-2] // 2) * (cond.shape[-1] // 2)
-        global_batch = latents.shape[0] * self.dims.dp
-        flops = step_flops(self.cfg.model, global_batch, image_tokens, batch["prompt_embeds"].shape[1], cond_tokens)
+    def _record(self, micro_batches, loss, lr, grad_norm, step_time, data_wait, skipped: bool) -> StepMetrics:
+        flops = global_batch = tokens = 0
+        for batch in micro_batches:
+            latents = batch["latents"]
+            image_tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+            cond = batch.get("cond_latents")
+            cond_tokens = 0 if cond is None else (cond.shape[-2] // 2) * (cond.shape[-1] // 2)
+            samples = latents.shape[0] * self.dims.dp
+            flops += step_flops(self.cfg.model, samples, image_tokens, batch["prompt_embeds"].shape[1], cond_tokens)
+            global_batch, tokens = global_batch + samples, tokens + samples * image_tokens
         per_device = flops / self.dims.world_size / step_time
         m = StepMetrics(
             step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, samples_per_second=global_batch / step_time,
-            image_tokens_per_second=global_batch * image_tokens / step_time, tflops_per_gpu=per_device / 1e12,
+            image_tokens_per_second=tokens / step_time, tflops_per_gpu=per_device / 1e12,
             mfu=mfu(flops, step_time, self.dims.world_size, self.peak) if self.peak else None,
-            data_wait_fraction=data_wait / step_time, config_version=int(batch.get("config_version", 0)),
+            data_wait_fraction=data_wait / step_time, config_version=int(micro_batches[-1].get("config_version", 0)),
             step_time_s=step_time, global_batch_size=global_batch, skipped=skipped)
         self.metrics.write(m)
         return m

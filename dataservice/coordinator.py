@@ -567,7 +567,8 @@ class CoordinatorService:
         self.fingerprint = resolve_fingerprint(cache, settings.fingerprint)
         stages = resolve_stages(cache, self.fingerprint)
         stage = cfg.data.base_resolution if cfg.data.base_resolution in stages else min(stages)
-        selection, self.selection_counts = build_selection(cache, stages, cfg.data.filters, stage)
+        selection, self.selection_counts = build_selection(cache, stages, cfg.data.filters, stage,
+                                                           cfg.data.eval_fraction)
         cache.close()
         history = [version_zero(cfg.data, stage)]
         self.coordinator = Coordinator(selection, settings, cfg.seed, svc.dp_size, cfg.train.micro_batch_size, history,

@@ -216,6 +216,14 @@ class Cursor:
         return cls(**{k: int(v) for k, v in (d or {}).items() if k in ("seq", "epoch", "index")})
 
 
+def held_out(key: str, fraction: float) -> bool:
+    """Is `key` in the evaluation split? A hash of the key below `fraction`: stable across runs
+    and processes, so the plan (which leaves these out) and the evaluator agree without talking."""
+    if fraction <= 0:
+        return False
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
 class Selection:
     """The universe the plan draws from, canonically ordered (by stage and key) and grouped; shared
     by every epoch. `manifest` (a pyarrow table of producer/manifest.py rows) lets versions filter

@@ -14,7 +14,7 @@ import logging
 import re
 from pathlib import Path
 
-from mmdit.dataservice.plan import PlanError, SampleRef, Selection
+from mmdit.dataservice.plan import PlanError, SampleRef, Selection, held_out
 
 log = logging.getLogger("mmdit.selection")
 
@@ -62,17 +62,20 @@ def read_manifest_table(cache_dir: Path):
     return table if table.num_rows else None
 
 
-def build_selection(cache, stages: dict[int, str], filters=None, stage: int | None = None) -> tuple[Selection, dict]:
+def build_selection(cache, stages: dict[int, str], filters=None, stage: int | None = None,
+                    eval_fraction: float = 0.0) -> tuple[Selection, dict]:
     """The universe over `stages`, and counts for the status report: cached (records), selected
     (what `filters` select of it at `stage`, default the first), missing (selected by the
     manifest but not cached), damaged (unreadable files and records met while indexing)."""
     manifest = read_manifest_table(Path(cache.path))
-    rows = _manifest_rows(manifest)
+    rows = {k: r for k, r in _manifest_rows(manifest).items() if not held_out(k, eval_fraction)}
     refs, counts = [], {"cached": 0}
     for at, fp in sorted(stages.items()):
         cached = set()
         for bucket, keys in cache.buckets(fp).items():
             for key in keys:
+                if held_out(key, eval_fraction):  # the evaluation split: never trained on
+                    continue
                 meta = cache.meta(key, fp)  # from the segment header: no tensor is read
                 cond = meta.get("cond_shape")
                 row = rows.get(key, {})

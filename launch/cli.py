@@ -13,6 +13,7 @@ import warnings
 COMMANDS = {
     "demo": ("mmdit.launch.demo", "the whole local pipeline: encoders, synth, produce, serve, train"),
     "train": ("mmdit.consumer.train", "train the MMDiT (random latents or the data service)"),
+    "sample": ("mmdit.consumer.sample", "generate images from a checkpoint (true CFG, Euler flow sampler)"),
     "model-info": ("mmdit.model.info", "build the model on the meta device and print its size"),
     "convert": ("mmdit.model.convert_cli", "convert between diffusers and mmdit checkpoints"),
     "make-tiny-encoders": ("mmdit.producer.tiny_encoders", "write tiny random VAE/Qwen2.5-VL/tokenizer"),

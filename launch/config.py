@@ -101,6 +101,10 @@ def check_job(job: JobConfig) -> None:
                           "(each tensor-parallel rank owns whole heads)")
     if nproc > 1 and nproc % tp:
         raise ConfigError(f"invalid config: launch.nproc={nproc} must be a multiple of parallel.tp={tp}")
+    dp, mbs, gbs = max(1, nproc // tp), job.train.micro_batch_size, job.train.global_batch_size
+    if gbs and gbs % (mbs * dp):
+        raise ConfigError(f"invalid config: train.global_batch_size={gbs} must be a multiple of train.micro_batch_size "
+                          f"x DP = {mbs} x {dp} (the rest is gradient accumulation)")
 
 
 def load_config(overrides: list[str] = (), config_name: str = "config") -> JobConfig:

@@ -23,9 +23,11 @@ def _last_line(path: Path) -> dict | None:
         lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
     for line in reversed(lines):
         try:
-            return json.loads(line)
+            record = json.loads(line)
         except ValueError:
             continue
+        if not record.get("eval"):
+            return record
     return None
 
 

@@ -61,6 +61,10 @@ class TorchBackend:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def no_sync(self):
+        """Backward without the DP all-reduce: the micro-batches of an accumulation before the last."""
+        return self.model.no_sync()
+
     def step(self, skip: bool = False) -> tuple[float, bool]:
         """Clip by the global grad norm, then step; (grad norm, stepped). Gradients are already
         DP-averaged by DDP, so every rank sees the same norm: a non-finite one (or `skip`, for a
@@ -107,6 +111,9 @@ class MegatronBackend:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
 
+    def no_sync(self):
+        return self.model.no_sync()
+
     def step(self, skip: bool = False) -> tuple[float, bool]:
         self.model.finish_grad_sync()
         if skip:
@@ -136,6 +143,16 @@ class MegatronBackend:
         self.optimizer.load_parameter_state(str(file_for("params")))
 
 
+def weight_decay_groups(model) -> tuple[list, list]:
+    """(weight matrices, everything else): biases and norm weights (1-D) are not decayed, as in
+    megatron's default `no_weight_decay_cond`."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return decay, no_decay
+
+
 def build_backend(model, parallel: ParallelConfig, train: TrainConfig, tp_group, dp_group, linear_config):
     backend = resolve_backend(parallel)
     if backend == "megatron":
@@ -144,10 +161,12 @@ def build_backend(model, parallel: ParallelConfig, train: TrainConfig, tp_group,
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(model, process_group=dp_group)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=dp_group,
+    decay, no_decay = weight_decay_groups(model)
+    optimizer = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW, process_group=dp_group,
                                         lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
                                         weight_decay=train.weight_decay)
+    if no_decay:
+        optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0})
     return TorchBackend(model=ddp, module=model, optimizer=optimizer, tp_group=tp_group, grad_clip=train.grad_clip)
 
 

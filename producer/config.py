@@ -58,6 +58,9 @@ class DataConfig:
     """Relative weight per category; categories not named weigh 1."""
     bucket_weights: dict[str, float] = field(default_factory=dict)
     """Relative weight per resolution bucket ("HxW"); buckets not named weigh 1."""
+    eval_fraction: float = 0.0
+    """Share of samples held out for evaluation (by a hash of the key): never planned for training,
+    scored every `train.eval_every` steps."""
     encode_batch_size: int = 8
     """Samples per VAE / Qwen2.5-VL forward (one bucket per batch)."""
     decode_workers: int = 4
@@ -68,6 +71,8 @@ class DataConfig:
     def __post_init__(self):
         if self.base_resolution <= 0 or self.base_resolution % 16:
             raise ValueError(f"data.base_resolution {self.base_resolution} must be a positive multiple of 16")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.encode_batch_size < 1 or self.decode_workers < 1:
             raise ValueError("data.encode_batch_size and data.decode_workers must be >= 1")
 

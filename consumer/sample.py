@@ -1,0 +1,192 @@
+"""Generating images: Qwen-Image's flow-matching Euler sampler with true classifier-free guidance.
+
+    mmdit sample CKPT_OR_RUN_DIR prompt="..." [prompt="..." ...] [image=SRC.png] [width=W height=H]
+                 [seed=S steps=N true_cfg_scale=4 negative_prompt=" "] [encoders=DIR] out=DIR
+
+A run directory means its newest checkpoint and its config's `encoders.dir`; a checkpoint (a
+`step_N/` directory or an mmdit model checkpoint) needs `encoders=DIR`. Prompts are encoded with
+the release's templates (producer/encoders.py), the image starts as noise drawn from `seed`, the
+transformer integrates the flow on QwenImagePipeline's sigmas (model/flow.py), the VAE decodes.
+With `image=SRC` it edits: the source, resized to the output size, is both the condition latents
+(frame 1 of MSRoPE) and vision tokens of the edit prompt. Writes one PNG per prompt and, for
+several prompts, a grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mmdit.model.mmdit import pack_latents, packed_shape, unpack_latents
+
+
+@dataclass
+class SampleConfig:
+    width: int = 256
+    height: int = 256
+    steps: int = 20
+    true_cfg_scale: float = 4.0
+    """Guidance scale of true CFG; applied when > 1 and a negative prompt is given."""
+    negative_prompt: str = " "
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.width % 16 or self.height % 16 or self.width <= 0 or self.height <= 0:
+            raise ValueError(f"width and height must be positive multiples of 16, got {self.width}x{self.height}")
+        if self.steps < 2:
+            raise ValueError(f"steps must be >= 2, got {self.steps}")
+
+
+class Sampler:
+    """A model (this process, TP=1) with its encoders: prompts in, PIL images out."""
+
+    def __init__(self, model, encoders):
+        self.model, self.enc = model.eval(), encoders
+
+    def _velocity(self, x, sigma, txt, cond_tokens, shapes):
+        tokens = x if cond_tokens is None else torch.cat([x, cond_tokens], dim=1)
+        return self.model(tokens, txt.unsqueeze(0), None, sigma, shapes)[:, :x.shape[1]]
+
+    @torch.no_grad()
+    def generate(self, prompt: str, cfg: SampleConfig, image: Image.Image | None = None, progress=None) -> Image.Image:
+        from mmdit.model.flow import euler_sample
+
+        h, w = cfg.height // 8, cfg.width // 8
+        shapes = [packed_shape(h, w)]
+        cond_tokens = None
+        if image is None:
+            txt = self.enc.encode_prompts([prompt])[0]
+            neg = self.enc.encode_prompts([cfg.negative_prompt])[0] if cfg.negative_prompt else None
+        else:
+            source = image.convert("RGB")
+            pixels = self.enc.preprocess_image(source, (cfg.height, cfg.width))
+            cond_tokens = pack_latents(self.enc.encode_images(pixels[None]))
+            shapes.append(packed_shape(h, w))
+            txt = self.enc.encode_edit_prompts([prompt], [source])[0]
+            neg = self.enc.encode_edit_prompts([cfg.negative_prompt], [source])[0] if cfg.negative_prompt else None
+        guided = neg is not None and cfg.true_cfg_scale > 1.0
+        generator = torch.Generator().manual_seed(cfg.seed)
+        noise = pack_latents(torch.randn(1, self.enc.latent_channels, h, w, generator=generator))
+
+        def velocity(x, sigma):
+            v = self._velocity(x, sigma, txt, cond_tokens, shapes)
+            if guided:  # QwenImagePipeline's true CFG, with its norm rescale
+                v_neg = self._velocity(x, sigma, neg, cond_tokens, shapes)
+                comb = v_neg + cfg.true_cfg_scale * (v - v_neg)
+                v = comb * (v.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            if progress is not None:
+                progress.update(1)
+            return v
+
+        latents = euler_sample(velocity, noise, cfg.steps, noise.shape[1])
+        return self.decode(unpack_latents(latents, h, w))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        """Normalized latents [1, 16, h, w] -> the VAE's image."""
+        config = self.enc.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1)
+        z = (latents.float() * std + mean).to(self.enc.device, self.enc.dtype)[:, :, None]  # [1, 16, 1, h, w]
+        pixels = self.enc.vae.decode(z).sample[0, :, 0].float().clamp(-1, 1)  # [3, H, W]
+        return Image.fromarray(((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy(), "RGB")
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, img in enumerate(images):
+        sheet.paste(img, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+def load_sampler(source: str | Path, encoders_dir: str | None = None) -> Sampler:
+    """The model of a run directory's newest checkpoint (or of a checkpoint), with its encoders."""
+    from mmdit.consumer.checkpoint import resume_checkpoint
+    from mmdit.model.checkpoint import checkpoint_args, is_checkpoint, load_model
+    from mmdit.model.mmdit import build_mmdit
+    from mmdit.parallel.state import init_parallel, tp_group
+    from mmdit.producer.config import EncodersConfig
+    from mmdit.producer.encoders import Encoders
+
+    source = Path(source)
+    if (source / "checkpoints").is_dir() or (source / "config.yaml").is_file():
+        ckpt = resume_checkpoint(source)
+        if ckpt is None:
+            raise FileNotFoundError(f"{source} has no checkpoint yet")
+        model_dir = ckpt / "model"
+        if encoders_dir is None and (source / "config.yaml").is_file():
+            import yaml
+
+            encoders_dir = (yaml.safe_load((source / "config.yaml").read_text()).get("encoders") or {}).get("dir")
+    else:
+        model_dir = source / "model" if is_checkpoint(source / "model") else source
+    if not is_checkpoint(model_dir):
+        raise FileNotFoundError(f"{source}: neither a run directory nor an mmdit checkpoint")
+    if not encoders_dir:
+        raise ValueError("no encoders: give encoders=DIR (a Qwen-Image-layout directory)")
+    init_parallel(1)
+    model = build_mmdit(checkpoint_args(model_dir), tp_group())
+    load_model(model, model_dir)
+    return Sampler(model, Encoders.load(EncodersConfig(dir=str(encoders_dir))))
+
+
+def _parse(argv: list[str]) -> tuple[str, dict]:
+    if not argv or "=" in argv[0]:
+        raise ValueError("usage: mmdit sample CKPT_OR_RUN_DIR prompt=... [image=SRC width= height= seed= steps= "
+                         "true_cfg_scale= negative_prompt= encoders=DIR] out=DIR")
+    args: dict = {"prompt": []}
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ValueError(f"expected key=value, got {arg!r}")
+        if key == "prompt":
+            args["prompt"].append(value)
+        else:
+            args[key] = value
+    if not args["prompt"]:
+        raise ValueError("give at least one prompt=...")
+    return argv[0], args
+
+
+def main(argv: list[str]) -> int:
+    from tqdm import tqdm
+
+    from mmdit.launch.config import ConfigError
+
+    try:
+        source, args = _parse(argv)
+        cfg = SampleConfig(**{k: type(getattr(SampleConfig, k))(args.pop(k)) for k in list(args)
+                              if k in SampleConfig.__dataclass_fields__})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    out = Path(args.pop("out", "samples"))
+    image = Image.open(args.pop("image")) if "image" in args else None
+    encoders = args.pop("encoders", None)
+    prompts = args.pop("prompt")
+    if args:
+        raise ConfigError(f"unknown arguments: {sorted(args)}")
+    sampler = load_sampler(source, encoders)
+    out.mkdir(parents=True, exist_ok=True)
+    images, written = [], []
+    guided = 2 if cfg.true_cfg_scale > 1 and cfg.negative_prompt else 1
+    with tqdm(total=len(prompts) * cfg.steps * guided, desc="sample", disable=not sys.stderr.isatty()) as bar:
+        for i, prompt in enumerate(prompts):
+            img = sampler.generate(prompt, cfg, image, progress=bar)
+            path = out / f"{i:02d}.png"
+            img.save(path)
+            images.append(img)
+            written.append(str(path))
+    if len(images) > 1:
+        grid(images).save(out / "grid.png")
+        written.append(str(out / "grid.png"))
+    print(json.dumps({"images": written, "prompts": prompts, **cfg.__dict__}, ensure_ascii=False))
+    return 0

@@ -1,0 +1,185 @@
+"""What a practitioner expects of the trainer: schedules, accumulation, weight-decay groups,
+held-out evaluation, and sampling (mmdit sample; an exported checkpoint in diffusers' pipeline)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdit.consumer.schedule import lr_at
+
+# ----------------------------------------------------------------------------- in process
+
+
+def test_schedules_warm_up_then_decay_to_min_lr():
+    lr = lambda step, kind: lr_at(step, 1.0, 0.1, 10, 110, kind)  # noqa: E731
+    assert [lr(s, "cosine") for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warmup to the peak
+    assert lr(10, "cosine") == pytest.approx(1.0)
+    assert lr(60, "cosine") == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half way: 0.55
+    assert lr(110, "cosine") == pytest.approx(0.1) and lr(500, "cosine") == pytest.approx(0.1)
+    assert lr(60, "linear") == pytest.approx(0.55) and lr(35, "linear") == pytest.approx(0.1 + 0.9 * 0.75)
+    assert lr(10, "constant") == lr(100, "constant") == 1.0
+    cosine = [lr(s, "cosine") for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(cosine, cosine[1:]))  # never rises after the peak
+
+
+def test_weight_decay_only_on_matrices():
+    from mmdit.launch.config import load_config
+    from mmdit.model.mmdit import build_mmdit
+    from mmdit.parallel.backend import build_backend
+    from mmdit.parallel.state import destroy_parallel, dp_group, init_parallel, tp_group
+
+    cfg = load_config(["train.weight_decay=0.1"])
+    init_parallel(1)
+    try:
+        model = build_mmdit(cfg.model, tp_group())
+        backend = build_backend(model, cfg.parallel, cfg.train, tp_group(), dp_group(), model.config)
+        groups = backend.optimizer.param_groups
+        decay = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+        no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert decay and no_decay and not decay & no_decay
+        assert all(names[i].endswith("weight") and dict(model.named_parameters())[names[i]].dim() == 2 for i in decay)
+        assert any(names[i].endswith("bias") for i in no_decay) and any("norm" in names[i] for i in no_decay)
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert decay | no_decay == trainable
+    finally:
+        destroy_parallel()
+
+
+def test_accumulation_must_divide_the_global_batch():
+    from mmdit.launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="multiple of train.micro_batch_size x DP = 2 x 2"):
+        load_config(["launch.nproc=2", "train.micro_batch_size=2", "train.global_batch_size=6"])
+    assert load_config(["launch.nproc=2", "train.micro_batch_size=2", "train.global_batch_size=8"])
+
+
+# ----------------------------------------------------------------------------- real processes
+
+BASE = ["train.random_height=64", "train.random_width=64", "train.lr=1e-3", "train.warmup_steps=1",
+        "train.random_pool_size=64", "train.lr_schedule=constant"]
+
+
+def train(run_dir: Path, *overrides: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={run_dir}", *BASE,
+                           *overrides], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def records(run_dir: Path, evals: bool = False) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if bool(r.get("eval")) == evals]
+
+
+def weights(run_dir: Path) -> dict:
+    from mmdit.model.checkpoint import load_full_state_dict_from
+
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    return load_full_state_dict_from(run_dir / "checkpoints" / latest / "model")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_accumulation_equals_one_big_batch_at_any_split(tmp_path):
+    """4 samples per optimizer step: one micro-batch of 4, four of 1, and two DP ranks x two
+    micro-batches of 1 give the same losses and the same weights."""
+    train(tmp_path / "big", "train.steps=3", "train.micro_batch_size=4")
+    train(tmp_path / "accum", "train.steps=3", "train.micro_batch_size=1", "train.global_batch_size=4")
+    train(tmp_path / "dp_accum", "train.steps=3", "train.micro_batch_size=1", "train.global_batch_size=4",
+          "launch.nproc=2")
+    reference, big = records(tmp_path / "big"), weights(tmp_path / "big")
+    for name in ("accum", "dp_accum"):
+        rows = records(tmp_path / name)
+        assert [r["global_batch_size"] for r in rows] == [4, 4, 4]
+        assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], abs=1e-5), name
+        # the same gradient (a wrong scale would be off by the accumulation factor)
+        assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-4), name
+        for key, value in weights(tmp_path / name).items():  # Adam turns rounding into at most ~lr/10
+            torch.testing.assert_close(value, big[key], rtol=0, atol=3e-4, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_evaluation_is_deterministic_across_runs_and_layouts(tmp_path):
+    common = ["train.steps=2", "train.eval_every=2", "train.eval_samples=6", "train.eval_sigmas=4",
+              "train.micro_batch_size=2"]
+    train(tmp_path / "a", *common)
+    train(tmp_path / "b", *common)
+    train(tmp_path / "tp2", *common, "launch.nproc=2", "parallel.tp=2")
+    train(tmp_path / "dp2", *common, "launch.nproc=2", "train.micro_batch_size=1")
+    (ra,), (rb,) = records(tmp_path / "a", True), records(tmp_path / "b", True)
+    assert ra == rb and ra["eval_samples"] == 6 and len(ra["eval_loss_per_sigma"]) == 4
+    for name in ("tp2", "dp2"):
+        (r,) = records(tmp_path / name, True)
+        assert r["eval_loss_per_sigma"] == pytest.approx(ra["eval_loss_per_sigma"], abs=1e-5), name
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_encoders_dir):
+    run = tmp_path_factory.mktemp("trained")
+    train(run, "train.steps=2", "train.micro_batch_size=1", f"encoders.dir={tiny_encoders_dir}")
+    return run
+
+
+def sample(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmdit.launch.cli", "sample", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sample_writes_deterministic_pngs_of_the_requested_size(trained, tmp_path):
+    from PIL import Image
+
+    prompts = ['prompt=a shop sign that reads "OPEN"', "prompt=一张写着“欢迎光临”的海报"]
+    args = [str(trained), *prompts, "width=96", "height=64", "steps=3", "seed=7"]
+    first = sample(*args, f"out={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sample(*args, f"out={tmp_path / 'b'}").returncode == 0
+    assert sample(*args[:-1], "seed=8", f"out={tmp_path / 'c'}").returncode == 0
+    for name in ("00.png", "01.png"):
+        img = Image.open(tmp_path / "a" / name)
+        assert img.size == (96, 64) and img.mode == "RGB"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
+    assert Image.open(tmp_path / "a" / "grid.png").size == (2 * 96, 64)
+    edit = sample(str(trained), "prompt=make the sign blue", f"image={tmp_path / 'a' / '00.png'}", "width=96",
+                  "height=64", "steps=2", f"out={tmp_path / 'edit'}")
+    assert edit.returncode == 0, edit.stderr[-3000:]
+    assert Image.open(tmp_path / "edit" / "00.png").size == (96, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_exported_checkpoint_generates_in_the_diffusers_pipeline(trained, tiny_encoders_dir, tmp_path):
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from mmdit.model.flow import QWEN_IMAGE_SCHEDULER_CONFIG
+
+    latest = (trained / "checkpoints" / "latest").read_text()
+    done = subprocess.run([sys.executable, "-m", "mmdit.launch.cli", "convert", "to-diffusers",
+                           str(trained / "checkpoints" / latest / "model"), str(tmp_path / "export")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG),
+        vae=AutoencoderKLQwenImage.from_pretrained(tiny_encoders_dir, subfolder="vae"),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_encoders_dir, subfolder="text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_encoders_dir, subfolder="tokenizer"),
+        transformer=QwenImageTransformer2DModel.from_pretrained(tmp_path / "export"))
+    image = pipe("a red sign", height=64, width=96, num_inference_steps=2, output_type="pil",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (96, 64)
