@@ -1,13 +1,16 @@
 """`mmdit demo`: the whole local pipeline on this machine, from nothing to a trained checkpoint.
 
     tiny encoders -> synthetic shards -> mmdit produce (score, filter, bucket, encode, cache)
-    -> mmdit serve (coordinator + producers) -> mmdit train (batches over TensorPipe RPC)
+    -> mmdit serve (coordinator + producers, dashboard) -> mmdit train on 2 tensor-parallel ranks
+    (batches over TensorPipe RPC, held-out evaluation) -> mmdit sample (a few images) -> summary
 
-Each stage is the real command, run as its own process (and process group), recorded in
-run.dir/processes.json; stages whose output exists are reused (produce is incremental: a rerun
-encodes nothing new). Everything lands in run.dir (default runs/demo). Extra `key=value`
-overrides go to every stage, e.g. `launch.nproc=2 parallel.tp=2`. Ctrl-C or SIGTERM stops the
-running stage and the data service, and with them every process they started.
+Each stage is the real command, run as its own process group and recorded in
+run.dir/processes.json, its output in run.dir/logs/<stage>.log; stages whose output exists are
+reused (produce is incremental: a rerun encodes nothing new). Everything lands in run.dir
+(default runs/demo). Extra `key=value` overrides go to every stage and replace the demo's own
+defaults (`launch.nproc=2 parallel.tp=1` trains on two data-parallel ranks instead). Ctrl-C or
+SIGTERM stops the running stage (a trainer checkpoints first) and the data service, and with
+them every process they started.
 """
 
 import json
@@ -15,11 +18,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mmdit.launch.config import load_config
 from mmdit.launch.processes import ProcessTable, ServeProcess, child_env, signal_group
 from mmdit.parallel.spawn import free_port
+
+DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "train.save_every": "20",
+            "train.eval_every": "10", "data.eval_fraction": "0.15", "train.log_samples": "true"}
+"""The demo's settings unless overridden: hybrid parallelism and every feature switched on."""
+PROMPTS = ('A wooden sign that reads "OPEN" in bold letters', "一块写着“欢迎光临”的红色招牌",
+           'A poster with the title "Hello, world" on a blue gradient')
 
 
 def mmdit(*args: str) -> list[str]:
@@ -27,31 +37,65 @@ def mmdit(*args: str) -> list[str]:
 
 
 class Stages:
-    """Runs stages one at a time, each in its own process group, and stops the current one (and
-    everything it started) on Ctrl-C or SIGTERM."""
+    """Runs stages one at a time, each in its own process group with its output in a log file,
+    and stops the current one (and everything it started) on Ctrl-C or SIGTERM."""
 
-    def __init__(self, table: ProcessTable, shutdown_timeout_s: float):
-        self.table, self.timeout = table, shutdown_timeout_s
+    def __init__(self, table: ProcessTable, logs: Path, shutdown_timeout_s: float):
+        self.table, self.logs, self.timeout = table, logs, shutdown_timeout_s
+        logs.mkdir(parents=True, exist_ok=True)
 
-    def run(self, name: str, cmd: list[str]) -> None:
-        print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
-        proc = subprocess.Popen(cmd, start_new_session=True, env=child_env())
-        self.table.add(name, f"demo_{name}", proc.pid)
-        try:
-            code = proc.wait()
-        except BaseException:  # KeyboardInterrupt, or SIGTERM turned into one
-            signal_group(proc.pid, signal.SIGTERM)  # a trainer checkpoints, then exits
+    def run(self, name: str, cmd: list[str], while_running=None) -> str:
+        """Run `cmd`; returns its stdout. `while_running()` is called about twice a second."""
+        print(f"== {name}", flush=True)
+        log_path = self.logs / f"{name}.log"
+        with open(log_path, "wb") as log, open(log_path.with_suffix(".out"), "wb") as out:
+            proc = subprocess.Popen(cmd, start_new_session=True, env=child_env(), stdout=out, stderr=log)
+            self.table.add(name, f"demo_{name}", proc.pid)
             try:
-                proc.wait(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                pass
-            signal_group(proc.pid, signal.SIGKILL)
-            code = proc.wait()
-            raise
-        finally:
-            self.table.set_returncode(proc.pid, proc.returncode)
+                while proc.poll() is None:
+                    if while_running is not None:
+                        while_running()
+                    time.sleep(0.5)
+                code = proc.returncode
+            except BaseException:  # KeyboardInterrupt, or SIGTERM turned into one
+                signal_group(proc.pid, signal.SIGTERM)  # a trainer checkpoints, then exits
+                try:
+                    proc.wait(timeout=self.timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+                signal_group(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+                raise
+            finally:
+                self.table.set_returncode(proc.pid, proc.returncode)
         if code:
-            raise SystemExit(f"mmdit demo: stage {name!r} failed with exit code {code}")
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise SystemExit(f"mmdit demo: stage {name!r} failed with exit code {code} ({log_path}):\n  "
+                             + "\n  ".join(tail))
+        return log_path.with_suffix(".out").read_text(errors="replace")
+
+
+class TrainingBar:
+    """A progress bar over metrics.jsonl while the trainer runs (the trainer's log is in a file)."""
+
+    def __init__(self, metrics: Path, total: int):
+        from tqdm import tqdm
+
+        self.metrics, self.seen = metrics, 0
+        self.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+    def __call__(self) -> None:
+        if not self.metrics.exists():
+            return
+        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        steps = [r for r in rows if not r.get("eval")]
+        if steps and steps[-1]["step"] > self.seen:
+            self.bar.update(steps[-1]["step"] - self.seen)
+            self.seen = steps[-1]["step"]
+            self.bar.set_postfix(loss=f"{steps[-1]['loss']:.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _interrupt(*_) -> None:
@@ -59,6 +103,8 @@ def _interrupt(*_) -> None:
 
 
 def main(argv: list[str]) -> int:
+    given = {a.split("=", 1)[0] for a in argv}
+    argv = [f"{k}={v}" for k, v in DEFAULTS.items() if k not in given] + list(argv)
     cfg = load_config(argv)  # validates the overrides once, before any stage runs
     signal.signal(signal.SIGTERM, _interrupt)
     run = Path(cfg.run.dir)
@@ -77,31 +123,50 @@ def main(argv: list[str]) -> int:
 
 
 def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
+    started = time.monotonic()
     encoders = Path(cfg.encoders.dir) if cfg.encoders.dir else run / "encoders"
     shards = run / "shards"
-    stages = Stages(table, cfg.service.shutdown_timeout_s)
+    stages = Stages(table, run / "logs", cfg.service.shutdown_timeout_s)
     common = [f"run.dir={run}", f"encoders.dir={encoders}", f"cache.dir={cfg.cache.dir}", *argv]
     if not (encoders / "vae").is_dir():
         stages.run("encoders", mmdit("make-tiny-encoders", str(encoders)))
     if not list(shards.glob("*.tar")):
         stages.run("synth", mmdit("synth", str(shards), *[a for a in argv if a.startswith("synth.")]))
-    stages.run("produce", mmdit("produce", f"data.shards={shards}/*.tar", *common))
+    report = json.loads(stages.run("produce", mmdit("produce", f"data.shards={shards}/*.tar", *common)))
+    print(f"   {report['accepted']} of {report['seen']} samples accepted, {report['encoded']} encoded, "
+          f"{report['cache_hits']} already cached", flush=True)
     dp = cfg.launch.nproc // cfg.parallel.tp
     service = [f"service.port={free_port()}", f"service.dp_size={dp}"]
-    serve_overrides = [*common, f"run.dir={run / 'service'}", "service.producers=2", *service]
-    print(f"== serve: {' '.join(serve_overrides)}", flush=True)
-    serve = ServeProcess(serve_overrides)
+    print("== serve", flush=True)
+    serve = ServeProcess([*common, f"run.dir={run / 'service'}", "service.producers=2", *service])
     table.add("serve", "demo_serve", serve.proc.pid)
-    print(f"== dashboard: {serve.info['dashboard']}  (live while the demo trains; `mmdit status {run}`, "
-          f"`mmdit ctl get {run}`)", flush=True)
+    print(f"   dashboard {serve.info['dashboard']}  (live while the demo trains; also `mmdit status {run}`)",
+          flush=True)
+    bar = TrainingBar(run / "metrics.jsonl", cfg.train.steps)
     try:
-        stages.run("train", mmdit("train", *common, "train.data_source=service", *service))
+        stages.run("train", mmdit("train", *common, "train.data_source=service", *service), while_running=bar)
     finally:
-        print(json.dumps(serve.stop(timeout=2 * cfg.service.shutdown_timeout_s)[1]), flush=True)
+        bar.close()
+        serve.stop(timeout=2 * cfg.service.shutdown_timeout_s)
         table.set_returncode(serve.proc.pid, serve.proc.returncode)
+    samples = run / "samples" / "final"
+    stages.run("sample", mmdit("sample", str(run), *[f"prompt={p}" for p in PROMPTS], f"encoders={encoders}",
+                               "width=128", "height=128", "steps=8", f"out={samples}"))
     summary = json.loads((run / "summary.json").read_text())
-    if summary["steps_run"]:
-        print(f"== done: {summary['steps_run']} steps, loss {summary['first_loss']:.4f} -> "
-              f"{summary['final_loss']:.4f}; metrics in {run / 'metrics.jsonl'}, checkpoints in {run / 'checkpoints'}")
-    else:
-        print(f"== done: {run} is already trained to step {cfg.train.steps} (raise train.steps to go on)")
+    print(_summary(summary, run, samples, time.monotonic() - started), flush=True)
+
+
+def _summary(summary: dict, run: Path, samples: Path, seconds: float) -> str:
+    if not summary["steps_run"]:
+        return f"== done: {run} is already trained (raise train.steps to go on); samples in {samples}"
+    eval_loss = summary.get("last_eval_loss")
+    return "\n".join([
+        f"== done in {seconds:.0f} s: {summary['steps_run']} steps on TP={summary['tp']} x DP={summary['dp']} "
+        f"({summary['backend']})",
+        f"   loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+        + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
+        + f", {summary['mean_samples_per_second']:.1f} samples/s, data wait "
+        f"{100 * summary['mean_data_wait_fraction']:.1f}%",
+        f"   metrics {run / 'metrics.jsonl'}, checkpoints {run / 'checkpoints'}, samples {samples}/grid.png",
+        f"   try: mmdit status {run}; mmdit sample {run} prompt=\"...\" out=DIR; tensorboard --logdir {run}",
+    ])

@@ -5,31 +5,43 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.slow  # real processes
 
 
 def test_demo_trains_from_synthetic_shards_through_the_data_service(tmp_path):
+    """The README's first command, shortened: TP=2 ranks over the data service, held-out
+    evaluation, final samples, a summary; a rerun reuses the cache and resumes."""
     run = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "mmdit.launch.cli", "demo", f"run.dir={run}", "train.steps=5",
-           "synth.num_samples=24", "train.log_samples=true"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "mmdit.launch.cli", "demo", f"run.dir={run}", "train.steps=6", "train.eval_every=3",
+           "synth.num_samples=24"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "== done" in out and "steps on TP=2 x DP=1" in out and "held-out loss" in out and "dashboard http" in out
+    assert "Warning" not in out + result.stderr and "warn(" not in out + result.stderr  # a quiet console
 
     report = json.loads((run / "cache" / "report.json").read_text())
     assert report["seen"] == 24 and report["encoded"] == report["accepted"] > 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records if not r.get("eval")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if r.get("eval")] == [3, 6]
     steps = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     keys = [k for s in steps for k in s["keys"]]
     assert len(keys) == len(set(keys)), "a sample was served twice within the first epoch"
-    assert (run / "checkpoints" / "latest").read_text() == "step_00000005"
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
     services = json.loads((run / "service" / "processes.json").read_text())
     assert sorted(p["role"] for p in services) == ["coordinator", "producer", "producer"]
+    ranks = [p for p in json.loads((run / "processes.json").read_text()) if p["role"] == "trainer"]
+    assert len(ranks) == 2 and all(p["returncode"] == 0 for p in ranks)
+    grid = Image.open(run / "samples" / "final" / "grid.png")
+    assert grid.size == (2 * 128, 2 * 128)
 
-    # A second run reuses everything: nothing is encoded again, training resumes at step 5.
-    again = subprocess.run(cmd[:-3] + ["train.steps=7", "synth.num_samples=24"], capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    # A second run reuses everything: nothing is encoded again, training resumes at step 6.
+    again = subprocess.run(cmd[:-3] + ["train.steps=8", "train.eval_every=0", "synth.num_samples=24"],
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads((run / "cache" / "report.json").read_text())["encoded"] == 0
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-2:] == [6, 7]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if not r.get("eval")][-3:] == [6, 7, 8]
