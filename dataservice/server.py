@@ -22,7 +22,6 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -228,7 +227,7 @@ class ProducerServer:
 
     # ---- the lease loop
 
-    def run(self, stop: threading.Event, give_up_after_s: float) -> bool:
+    def run(self, stop, give_up_after_s: float) -> bool:
         """Lease until `stop` is set; True if the coordinator stayed reachable to the end.
         Gives up when the coordinator stays unreachable for `give_up_after_s` (service.join_timeout_s
         in a producer process: as long as it would wait for a starting coordinator)."""
@@ -317,9 +316,9 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     settings = cfg.service.role(ProducerSettings)
     name = rpc.incarnation_name("producer", n=int(os.environ.get("MMDIT_INCARNATION", "0")))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    from mmdit.launch.processes import SignalStop
+
+    stop = SignalStop()
     cache = LatentCache(cfg.cache.dir)
     try:
         fingerprint = resolve_fingerprint(cache, settings.fingerprint)

@@ -21,10 +21,9 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 import time
 
-from mmdit.launch.processes import ProcessTable, child_env, python_command
+from mmdit.launch.processes import ProcessTable, SignalStop, child_env, python_command
 from mmdit.parallel.spawn import free_port
 
 log = logging.getLogger("mmdit.launch")
@@ -42,8 +41,7 @@ def launch_local(command: str, argv: list[str], nproc: int, run_dir: str, role: 
     master_port = master_port or free_port()
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
     procs: list[subprocess.Popen] = []
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = SignalStop()
     try:
         for rank in range(nproc):
             env = {**child_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
@@ -56,14 +54,13 @@ def launch_local(command: str, argv: list[str], nproc: int, run_dir: str, role: 
         worst = _wait(procs, table, stop, shutdown_timeout_s)
     finally:
         _stop(procs, table, shutdown_timeout_s)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        stop.restore()
     if stop.is_set() and worst in (0, -signal.SIGTERM):
         return 130  # stopped by the operator
     return worst
 
 
-def _wait(procs: list[subprocess.Popen], table: ProcessTable, stop: threading.Event, timeout_s: float) -> int:
+def _wait(procs: list[subprocess.Popen], table: ProcessTable, stop: SignalStop, timeout_s: float) -> int:
     """Until every rank exited, the first failure (others are stopped then), or a signal."""
     recorded: set[int] = set()
     while len(recorded) < len(procs):

@@ -74,6 +74,36 @@ class ProcessTable:
             self._write(rows)
 
 
+class SignalStop:
+    """Set by SIGINT and SIGTERM. A plain flag, polled: a signal handler must take no lock
+    (`threading.Event.set` from a handler deadlocks when the main thread is inside
+    `Event.wait`, holding the event's lock)."""
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def _handle(self, *_) -> None:
+        self.requested = True
+
+    def set(self) -> None:
+        self.requested = True
+
+    def is_set(self) -> bool:
+        return self.requested
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to `timeout_s`, waking early once a signal came; True if one did."""
+        deadline = time.monotonic() + timeout_s
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return self.requested
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 PARENT_ENV = "MMDIT_PARENT_PID"
 
 

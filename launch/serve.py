@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 from mmdit.launch.config import load_config
-from mmdit.launch.processes import ProcessTable, python_command, start, stop_all
+from mmdit.launch.processes import ProcessTable, SignalStop, python_command, start, stop_all
 
 log = logging.getLogger("mmdit.serve")
 
@@ -38,9 +36,7 @@ def main(argv: list[str]) -> int:
     run_dir = Path(cfg.run.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     table = ProcessTable(run_dir)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = SignalStop()
     table.add("coordinator", rpc.COORDINATOR, os.getpid())
     try:
         service = CoordinatorService(cfg, run_dir)
