@@ -104,11 +104,16 @@ class Coordinator:
 
     def __init__(self, selection: Selection, settings: CoordinatorSettings, seed: int, dp_size: int,
                  micro_batch_size: int, history: list[DataVersion], clock=time.monotonic,
-                 stages: dict[int, str] | None = None):
+                 stages: dict[int, str] | None = None, curriculum: list[dict] | None = None,
+                 accumulation: int = 1):
         validate_history(history)
         self.sel, self.cfg, self.seed, self.clock = selection, settings, seed, clock
         self.stages = stages or {0: ""}
         """Curriculum stage (base resolution) -> cache fingerprint."""
+        self.accumulation = accumulation
+        """Global batches per optimizer step: training step S consumes seqs (S-1)*a .. S*a-1."""
+        self.curriculum = sorted(((int(c["step"]), {k: v for k, v in c.items() if k != "step"})
+                                  for c in curriculum or []), key=lambda c: c[0])
         self.telemetry = Telemetry()
         self.lock = threading.RLock()
         self.producers: dict[str, _Producer] = {}
@@ -160,6 +165,7 @@ class Coordinator:
     def _plan_window(self, at_least: int = 0) -> None:
         """Plan up to `plan_ahead` batches past the oldest one not done (and up to `at_least`)."""
         while self.planner.seq < max(self.base + self.cfg.plan_ahead, at_least):
+            self._apply_curriculum(self.planner.seq)
             seq, batch = self.planner.next()
             self.entries[seq] = _Entry(seq, batch)
             self.positions[seq + 1] = (batch.epoch, batch.index + 1)
@@ -338,7 +344,8 @@ class Coordinator:
             return theirs
         start = max((cursor.epoch, cursor.index), last.start)
         return theirs + [replace(mine, version=last.version + 1, epoch=start[0], index=start[1],
-                                 from_step=cursor.seq + 1, why="the service's config differs from the checkpoint's")]
+                                 from_step=self.step_of(cursor.seq),
+                                 why="the service's config differs from the checkpoint's")]
 
     def locate(self, name: str, gen: int, seq: int, ahead: int = 0) -> Future:
         """Which producer holds batch `seq` (waits up to `heartbeat_s` for it to be leased), and
@@ -464,7 +471,7 @@ class Coordinator:
             self._plan_window(at_least=seq)
             epoch, index = (self.start.epoch, self.start.index) if seq == self.start.seq else self.positions[seq]
             version = replace(candidate, version=last.version + 1, epoch=epoch, index=index, time=time.time(),
-                              from_step=seq + 1, why=why, changes=applied)
+                              from_step=self.step_of(seq), why=why, changes=applied)
             # Versions starting later than this one were planned in a timeline a restart from an
             # earlier checkpoint abandoned; this change (made on top of them) replaces them.
             history = [v for v in self.history if v.start <= version.start] + [version]
@@ -477,6 +484,28 @@ class Coordinator:
             return {"config_version": version.version, "from_step": version.from_step, "changes": applied,
                     "selected": int(drawn.sum()), "missing": missing,
                     "missing_planned": missing if encoders else 0}
+
+    def step_of(self, seq: int) -> int:
+        """The training step (from 1) that consumes global batch `seq`."""
+        return seq // self.accumulation + 1
+
+    def _apply_curriculum(self, seq: int) -> None:
+        """Before planning `seq`: the curriculum's change for the step that begins there, unless
+        the history has it already (a resumed run replays it from its checkpoint)."""
+        for step, changes in self.curriculum:
+            if (step - 1) * self.accumulation != seq:
+                continue
+            why = f"curriculum: step {step}"
+            if any(v.why == why for v in self.history):
+                return
+            from mmdit.dataservice.data_config import apply_changes
+
+            version, applied = apply_changes(self.history[-1], changes, set(self.stages))
+            cursor = self.planner.cursor
+            self.history.append(replace(version, version=self.history[-1].version + 1, epoch=cursor.epoch,
+                                        index=cursor.index, time=time.time(), from_step=step, why=why,
+                                        changes=applied))  # the planner holds this list: it applies it
+            log.info("data config version %d from step %d (%s): %s", self.history[-1].version, step, why, applied)
 
     def _replan_from(self, seq: int, cursor: Cursor, history: list[DataVersion]) -> None:
         """Forget planned batches from `seq` on (none is leased) and plan them under `history`."""
@@ -557,7 +586,8 @@ class CoordinatorService:
     """The coordinator in this process: RPC rank 0, a reaper thread, and run.dir/service.json."""
 
     def __init__(self, cfg, run_dir):
-        from mmdit.dataservice.data_config import version_zero
+        from mmdit.dataservice.data_config import ChangeError, apply_changes, version_zero
+        from mmdit.dataservice.plan import PlanError
         from mmdit.dataservice.selection import build_selection, resolve_fingerprint, resolve_stages
         from mmdit.producer.cache import LatentCache
 
@@ -571,8 +601,15 @@ class CoordinatorService:
                                                            cfg.data.eval_fraction)
         cache.close()
         history = [version_zero(cfg.data, stage)]
+        for entry in cfg.data.curriculum:  # reject a curriculum the cache cannot serve, before anything runs
+            try:
+                apply_changes(history[0], {k: v for k, v in entry.items() if k != "step"}, set(stages))
+            except ChangeError as e:
+                raise PlanError(f"data.curriculum step {entry['step']}: {e}") from None
+        per_round = cfg.train.micro_batch_size * svc.dp_size
         self.coordinator = Coordinator(selection, settings, cfg.seed, svc.dp_size, cfg.train.micro_batch_size, history,
-                                       stages=stages)
+                                       stages=stages, curriculum=cfg.data.curriculum,
+                                       accumulation=max(1, cfg.train.global_batch_size // per_round))
         self.status_path = Path(run_dir) / "service.json"
         self.status_path.parent.mkdir(parents=True, exist_ok=True)
         protocol.serve(protocol.COORDINATOR, self.coordinator)

@@ -216,12 +216,18 @@ class Cursor:
         return cls(**{k: int(v) for k, v in (d or {}).items() if k in ("seq", "epoch", "index")})
 
 
+def sample_of(key: str) -> str:
+    """The sample a record key belongs to (`<key>#reconstruction` is a record of `<key>`)."""
+    return key.split("#", 1)[0]
+
+
 def held_out(key: str, fraction: float) -> bool:
-    """Is `key` in the evaluation split? A hash of the key below `fraction`: stable across runs
-    and processes, so the plan (which leaves these out) and the evaluator agree without talking."""
+    """Is `key`'s sample in the evaluation split? A hash of the sample key below `fraction`: stable
+    across runs and processes, so the plan (which leaves these out) and the evaluator agree
+    without talking, and every record of a sample falls on the same side."""
     if fraction <= 0:
         return False
-    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+    return int(hashlib.sha1(sample_of(key).encode()).hexdigest()[:8], 16) / 2**32 < fraction
 
 
 class Selection:
@@ -285,7 +291,8 @@ class Selection:
         keys = self.manifest.column("key").to_pylist()
         accepted = {k for k, ok in zip(keys, mask) if ok}
         in_manifest = set(keys)
-        return np.asarray([r.key in accepted or r.key not in in_manifest for r in self.refs], dtype=bool)
+        return np.asarray([sample_of(r.key) in accepted or sample_of(r.key) not in in_manifest for r in self.refs],
+                          dtype=bool)
 
     def weights(self, version: DataVersion) -> np.ndarray:
         """Weight of every sample under `version` (0: not drawn while it is in force)."""

@@ -66,6 +66,9 @@ QUARANTINE = "quarantine"
 SCHEMA_VERSION = 2
 """2: records carry `crc` (CRC-32 of latents, prompt_embeds and cond_latents bytes, in order)."""
 TASKS = ("t2i", "edit", "reconstruction")
+RECONSTRUCTION = "#reconstruction"
+"""Suffix of the key of a sample's reconstruction record (task "reconstruction"): the image is
+both the condition (cond_latents, and vision tokens of its prompt) and the target."""
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
 META_FIELDS = ("key", "fingerprint", "bucket", "task", "caption", "source")

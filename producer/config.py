@@ -1,6 +1,7 @@
 """Producer-side settings: what data to read, how to filter and bucket it, where to cache it."""
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mmdit.utils.dtypes import check_dtype
 
@@ -50,7 +51,7 @@ class DataConfig:
     base_resolution: int = 256
     """Curriculum stage: bucket set with this base side (256, 640 or 1328)."""
     filters: FilterConfig = field(default_factory=FilterConfig)
-    task_weights: dict[str, float] = field(default_factory=lambda: {"t2i": 1.0, "edit": 1.0})
+    task_weights: dict[str, float] = field(default_factory=lambda: {"t2i": 1.0, "edit": 1.0, "reconstruction": 1.0})
     """Relative weight of each task in the batch mixture."""
     source_weights: dict[str, float] = field(default_factory=dict)
     """Relative weight per data source (shard stem); sources not named weigh 1."""
@@ -58,6 +59,15 @@ class DataConfig:
     """Relative weight per category; categories not named weigh 1."""
     bucket_weights: dict[str, float] = field(default_factory=dict)
     """Relative weight per resolution bucket ("HxW"); buckets not named weigh 1."""
+    reconstruction: bool = False
+    """Also write a reconstruction record for every accepted image (task "reconstruction", key
+    `<key>#reconstruction`): the image is both the Qwen2.5-VL condition and the target, the task
+    Qwen-Image trains to align the MLLM's and the MMDiT's latents. Weigh it with
+    task_weights.reconstruction."""
+    curriculum: list[Any] = field(default_factory=list)
+    """Scheduled data-config changes: [{step: 200, base_resolution: 640}, {step: 600,
+    base_resolution: 1328, "filters.min_side": 512}, ...]. Each applies from the given training
+    step through the same versioned history as `mmdit ctl set` (so resume is exact across it)."""
     eval_fraction: float = 0.0
     """Share of samples held out for evaluation (by a hash of the key): never planned for training,
     scored every `train.eval_every` steps."""
@@ -71,6 +81,10 @@ class DataConfig:
     def __post_init__(self):
         if self.base_resolution <= 0 or self.base_resolution % 16:
             raise ValueError(f"data.base_resolution {self.base_resolution} must be a positive multiple of 16")
+        for entry in self.curriculum:
+            if not isinstance(entry, dict) or not isinstance(entry.get("step"), int) or entry["step"] < 1 \
+                    or len(entry) < 2:
+                raise ValueError(f"data.curriculum entries are {{step: N >= 1, KEY: VALUE, ...}}, got {entry!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.encode_batch_size < 1 or self.decode_workers < 1:

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from mmdit.producer.buckets import assign_bucket, bucket_set
-from mmdit.producer.cache import LatentCache, stage_fingerprint
+from mmdit.producer.cache import RECONSTRUCTION, LatentCache, stage_fingerprint
 from mmdit.producer.config import CacheConfig, DataConfig
 from mmdit.producer.encoders import preprocess_image
 from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
@@ -140,7 +140,7 @@ class Report:
 
     def __init__(self, fingerprint: str, encoders_fingerprint: str, shards: int):
         self.fingerprint, self.encoders_fingerprint, self.shards = fingerprint, encoders_fingerprint, shards
-        self.seen = self.accepted = self.encoded = self.cache_hits = 0
+        self.seen = self.accepted = self.encoded = self.cache_hits = self.reconstruction = 0
         self.rejected: Counter[str] = Counter()
         self.converted: Counter[str] = Counter()
         self.buckets: Counter[str] = Counter()
@@ -152,7 +152,8 @@ class Report:
         seconds = time.perf_counter() - self.start
         return {
             "seen": self.seen, "accepted": self.accepted, "rejected": dict(sorted(self.rejected.items())),
-            "encoded": self.encoded, "cache_hits": self.cache_hits, "errors": dict(sorted(errors.items())),
+            "encoded": self.encoded, "cache_hits": self.cache_hits, "reconstruction": self.reconstruction,
+            "errors": dict(sorted(errors.items())),
             "converted": dict(sorted(self.converted.items())), "buckets": dict(sorted(self.buckets.items())),
             "tasks": dict(sorted(self.tasks.items())), "fingerprint": self.fingerprint,
             "encoders_fingerprint": self.encoders_fingerprint, "shards": self.shards,
@@ -269,8 +270,9 @@ def _read_ahead(raws, pool: ThreadPoolExecutor, ctx: Context, known: dict, out: 
 class Encoder:
     """Runs the encoders on one bucket batch and builds its cache records."""
 
-    def __init__(self, encoders, fingerprint: str, report: Report, batch_hook=None):
+    def __init__(self, encoders, fingerprint: str, report: Report, batch_hook=None, reconstruction: bool = False):
         self.enc, self.fp, self.report, self.batch_hook = encoders, fingerprint, report, batch_hook
+        self.reconstruction = reconstruction
 
     def __call__(self, items: list[Item], bucket: tuple[int, int]) -> list[dict]:
         t0 = time.perf_counter()
@@ -299,7 +301,22 @@ class Encoder:
             if cond is not None:
                 rec["cond_latents"] = cond[i].float().contiguous()
             records.append(rec)
+        if self.reconstruction:
+            records += self._reconstruction(items, bucket, latents, pixels)
         return records
+
+    def _reconstruction(self, items: list[Item], bucket, latents: torch.Tensor, pixels: torch.Tensor) -> list[dict]:
+        """Reconstruction records: the target's latents are also the condition, and the target
+        image is the vision input of an edit-style prompt carrying the caption."""
+        t0 = time.perf_counter()
+        images = [to_pil(p) for p in pixels]  # what the VAE encoded, exactly
+        embeds = self.enc.encode_edit_prompts([it.caption for it in items], images)
+        self.report.encode_seconds += time.perf_counter() - t0
+        self.report.reconstruction += len(items)
+        return [{"key": it.key + RECONSTRUCTION, "fingerprint": self.fp, "bucket": bucket, "task": "reconstruction",
+                 "caption": it.caption, "source": it.row["source"], "latents": latents[i].float().contiguous(),
+                 "cond_latents": latents[i].float().contiguous(), "prompt_embeds": embeds[i].float().contiguous()}
+                for i, it in enumerate(items)]
 
 
 class Producer:
@@ -318,7 +335,7 @@ class Producer:
         self.ctx = Context(data, bucket_set(data.base_resolution), getattr(encoders, "preprocess_image", preprocess_image))
         self.report = Report(self.fp, encoders.fingerprint, len(self.urls))
         self.errors = ErrorLog()
-        self.encode = Encoder(encoders, self.fp, self.report, batch_hook)
+        self.encode = Encoder(encoders, self.fp, self.report, batch_hook, data.reconstruction)
         self.cached = set(self.cache.keys(self.fp))
         self.last_scan = time.monotonic()
         self.known = self._known_rows()
@@ -333,7 +350,11 @@ class Producer:
         if not prior.num_rows:
             return {}
         rows = prior.filter(pc.equal(prior["status"], OK)).to_pylist()
-        return {r["key"]: r for r in rows if r["key"] in self.cached}
+        return {r["key"]: r for r in rows if self._complete(r["key"])}
+
+    def _complete(self, key: str) -> bool:
+        """Is everything this run writes for `key` cached (its reconstruction record too)?"""
+        return key in self.cached and (not self.data.reconstruction or key + RECONSTRUCTION in self.cached)
 
     def run(self) -> dict:
         """Claim the shards no other `mmdit produce` on this cache is working on, process them,
@@ -443,7 +464,7 @@ class Producer:
         if time.monotonic() - self.last_scan > CACHE_RESCAN_S:
             self.cached.update(self.cache.keys(self.fp))
             self.last_scan = time.monotonic()
-        return key in self.cached
+        return self._complete(key)
 
     def _flush(self, gkey: tuple) -> None:
         items = self.groups.pop(gkey)
@@ -454,8 +475,8 @@ class Producer:
                 self.errors(SampleError("encode_failed", f"{type(e).__name__}: {e}", it.key, it.row.get("url")))
             return
         self.writer.put(records)
-        self.report.encoded += len(records)
-        self.cached.update(it.key for it in items)
+        self.report.encoded += len(items)
+        self.cached.update(r["key"] for r in records)
 
     def _finish_manifest(self) -> None:
         """Samples cut off by a broken shard are seen and described too."""

@@ -225,3 +225,29 @@ def test_bare_shard_patterns_on_the_command_line():
     cfg = load_config(shards_override(["data.shards=/d/web-{000000..000009}.tar", "data.shards=/e/*.tar", "seed=3"]))
     assert cfg.data.shards == ["/d/web-{000000..000009}.tar", "/e/*.tar"] and cfg.seed == 3
     assert load_config(shards_override(["data.shards=[a.tar,b.tar]"])).data.shards == ["a.tar", "b.tar"]
+
+
+@pytest.mark.slow
+def test_reconstruction_records_condition_on_the_image_itself(tmp_path, shards, encoders):
+    from mmdit.producer.cache import RECONSTRUCTION
+    from mmdit.producer.produce import to_pil
+
+    data = DataConfig(shards=[str(shards / "web-000000.tar")], base_resolution=BASE, reconstruction=True)
+    report = produce(data, CacheConfig(dir=str(tmp_path / "cache")), encoders, progress=False)
+    fp = stage_fingerprint(encoders.fingerprint, BASE)
+    cache = LatentCache(tmp_path / "cache")
+    keys = cache.keys(fp)
+    samples = [k for k in keys if not k.endswith(RECONSTRUCTION)]
+    assert sorted(k for k in keys if k.endswith(RECONSTRUCTION)) == sorted(k + RECONSTRUCTION for k in samples)
+    assert report["reconstruction"] == report["encoded"] == len(samples) > 0
+    key = "web-000000/good0000"  # good_t2i(0, 96, 64) in the fixture
+    base, rec = cache.read(key, fp), cache.read(key + RECONSTRUCTION, fp)
+    assert rec["task"] == "reconstruction" and rec["bucket"] == base["bucket"]
+    torch.testing.assert_close(rec["latents"], base["latents"])
+    torch.testing.assert_close(rec["cond_latents"], base["latents"])  # the image is its own condition
+    image = Image.open(io.BytesIO(good_t2i(0, 96, 64)[1]["png"])).convert("RGB")
+    vision = to_pil(encoders.preprocess_image(image, base["bucket"]))  # what the VAE encoded
+    expected = encoders.encode_edit_prompts([rec["caption"]], [vision])[0]
+    torch.testing.assert_close(rec["prompt_embeds"], expected, rtol=1e-4, atol=1e-4)
+    again = produce(data, CacheConfig(dir=str(tmp_path / "cache")), encoders, progress=False)
+    assert again["encoded"] == 0 and again["cache_hits"] == report["encoded"]  # complete: nothing redone

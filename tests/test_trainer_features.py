@@ -183,3 +183,69 @@ def test_an_exported_checkpoint_generates_in_the_diffusers_pipeline(trained, tin
     image = pipe("a red sign", height=64, width=96, num_inference_steps=2, output_type="pil",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (96, 64)
+
+
+# ----------------------------------------------------------------------------- tasks and curriculum
+
+
+def test_the_loss_covers_target_tokens_only():
+    """Edit and reconstruction batches carry condition tokens; whatever the model says about
+    them never enters the loss."""
+    from mmdit.consumer.train import micro_step
+    from mmdit.launch.config import load_config
+
+    class Backend:
+        def __init__(self, cond_value):
+            self.cond_value = cond_value
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+
+        def model(self, tokens, txt, mask, sigmas, shapes):
+            out = torch.zeros_like(tokens) + self.weight
+            n = shapes[0][1] * shapes[0][2]
+            out[:, n:] = self.cond_value  # the condition image's tokens
+            return out
+
+    cfg = load_config([])
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(2, 16, 8, 8, generator=g), "cond_latents": torch.randn(2, 16, 8, 8, generator=g),
+             "prompt_embeds": torch.randn(2, 5, 64, generator=g), "prompt_mask": torch.ones(2, 5, dtype=torch.bool)}
+    losses = [float(micro_step(Backend(v), batch, cfg, 0, 0, torch.device("cpu"), torch.float32)) for v in (0.0, 1e6)]
+    assert losses[0] == losses[1] and math.isfinite(losses[0])
+
+
+def test_a_curriculum_stage_change_is_planned_at_its_step_and_replayed_exactly():
+    from mmdit.dataservice.config import ServiceConfig
+    from mmdit.dataservice.coordinator import Coordinator
+    from mmdit.dataservice.plan import Cursor, DataVersion, Planner, SampleRef, Selection
+
+    refs = [SampleRef(f"k{i:03d}", (256, 256) if stage == 256 else (640, 640), "t2i", stage=stage)
+            for stage in (256, 640) for i in range(40)]
+    sel = Selection(refs)
+    history = [DataVersion(0, 0, 0, stage=256)]
+
+    def coordinator():
+        return Coordinator(sel, ServiceConfig(plan_ahead=6), 3, 2, 2, [DataVersion(0, 0, 0, stage=256)],
+                           stages={256: "fp-b256", 640: "fp-b640"},
+                           curriculum=[{"step": 5, "base_resolution": 640}], accumulation=2)
+
+    c = coordinator()
+    c.register_consumer("t0", 1, 0, 2, 2, None, None)
+    c.register_consumer("t1", 2, 1, 2, 2, None, None)
+    for seq in range(12):  # consume (ack) everything planned, so planning moves on
+        c._plan_window(at_least=seq + 1)
+        c.ack("t0", 0, c.gen, [seq])
+        c.ack("t1", 1, c.gen, [seq])
+    planned = Planner(c.spec, sel, list(c.history))
+    batches = [planned.next()[1] for _ in range(14)]
+    assert [b.stage for b in batches[:8]] == [256] * 8  # steps 1-4: 2 global batches each
+    assert [b.stage for b in batches[8:]] == [640] * 6  # from step 5 on
+    (v1,) = [v for v in c.history if v.version == 1]
+    assert (v1.from_step, v1.stage, v1.why) == (5, 640, "curriculum: step 5")
+    # a new coordinator (a restarted service) and a trainer resuming at step 3 with its history
+    # replay the same plan; the curriculum is not applied twice
+    again = coordinator()
+    cursor = Cursor(4, batches[3].epoch, batches[3].index + 1)
+    again.register_consumer("t0b", 1, 0, 2, 2, cursor.to_dict(), [v.to_dict() for v in history])
+    again._plan_window(at_least=14)
+    assert [again.entries[s].batch for s in range(4, 14)] == batches[4:14]
+    assert [v.version for v in again.history] == [0, 1]
