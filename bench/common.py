@@ -61,14 +61,15 @@ class BatchShape:
 
 
 def make_batch(args: MMDiTArgs, shape: BatchShape, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Random inputs of a text-to-image step (text unpadded, so SDPA may use its fused kernels)."""
+    """Random inputs of a text-to-image step (text unpadded and unmasked, as the trainer passes a
+    micro-batch whose prompts fill it: SDPA may use its fused kernels)."""
     g = torch.Generator().manual_seed(seed)
     h, w = shape.latent_hw()
     tokens = pack_latents(torch.randn(shape.batch, args.latent_channels, h, w, generator=g))
     return {
         "img_tokens": tokens.to(device, dtype),
         "txt": torch.randn(shape.batch, shape.text_tokens, args.joint_attention_dim, generator=g).to(device, dtype),
-        "txt_mask": torch.ones(shape.batch, shape.text_tokens, dtype=torch.bool, device=device),
+        "txt_mask": None,  # nothing padded: no mask, so SDPA can take its flash / cuDNN kernels
         "sigmas": torch.rand(shape.batch, generator=g).to(device),
         "image_shapes": [packed_shape(h, w)],
         "target": torch.randn(tokens.shape, generator=g).to(device, torch.float32),

@@ -67,14 +67,19 @@ class StepInputs:
     @classmethod
     def from_batch(cls, batch: dict, device, dtype) -> "StepInputs":
         latents, cond, mask = batch["latents"].to(device), batch.get("cond_latents"), batch["prompt_mask"]
+        # Text padding past the longest prompt of this micro-batch is cut (exact: text RoPE positions
+        # follow the token index, and padded keys are masked anyway); with nothing padded left, no
+        # mask at all, so attention can take its fused (flash) kernels. Decided on the host.
+        length = int(mask.sum(dim=1).max()) if mask.numel() else 0
+        mask, embeds = mask[:, :length], batch["prompt_embeds"][:, :length]
         shapes = [packed_shape(*latents.shape[-2:])]
         if cond is not None:
             shapes.append(packed_shape(*cond.shape[-2:]))
         return cls(
             x0=pack_latents(latents).float(),
             cond_tokens=None if cond is None else pack_latents(cond.to(device)).to(dtype),
-            txt=batch["prompt_embeds"].to(device, dtype),
-            txt_mask=None if bool(mask.all()) else mask.to(device),  # decided on the host: no sync
+            txt=embeds.to(device, dtype),
+            txt_mask=None if bool(mask.all()) else mask.to(device),
             image_shapes=shapes,
         )
 
@@ -93,15 +98,19 @@ def sample_noise(cfg: JobConfig, step: int, first_index: int, x0: torch.Tensor, 
 
 
 def micro_step(backend, batch: dict, cfg: JobConfig, step: int, first_index: int, device, dtype,
-               scale: float = 1.0) -> torch.Tensor:
+               scale: float = 1.0, autocast: bool | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch; gradients add up (`scale` weighs this micro-batch's
-    mean loss within the optimizer step). Returns the unscaled loss."""
+    mean loss within the optimizer step). Returns the unscaled loss. `autocast`: run the forward
+    under autocast to `dtype` (fp32 parameters); with parameters already in `dtype` (megatron's
+    bf16 model) it stays off: autocast would bring norm outputs back as fp32 and recast them at
+    every linear."""
+    autocast = dtype != torch.float32 if autocast is None else autocast
     inputs = StepInputs.from_batch(batch, device, dtype)
     x0, num_target = inputs.x0, inputs.x0.shape[1]
     sigmas, noise = sample_noise(cfg, step, first_index, x0, num_target)
     x_s = noisy_input(x0, noise, sigmas).to(dtype)
     tokens = x_s if inputs.cond_tokens is None else torch.cat([x_s, inputs.cond_tokens], dim=1)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
         pred = backend.model(tokens, inputs.txt, inputs.txt_mask, sigmas, inputs.image_shapes)
     # The loss covers target tokens only: condition-image tokens are inputs, not predictions.
     loss = flow_matching_loss(pred[:, :num_target].float(), velocity_target(x0, noise))
@@ -140,6 +149,7 @@ class Trainer:
         else:
             init_weights(self.model, cfg.seed)
         self.model.to(params_dtype)
+        self.autocast = self.dtype != torch.float32 and params_dtype == torch.float32
         apply_recompute_config(self.model, cfg.parallel)
         self.backend = build_backend(self.model, cfg.parallel, cfg.train, tp_group(), dp_group(), self.model.config)
         self.step, self.bad_steps = 0, 0
@@ -248,7 +258,7 @@ class Trainer:
                 first_index = (micro * self.dims.dp + self.dims.dp_rank) * batch["latents"].shape[0]
                 with self.backend.no_sync() if micro < accum - 1 else contextlib.nullcontext():
                     losses.append(micro_step(self.backend, batch, cfg, self.step, first_index, self.device,
-                                             self.dtype, scale=1.0 / accum))
+                                             self.dtype, scale=1.0 / accum, autocast=self.autocast))
             loss_value = self._mean_over_dp(torch.stack(losses).mean())
             grad_norm, stepped = self.backend.step(skip=not math.isfinite(loss_value))
             if self.device.type == "cuda":

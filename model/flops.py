@@ -190,6 +190,7 @@ PEAK_BF16_FLOPS: dict[str, float] = {
     "H100 NVL": 835e12,
     "H100": 989e12,  # SXM5 ("NVIDIA H100 80GB HBM3")
     "H800": 989e12,
+    "H200 NVL": 835e12,  # the 600 W PCIe card, not the SXM part
     "H200": 989e12,
     "H20": 148e12,
     "GH200": 989e12,

@@ -143,6 +143,7 @@ def test_peak_flops_and_mfu():
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA H200 NVL") == 835e12  # the PCIe card is not the SXM part
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("cpu") is None
     assert mfu(989e12, 1.0, 2, 989e12) == pytest.approx(0.5)

@@ -249,3 +249,17 @@ def test_a_curriculum_stage_change_is_planned_at_its_step_and_replayed_exactly()
     again._plan_window(at_least=14)
     assert [again.entries[s].batch for s in range(4, 14)] == batches[4:14]
     assert [v.version for v in again.history] == [0, 1]
+
+
+def test_text_padding_is_cut_to_the_longest_prompt_and_no_mask_is_passed_when_none_is_left():
+    from mmdit.consumer.train import StepInputs
+
+    def batch(lengths, width=9):
+        mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        return {"latents": torch.zeros(len(lengths), 16, 8, 8), "prompt_mask": mask,
+                "prompt_embeds": torch.randn(len(lengths), width, 64) * mask[..., None]}
+
+    padded = StepInputs.from_batch(batch([3, 5]), "cpu", torch.float32)
+    assert padded.txt.shape == (2, 5, 64) and padded.txt_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    full = StepInputs.from_batch(batch([5, 5]), "cpu", torch.float32)
+    assert full.txt.shape == (2, 5, 64) and full.txt_mask is None  # the flash kernel's case
