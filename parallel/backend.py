@@ -11,6 +11,7 @@
 for megatron without a GPU is an error rather than a silent fallback.
 """
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -139,8 +140,31 @@ class MegatronBackend:
 
     def load_optimizer(self, file_for: Callable[[str], Path], dp_rank: int) -> None:
         self.optimizer.load_state_dict(torch.load(file_for("groups"), weights_only=False))
-        # Read on DP rank 0 only and scattered: no rank holds more than its shard plus one buffer.
-        self.optimizer.load_parameter_state(str(file_for("params")))
+        # Without TE/apex, megatron falls back to torch Adam, whose per-parameter state holds a
+        # "step"; its load_state_dict sets one shared step tensor in every state, and
+        # load_parameter_state copies every state key from a file that has no "step" (KeyError).
+        # So the steps leave the states for the copy and come back as one tensor per state.
+        inner = [getattr(o, "optimizer", o) for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        with steps_set_aside(inner):
+            # Read on DP rank 0 only and scattered: no rank holds more than its shard plus one buffer.
+            self.optimizer.load_parameter_state(str(file_for("params")))
+
+
+@contextlib.contextmanager
+def steps_set_aside(optimizers):
+    """Take torch Adam's per-parameter "step" out of the optimizers' states for the duration, then
+    put it back as a distinct tensor in every state (a shared one would advance once per parameter
+    per iteration and wreck the bias correction)."""
+    saved = []
+    for opt in optimizers:
+        for state in opt.state.values():
+            if "step" in state:
+                saved.append((state, state.pop("step")))
+    try:
+        yield
+    finally:
+        for state, step in saved:
+            state["step"] = step.detach().clone() if isinstance(step, torch.Tensor) else step
 
 
 def weight_decay_groups(model) -> tuple[list, list]:
@@ -173,6 +197,12 @@ def build_backend(model, parallel: ParallelConfig, train: TrainConfig, tp_group,
 def _build_megatron(model, train: TrainConfig, linear_config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import distrib_optimizer
+
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        log.warning("megatron backend without Transformer Engine or apex: megatron falls back to torch Adam (not "
+                    "fused) and a per-parameter gradient-norm loop (one host sync per parameter); install "
+                    "transformer-engine (`pip install -e .[gpu]`) for full speed")
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
                                                use_distributed_optimizer=True, check_for_nan_in_grad=True)

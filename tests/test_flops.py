@@ -182,3 +182,27 @@ def test_bench_recompute_reduced_slice_runs(tmp_path):
     assert policies["full"]["hardware_tflops_per_s"] > policies["full"]["model_tflops_per_s"]
     assert result["relative_to_none"]["none"]["peak_activation"] == 1.0
     assert "met" in result["target"]
+
+
+@pytest.mark.slow
+def test_gpu_smoke_plumbing_runs_and_fails_loudly_without_a_gpu(tmp_path):
+    """What CI can check of bench/gpu_smoke.sh without a GPU: the scripts parse, the wheelhouse
+    builder's plan, the driver's imports, and a clear failure (not a silent pass) on a CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for script in ("bench/gpu_smoke.sh", "bench/wheelhouse.sh"):
+        assert subprocess.run(["bash", "-n", str(root / script)]).returncode == 0
+    plan = subprocess.run([str(root / "bench/wheelhouse.sh"), "--dry-run"], capture_output=True, text=True)
+    assert plan.returncode == 0 and "megatron-core==0.16.1" in plan.stdout and "antlr4" in plan.stdout
+    dry = subprocess.run([sys.executable, str(root / "bench/gpu_smoke.py"), "--dry-run"], capture_output=True,
+                         text=True)
+    assert dry.returncode == 0 and "resume" in dry.stdout
+    env = {**os.environ, "MMDIT_SITE": str(tmp_path / "site"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run([str(root / "bench/gpu_smoke.sh"), str(tmp_path / "out")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode != 0 and "no CUDA device" in run.stderr

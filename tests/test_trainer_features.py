@@ -263,3 +263,36 @@ def test_text_padding_is_cut_to_the_longest_prompt_and_no_mask_is_passed_when_no
     assert padded.txt.shape == (2, 5, 64) and padded.txt_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
     full = StepInputs.from_batch(batch([5, 5]), "cpu", torch.float32)
     assert full.txt.shape == (2, 5, 64) and full.txt_mask is None  # the flash kernel's case
+
+
+def test_megatron_resume_gives_every_adam_state_its_own_step():
+    """What megatron's DistributedOptimizer does on resume without TE/apex, on a torch Adam: its
+    load_state_dict puts one shared step tensor in every state, and load_parameter_state copies
+    every state key from a file without "step". With the steps set aside: no KeyError, and
+    afterwards each state has its own step, which advances by one per iteration."""
+    from mmdit.parallel.backend import steps_set_aside
+
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
+    opt = torch.optim.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones(3)
+    opt.step()
+    shared = torch.tensor(7.0)
+    for state in opt.state.values():  # megatron's load_state_dict for torch Adam
+        state["step"] = shared
+    saved = {id(p): {"param": p.detach().clone(), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)} for p in params}
+
+    def load_parameter_state():  # megatron's _set_main_param_and_optimizer_states
+        for p in params:
+            dst = {"param": p, **opt.state[p]}
+            for key in dst:
+                dst[key].data.copy_(saved[id(p)][key])
+
+    with pytest.raises(KeyError, match="step"):
+        load_parameter_state()
+    with steps_set_aside([opt]):
+        load_parameter_state()
+    steps = [opt.state[p]["step"] for p in params]
+    assert len({id(s) for s in steps}) == 4 and all(float(s) == 7.0 for s in steps)
+    opt.step()
+    assert all(float(opt.state[p]["step"]) == 8.0 for p in params)  # not 7 + 4
