@@ -196,8 +196,7 @@ def build_backend(model, parallel: ParallelConfig, train: TrainConfig, tp_group,
 
 def _build_megatron(model, train: TrainConfig, linear_config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer import OptimizerConfig, distrib_optimizer, get_megatron_optimizer
 
     if not distrib_optimizer.HAVE_APEX_OR_TE:
         log.warning("megatron backend without Transformer Engine or apex: megatron falls back to torch Adam (not "
