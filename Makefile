@@ -21,7 +21,8 @@ $(VENV)/.installed: setup.py
 # tests), and the real Prometheus server and Chromium the observability tests drive.
 DEMO_DEBS := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei \
              /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core
-TEST_DEBS := /usr/bin/prometheus:prometheus /usr/bin/chromium:chromium
+TEST_DEBS := /usr/bin/prometheus:prometheus /usr/bin/chromium:chromium /usr/sbin/slurmctld:slurm-wlm \
+             /usr/sbin/munged:munge
 define apt_install
 	@missing=""; for pair in $(1); do [ -e "$${pair%%:*}" ] || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \

@@ -126,7 +126,7 @@ def main(argv: list[str]) -> int:
     svc, tp = cfg.service, cfg.parallel.tp
     if tp > 1 and svc.dp_rank >= 0:
         raise ConfigError("service.dp_rank selects one rank with parallel.tp=1 only; with TP, start all ranks")
-    check_reachable(svc.host, svc.port, svc.join_timeout_s)
+    check_reachable(svc.host, svc.port, min(10.0, svc.join_timeout_s))
     code = main_or_launch("consume", argv, cfg, role="consumer", nproc=svc.dp_size * tp if svc.dp_rank < 0 else 1)
     if code is not None:
         return code

@@ -330,7 +330,12 @@ def check_inputs(cfg: JobConfig) -> None:
     if cfg.train.data_source == "service":
         from mmdit.dataservice.rpc import check_reachable
 
-        check_reachable(cfg.service.host, cfg.service.port, cfg.service.join_timeout_s)
+        # by hand, a missing service is a quick error; under a launcher (SLURM), the service may
+        # still be starting on another node: wait as long as joining would
+        from mmdit.launch.local import is_rank
+
+        timeout = cfg.service.join_timeout_s if is_rank() else min(10.0, cfg.service.join_timeout_s)
+        check_reachable(cfg.service.host, cfg.service.port, timeout)
 
 
 def main(argv: list[str]) -> int:

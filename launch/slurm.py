@@ -1,0 +1,167 @@
+"""`mmdit submit [key=value ...] [--dry-run]`: one SLURM job running a whole mmdit training.
+
+The rendered sbatch script (saved as run.dir/submit/job.sbatch, with the job's config beside it):
+
+- trainers: `launch.trainer_nodes` nodes x `launch.gpus_per_node` ranks, one `srun` task per node
+  running torchrun with a c10d rendezvous on the first trainer node; TP x DP from `parallel.tp`;
+- producers: with `launch.producer_nodes` > 0, a heterogeneous job whose second component runs
+  `launch.producers_per_node` producer processes per node; the coordinator runs on its first node.
+  With no producer nodes, the coordinator and `launch.producers_per_node` producers run on the
+  first trainer node (`mmdit serve`);
+- every process logs to run.dir/logs/ (run.dir must be on storage every node sees);
+- preemption and time limits: SLURM sends USR1 `launch.slurm.signal_s` seconds ahead
+  (`--signal=B:USR1@...`); the script passes SIGTERM to the trainers, which checkpoint and exit
+  0, then requeues the job (`scontrol requeue`); the requeued job resumes from `latest` and sees
+  exactly the batches the uninterrupted run would have (the data cursor is in the checkpoint).
+  A preemption that SIGTERMs the job directly works the same way (`--requeue`).
+
+Options in `launch.slurm.*`: partition, account, time, qos, job_name, gpus (request GPUs), mem,
+cpus_per_task, container_image / container_mounts (pyxis), python (the nodes' interpreter),
+extra (`#SBATCH` lines, verbatim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RDZV_PORT = 29400
+
+
+class LayoutError(ValueError):
+    """A job layout SLURM could not run as asked; the message says why."""
+
+
+def check_layout(cfg) -> None:
+    launch, tp = cfg.launch, cfg.parallel.tp
+    if launch.trainer_nodes < 1 or launch.gpus_per_node < 1:
+        raise LayoutError(f"launch.trainer_nodes ({launch.trainer_nodes}) and launch.gpus_per_node "
+                          f"({launch.gpus_per_node}) must be >= 1")
+    if launch.producer_nodes < 0 or launch.producers_per_node < 1:
+        raise LayoutError(f"launch.producer_nodes must be >= 0 and launch.producers_per_node >= 1, got "
+                          f"{launch.producer_nodes}, {launch.producers_per_node}")
+    if launch.gpus_per_node % tp:
+        raise LayoutError(f"parallel.tp={tp} must divide launch.gpus_per_node={launch.gpus_per_node}: tensor "
+                          "parallelism stays inside a node (its all-reduces need NVLink)")
+
+
+def render(cfg, overrides: list[str]) -> str:
+    """The sbatch script of the job `cfg` describes (`overrides` reach every process)."""
+    check_layout(cfg)
+    launch, slurm, run = cfg.launch, cfg.launch.slurm, Path(cfg.run.dir).resolve()
+    het = launch.producer_nodes > 0
+    dp = launch.trainer_nodes * launch.gpus_per_node // cfg.parallel.tp
+    common = [o for o in overrides if not o.startswith(("run.dir=", "cache.dir=", "launch.", "service.host=",
+                                                        "service.producers=", "service.dp_size="))]
+    common += [f"cache.dir={Path(cfg.cache.dir).resolve()}", f"service.dp_size={dp}"]
+    args = " ".join(shlex.quote(a) for a in common)
+    py = shlex.quote(slurm.python or sys.executable)
+    lines = ["#!/bin/bash", f"# rendered by `mmdit submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}; "
+             f"config: {run / 'submit' / 'config.yaml'}",
+             f"#SBATCH --job-name={slurm.job_name}", f"#SBATCH --output={run}/logs/slurm-%j.out",
+             "#SBATCH --open-mode=append", f"#SBATCH --signal=B:USR1@{slurm.signal_s}"]
+    lines += ["#SBATCH --requeue"] if slurm.requeue else ["#SBATCH --no-requeue"]
+    for key, value in (("time", slurm.time), ("account", slurm.account), ("qos", slurm.qos)):
+        if value:
+            lines.append(f"#SBATCH --{key}={value}")
+    lines += _component(slurm, launch.trainer_nodes, gpus=launch.gpus_per_node if slurm.gpus else 0)
+    if het:
+        lines += ["#SBATCH hetjob"] + _component(slurm, launch.producer_nodes, gpus=0)
+    lines += [f"#SBATCH {x.removeprefix('#SBATCH').strip()}" for x in slurm.extra]
+    container = ""
+    if slurm.container_image:
+        container = f" --container-image={shlex.quote(slurm.container_image)}"
+        if slurm.container_mounts:
+            container += f" --container-mounts={shlex.quote(slurm.container_mounts)}"
+    trainers = "--het-group=0 " if het else ""
+    services = "--het-group=1 " if het else ""
+    lines += ["", "set -uo pipefail", f"RUN={shlex.quote(str(run))}", 'mkdir -p "$RUN/logs"',
+              'TRAINER_NODES=$(scontrol show hostnames "${SLURM_JOB_NODELIST_HET_GROUP_0:-$SLURM_JOB_NODELIST}")',
+              'TRAINER_HOST=$(echo "$TRAINER_NODES" | head -n1)']
+    if het:
+        lines.append('COORD_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1" | head -n1)')
+    else:
+        lines.append('COORD_HOST=$TRAINER_HOST')
+    lines += [
+        "",
+        "# the data service: the coordinator (and, without producer nodes, the producers too)",
+        f'srun --overlap {services}--nodes=1 --ntasks=1 -w "$COORD_HOST"{container} '
+        f'--output="$RUN/logs/coordinator-%j.log" {py} -m mmdit.launch.cli serve {args} run.dir="$RUN/service" '
+        f'service.host="$COORD_HOST" service.producers={0 if het else launch.producers_per_node} &',
+        "SERVICE=$!",
+    ]
+    if het:
+        lines += [f'srun --overlap {services}--ntasks-per-node={launch.producers_per_node}{container} '
+                  f'--output="$RUN/logs/producer-%N-%t-%j.log" {py} -m mmdit.launch.cli producer {args} '
+                  'run.dir="$RUN/service" service.host="$COORD_HOST" &', "PRODUCERS=$!"]
+    lines += [
+        "",
+        "# the trainers: torchrun per node, c10d rendezvous on the first trainer node",
+        f'srun --overlap {trainers}--ntasks-per-node=1{container} --output="$RUN/logs/trainer-%N-%j.log" '
+        f"{py} -m torch.distributed.run --nnodes={launch.trainer_nodes} --nproc-per-node={launch.gpus_per_node} "
+        f'--rdzv-backend=c10d --rdzv-endpoint="$TRAINER_HOST:{RDZV_PORT}" --rdzv-id="$SLURM_JOB_ID" '
+        f'-m mmdit.launch.cli train run.dir="$RUN" {args} train.data_source=service service.host="$COORD_HOST" &',
+        "TRAINERS=$!",
+        "",
+        "# USR1 (SLURM's warning before the time limit or a preemption): checkpoint, stop, requeue",
+        "requeue=0",
+        "trap 'requeue=1; kill -TERM $TRAINERS 2>/dev/null' USR1",
+        "trap 'kill -TERM $TRAINERS 2>/dev/null' TERM",
+        "while true; do  # a trapped signal interrupts wait: wait again until the trainers are done",
+        '  wait "$TRAINERS"; code=$?',
+        '  kill -0 "$TRAINERS" 2>/dev/null || break',
+        "done",
+        'kill -TERM $SERVICE ${PRODUCERS:-} 2>/dev/null; wait',
+        'if [ "$requeue" = 1 ]; then',
+        '  echo "mmdit: requeueing job $SLURM_JOB_ID after a checkpoint"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "  exit 0",
+        "fi",
+        'exit "$code"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _component(slurm, nodes: int, gpus: int) -> list[str]:
+    out = [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
+    if slurm.partition:
+        out.append(f"#SBATCH --partition={slurm.partition}")
+    if gpus:
+        out.append(f"#SBATCH --gpus-per-node={gpus}")
+    if slurm.cpus_per_task:
+        out.append(f"#SBATCH --cpus-per-task={slurm.cpus_per_task}")
+    if slurm.mem:
+        out.append(f"#SBATCH --mem={slurm.mem}")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    from mmdit.launch.config import ConfigError, config_yaml, load_config
+
+    parser = argparse.ArgumentParser(prog="mmdit submit", description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    ns, overrides = parser.parse_known_args(argv)
+    cfg = load_config(overrides)
+    try:
+        script = render(cfg, overrides)
+    except LayoutError as e:
+        raise ConfigError(f"invalid layout: {e}") from None
+    if ns.dry_run:
+        print(script, end="")
+        return 0
+    submit = Path(cfg.run.dir) / "submit"
+    submit.mkdir(parents=True, exist_ok=True)
+    (Path(cfg.run.dir) / "logs").mkdir(parents=True, exist_ok=True)
+    (submit / "config.yaml").write_text(config_yaml(cfg))
+    (submit / "job.sbatch").write_text(script)
+    done = subprocess.run(["sbatch", "--parsable", str(submit / "job.sbatch")], capture_output=True, text=True)
+    if done.returncode:
+        print(f"mmdit submit: sbatch failed: {done.stderr.strip()}", file=sys.stderr)
+        return 1
+    job_id = done.stdout.strip().split(";")[0]
+    print(job_id)
+    return 0
