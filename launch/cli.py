@@ -22,6 +22,7 @@ COMMANDS = {
     "status": ("mmdit.launch.status", "one screen on a run: processes, step, throughput, service, checkpoint"),
     "cache": ("mmdit.producer.cache_cli", "verify the latent cache (`cache verify DIR [--repair]`)"),
     "submit": ("mmdit.launch.slurm", "submit a SLURM job: trainers, producers, coordinator (--dry-run prints it)"),
+    "capacity": ("mmdit.launch.capacity", "producer GPUs, network and coordinator load per trainer GPU"),
     "serve": ("mmdit.launch.serve", "run the coordinator and producers on this machine"),
     "producer": ("mmdit.dataservice.server", "one more producer for a running service (`mmdit serve`)"),
     "ctl": ("mmdit.launch.ctl", "change a running job's data config (`ctl get|set|history RUN_DIR`)"),

@@ -1,0 +1,137 @@
+"""`mmdit capacity [model=...] [--trainer-gpus N ...] [--markdown]`: how big the data side must be.
+
+From the model's training FLOPs (model/flops.py) and the encoders' FLOPs (the Wan-2.1-layout VAE
+counted exactly on the meta device with `FlopCounterMode`; Qwen2.5-VL-7B as 2 x parameters x
+tokens), for each curriculum stage (256, 640, 1328 px, square buckets of the same area):
+
+- trainer throughput: samples/s per GPU at an assumed MFU;
+- producer GPUs per trainer GPU to encode everything the trainers consume (the first epoch: the
+  cache makes later epochs reads only), at assumed encoder utilizations;
+- the network: bytes per sample a producer sends (fp32 latents + prompt features, what the cache
+  holds) and what that makes per trainer GPU and per 8-GPU node;
+- the coordinator: operations per second for N trainer GPUs (one lease per global batch, one
+  locate and one ack per DP rank and batch, before acks are grouped).
+
+Every assumption is a flag and is printed with the result: replace them with GPU measurements
+(bench/gpu_smoke.sh reports MFU; encoder MFU from a producer's `encode_seconds`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+STAGES = (256, 640, 1328)
+MLLM_PARAMS = 7.07e9
+"""Qwen2.5-VL-7B's language model without embeddings (28 layers x hidden 3584, GQA, MLP 18944)."""
+VIT_PARAMS = 0.67e9
+"""Its vision tower (32 blocks x 1280), run on 4 patches per vision token before the 2x2 merge."""
+TEXT_DIM = 3584
+TEMPLATE_TOKENS = (34, 64)
+"""Prompt-template prefix tokens Qwen-Image drops: text-to-image, edit."""
+
+
+@dataclass
+class Assumptions:
+    trainer_gpus: int = 512
+    tp: int = 8
+    global_batch: int = 2048
+    peak_tflops: float = 989.0
+    """Dense bf16 peak of one GPU (H100/H200 SXM)."""
+    trainer_mfu: float = 0.40
+    vae_mfu: float = 0.20
+    """VAE encoder (3-D convolutions, memory bound) utilization on a producer GPU."""
+    mllm_mfu: float = 0.30
+    """Qwen2.5-VL prefill utilization on a producer GPU."""
+    prompt_tokens: int = 256
+    """Typical prompt length after the template prefix (Qwen-Image keeps at most 1024)."""
+    edit_fraction: float = 0.2
+    """Share of edit samples (their source image is encoded too and seen by the MLLM)."""
+    edit_vision_tokens: int = 190
+    """Vision tokens of an edit source (384 x 384 area, QwenImageEditPlusPipeline)."""
+
+
+def vae_encode_flops(side: int) -> float:
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        vae = AutoencoderKLQwenImage()  # the default config is the release's
+        x = torch.empty(1, 3, 1, side, side)
+    with FlopCounterMode(display=False) as counter:
+        vae.encode(x)
+    return float(counter.get_total_flops())
+
+
+def stage_figures(args, a: Assumptions, side: int, vae_flops: float) -> dict:
+    from mmdit.model.flops import step_flops
+
+    tokens = (side // 16) ** 2
+    t2i = step_flops(args, 1, tokens, a.prompt_tokens)
+    edit = step_flops(args, 1, tokens, a.prompt_tokens + a.edit_vision_tokens, cond_image_tokens=tokens)
+    train_flops = (1 - a.edit_fraction) * t2i + a.edit_fraction * edit
+    trainer_sps = a.trainer_mfu * a.peak_tflops * 1e12 / train_flops
+    peak = a.peak_tflops * 1e12
+    mllm_t2i = 2 * MLLM_PARAMS * (a.prompt_tokens + TEMPLATE_TOKENS[0])
+    mllm_edit = (2 * MLLM_PARAMS * (a.prompt_tokens + TEMPLATE_TOKENS[1] + a.edit_vision_tokens)
+                 + 2 * VIT_PARAMS * 4 * a.edit_vision_tokens)
+    mllm = (1 - a.edit_fraction) * mllm_t2i + a.edit_fraction * mllm_edit
+    vae = vae_flops * (1 + a.edit_fraction)  # an edit encodes its source image too
+    encode_s = vae / (peak * a.vae_mfu) + mllm / (peak * a.mllm_mfu)
+    latent_bytes = 16 * (side // 8) ** 2 * 4 * (1 + a.edit_fraction)
+    text_bytes = (a.prompt_tokens + a.edit_fraction * a.edit_vision_tokens) * TEXT_DIM * 4
+    sample_bytes = latent_bytes + text_bytes
+    return {
+        "side": side, "image_tokens": tokens, "train_tflop_per_sample": train_flops / 1e12,
+        "trainer_samples_per_s_per_gpu": trainer_sps,
+        "vae_tflop_per_image": vae_flops / 1e12, "mllm_tflop_per_sample": mllm / 1e12,
+        "encode_s_per_sample_on_one_gpu": encode_s,
+        "producer_gpus_per_trainer_gpu": trainer_sps * encode_s,
+        "bytes_per_sample": sample_bytes,
+        "network_gb_per_s_per_trainer_gpu": trainer_sps * sample_bytes / 1e9,
+        "network_gb_per_s_per_8gpu_node": 8 * trainer_sps * sample_bytes / 1e9,
+        "coordinator_ops_per_s": coordinator_ops(a, trainer_sps),
+    }
+
+
+def coordinator_ops(a: Assumptions, trainer_sps: float) -> float:
+    dp = a.trainer_gpus // a.tp
+    batches_per_s = a.trainer_gpus * trainer_sps / a.global_batch
+    return batches_per_s * (1 + 2 * dp)  # a lease, and a locate plus an ack per DP rank
+
+
+def compute(model_args, a: Assumptions) -> dict:
+    return {"assumptions": asdict(a), "stages": [stage_figures(model_args, a, s, vae_encode_flops(s)) for s in STAGES]}
+
+
+def markdown(result: dict) -> str:
+    rows = ["| stage | train TFLOP/sample | samples/s per trainer GPU | encode s/sample (1 GPU) | producer GPUs per "
+            "trainer GPU | MB/sample | GB/s per 8-GPU node | coordinator ops/s |", "|---|---|---|---|---|---|---|---|"]
+    for s in result["stages"]:
+        rows.append(f"| {s['side']} | {s['train_tflop_per_sample']:.2f} | {s['trainer_samples_per_s_per_gpu']:.2f} | "
+                    f"{s['encode_s_per_sample_on_one_gpu']:.4f} | {s['producer_gpus_per_trainer_gpu']:.2f} | "
+                    f"{s['bytes_per_sample'] / 1e6:.2f} | {s['network_gb_per_s_per_8gpu_node']:.2f} | "
+                    f"{s['coordinator_ops_per_s']:.0f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mmdit capacity", description=__doc__.splitlines()[0])
+    for name, value in asdict(Assumptions()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--markdown", action="store_true", help="a table instead of JSON")
+    ns, overrides = parser.parse_known_args(argv)
+    from mmdit.launch.config import load_config
+
+    cfg = load_config(overrides or ["model=qwen_image_20b"])
+    a = Assumptions(**{k: getattr(ns, k) for k in asdict(Assumptions())})
+    result = compute(cfg.model, a)
+    print(markdown(result) if ns.markdown else json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
