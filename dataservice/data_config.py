@@ -4,7 +4,7 @@ What can change, by key (the names of `conf/data`):
 
     task_weights.<task>          t2i, edit, reconstruction: relative weight of the task
     source_weights.<source>      a data source (shard stem)
-    category_weights.<category>  a category (Nature, Design, People, Synthetic, Text rendering, ...)
+    category_weights.<category>  nature, design, people, synthetic, text_rendering or unknown
     bucket_weights.<H>x<W>       a resolution bucket of the stage
     base_resolution              the curriculum stage: 256, 640 or 1328 (the cache must hold it)
     filters.<threshold>          every threshold of FilterConfig (min_blur, max_text_chars, ...)
@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from mmdit.dataservice.plan import DataVersion
+from mmdit.producer.categories import CategoryError, check_weights
 from mmdit.producer.config import FilterConfig
 
 WEIGHT_TABLES = ("task_weights", "source_weights", "category_weights", "bucket_weights")
@@ -81,7 +82,13 @@ def apply_changes(version: DataVersion, changes: dict, stages: set[int]) -> tupl
         if not isinstance(key, str):
             raise ChangeError(f"keys must be strings, got {key!r}")
         head, _, name = key.partition(".")
-        if head in WEIGHT_TABLES and name:
+        if head == "category_weights" and name:
+            try:
+                (name,) = check_weights({name: None})
+            except CategoryError as e:
+                raise ChangeError(str(e)) from None
+            tables[head][name] = applied[f"{head}.{name}"] = _weight(key, value)
+        elif head in WEIGHT_TABLES and name:
             tables[head][name] = applied[key] = _weight(key, value)
         elif head == "filters" and name:
             filters[name] = applied[key] = _threshold(key, name, value)

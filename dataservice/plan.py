@@ -249,7 +249,7 @@ class Selection:
         self.members: list[np.ndarray] = [np.asarray(by_group[g], dtype=np.int64) for g in self.groups]
         self.tasks = np.asarray([r.task for r in self.refs], dtype=object)
         self.sources = np.asarray([r.source for r in self.refs], dtype=object)
-        self.categories = np.asarray([r.category for r in self.refs], dtype=object)
+        self.categories = np.asarray([r.category or "unknown" for r in self.refs], dtype=object)
         self.bucket_names = np.asarray([f"{r.bucket[0]}x{r.bucket[1]}" for r in self.refs], dtype=object)
         self.stages = np.asarray([r.stage for r in self.refs], dtype=np.int64)
         self.cached = np.asarray([r.cached for r in self.refs], dtype=bool)

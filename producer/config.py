@@ -30,7 +30,17 @@ class FilterConfig:
     min_caption_chars: int = 1
     max_caption_chars: int = 4000
     drop_duplicates: bool = True
-    """Keep only the first sample of each perceptual hash."""
+    """Keep only the first sample of each perceptual hash (or of each near-duplicate cluster)."""
+    duplicate_distance: int = 0
+    """Perceptual hashes within this many bits (of 64) are duplicates: 0 exact copies only; 4
+    catches re-encodes, resizes and small crops of one picture (producer/scores.py phash)."""
+    min_alignment: float = -1.0
+    """Minimum image-caption similarity from `mmdit annotate` (cosine of the alignment model's
+    embeddings, -1..1); -1: off. Above -1, samples not scored yet are not selected."""
+    drop_watermark: bool = False
+    """Drop samples the annotation model flags as watermarked (unannotated samples pass)."""
+    drop_qr_code: bool = False
+    drop_mosaic: bool = False
     max_text_chars: int = -1
     """The text stage: longest rendered text kept, in characters (0: images without text only; a
     few dozen: short text; -1: any). From the samples' metadata (synthetic renderings record it)."""
@@ -40,6 +50,10 @@ class FilterConfig:
             raise ValueError(f"filters: need 0 < min_aspect <= max_aspect, got {self.min_aspect}, {self.max_aspect}")
         if not 0.0 <= self.min_brightness <= self.max_brightness <= 1.0:
             raise ValueError(f"filters: need 0 <= min_brightness <= max_brightness <= 1, got {self.min_brightness}, {self.max_brightness}")
+        if not 0 <= self.duplicate_distance <= 16:
+            raise ValueError(f"filters: duplicate_distance must be in 0..16 bits, got {self.duplicate_distance}")
+        if not -1.0 <= self.min_alignment <= 1.0:
+            raise ValueError(f"filters: min_alignment must be in [-1, 1], got {self.min_alignment}")
         if self.min_caption_chars > self.max_caption_chars:
             raise ValueError(f"filters: min_caption_chars {self.min_caption_chars} > max_caption_chars {self.max_caption_chars}")
 
@@ -56,7 +70,11 @@ class DataConfig:
     source_weights: dict[str, float] = field(default_factory=dict)
     """Relative weight per data source (shard stem); sources not named weigh 1."""
     category_weights: dict[str, float] = field(default_factory=dict)
-    """Relative weight per category; categories not named weigh 1."""
+    """Relative weight per category (producer/categories.py: nature, design, people, synthetic,
+    text_rendering, and unknown for samples without one); categories not named weigh 1."""
+    source_categories: dict[str, str] = field(default_factory=dict)
+    """Category of every sample of a source (shard stem) whose metadata names none (e.g.
+    {laion_people: people}); an annotation's category replaces it."""
     bucket_weights: dict[str, float] = field(default_factory=dict)
     """Relative weight per resolution bucket ("HxW"); buckets not named weigh 1."""
     reconstruction: bool = False
@@ -85,6 +103,10 @@ class DataConfig:
             if not isinstance(entry, dict) or not isinstance(entry.get("step"), int) or entry["step"] < 1 \
                     or len(entry) < 2:
                 raise ValueError(f"data.curriculum entries are {{step: N >= 1, KEY: VALUE, ...}}, got {entry!r}")
+        from mmdit.producer.categories import check_source_categories, check_weights
+
+        self.source_categories = check_source_categories(self.source_categories)
+        self.category_weights = check_weights(self.category_weights, "data.category_weights")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.encode_batch_size < 1 or self.decode_workers < 1:

@@ -13,6 +13,7 @@ duplicates in its own shards; `select` dedupes across all of them).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdit.producer.config import FilterConfig
+from mmdit.producer.scores import hamming
 from mmdit.utils.atomic import atomic_path
 
 SCHEMA = pa.schema([
@@ -50,28 +52,52 @@ SCHEMA = pa.schema([
     ("src_bucket_h", pa.int32()),    # edit: the source image's bucket (cond_latents shape x 8)
     ("src_bucket_w", pa.int32()),
     ("text_chars", pa.int32()),      # characters of rendered text the sample shows (metadata), 0: none
+    ("category", pa.string()),       # producer/categories.py; '' unknown
+    ("category_source", pa.string()),  # metadata | annotation | source
+    # `mmdit annotate` (producer/annotate.py); null: not annotated / not scored
+    ("alignment", pa.float32()),     # image-caption similarity of the alignment model (cosine, -1..1)
+    ("annotation_status", pa.string()),  # ok | unparseable | invalid
+    ("annotation", pa.string()),     # the validated JSON object, or the model's raw output when it failed
+    ("watermark", pa.bool_()),
+    ("qr_code", pa.bool_()),
+    ("mosaic", pa.bool_()),
+    ("visible_text", pa.string()),
+    ("style", pa.string()),
 ])
 OK = "ok"
 REASONS = ("min_side", "aspect", "blur", "brightness", "contrast", "entropy", "caption_length", "text_length",
-           "duplicate")
+           "alignment", "watermark", "qr_code", "mosaic", "duplicate")
 """Filter rejection reasons, in the order they are checked (a row counts under its first)."""
 
 
 # ----------------------------------------------------------------------------- selection
 
 
-def _col(cols, name, dtype=np.float64) -> np.ndarray:
-    """Column `name` as numpy; missing scores (rows that failed to decode, or a manifest written
-    before the column existed) read as 0."""
+def _col(cols, name, dtype=np.float64, nan=0) -> np.ndarray:
+    """Column `name` as numpy; missing scores (rows that failed to decode, samples not annotated,
+    or a manifest written before the column existed) read as `nan` (0 unless told)."""
     if name not in (cols.column_names if isinstance(cols, pa.Table) else cols):
         rows = cols.num_rows if isinstance(cols, pa.Table) else len(next(iter(cols.values())))
-        return np.zeros(rows, dtype=dtype)
+        return np.full(rows, nan, dtype=dtype)
     v = cols[name]
     if isinstance(v, (pa.ChunkedArray, pa.Array)):
-        v = (v if dtype is object else v.fill_null(0)).to_numpy(zero_copy_only=False)
+        if dtype is object:
+            v = v.to_pylist()
+        else:
+            v = [nan if x is None else x for x in v.to_pylist()]
     elif dtype is not object:
-        v = [0 if x is None else x for x in v]
+        v = [nan if x is None else x for x in v]
     return np.asarray(v, dtype=dtype)
+
+
+ANNOTATION_FILTERS = {"min_alignment": -1.0, "drop_watermark": False, "drop_qr_code": False, "drop_mosaic": False}
+"""Thresholds on what `mmdit annotate` adds, and their off values."""
+
+
+def ingest_filters(filters: FilterConfig) -> FilterConfig:
+    """`filters` without the thresholds on annotations: `mmdit produce` runs before `mmdit
+    annotate`, so it encodes what passes the rest, and the plan applies them once annotated."""
+    return dataclasses.replace(filters, **ANNOTATION_FILTERS)
 
 
 def rejection_reasons(cols, filters: FilterConfig) -> np.ndarray:
@@ -96,6 +122,11 @@ def rejection_reasons(cols, filters: FilterConfig) -> np.ndarray:
         ("entropy", _col(cols, "entropy") < filters.min_entropy),
         ("caption_length", (chars < filters.min_caption_chars) | (chars > filters.max_caption_chars)),
         ("text_length", (filters.max_text_chars >= 0) & (_col(cols, "text_chars") > filters.max_text_chars)),
+        # a sample never scored for alignment fails any threshold above -1 (it is not known to pass)
+        ("alignment", (filters.min_alignment > -1.0) & ~(_col(cols, "alignment", nan=-np.inf) >= filters.min_alignment)),
+        ("watermark", filters.drop_watermark & (_col(cols, "watermark") > 0)),
+        ("qr_code", filters.drop_qr_code & (_col(cols, "qr_code") > 0)),
+        ("mosaic", filters.drop_mosaic & (_col(cols, "mosaic") > 0)),
     )
     for reason, bad in checks:
         hit = ok & bad & (out == "")
@@ -103,17 +134,52 @@ def rejection_reasons(cols, filters: FilterConfig) -> np.ndarray:
     return out
 
 
-def duplicates(phash: np.ndarray, candidates: np.ndarray, seen: set[int] | None = None) -> np.ndarray:
-    """Mask of candidate rows whose phash appeared before (in `seen` or earlier in this array).
+class PhashIndex:
+    """Perceptual hashes seen so far, answering "is there one within `max_distance` bits?".
+
+    Multi-index hashing: the 64 bits are cut into `max_distance + 1` bands; two hashes within
+    `max_distance` bits agree exactly on at least one band (pigeonhole), so only the hashes sharing
+    a band with the query are compared. Exact duplicates (distance 0) are one set lookup.
+    """
+
+    def __init__(self, max_distance: int = 0):
+        if not 0 <= max_distance <= 16:
+            raise ValueError(f"a phash distance must be in 0..16, got {max_distance}")
+        self.max_distance = max_distance
+        cuts = np.linspace(0, 64, max_distance + 2).round().astype(int)
+        self.bands = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in self.bands]
+
+    def _keys(self, h: int):
+        u = h & 0xFFFFFFFFFFFFFFFF
+        for a, b in self.bands:
+            yield (u >> a) & ((1 << (b - a)) - 1)
+
+    def near(self, h: int) -> bool:
+        for table, key in zip(self.tables, self._keys(h)):
+            for other in table.get(key, ()):
+                if hamming(h, other) <= self.max_distance:
+                    return True
+        return False
+
+    def add(self, h: int) -> None:
+        for table, key in zip(self.tables, self._keys(h)):
+            table.setdefault(key, []).append(h)
+
+
+def duplicates(phash: np.ndarray, candidates: np.ndarray, seen: PhashIndex | None = None,
+               max_distance: int = 0) -> np.ndarray:
+    """Mask of candidate rows whose phash is within `max_distance` bits of one kept before (in
+    `seen` or earlier in this array).
 
     The first occurrence in order is kept; `seen` (if given) is updated with the kept hashes, so
-    a streaming producer can carry it across batches.
+    a streaming producer can carry it across batches (its own distance then applies).
     """
-    seen = set() if seen is None else seen
+    seen = PhashIndex(max_distance) if seen is None else seen
     dup = np.zeros(len(phash), dtype=bool)
     for i in np.flatnonzero(candidates):
         p = int(phash[i])
-        if p in seen:
+        if seen.near(p):
             dup[i] = True
         else:
             seen.add(p)
@@ -124,7 +190,7 @@ def select_mask(table: pa.Table, filters: FilterConfig) -> tuple[np.ndarray, np.
     """(accepted mask, reason per row) over a whole manifest table."""
     reasons = rejection_reasons(table, filters)
     if filters.drop_duplicates:
-        dup = duplicates(_col(table, "phash", np.int64), reasons == "")
+        dup = duplicates(_col(table, "phash", np.int64), reasons == "", max_distance=filters.duplicate_distance)
         reasons[dup] = "duplicate"
     return reasons == "", reasons
 

@@ -42,10 +42,19 @@ from PIL import Image
 
 from mmdit.producer.buckets import assign_bucket, bucket_set
 from mmdit.producer.cache import RECONSTRUCTION, LatentCache, stage_fingerprint
+from mmdit.producer.categories import from_ingest
 from mmdit.producer.config import CacheConfig, DataConfig
 from mmdit.producer.encoders import preprocess_image
 from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
-from mmdit.producer.manifest import OK, ManifestWriter, duplicates, read_manifest, rejection_reasons
+from mmdit.producer.manifest import (
+    OK,
+    ManifestWriter,
+    PhashIndex,
+    duplicates,
+    ingest_filters,
+    read_manifest,
+    rejection_reasons,
+)
 from mmdit.producer.scores import score_sample
 from mmdit.utils.atomic import atomic_write_json
 
@@ -81,11 +90,13 @@ class Context:
     """Resize + centre crop to (H, W) -> [3, H, W] in [-1, 1]: the encoders' own (fingerprinted)."""
 
 
-def manifest_row(sample: dict, scores: dict, bucket: tuple[int, int], base: int) -> dict:
+def manifest_row(sample: dict, scores: dict, bucket: tuple[int, int], data: DataConfig) -> dict:
+    category, category_source = from_ingest(sample["meta"], sample["source"], data.source_categories)
     return {
         "key": sample["key"], "url": sample["url"], "source": sample["source"], "task": sample["task"],
         "status": OK, "detail": ",".join(sample["converted"]), **scores,
-        "base_resolution": base, "bucket_h": bucket[0], "bucket_w": bucket[1],
+        "base_resolution": data.base_resolution, "bucket_h": bucket[0], "bucket_w": bucket[1],
+        "category": category, "category_source": category_source,
     }
 
 
@@ -98,8 +109,8 @@ def prepare(raw: dict, ctx: Context) -> Item:
     sample = decode_sample(raw, ctx.data.max_image_pixels)
     scores = score_sample(sample)
     bucket = assign_bucket(scores["width"], scores["height"], ctx.buckets)
-    row = manifest_row(sample, scores, bucket, ctx.data.base_resolution)
-    reason = rejection_reasons({k: [v] for k, v in row.items()}, ctx.data.filters)[0]
+    row = manifest_row(sample, scores, bucket, ctx.data)
+    reason = rejection_reasons({k: [v] for k, v in row.items()}, ingest_filters(ctx.data.filters))[0]
     item = Item(sample["key"], row, sample["caption"], reason, converted=sample["converted"])
     if sample["task"] == "edit":
         row["src_bucket_h"], row["src_bucket_w"] = assign_bucket(*sample["source_image"].size, ctx.buckets)
@@ -125,7 +136,7 @@ def reuse(row: dict, ctx: Context) -> Item:
         if row.get("src_width"):
             row["src_bucket_h"], row["src_bucket_w"] = assign_bucket(row["src_width"], row["src_height"], ctx.buckets)
         row["base_resolution"] = ctx.data.base_resolution
-    reason = rejection_reasons({k: [v] for k, v in row.items()}, ctx.data.filters)[0]
+    reason = rejection_reasons({k: [v] for k, v in row.items()}, ingest_filters(ctx.data.filters))[0]
     return Item(row["key"], row, reason=reason, cached=True)
 
 
@@ -133,7 +144,7 @@ class Report:
     """Counters of one run, written as report.json.
 
     seen = accepted + sum(rejected) + decode/shard errors; accepted = encoded + cache_hits +
-    errors["encode_failed"]. `rejected` counts filter reasons (producer/manifest.py REASONS),
+    errors["encode_failed"]; `categories` and `tasks` split the accepted samples. `rejected` counts filter reasons (producer/manifest.py REASONS),
     `errors` unusable input by reason (producer/ingest.py), `converted` images that were usable
     after a conversion (cmyk, 16bit, palette, alpha, ...).
     """
@@ -145,6 +156,7 @@ class Report:
         self.converted: Counter[str] = Counter()
         self.buckets: Counter[str] = Counter()
         self.tasks: Counter[str] = Counter()
+        self.categories: Counter[str] = Counter()
         self.encode_seconds = 0.0
         self.start = time.perf_counter()
 
@@ -155,7 +167,8 @@ class Report:
             "encoded": self.encoded, "cache_hits": self.cache_hits, "reconstruction": self.reconstruction,
             "errors": dict(sorted(errors.items())),
             "converted": dict(sorted(self.converted.items())), "buckets": dict(sorted(self.buckets.items())),
-            "tasks": dict(sorted(self.tasks.items())), "fingerprint": self.fingerprint,
+            "tasks": dict(sorted(self.tasks.items())), "categories": dict(sorted(self.categories.items())),
+            "fingerprint": self.fingerprint,
             "encoders_fingerprint": self.encoders_fingerprint, "shards": self.shards,
             "seconds": round(seconds, 3), "encode_seconds": round(self.encode_seconds, 3),
             "encoded_per_second": round(self.encoded / seconds, 3) if seconds > 0 else 0.0,
@@ -340,7 +353,7 @@ class Producer:
         self.last_scan = time.monotonic()
         self.known = self._known_rows()
         self.manifest = ManifestWriter(self.dir / MANIFEST_DIR)
-        self.seen_phash: set[int] = set()
+        self.seen_phash = PhashIndex(data.filters.duplicate_distance)
         self.groups: dict[tuple, list[Item]] = defaultdict(list)
         self.progress = progress
 
@@ -450,6 +463,7 @@ class Producer:
         bucket = (item.row["bucket_h"], item.row["bucket_w"])
         report.buckets[f"{bucket[0]}x{bucket[1]}"] += 1
         report.tasks[item.row["task"]] += 1
+        report.categories[item.row.get("category") or "unknown"] += 1
         if item.cached or self._is_cached(item.key):
             report.cache_hits += 1
             return
