@@ -601,6 +601,11 @@ class CoordinatorService:
                                                            cfg.data.eval_fraction)
         cache.close()
         history = [version_zero(cfg.data, stage)]
+        if history[0].stage_weights:  # every stage drawn must be cached
+            try:
+                apply_changes(history[0], {"stage_weights": history[0].stage_weights}, set(stages))
+            except ChangeError as e:
+                raise PlanError(f"data.{e}") from None
         for entry in cfg.data.curriculum:  # reject a curriculum the cache cannot serve, before anything runs
             try:
                 apply_changes(history[0], {k: v for k, v in entry.items() if k != "step"}, set(stages))

@@ -6,7 +6,10 @@ What can change, by key (the names of `conf/data`):
     source_weights.<source>      a data source (shard stem)
     category_weights.<category>  nature, design, people, synthetic, text_rendering or unknown
     bucket_weights.<H>x<W>       a resolution bucket of the stage
+    stage_weights.<base>         multi-scale: draw every named stage (e.g. 640 and 1328), weighed;
+                                 an empty table draws base_resolution's stage only
     base_resolution              the curriculum stage: 256, 640 or 1328 (the cache must hold it)
+    <table> / filters            a mapping replaces the whole table / every threshold (a preset)
     filters.<threshold>          every threshold of FilterConfig (min_blur, max_text_chars, ...)
 
 Weights are finite and >= 0; a change that leaves every task at weight 0, or selects no sample
@@ -24,7 +27,7 @@ from mmdit.dataservice.plan import DataVersion
 from mmdit.producer.categories import CategoryError, check_weights
 from mmdit.producer.config import FilterConfig
 
-WEIGHT_TABLES = ("task_weights", "source_weights", "category_weights", "bucket_weights")
+WEIGHT_TABLES = ("task_weights", "source_weights", "category_weights", "bucket_weights", "stage_weights")
 
 
 class ChangeError(ValueError):
@@ -35,7 +38,8 @@ def version_zero(data_cfg, stage: int) -> DataVersion:
     """The job's starting data config as version 0 of its history."""
     return DataVersion(0, 0, 0, dict(data_cfg.task_weights), dict(data_cfg.source_weights),
                        dict(data_cfg.category_weights), dict(data_cfg.bucket_weights), stage,
-                       dataclasses.asdict(data_cfg.filters), False, why="the job's config")
+                       dataclasses.asdict(data_cfg.filters), False,
+                       {str(k): float(v) for k, v in data_cfg.stage_weights.items()}, why="the job's config")
 
 
 def describe(version: DataVersion) -> dict:
@@ -70,9 +74,29 @@ def _threshold(key: str, name: str, value: Any) -> Any:
     return kind(value)
 
 
+def _table_entry(table: str, name: str, value: Any, stages: set[int]) -> tuple[str, float]:
+    """One weight: (canonical name, weight); ChangeError naming it when either is bad."""
+    key = f"{table}.{name}"
+    if table == "category_weights":
+        try:
+            (name,) = check_weights({name: None})
+        except CategoryError as e:
+            raise ChangeError(str(e)) from None
+    elif table == "stage_weights":
+        if not (str(name).isdigit() and int(name) in stages):
+            raise ChangeError(f"{key}: {name!r} is not a cached stage (cached: {sorted(stages)})")
+        name = str(int(name))
+    return str(name), _weight(key, value)
+
+
 def apply_changes(version: DataVersion, changes: dict, stages: set[int]) -> tuple[DataVersion, dict]:
     """`version` with `changes` (key -> value) applied (number, start and bookkeeping unchanged),
-    and the changes as applied (normalized). Raises ChangeError naming the first bad key."""
+    and the changes as applied (normalized). Raises ChangeError naming the first bad key.
+
+    `<table>.<name>` sets one weight; `<table>` with a mapping replaces the whole table, and
+    `filters` with a mapping every threshold (those not named return to their defaults): how a
+    data preset (conf/data/stageN.yaml) is applied as a whole.
+    """
     if not isinstance(changes, dict) or not changes:
         raise ChangeError("no change given (expected KEY=VALUE pairs)")
     tables = {t: dict(getattr(version, t)) for t in WEIGHT_TABLES}
@@ -82,26 +106,42 @@ def apply_changes(version: DataVersion, changes: dict, stages: set[int]) -> tupl
         if not isinstance(key, str):
             raise ChangeError(f"keys must be strings, got {key!r}")
         head, _, name = key.partition(".")
-        if head == "category_weights" and name:
-            try:
-                (name,) = check_weights({name: None})
-            except CategoryError as e:
-                raise ChangeError(str(e)) from None
-            tables[head][name] = applied[f"{head}.{name}"] = _weight(key, value)
-        elif head in WEIGHT_TABLES and name:
-            tables[head][name] = applied[key] = _weight(key, value)
+        if head in WEIGHT_TABLES and name:
+            name, weight = _table_entry(head, name, value, stages)
+            tables[head][name] = applied[f"{head}.{name}"] = weight
+        elif head in WEIGHT_TABLES:
+            if not isinstance(value, dict):
+                raise ChangeError(f"{key} (a whole table) must be a mapping of names to weights, got {value!r}")
+            tables[head] = dict(_table_entry(head, str(n), w, stages) for n, w in value.items())
+            applied[key] = dict(tables[head])
         elif head == "filters" and name:
             filters[name] = applied[key] = _threshold(key, name, value)
+        elif key == "filters":
+            if not isinstance(value, dict):
+                raise ChangeError(f"filters (every threshold) must be a mapping, got {value!r}")
+            filters = dataclasses.asdict(FilterConfig())
+            for n, v in value.items():
+                filters[n] = _threshold(f"filters.{n}", n, v)
+            applied[key] = dict(filters)
         elif key == "base_resolution":
             if isinstance(value, bool) or not isinstance(value, int) or value not in stages:
                 raise ChangeError(f"base_resolution must be one of the cached stages {sorted(stages)}, got {value!r}")
             stage = applied[key] = value
         else:
-            raise ChangeError(f"unknown key {key!r}: changeable are {', '.join(WEIGHT_TABLES)} (as <table>.<name>), "
-                              "filters.<threshold> and base_resolution")
+            raise ChangeError(f"unknown key {key!r}: changeable are {', '.join(WEIGHT_TABLES)} (as <table>.<name>, "
+                              "or <table> with a mapping), filters.<threshold>, filters and base_resolution")
     try:
         FilterConfig(**filters)  # the thresholds' own checks (min <= max, ...)
     except (TypeError, ValueError) as e:
         raise ChangeError(str(e)) from None
     new = dataclasses.replace(version, stage=stage, filters=filters, **tables)
     return new, applied
+
+
+def preset_changes(data_cfg) -> dict:
+    """The changes that make a running job's data config `data_cfg` (a composed DataConfig, e.g.
+    conf/data/stage5.yaml): every weight table, every threshold and the stage, as a whole."""
+    changes = {t: dict(getattr(data_cfg, t)) for t in WEIGHT_TABLES}
+    changes["filters"] = dataclasses.asdict(data_cfg.filters)
+    changes["base_resolution"] = data_cfg.base_resolution
+    return changes

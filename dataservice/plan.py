@@ -73,7 +73,7 @@ class SampleRef:
 
 
 _PLAN_FIELDS = ("task_weights", "source_weights", "category_weights", "bucket_weights", "stage", "filters",
-                "encode_missing")
+                "encode_missing", "stage_weights")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ class DataVersion:
     The plan reads the weights (task x source x category x bucket; unnamed ones weigh 1, weight 0
     leaves a sample out), the curriculum `stage` (the base resolution; 0: every stage), the
     manifest `filters` (thresholds over stored scores; empty: everything cached) and whether
-    uncached samples may be planned (`encode_missing`). The rest records the change: when, from
+    uncached samples may be planned (`encode_missing`). `stage_weights` ("640" -> weight), when
+    set, replaces `stage`: samples of every named stage are drawn, weighed (multi-scale training). The rest records the change: when, from
     which training step, what changed and why; it does not affect the plan.
     """
 
@@ -98,6 +99,7 @@ class DataVersion:
     stage: int = 0
     filters: dict = field(default_factory=dict)
     encode_missing: bool = False
+    stage_weights: dict = field(default_factory=dict)
     time: float = field(default=0.0, compare=False)
     from_step: int = field(default=1, compare=False)
     why: str = field(default="", compare=False)
@@ -120,8 +122,8 @@ class DataVersion:
         return cls(int(d["version"]), int(d["epoch"]), int(d["index"]), weights("task_weights"),
                    weights("source_weights"), weights("category_weights"), weights("bucket_weights"),
                    int(d.get("stage", 0)), dict(d.get("filters") or {}), bool(d.get("encode_missing", False)),
-                   float(d.get("time", 0.0)), int(d.get("from_step", 1)), str(d.get("why", "")),
-                   dict(d.get("changes") or {}))
+                   weights("stage_weights"), time=float(d.get("time", 0.0)), from_step=int(d.get("from_step", 1)),
+                   why=str(d.get("why", "")), changes=dict(d.get("changes") or {}))
 
 
 def validate_history(history: Sequence[DataVersion]) -> None:
@@ -134,7 +136,7 @@ def validate_history(history: Sequence[DataVersion]) -> None:
             raise PlanError(f"data-config versions must increase in number and start: {a} then {b}")
     for v in history:
         for name, w in (*v.task_weights.items(), *v.source_weights.items(), *v.category_weights.items(),
-                        *v.bucket_weights.items()):
+                        *v.bucket_weights.items(), *v.stage_weights.items()):
             if not np.isfinite(w) or w < 0:
                 raise PlanError(f"data-config version {v.version}: weight of {name!r} must be finite and >= 0, got {w}")
 
@@ -303,7 +305,9 @@ class Selection:
 
         w = (lookup(version.task_weights, self.tasks) * lookup(version.source_weights, self.sources)
              * lookup(version.category_weights, self.categories) * lookup(version.bucket_weights, self.bucket_names))
-        if version.stage:
+        if version.stage_weights:
+            w = w * np.asarray([version.stage_weights.get(str(s), 0.0) for s in self.stages], dtype=np.float64)
+        elif version.stage:
             w = w * (self.stages == version.stage)
         if not version.encode_missing:
             w = w * self.cached

@@ -111,7 +111,29 @@ def to_job_config(cfg) -> JobConfig:
     except Exception as e:
         raise ConfigError(f"invalid config: {_reason(e)}") from e
     check_job(job)
+    job.data.curriculum = [expand_preset(entry) for entry in job.data.curriculum]
     return job
+
+
+def data_presets() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+
+
+def load_data_preset(name: str):
+    """conf/data/<name>.yaml composed over the DataConfig defaults."""
+    if name not in data_presets():
+        raise ConfigError(f"invalid config: no data preset {name!r} (conf/data has {', '.join(data_presets())})")
+    return to_job_config(compose_config([f"data={name}"])).data
+
+
+def expand_preset(entry: dict) -> dict:
+    """A curriculum entry {step: N, preset: stage5} -> {step: N, <every field stage5 sets>}."""
+    if "preset" not in entry:
+        return entry
+    from mmdit.dataservice.data_config import preset_changes
+
+    rest = {k: v for k, v in entry.items() if k not in ("step", "preset")}
+    return {"step": entry["step"], **preset_changes(load_data_preset(str(entry["preset"]))), **rest}
 
 
 def _reason(e: BaseException) -> str:

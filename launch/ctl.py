@@ -2,6 +2,7 @@
 
     mmdit ctl get RUN_DIR                          the data config in force and its version
     mmdit ctl set RUN_DIR KEY=VALUE... [--why T]   a change, from the first batch no producer holds
+    mmdit ctl set RUN_DIR --preset stage5 [K=V...] switch to a whole data preset (conf/data/stage5.yaml)
     mmdit ctl history RUN_DIR                      every version: when, from which step, what, why
 
 RUN_DIR is the service's run directory (where `mmdit serve` writes control.json and
@@ -65,6 +66,14 @@ def parse_assignment(text: str) -> tuple[str, object]:
         return key, value
 
 
+def preset(name: str) -> dict:
+    """The changes that switch a running job to conf/data/<name>.yaml (ValueError if none)."""
+    from mmdit.dataservice.data_config import preset_changes
+    from mmdit.launch.config import load_data_preset
+
+    return preset_changes(load_data_preset(name))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmdit ctl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -72,17 +81,24 @@ def main(argv: list[str]) -> int:
     sub.add_parser("history").add_argument("run_dir")
     p = sub.add_parser("set")
     p.add_argument("run_dir")
-    p.add_argument("changes", nargs="+", metavar="KEY=VALUE")
+    p.add_argument("changes", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--preset", help="a data config of conf/data (stage1..stage7, quality, ...): every weight "
+                                    "table, threshold and the stage, as a whole; KEY=VALUE pairs apply on top")
     p.add_argument("--why", default="", help="recorded in the history with the change")
     args = parser.parse_args(argv)
     try:
         if args.action == "set":
             try:
-                changes = dict(parse_assignment(a) for a in args.changes)
+                changes = preset(args.preset) if args.preset else {}
+                changes.update(parse_assignment(a) for a in args.changes)
             except ValueError as e:
                 print(f"mmdit ctl: {e}", file=sys.stderr)
                 return 2
-            status, reply = request(args.run_dir, "POST", "/config", {"changes": changes, "why": args.why})
+            if not changes:
+                print("mmdit ctl: set needs KEY=VALUE pairs or --preset NAME", file=sys.stderr)
+                return 2
+            why = args.why or (f"preset {args.preset}" if args.preset else "")
+            status, reply = request(args.run_dir, "POST", "/config", {"changes": changes, "why": why})
         else:
             status, reply = request(args.run_dir, "GET", "/config" if args.action == "get" else "/history")
     except Unreachable as e:

@@ -23,6 +23,8 @@ class FilterConfig:
     min_brightness: float = 0.0
     """Mean grey level range kept, in 0..1."""
     max_brightness: float = 1.0
+    max_saturation: float = 1.0
+    """Maximum mean HSV saturation, in 0..1 (over-saturated, garish images)."""
     min_contrast: float = 0.0
     """Minimum grey-level standard deviation, in 0..1."""
     min_entropy: float = 0.0
@@ -72,6 +74,9 @@ class DataConfig:
     category_weights: dict[str, float] = field(default_factory=dict)
     """Relative weight per category (producer/categories.py: nature, design, people, synthetic,
     text_rendering, and unknown for samples without one); categories not named weigh 1."""
+    stage_weights: dict[str, float] = field(default_factory=dict)
+    """Multi-scale training: base resolution -> weight ({640: 1, 1328: 1} draws both stages'
+    samples, each cached by its own `mmdit produce`); empty: base_resolution's stage only."""
     source_categories: dict[str, str] = field(default_factory=dict)
     """Category of every sample of a source (shard stem) whose metadata names none (e.g.
     {laion_people: people}); an annotation's category replaces it."""
@@ -107,6 +112,10 @@ class DataConfig:
 
         self.source_categories = check_source_categories(self.source_categories)
         self.category_weights = check_weights(self.category_weights, "data.category_weights")
+        for base, weight in self.stage_weights.items():
+            if not str(base).isdigit() or int(base) % 16 or not (isinstance(weight, (int, float)) and weight >= 0):
+                raise ValueError(f"data.stage_weights maps base resolutions (multiples of 16) to weights >= 0, "
+                                 f"got {base}: {weight}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.encode_batch_size < 1 or self.decode_workers < 1:

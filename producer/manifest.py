@@ -65,7 +65,7 @@ SCHEMA = pa.schema([
     ("style", pa.string()),
 ])
 OK = "ok"
-REASONS = ("min_side", "aspect", "blur", "brightness", "contrast", "entropy", "caption_length", "text_length",
+REASONS = ("min_side", "aspect", "blur", "brightness", "saturation", "contrast", "entropy", "caption_length", "text_length",
            "alignment", "watermark", "qr_code", "mosaic", "duplicate")
 """Filter rejection reasons, in the order they are checked (a row counts under its first)."""
 
@@ -118,6 +118,7 @@ def rejection_reasons(cols, filters: FilterConfig) -> np.ndarray:
         ("aspect", (aspect < filters.min_aspect) | (aspect > filters.max_aspect)),
         ("blur", _col(cols, "blur") < filters.min_blur),
         ("brightness", (_col(cols, "brightness") < filters.min_brightness) | (_col(cols, "brightness") > filters.max_brightness)),
+        ("saturation", _col(cols, "saturation") > filters.max_saturation),
         ("contrast", _col(cols, "contrast") < filters.min_contrast),
         ("entropy", _col(cols, "entropy") < filters.min_entropy),
         ("caption_length", (chars < filters.min_caption_chars) | (chars > filters.max_caption_chars)),
