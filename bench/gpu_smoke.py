@@ -82,7 +82,7 @@ def backend_checks(tmp: Path) -> dict:
 
 def slice_checks(out: Path) -> dict:
     results = {}
-    for policies in ("none", "attention,mlp,every_k,full"):
+    for policies in ("none", "elementwise,attention,mlp,every_k,full"):
         target = out / f"slice_{policies.split(',')[0]}.json"
         done = subprocess.run([sys.executable, str(HERE / "recompute.py"), "--slice", "--device", "cuda",
                                "--dtype", "bf16", "--policies", policies, "--out", str(target)],

@@ -43,6 +43,7 @@ from common import (  # bench/ is a scripts folder: run as `python bench/recompu
 
 from mmdit.model.args import MMDiTArgs
 from mmdit.model.flops import mfu, model_params, peak_flops, recompute_extra_flops, step_flops
+from mmdit.parallel.compile import compile_blocks
 from mmdit.parallel.config import RECOMPUTE_POLICIES
 from mmdit.parallel.recompute import apply_recompute
 
@@ -54,10 +55,10 @@ MODES = {
     # Small enough for 2 CPU cores (< 2 min for all five policies), activation-dominated:
     # ~15M parameters (58 MB fp32) against ~330 MB of activations at 2 x (1024 + 64) tokens.
     "recompute": dict(layers=6, heads=4, head_dim=64, joint_dim=512, resolution=512, text_tokens=64,
-                      batch=2, policies="none,full,attention,mlp,every_k", repeats=5, warmup=1),
+                      batch=2, policies="none,full,attention,mlp,every_k,elementwise", repeats=5, warmup=1),
     # The released width; 4 of its 60 blocks.
     "slice": dict(layers=4, heads=24, head_dim=128, joint_dim=3584, resolution=1328, text_tokens=256,
-                  batch=1, policies="none,full", repeats=5, warmup=2),
+                  batch=1, policies="none,full,elementwise", repeats=5, warmup=2),
 }
 
 
@@ -123,9 +124,8 @@ def default_out(ns: argparse.Namespace) -> Path:
 def measure(ns: argparse.Namespace, args: MMDiTArgs, shape: BatchShape):
     """Memory (one step each) and step times (round-robin) of every policy on one model."""
     model = build_model(args, ns.device, DTYPES[ns.dtype], ns.linear_layers, seed=ns.seed)
-    if ns.compile:  # per block, as torchtitan does: the blocks are the cost, and the top level's
-        for block in model.transformer_blocks:  # data-dependent mask check would break the graph
-            block.compile()
+    if ns.compile:  # as the trainer does with parallel.compile=true
+        compile_blocks(model)
     batch = make_batch(args, shape, ns.device, DTYPES[ns.dtype], seed=ns.seed)
 
     apply_recompute(model, ns.policies[0], ns.every)  # warm-up: kernels, caches, compile, .grad

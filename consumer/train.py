@@ -37,6 +37,7 @@ from mmdit.model.init import init_weights
 from mmdit.model.layers import transformer_engine_available
 from mmdit.model.mmdit import build_mmdit, pack_latents, packed_shape
 from mmdit.parallel.backend import build_backend, resolve_backend
+from mmdit.parallel.compile import compile_blocks
 from mmdit.parallel.recompute import apply_recompute_config
 from mmdit.parallel.state import ParallelDims, any_rank_true, destroy_parallel, dp_group, init_parallel, tp_group
 from mmdit.utils.atomic import atomic_write_json, atomic_write_text
@@ -151,6 +152,8 @@ class Trainer:
         self.model.to(params_dtype)
         self.autocast = self.dtype != torch.float32 and params_dtype == torch.float32
         apply_recompute_config(self.model, cfg.parallel)
+        if cfg.parallel.compile:
+            compile_blocks(self.model)
         self.backend = build_backend(self.model, cfg.parallel, cfg.train, tp_group(), dp_group(), self.model.config)
         self.step, self.bad_steps = 0, 0
         self.data_state: dict = {}

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-RECOMPUTE_POLICIES = ("none", "full", "every_k", "attention", "mlp")
+RECOMPUTE_POLICIES = ("none", "full", "every_k", "attention", "mlp", "elementwise")
 BACKENDS = ("auto", "megatron", "torch")
 
 
@@ -11,9 +11,11 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size: attention heads, MLPs and modulation linears split over tp ranks."""
     recompute: str = "none"
-    """Activation checkpointing: none | full | every_k | attention | mlp."""
+    """Activation checkpointing: none | full | every_k | attention | mlp | elementwise (parallel/recompute.py)."""
     recompute_every: int = 2
     """With recompute=every_k: checkpoint every k-th block (blocks 0, k, 2k, ...)."""
+    compile: bool = False
+    """torch.compile every transformer block (parallel/compile.py); first steps pay the compile time."""
     backend: str = "auto"
     """Data-parallel/optimizer backend. auto: megatron DDP + DistributedOptimizer on GPU,
     torch DDP + ZeroRedundancyOptimizer on CPU. Naming megatron on CPU is an error."""

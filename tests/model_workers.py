@@ -6,6 +6,7 @@ from mmdit.model.args import MMDiTArgs
 from mmdit.model.convert_cli import verification_cases
 from mmdit.model.mmdit import build_mmdit
 from mmdit.model.sharding import full_shapes, load_full_state_dict, partition_dims, unshard
+from mmdit.parallel.compile import compile_blocks
 from mmdit.parallel.recompute import apply_recompute
 from mmdit.parallel.state import init_parallel, tp_group
 
@@ -24,12 +25,14 @@ def random_full_state_dict(args: MMDiTArgs, seed: int = 0) -> dict[str, torch.Te
 
 
 def forward_backward(rank: int, args: MMDiTArgs, tp: int, state: dict, recompute: str = "none",
-                     case: str = "edit") -> dict:
+                     case: str = "edit", compile: bool = False) -> dict:
     """Output of one case and the full (unsharded) gradient of every parameter, on every rank."""
     init_parallel(tp)
     model = build_mmdit(args, tp_group())
     load_full_state_dict(model, state)
     apply_recompute(model, recompute, every=2)
+    if compile:
+        compile_blocks(model)
     inputs = verification_cases(args, seed=1)[case]
     out = model(**inputs)
     (out.float().square().mean() + out.sum() * 1e-3).backward()

@@ -102,7 +102,7 @@ def test_every_large_matrix_is_split_at_tp8():
         init_parallel(1)
 
 
-@pytest.mark.parametrize("policy", ["full", "every_k", "attention", "mlp"])
+@pytest.mark.parametrize("policy", ["full", "every_k", "attention", "mlp", "elementwise"])
 def test_recompute_changes_no_gradient(policy):
     state = random_full_state_dict(TINY, seed=5)
     base = forward_backward(0, TINY, 1, state, "none")
@@ -111,6 +111,17 @@ def test_recompute_changes_no_gradient(policy):
     assert base["grads"].keys() == got["grads"].keys()
     for name in base["grads"]:
         assert torch.allclose(base["grads"][name], got["grads"][name], atol=1e-7, rtol=1e-6), name
+
+
+@pytest.mark.slow  # inductor compiles the block's forward and backward: tens of seconds on 2 cores
+def test_compiled_blocks_match_eager():
+    """With the selective recompute policy too: checkpointing wraps the compiled blocks."""
+    state = random_full_state_dict(TINY, seed=5)
+    base = forward_backward(0, TINY, 1, state, "none")
+    got = forward_backward(0, TINY, 1, state, "elementwise", compile=True)
+    torch.testing.assert_close(got["out"], base["out"], atol=1e-5, rtol=1e-4)
+    for name in base["grads"]:
+        torch.testing.assert_close(got["grads"][name], base["grads"][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_last_block_text_stream_is_frozen():

@@ -38,10 +38,12 @@ def test_tensor_parallel_equals_single_rank(tp, heads):
         assert_same_step(reference, rank_result)
 
 
-def test_tensor_parallel_with_recompute():
+@pytest.mark.parametrize("policy", ["full", "elementwise"])
+def test_tensor_parallel_with_recompute(policy):
+    """elementwise keeps the all-reduce outputs: backward must not re-run (or reorder) them."""
     state = random_full_state_dict(TINY, seed=8)
     reference = forward_backward(0, TINY, 1, state)
-    assert_same_step(reference, spawn(forward_backward, 2, TINY, 2, state, "full")[0])
+    assert_same_step(reference, spawn(forward_backward, 2, TINY, 2, state, policy)[0])
 
 
 @pytest.mark.parametrize("saved_tp,loaded_tp", [(2, 1), (1, 2)])
