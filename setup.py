@@ -32,6 +32,7 @@ setup(
         "pillow>=10",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "jsonschema>=4.18",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],

@@ -246,8 +246,11 @@ class Trainer:
             if cfg.train.log_samples and self.dims.tp_rank == 0 else None
         saved = self.step
         accum = self.accumulation
+        # Step time is the period between the host syncs of consecutive steps (the loss must reach
+        # the host to decide, on every rank alike, whether to skip a non-finite step): no extra
+        # device sync, so the optimizer's kernels overlap the next step's data fetch and launches.
+        started = time.perf_counter()
         while self.step < cfg.train.steps:
-            started = time.perf_counter()
             lr = lr_at(self.step, cfg)
             self.backend.set_lr(lr)
             self.backend.zero_grad()
@@ -264,9 +267,7 @@ class Trainer:
                                              self.dtype, scale=1.0 / accum, autocast=self.autocast))
             loss_value = self._mean_over_dp(torch.stack(losses).mean())
             grad_norm, stepped = self.backend.step(skip=not math.isfinite(loss_value))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            step_time = time.perf_counter() - started
+            step_time, started = time.perf_counter() - started, time.perf_counter()
             self.step += 1
             if sample_log is not None:
                 for batch in micro_batches:
@@ -277,10 +278,11 @@ class Trainer:
             self._count_bad_steps(stepped, loss_value, grad_norm)
             if self.evaluator is not None and self.step % cfg.train.eval_every == 0:
                 self.evaluate()
+                started = time.perf_counter()  # evaluation is not the next step's time
             stop = any_rank_true(self.stop_requested)  # every rank stops at the same step
             if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.checkpoint(batches)
-                saved = self.step
+                saved, started = self.step, time.perf_counter()
             if stop:
                 log.warning("stopped at step %d (checkpoint %s)", self.step, checkpoint_dir(self.run_dir, self.step))
                 return

@@ -19,6 +19,7 @@ COMMANDS = {
     "make-tiny-encoders": ("mmdit.producer.tiny_encoders", "write tiny random VAE/Qwen2.5-VL/tokenizer"),
     "synth": ("mmdit.producer.synth", "render synthetic text images as webdataset shards"),
     "produce": ("mmdit.producer.produce", "score, filter, bucket and encode shards into the cache"),
+    "annotate": ("mmdit.producer.annotate", "VL-model annotations and alignment scores into the manifest"),
     "status": ("mmdit.launch.status", "one screen on a run: processes, step, throughput, service, checkpoint"),
     "cache": ("mmdit.producer.cache_cli", "verify the latent cache (`cache verify DIR [--repair]`)"),
     "submit": ("mmdit.launch.slurm", "submit a SLURM job: trainers, producers, coordinator (--dry-run prints it)"),

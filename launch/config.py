@@ -15,7 +15,7 @@ from mmdit.consumer.config import TrainConfig
 from mmdit.dataservice.config import ServiceConfig
 from mmdit.model.args import MMDiTArgs
 from mmdit.parallel.config import ParallelConfig
-from mmdit.producer.config import CacheConfig, DataConfig, EncodersConfig, SynthConfig
+from mmdit.producer.config import AnnotateConfig, CacheConfig, DataConfig, EncodersConfig, SynthConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -80,6 +80,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -195,13 +195,14 @@ def build_backend(model, parallel: ParallelConfig, train: TrainConfig, tp_group,
 
 
 def _build_megatron(model, train: TrainConfig, linear_config):
+    from mmdit.parallel import megatron_fallbacks
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, distrib_optimizer, get_megatron_optimizer
 
     if not distrib_optimizer.HAVE_APEX_OR_TE:
-        log.warning("megatron backend without Transformer Engine or apex: megatron falls back to torch Adam (not "
-                    "fused) and a per-parameter gradient-norm loop (one host sync per parameter); install "
-                    "transformer-engine (`pip install -e .[gpu]`) for full speed")
+        megatron_fallbacks.install()  # gradient norm and clipping on the device, not one sync per parameter
+        log.warning("megatron backend without Transformer Engine or apex: torch's AdamW (multi-tensor, not fused) "
+                    "instead of the fused Adam; install transformer-engine (`pip install -e .[gpu]`) for full speed")
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
                                                use_distributed_optimizer=True, check_for_nan_in_grad=True)

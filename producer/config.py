@@ -169,12 +169,47 @@ class EncodersConfig:
 
 
 @dataclass
+class AnnotateConfig:
+    """`mmdit annotate`: a VL model's JSON annotation and an alignment score per accepted sample
+    (producer/annotate.py). Runs on encoders.device with encoders.dtype."""
+
+    model: str = "auto"
+    """The Qwen2.5-VL that annotates: a Qwen-Image-layout directory (text_encoder/, tokenizer/,
+    processor/) or a plain Qwen2.5-VL-Instruct one; auto: encoders.dir; none: skip annotation."""
+    alignment_model: str = "auto"
+    """A local CLIP or SigLIP directory (AutoModel + AutoProcessor) that scores image-caption
+    alignment; auto: <encoders.dir>/alignment if it exists, else skip; none or '': skip."""
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    """Longest answer generated; a JSON object cut off here counts as unparseable."""
+    image_area: int = 448 * 448
+    """Pixel area the VL model sees (aspect kept, sides multiples of 28): 448*448 is 256 vision tokens."""
+    limit: int = 0
+    """Annotate at most this many samples this run (0: all); a later run does the rest."""
+    flush_seconds: float = 10.0
+    """Publish manifest rows after a batch once this long has passed since the last publish (0:
+    every batch): a killed run loses at most this much work, without a part file per batch."""
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.limit < 0 or self.flush_seconds < 0:
+            raise ValueError("annotate: batch_size and max_new_tokens must be >= 1, limit and flush_seconds >= 0")
+        if self.image_area < 56 * 56:
+            raise ValueError("annotate.image_area must be >= 3136 (56x56)")
+
+
+@dataclass
 class SynthConfig:
     """`mmdit synth`: rendered Chinese/English text images and edit triplets (producer/synth.py)."""
 
+    KINDS = ("pure", "compositional", "complex")  # not a field: the kind names `kinds` may weigh
+
     num_samples: int = 64
+    kinds: dict[str, float] = field(default_factory=lambda: {"pure": 0.5, "compositional": 0.25, "complex": 0.25})
+    """Relative weight of each kind: pure (text on a plain or gradient background), compositional
+    (text in perspective on a surface in a scene), complex (slides, app/web screens, posters)."""
     edit_fraction: float = 0.25
-    """Fraction of samples that are edit triplets (source, instruction, target)."""
+    """Fraction of pure samples that are edit triplets (source, instruction, target); the other
+    kinds are text-to-image only, so edits are edit_fraction x the pure share of all samples."""
     samples_per_shard: int = 32
     seed: int = 0
     """Sample i is a pure function of (seed, i)."""
@@ -187,12 +222,33 @@ class SynthConfig:
     """Fraction of text-to-image captions written in Chinese."""
     font_dir: str = "/usr/share/fonts/truetype"
     """Where fonts-wqy-microhei and fonts-dejavu-core put their files (`make sysdeps`)."""
+    backgrounds: str = ""
+    """A directory of images (jpg, png, webp, bmp): compositional samples then put their text on a
+    random one of them instead of a procedurally drawn scene. "" draws every scene."""
 
     def __post_init__(self):
         if self.num_samples < 0 or self.samples_per_shard < 1:
             raise ValueError("synth.num_samples must be >= 0 and synth.samples_per_shard >= 1")
+        self.kinds = self._checked_kinds()
         if not 64 <= self.min_side <= self.max_side:
             raise ValueError(f"synth needs 64 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
         for name in ("edit_fraction", "zh_fraction", "zh_caption_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"synth.{name} must be in [0, 1]")
+
+    def _checked_kinds(self) -> dict[str, float]:
+        import math
+
+        kinds = {}
+        for name, weight in dict(self.kinds).items():
+            if name not in self.KINDS:
+                raise ValueError(f"synth.kinds.{name}: unknown kind (one of {', '.join(self.KINDS)})")
+            try:
+                kinds[name] = float(weight)
+            except (TypeError, ValueError):
+                raise ValueError(f"synth.kinds.{name} must be a number, got {weight!r}") from None
+            if not math.isfinite(kinds[name]) or kinds[name] < 0:
+                raise ValueError(f"synth.kinds.{name} must be a finite weight >= 0, got {weight!r}")
+        if not any(kinds.values()):
+            raise ValueError(f"synth.kinds needs a weight > 0 for at least one of {', '.join(self.KINDS)}")
+        return kinds

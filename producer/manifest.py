@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmdit.producer.categories import FROM_ANNOTATION, overrides
 from mmdit.producer.config import FilterConfig
 from mmdit.producer.scores import hamming
 from mmdit.utils.atomic import atomic_path
@@ -65,6 +66,9 @@ SCHEMA = pa.schema([
     ("style", pa.string()),
 ])
 OK = "ok"
+ANNOTATION_COLUMNS = ("alignment", "annotation_status", "annotation", "watermark", "qr_code", "mosaic", "visible_text",
+                      "style")
+"""What `mmdit annotate` adds to a row (the category aside)."""
 REASONS = ("min_side", "aspect", "blur", "brightness", "saturation", "contrast", "entropy", "caption_length", "text_length",
            "alignment", "watermark", "qr_code", "mosaic", "duplicate")
 """Filter rejection reasons, in the order they are checked (a row counts under its first)."""
@@ -200,6 +204,20 @@ def select(table: pa.Table, filters: FilterConfig) -> pa.Table:
     """The rows of `table` that pass `filters` (same order)."""
     mask, _ = select_mask(table, filters)
     return table.filter(pa.array(mask, type=pa.bool_()))
+
+
+def carry_annotations(row: dict, previous: dict | None) -> dict:
+    """`row`, a sample described again (e.g. by `mmdit produce` at a new stage), with what `mmdit
+    annotate` found for it before: annotating is expensive and the image has not changed."""
+    kept = {c: previous[c] for c in ANNOTATION_COLUMNS if previous and previous.get(c) is not None}
+    if not kept:
+        return row
+    row = {**row, **kept}
+    if previous.get("category_source") == FROM_ANNOTATION and overrides(row.get("category_source"), FROM_ANNOTATION):
+        row["category"], row["category_source"] = previous["category"], FROM_ANNOTATION
+    if kept.get("annotation_status") == OK:
+        row["text_chars"] = max(row.get("text_chars") or 0, len(kept.get("visible_text") or ""))
+    return row
 
 
 # ----------------------------------------------------------------------------- storage

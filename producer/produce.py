@@ -47,9 +47,11 @@ from mmdit.producer.config import CacheConfig, DataConfig
 from mmdit.producer.encoders import preprocess_image
 from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
 from mmdit.producer.manifest import (
+    ANNOTATION_COLUMNS,
     OK,
     ManifestWriter,
     PhashIndex,
+    carry_annotations,
     duplicates,
     ingest_filters,
     read_manifest,
@@ -358,11 +360,14 @@ class Producer:
         self.progress = progress
 
     def _known_rows(self) -> dict[str, dict]:
-        """Manifest rows of samples already cached under this fingerprint: no need to decode them."""
+        """Manifest rows of samples already cached under this fingerprint: no need to decode them.
+        Also keeps every sample's annotations, which a row written again must carry over."""
         prior = read_manifest(self.dir / MANIFEST_DIR)
+        self.annotated: dict[str, dict] = {}
         if not prior.num_rows:
             return {}
         rows = prior.filter(pc.equal(prior["status"], OK)).to_pylist()
+        self.annotated = {r["key"]: r for r in rows if any(r.get(c) is not None for c in ANNOTATION_COLUMNS)}
         return {r["key"]: r for r in rows if self._complete(r["key"])}
 
     def _complete(self, key: str) -> bool:
@@ -450,6 +455,7 @@ class Producer:
             self.manifest.add(error_row(e, self.data.base_resolution))
             return
         if not item.cached:
+            item.row = carry_annotations(item.row, self.annotated.get(item.key))
             self.manifest.add(item.row)
             report.converted.update(item.converted)
         reason = item.reason

@@ -1,13 +1,24 @@
-"""Synthetic text-rendering data: the Qwen-Image report's "pure rendering" strategy.
+"""Synthetic text-rendering data: the Qwen-Image report's pure, compositional and complex rendering.
 
-Chinese and English sentences are rendered on plain or gradient backgrounds with a dynamic layout
-(font size fitted to a text box, line wrapping, alignment, colours), captioned with the exact text
-and the layout; a fraction of samples are edit triplets (change the text, the text colour or the
-background). Every sample is a pure function of (seed, index), so a shard can be regenerated
-bit-for-bit and two runs with one seed agree.
+Three kinds, weighed by `synth.kinds`:
+  pure           Chinese and English sentences on plain or gradient backgrounds with a dynamic
+                 layout (font size fitted to a text box, line wrapping, alignment, colours),
+                 captioned with the exact text and the layout; a fraction of them
+                 (`synth.edit_fraction`) are edit triplets (change the text, the text colour or the
+                 background). This module.
+  compositional  a sentence on a surface (signboard, poster, wooden sign, box, billboard,
+                 chalkboard) placed in perspective in a procedurally drawn scene or an image of
+                 `synth.backgrounds`; the caption names the scene and the surface
+                 (producer/synth_scenes.py).
+  complex        slides, app screens, web pages and posters: shapes and several text boxes with
+                 roles, filled from phrase banks (producer/synth_layouts.py).
+Edit triplets are pure only. Every sample is a pure function of (seed, index) (its kind too), so a
+shard can be regenerated bit-for-bit and two runs with one seed agree (with `synth.backgrounds`,
+as long as that directory holds the same files).
 
-Usage: `mmdit synth OUT num_samples=N [edit_fraction=0.25 samples_per_shard=32 seed=0 ...]`
-(bare names are fields of `SynthConfig`, i.e. `synth.<name>`; any other Hydra override works too).
+Usage: `mmdit synth OUT num_samples=N [kinds.complex=1 edit_fraction=0.25 samples_per_shard=32 ...]`
+(bare names are fields of `SynthConfig`, i.e. `synth.<name>`; any other Hydra override works too;
+`kinds.<name>=w` sets one weight and keeps the others, as Hydra merges dictionaries).
 
 Output: `OUT/synth-000000.tar`, ... (webdataset shards, each written to a temporary name and
 renamed when complete, so a killed run leaves no torn shard under the final name). Members per
@@ -15,13 +26,28 @@ sample, keyed `%08d` (the sample index):
 
   text-to-image sample (json task="t2i"):
     <key>.png or <key>.jpg   the rendered image (RGB)
-    <key>.txt                the caption (UTF-8), which quotes the rendered text verbatim
-    <key>.json               metadata: task, source="synth", index, seed, lang ("en" | "zh"),
-                             text, lines (as wrapped), width, height, font, font_size,
-                             background (1 or 2 colour names), gradient ("" | vertical |
-                             horizontal | diagonal), text_color, halign, valign, box,
-                             caption_lang, image_ext ("png" | "jpg")
-  edit triplet (json task="edit"):
+    <key>.txt                the caption (UTF-8), which quotes the rendered text verbatim (complex:
+                             every text box's text, the title first)
+    <key>.json               metadata, every kind: task, source="synth", category="synthetic",
+                             kind ("pure" | "compositional" | "complex"), index, seed, lang
+                             ("en" | "zh"), text (all rendered text, one box per line), layout
+                             (the text boxes: [{role, text, box: [x0, y0, x1, y1] or quad:
+                             [[x, y] x 4: top-left, top-right, bottom-right, bottom-left]}], in
+                             pixels), width, height, caption_lang, image_ext ("png" | "jpg"); then
+                             pure: lines (as wrapped), font, font_size, background (1 or 2 colour
+                               names), gradient ("" | vertical | horizontal | diagonal),
+                               text_color, halign, valign, box (fractions of the image); layout is
+                               one box, role "text"
+                             compositional: lines, font, font_size, scene, scene_color,
+                               background_image ("" or a file of synth.backgrounds), surface,
+                               surface_color, text_color, side ("left" | "right": the nearer
+                               edge), surface_quad; layout is one quad, role = the surface
+                             complex: template (slide | app_screen | web_page | poster),
+                               background, accent, shapes ([{kind, box, fill}]); layout boxes
+                               also carry font, font_size, lines, color; roles: title, subtitle,
+                               bullet, button, nav, brand, search, item, price, date, heading,
+                               status, footer
+  edit triplet (json task="edit", kind "pure"):
     <key>.png                the target image (after the edit)
     <key>.src.png            the source image (before the edit), same size as the target
     <key>.txt                the edit instruction (UTF-8)
@@ -42,106 +68,16 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from mmdit.producer import synth_layouts, synth_scenes
 from mmdit.producer.config import SynthConfig
 from mmdit.producer.fonts import FONTS, FontSpec, TextFitError, fit_text, line_height, load_font, require_fonts
+from mmdit.producer.synth_words import COLORS, EN_SENTENCES, PALETTE, ZH_SENTENCES, luminance, readable_on
 from mmdit.utils.atomic import atomic_path
 
-EN_SENTENCES = (
-    "Hello, world!",
-    "Fresh coffee every morning",
-    "The quick brown fox jumps over the lazy dog.",
-    "Open 24 hours",
-    "Welcome to the city library",
-    "Summer sale: everything must go",
-    "Keep calm and carry on",
-    "Mind the gap between the train and the platform.",
-    "Please recycle your bottles and cans",
-    "Grand opening this Saturday at 10 AM",
-    "Knowledge is power.",
-    "Turn left at the next intersection",
-    "Handmade bread and pastries",
-    "No parking on weekdays",
-    "The best way to predict the future is to invent it.",
-    "Quiet please, exam in progress",
-    "Live music every Friday night",
-    "Today's special: tomato soup",
-    "Think different, work together",
-    "Exit only",
-    "Happy birthday, Anna!",
-    "Flight 372 to Tokyo is now boarding at gate 12.",
-    "Fresh flowers for every occasion",
-    "Do not feed the animals",
-    "Learning never exhausts the mind.",
-    "Train your model, then test it twice.",
-    "All good things come to those who wait",
-    "Reserved for guests of the hotel",
-    "Wet paint, do not touch",
-    "A journey of a thousand miles begins with a single step.",
-    "Museum of modern art, second floor",
-    "Bicycle repair and rental",
-)
-
-ZH_SENTENCES = (
-    "你好，世界！",
-    "欢迎光临",
-    "今天天气很好，我们去公园散步吧。",
-    "学而时习之，不亦说乎。",
-    "新鲜咖啡，每日现磨",
-    "请勿吸烟",
-    "图书馆开放时间：上午九点至晚上九点",
-    "前方施工，请绕行。",
-    "春眠不觉晓，处处闻啼鸟。",
-    "小心地滑",
-    "知识就是力量",
-    "全场商品八折优惠",
-    "祝你生日快乐！",
-    "地铁二号线换乘通道",
-    "书山有路勤为径，学海无涯苦作舟。",
-    "保持安静，考试进行中",
-    "手工面包与甜点",
-    "出口",
-    "千里之行，始于足下。",
-    "节约用水，人人有责",
-    "周末音乐会，晚上八点开始",
-    "床前明月光，疑是地上霜。",
-    "欢迎来到北京",
-    "营业时间：全天二十四小时",
-    "熟能生巧",
-    "海内存知己，天涯若比邻。",
-    "请排队上车",
-    "明天会更好",
-    "山不在高，有仙则名。",
-    "中文文字渲染测试",
-    "人工智能改变生活",
-    "一分耕耘，一分收获。",
-)
-
-# (English name, Chinese name, RGB)
-PALETTE = (
-    ("white", "白色", (250, 250, 250)),
-    ("black", "黑色", (20, 20, 20)),
-    ("red", "红色", (200, 30, 30)),
-    ("dark blue", "深蓝色", (20, 40, 120)),
-    ("light blue", "浅蓝色", (150, 200, 240)),
-    ("green", "绿色", (30, 140, 60)),
-    ("dark green", "深绿色", (20, 80, 40)),
-    ("yellow", "黄色", (245, 210, 40)),
-    ("orange", "橙色", (240, 130, 30)),
-    ("purple", "紫色", (120, 50, 160)),
-    ("pink", "粉色", (240, 160, 190)),
-    ("gray", "灰色", (128, 128, 128)),
-    ("light gray", "浅灰色", (220, 220, 220)),
-    ("brown", "棕色", (120, 80, 40)),
-    ("teal", "青色", (0, 128, 128)),
-    ("beige", "米色", (235, 225, 200)),
-)
-COLORS = {en: (zh, rgb) for en, zh, rgb in PALETTE}
 GRADIENT_DIRECTIONS = {"vertical": "垂直", "horizontal": "水平", "diagonal": "对角"}
 HALIGN_ZH = {"left": "左对齐", "center": "居中", "right": "右对齐"}
 VALIGN_EN = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
 VALIGN_ZH = {"top": "顶部", "middle": "中部", "bottom": "底部"}
-MIN_CONTRAST = 0.35
-"""Minimum luminance difference between text and every background colour (readable text)."""
 MIN_EDIT_DISTANCE = 80.0
 """Minimum RGB distance between a colour and its edited replacement (an edit must be visible)."""
 
@@ -169,10 +105,12 @@ class Scene:
     def box_px(self) -> tuple[int, int]:
         return int(self.width * self.box[0]), int(self.height * self.box[1])
 
-
-def _luminance(rgb: tuple[int, int, int]) -> float:
-    r, g, b = rgb
-    return (0.299 * r + 0.587 * g + 0.114 * b) / 255.0
+    @property
+    def box_rect(self) -> tuple[int, int, int, int]:
+        """The centred text box in pixels: x0, y0, x1, y1."""
+        box_w, box_h = self.box_px
+        x0, y0 = (self.width - box_w) // 2, (self.height - box_h) // 2
+        return x0, y0, x0 + box_w, y0 + box_h
 
 
 def _mean_color(background: tuple[str, ...]) -> tuple[float, ...]:
@@ -181,8 +119,7 @@ def _mean_color(background: tuple[str, ...]) -> tuple[float, ...]:
 
 
 def _readable_colors(background: tuple[str, ...]) -> list[str]:
-    lums = [_luminance(COLORS[c][1]) for c in background]
-    return [n for n, (_, rgb) in COLORS.items() if all(abs(_luminance(rgb) - l) >= MIN_CONTRAST for l in lums)]
+    return readable_on([COLORS[c][1] for c in background])
 
 
 def _pick_text(rng: random.Random, lang: str) -> str:
@@ -198,8 +135,8 @@ def _pick_background(rng: random.Random) -> tuple[tuple[str, ...], str]:
             background, gradient = (rng.choice(names),), ""
         else:
             first = rng.choice(names)
-            lum = _luminance(COLORS[first][1])
-            close = [n for n in names if n != first and abs(_luminance(COLORS[n][1]) - lum) < 0.3]
+            lum = luminance(COLORS[first][1])
+            close = [n for n in names if n != first and abs(luminance(COLORS[n][1]) - lum) < 0.3]
             if not close:
                 continue
             background, gradient = (first, rng.choice(close)), rng.choice(list(GRADIENT_DIRECTIONS))
@@ -260,7 +197,7 @@ def render(scene: Scene, layout: Layout, font_dir: str) -> Image.Image:
     font = load_font(str(Path(font_dir) / _font(scene.font).relpath), layout.font_size)
     step = line_height(font, 1.15)
     box_w, box_h = scene.box_px
-    x0, y0 = (scene.width - box_w) // 2, (scene.height - box_h) // 2
+    x0, y0 = scene.box_rect[:2]
     used = step * len(layout.lines)
     y = y0 + {"top": 0, "middle": (box_h - used) // 2, "bottom": box_h - used}[scene.valign]
     for line in layout.lines:
@@ -344,6 +281,8 @@ def _encode(image: Image.Image, ext: str) -> bytes:
 def _metadata(scene: Scene, layout: Layout) -> dict:
     meta = asdict(scene)
     meta.update(background=list(scene.background), box=list(scene.box), font_size=layout.font_size, lines=layout.lines)
+    meta.update(kind="pure", category="synthetic",
+                layout=[{"role": "text", "text": scene.text, "box": list(scene.box_rect)}])
     return meta
 
 
@@ -371,9 +310,24 @@ def _fitting_edit(rng: random.Random, source: Scene, cfg: SynthConfig) -> tuple[
     raise TextFitError(f"no edited text fitted in {MAX_TRIES} tries: synth.min_side={cfg.min_side} is too small")
 
 
+KINDS = {"compositional": synth_scenes, "complex": synth_layouts}
+"""The kinds besides pure; each module has sample(rng, cfg), render(drawing, font_dir),
+caption(drawing, zh) and metadata(drawing)."""
+
+
+def pick_kind(index: int, cfg: SynthConfig) -> str:
+    """The kind of sample `index`, from a random stream of its own: a pure sample draws exactly
+    what it drew before there were other kinds."""
+    rng = random.Random(f"mmdit-synth-kind:{cfg.seed}:{index}")
+    return rng.choices(SynthConfig.KINDS, weights=[cfg.kinds.get(k, 0.0) for k in SynthConfig.KINDS])[0]
+
+
 def make_sample(index: int, cfg: SynthConfig) -> dict:
     """The webdataset sample with this index (members as in the module docstring)."""
     rng = random.Random(f"mmdit-synth:{cfg.seed}:{index}")
+    kind = pick_kind(index, cfg)
+    if kind != "pure":
+        return _drawn_sample(index, kind, rng, cfg)
     scene, layout = _fitting_scene(rng, cfg)
     key = f"{index:08d}"
     if rng.random() < cfg.edit_fraction:
@@ -406,9 +360,28 @@ def make_sample(index: int, cfg: SynthConfig) -> dict:
     }
 
 
+def _drawn_sample(index: int, kind: str, rng: random.Random, cfg: SynthConfig) -> dict:
+    """A compositional or complex sample (text-to-image only)."""
+    module = KINDS[kind]
+    drawing = module.sample(rng, cfg)
+    zh_caption = rng.random() < cfg.zh_caption_fraction
+    ext = "jpg" if rng.random() < 0.5 else "png"
+    meta = module.metadata(drawing)
+    meta.update(kind=kind, category="synthetic", task="t2i", source="synth", index=index, seed=cfg.seed,
+                caption_lang="zh" if zh_caption else "en", image_ext=ext)
+    return {
+        "__key__": f"{index:08d}",
+        ext: _encode(module.render(drawing, cfg.font_dir), ext),
+        "txt": module.caption(drawing, zh_caption).encode("utf-8"),
+        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+    }
+
+
 def write_shards(out_dir: str, cfg: SynthConfig) -> list[str]:
     """Render `cfg.num_samples` samples into `out_dir/synth-%06d.tar`; returns the shard paths."""
     require_fonts(cfg.font_dir)
+    if cfg.backgrounds and cfg.kinds.get("compositional"):
+        synth_scenes.background_files(cfg.backgrounds)  # no images: fail before writing anything
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -438,8 +411,8 @@ def text_corpus(n: int = 400, seed: int = 0) -> list[str]:
     return texts
 
 
-SYNTH_FIELDS = ("num_samples", "edit_fraction", "samples_per_shard", "seed", "min_side", "max_side",
-                "zh_fraction", "zh_caption_fraction", "font_dir")
+SYNTH_FIELDS = ("num_samples", "kinds", "edit_fraction", "samples_per_shard", "seed", "min_side", "max_side",
+                "zh_fraction", "zh_caption_fraction", "font_dir", "backgrounds")
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -448,7 +421,7 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
         raise SystemExit("usage: mmdit synth OUT [num_samples=N] [synth.<field>=value ...]")
     overrides = []
     for arg in argv[1:]:
-        name = arg.split("=", 1)[0].lstrip("+~")
+        name = arg.split("=", 1)[0].lstrip("+~").split(".", 1)[0]  # kinds.complex=1 -> kinds
         overrides.append(f"synth.{arg}" if name in SYNTH_FIELDS else arg)
     return argv[0], overrides
 
@@ -461,7 +434,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(overrides).synth
     try:
         paths = write_shards(out, cfg)
-    except (FontMissingError, TextFitError) as e:
+    except (FontMissingError, TextFitError, synth_scenes.BackgroundsError) as e:
         print(f"mmdit synth: {e}", file=sys.stderr)
         return 1
     print(f"wrote {cfg.num_samples} samples in {len(paths)} shard(s) to {out}")

@@ -9,6 +9,7 @@ path that loads the real 20B release. So this writes the public repository layou
   DIR/tokenizer/      byte-level BPE trained here with Qwen2's pre-tokenizer and special tokens,
                       plus the Qwen2-VL chat template
   DIR/processor/      Qwen2VLImageProcessor config + tokenizer (where Qwen-Image-Edit keeps them)
+  DIR/alignment/      CLIPModel + CLIPProcessor (byte-level vocabulary, no merges) for `mmdit annotate`
 
 The BPE is trained on the prompt templates' system texts and on synth-style captions, so every
 word of the template prefixes is one token, as in Qwen's real 151k vocabulary: the prefixes come to
@@ -130,6 +131,32 @@ def image_processor():
     )
 
 
+def make_tiny_alignment(out: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP (32 text positions, 32x32 images) that AutoModel/AutoProcessor load."""
+    import transformers
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # every byte, so any caption tokenizes
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(a + "</w>" for a in alphabet)]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=32)
+    # the PIL backend (transformers >= 5) needs no torchvision; before 5 it was the only one
+    image_processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    image_processor = image_processor_cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(out)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
 def make_tiny_encoders(out_dir: str, seed: int = 0) -> Path:
     """Write the tiny encoders to `out_dir` (created; existing files are overwritten)."""
     from diffusers import AutoencoderKLQwenImage
@@ -145,6 +172,7 @@ def make_tiny_encoders(out_dir: str, seed: int = 0) -> Path:
     tokenizer.save_pretrained(out / "tokenizer")
     tokenizer.save_pretrained(out / "processor")
     image_processor().save_pretrained(out / "processor")
+    make_tiny_alignment(out / "alignment", seed)
     return out
 
 

@@ -48,7 +48,9 @@ def test_shards_are_readable_by_webdataset(shards):
             assert members == sorted([meta["image_ext"], "txt", "json"])
             img = _image(s[meta["image_ext"]])
             caption = s["txt"].decode("utf-8")
-            assert meta["text"] in caption  # the caption quotes the rendered text verbatim
+            # The caption quotes the rendered text verbatim (each box's, for the layouts of several).
+            assert all(box["text"] in caption for box in meta["layout"])
+            assert meta["text"] == "\n".join(box["text"] for box in meta["layout"])
         else:
             assert members == ["json", "png", "src.png", "txt"]
             img, src = _image(s["png"]), _image(s["src.png"])
