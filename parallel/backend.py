@@ -195,9 +195,10 @@ def build_backend(model, parallel: ParallelConfig, train: TrainConfig, tp_group,
 
 
 def _build_megatron(model, train: TrainConfig, linear_config):
-    from mmdit.parallel import megatron_fallbacks
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, distrib_optimizer, get_megatron_optimizer
+
+    from mmdit.parallel import megatron_fallbacks
 
     if not distrib_optimizer.HAVE_APEX_OR_TE:
         megatron_fallbacks.install()  # gradient norm and clipping on the device, not one sync per parameter
