@@ -1,6 +1,7 @@
 """`mmdit demo`: the whole local pipeline on this machine, from nothing to a trained checkpoint.
 
     tiny encoders -> synthetic shards -> mmdit produce (score, filter, bucket, encode, cache)
+    -> mmdit annotate (VL annotations and alignment scores into the manifest)
     -> mmdit serve (coordinator + producers, dashboard) -> mmdit train on 2 tensor-parallel ranks
     (batches over TensorPipe RPC, held-out evaluation) -> mmdit sample (a few images) -> summary
 
@@ -26,7 +27,8 @@ from mmdit.launch.processes import ProcessTable, ServeProcess, child_env, signal
 from mmdit.parallel.spawn import free_port
 
 DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "train.save_every": "20",
-            "train.eval_every": "10", "data.eval_fraction": "0.15", "train.log_samples": "true"}
+            "train.eval_every": "10", "data.eval_fraction": "0.15", "train.log_samples": "true",
+            "annotate.max_new_tokens": "24", "annotate.image_area": "3136"}
 """The demo's settings unless overridden: hybrid parallelism and every feature switched on."""
 PROMPTS = ('A wooden sign that reads "OPEN" in bold letters', "一块写着“欢迎光临”的红色招牌",
            'A poster with the title "Hello, world" on a blue gradient')
@@ -134,7 +136,10 @@ def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
         stages.run("synth", mmdit("synth", str(shards), *[a for a in argv if a.startswith("synth.")]))
     report = json.loads(stages.run("produce", mmdit("produce", f"data.shards={shards}/*.tar", *common)))
     print(f"   {report['accepted']} of {report['seen']} samples accepted, {report['encoded']} encoded, "
-          f"{report['cache_hits']} already cached", flush=True)
+          f"{report['cache_hits']} already cached; categories {report['categories']}", flush=True)
+    notes = json.loads(stages.run("annotate", mmdit("annotate", f"data.shards={shards}/*.tar", *common)))
+    print(f"   {notes['done']} annotated ({notes['annotated']}; the tiny random VL writes no JSON), "
+          f"{notes['alignment_scored']} alignment scores", flush=True)
     dp = cfg.launch.nproc // cfg.parallel.tp
     service = [f"service.port={free_port()}", f"service.dp_size={dp}"]
     print("== serve", flush=True)

@@ -24,6 +24,12 @@ def test_demo_trains_from_synthetic_shards_through_the_data_service(tmp_path):
 
     report = json.loads((run / "cache" / "report.json").read_text())
     assert report["seen"] == 24 and report["encoded"] == report["accepted"] > 0
+    assert report["categories"] == {"synthetic": report["accepted"]}  # synth's metadata names it
+    from mmdit.producer.manifest import read_manifest
+
+    rows = read_manifest(run / "cache" / "manifest").to_pylist()  # annotate filled the manifest
+    assert len(rows) == 24 and all(r["annotation_status"] == "unparseable" and r["alignment"] is not None
+                                   for r in rows)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if not r.get("eval")] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if r.get("eval")] == [3, 6]
@@ -43,5 +49,6 @@ def test_demo_trains_from_synthetic_shards_through_the_data_service(tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads((run / "cache" / "report.json").read_text())["encoded"] == 0
+    assert json.loads((run / "cache" / "annotate_report.json").read_text())["done"] == 0  # nor annotated
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if not r.get("eval")][-3:] == [6, 7, 8]
