@@ -40,7 +40,8 @@ from mmdit.model.args import MMDiTArgs
 TIMESTEP_FEATURES = 256
 """Width of the sinusoidal timestep features fed to the timestep MLP (model/mmdit.py)."""
 
-RECOMPUTE_POLICIES = ("none", "full", "every_k", "attention", "mlp")
+RECOMPUTE_POLICIES = ("none", "full", "every_k", "attention", "mlp", "elementwise")
+"""parallel/config.py's policies (model/ does not import parallel/); a test keeps them equal."""
 """The policies of parallel/recompute.py, whose extra FLOPs `recompute_extra_flops` knows."""
 
 
@@ -140,8 +141,9 @@ def recompute_extra_flops(args: MMDiTArgs, batch_size: int, image_tokens: int, t
     """Forward FLOPs run a second time in backward by a recompute policy (parallel/recompute.py).
 
     `full` re-runs every block, `every_k` blocks 0, k, 2k..., `attention` each block's
-    q/k/v + attention + output projections, `mlp` each block's MLPs. Add this to `step_flops` for
-    hardware FLOPs (HFU); MFU uses `step_flops` alone.
+    q/k/v + attention + output projections, `mlp` each block's MLPs; `elementwise` keeps every
+    matmul and attention output, so it re-runs no counted FLOPs (only elementwise ops). Add this to
+    `step_flops` for hardware FLOPs (HFU); MFU uses `step_flops` alone.
     """
     if policy not in RECOMPUTE_POLICIES:
         raise ValueError(f"recompute policy must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
@@ -149,7 +151,7 @@ def recompute_extra_flops(args: MMDiTArgs, batch_size: int, image_tokens: int, t
         raise ValueError(f"every must be >= 1, got {every}")
     a, s = args, Shapes(batch_size, image_tokens, text_tokens, cond_image_tokens)
     layers = range(a.num_layers)
-    if policy == "none":
+    if policy in ("none", "elementwise"):
         return 0
     if policy == "full":
         return sum(block_forward_flops(a, s, i) for i in layers)

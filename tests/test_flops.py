@@ -99,6 +99,18 @@ def test_recompute_extra_flops_equal_flop_counter(tiny, policy):
     assert _counted(model, args, True, True, policy, every=2) == step_flops(args, *shape) + extra
 
 
+def test_elementwise_recompute_reruns_no_matmul(tiny):
+    """Counted by FlopCounterMode: the selective policy keeps every matmul and attention output."""
+    from mmdit.model.flops import RECOMPUTE_POLICIES as FLOPS_POLICIES
+    from mmdit.parallel.config import RECOMPUTE_POLICIES
+
+    args, model = tiny
+    shape = (BATCH, (LAT_H // 2) * (LAT_W // 2), TEXT, _cond_tokens(True))
+    assert recompute_extra_flops(args, *shape, policy="elementwise") == 0
+    assert _counted(model, args, True, True, "elementwise") == step_flops(args, *shape)
+    assert FLOPS_POLICIES == RECOMPUTE_POLICIES
+
+
 def test_recompute_extra_flops_relations():
     args = MMDiTArgs(num_layers=6)
     shape = (2, 1024, 128, 256)
