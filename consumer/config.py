@@ -1,10 +1,13 @@
 """Training-loop settings."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mmdit.utils.dtypes import check_dtype
 
 SIGMA_SAMPLINGS = ("uniform", "logit_normal")
+PREVIEW_PROMPTS = ('A wooden sign that reads "OPEN" in bold letters', "一块写着“欢迎光临”的红色招牌",
+                   'A poster with the title "Hello, world" on a blue gradient')
+"""Text rendering in English and Chinese: what Qwen-Image is trained to do well."""
 
 
 @dataclass
@@ -69,6 +72,15 @@ class TrainConfig:
     """Stratified noise levels each held-out sample is scored at."""
     eval_samples: int = 32
     """At most this many held-out samples per evaluation."""
+    sample_every: int = 0
+    """Generate `sample_prompts` every N steps into run.dir/samples/step_N/ (0: never); needs
+    encoders.dir. Same prompts and seeds every time, so the images show what training changes."""
+    sample_prompts: list[str] = field(default_factory=lambda: list(PREVIEW_PROMPTS))
+    sample_size: int = 256
+    """Width and height of the sampled images (a multiple of 16)."""
+    sample_steps: int = 20
+    sample_cfg_scale: float = 4.0
+    """True classifier-free guidance scale (1: none) of the samples."""
     tensorboard: bool = True
     """Write the per-step scalars to run.dir/tensorboard/ as well (`tensorboard --logdir RUN_DIR`)."""
     telemetry: bool = True
@@ -96,6 +108,11 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_every < 0 or self.eval_sigmas < 1 or self.eval_samples < 1:
             raise ValueError("train.eval_every must be >= 0, train.eval_sigmas and train.eval_samples >= 1")
+        if self.sample_every < 0 or self.sample_size <= 0 or self.sample_size % 16 or self.sample_steps < 2:
+            raise ValueError("train.sample_every must be >= 0, train.sample_size a positive multiple of 16 and "
+                             "train.sample_steps >= 2")
+        if self.sample_every and not self.sample_prompts:
+            raise ValueError("train.sample_every needs train.sample_prompts")
         if self.max_bad_steps < 1 or self.log_every < 1:
             raise ValueError("train.max_bad_steps and train.log_every must be >= 1")
         if not self.lr > 0 or self.grad_clip < 0 or self.weight_decay < 0:

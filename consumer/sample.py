@@ -48,10 +48,14 @@ class Sampler:
 
     def __init__(self, model, encoders):
         self.model, self.enc = model.eval(), encoders
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
 
     def _velocity(self, x, sigma, txt, cond_tokens, shapes):
         tokens = x if cond_tokens is None else torch.cat([x, cond_tokens], dim=1)
-        return self.model(tokens, txt.unsqueeze(0), None, sigma, shapes)[:, :x.shape[1]]
+        out = self.model(tokens.to(self.device, self.dtype), txt.unsqueeze(0).to(self.device, self.dtype), None,
+                         sigma.to(self.device) if torch.is_tensor(sigma) else sigma, shapes)
+        return out[:, :x.shape[1]].float().to(x.device)
 
     @torch.no_grad()
     def generate(self, prompt: str, cfg: SampleConfig, image: Image.Image | None = None, progress=None) -> Image.Image:

@@ -156,6 +156,7 @@ class Trainer:
             compile_blocks(self.model)
         self.backend = build_backend(self.model, cfg.parallel, cfg.train, tp_group(), dp_group(), self.model.config)
         self.step, self.bad_steps = 0, 0
+        self._encoders = None  # loaded for the first preview
         self.data_state: dict = {}
         resume = resume_checkpoint(self.run_dir) if cfg.train.resume else None  # raises before anything is written
         if resume is not None:
@@ -202,6 +203,21 @@ class Trainer:
     def evaluate(self) -> None:
         result = self.evaluator.run(self.backend.module, self.device, self.dtype)
         self.metrics.write_eval(self.step, result)
+
+    def preview(self) -> None:
+        """Sample the fixed prompts (consumer/preview.py): the TP group of DP rank 0 does."""
+        if self.dims.dp_rank != 0:
+            return
+        from mmdit.consumer.preview import preview_dir, write_previews
+
+        if self._encoders is None:
+            from mmdit.producer.encoders import Encoders
+
+            self._encoders = Encoders.load(self.cfg.encoders)
+        paths = write_previews(self.backend.module, self._encoders, self.cfg.train,
+                               preview_dir(self.run_dir, self.step), write=self.dims.tp_rank == 0)
+        if paths:
+            log.info("step %d: samples in %s", self.step, paths[-1].parent)
 
     def batches(self):
         if self.cfg.train.data_source == "random":
@@ -279,6 +295,9 @@ class Trainer:
             if self.evaluator is not None and self.step % cfg.train.eval_every == 0:
                 self.evaluate()
                 started = time.perf_counter()  # evaluation is not the next step's time
+            if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                self.preview()
+                started = time.perf_counter()
             stop = any_rank_true(self.stop_requested)  # every rank stops at the same step
             if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.checkpoint(batches)

@@ -156,6 +156,9 @@ def check_job(job: JobConfig) -> None:
                           "(each tensor-parallel rank owns whole heads)")
     if nproc > 1 and nproc % tp:
         raise ConfigError(f"invalid config: launch.nproc={nproc} must be a multiple of parallel.tp={tp}")
+    if job.train.sample_every and not job.encoders.dir:
+        raise ConfigError("invalid config: train.sample_every needs encoders.dir (the VAE and Qwen2.5-VL that turn "
+                          "prompts into images)")
     dp, mbs, gbs = max(1, nproc // tp), job.train.micro_batch_size, job.train.global_batch_size
     if gbs and gbs % (mbs * dp):
         raise ConfigError(f"invalid config: train.global_batch_size={gbs} must be a multiple of train.micro_batch_size "

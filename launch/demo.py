@@ -22,16 +22,16 @@ import sys
 import time
 from pathlib import Path
 
+from mmdit.consumer.config import PREVIEW_PROMPTS
 from mmdit.launch.config import load_config
 from mmdit.launch.processes import ProcessTable, ServeProcess, child_env, signal_group
 from mmdit.parallel.spawn import free_port
 
 DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "train.save_every": "20",
             "train.eval_every": "10", "data.eval_fraction": "0.15", "train.log_samples": "true",
-            "annotate.max_new_tokens": "24", "annotate.image_area": "3136"}
+            "annotate.max_new_tokens": "24", "annotate.image_area": "3136",
+            "train.sample_every": "20", "train.sample_size": "128", "train.sample_steps": "8"}
 """The demo's settings unless overridden: hybrid parallelism and every feature switched on."""
-PROMPTS = ('A wooden sign that reads "OPEN" in bold letters', "一块写着“欢迎光临”的红色招牌",
-           'A poster with the title "Hello, world" on a blue gradient')
 
 
 def mmdit(*args: str) -> list[str]:
@@ -155,7 +155,7 @@ def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
         serve.stop(timeout=2 * cfg.service.shutdown_timeout_s)
         table.set_returncode(serve.proc.pid, serve.proc.returncode)
     samples = run / "samples" / "final"
-    stages.run("sample", mmdit("sample", str(run), *[f"prompt={p}" for p in PROMPTS], f"encoders={encoders}",
+    stages.run("sample", mmdit("sample", str(run), *[f"prompt={p}" for p in PREVIEW_PROMPTS], f"encoders={encoders}",
                                "width=128", "height=128", "steps=8", f"out={samples}"))
     summary = json.loads((run / "summary.json").read_text())
     print(_summary(summary, run, samples, time.monotonic() - started), flush=True)

@@ -90,6 +90,10 @@ class MMDiTBlock(nn.Module):
                 p.requires_grad_(False)
         self.recompute_attention = False
         self.recompute_mlp = False
+        self.recompute_block = False
+        self.recompute_context = None
+        """Checkpoint the whole block; `recompute_context` a `context_fn` (selective recompute).
+        Inside `forward`, so that torch.compile of the block traces the checkpoint too."""
 
     def _attention(self, img, txt, img_mod1, txt_mod1, rope, attn_mask):
         img_shift, img_scale, _ = img_mod1.chunk(3, dim=-1)
@@ -109,6 +113,12 @@ class MMDiTBlock(nn.Module):
 
     def forward(self, img, txt, temb, rope, attn_mask):
         """img [B, N, D], txt [B, L, D], temb [B, D] -> (img, txt); txt is None in the last block."""
+        if self.recompute_block and torch.is_grad_enabled():
+            extra = {"context_fn": self.recompute_context} if self.recompute_context else {}
+            return checkpoint(self._forward, img, txt, temb, rope, attn_mask, use_reentrant=False, **extra)
+        return self._forward(img, txt, temb, rope, attn_mask)
+
+    def _forward(self, img, txt, temb, rope, attn_mask):
         img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)  # [B, 3D] each: shift, scale, gate
         txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
 

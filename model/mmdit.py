@@ -76,9 +76,6 @@ class MMDiT(nn.Module):
         ])
         self.norm_out = AdaNormOut(dim, args.eps)
         self.proj_out = nn.Linear(dim, args.patch_size**2 * args.out_channels)
-        self.recompute_blocks: set[int] = set()
-        self.recompute_context = None
-        """A `context_fn` for the checkpointed blocks (selective recompute), set by parallel/recompute.py."""
 
     def forward(self, img_tokens: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor | None,
                 sigmas: torch.Tensor, image_shapes: list[ImageShape]) -> torch.Tensor:
@@ -98,13 +95,8 @@ class MMDiT(nn.Module):
                       device=img.device)  # (cos, sin) [L + N, Dh/2]
         attn_mask = joint_attention_mask(txt_mask, img.shape[1])  # [B, 1, 1, L + N] or None
 
-        for index, block in enumerate(self.transformer_blocks):
-            if index in self.recompute_blocks and torch.is_grad_enabled():
-                extra = {"context_fn": self.recompute_context} if self.recompute_context else {}
-                img, txt = torch.utils.checkpoint.checkpoint(
-                    block, img, txt, temb, rope, attn_mask, use_reentrant=False, **extra)
-            else:
-                img, txt = block(img, txt, temb, rope, attn_mask)
+        for block in self.transformer_blocks:  # each checkpoints itself as parallel/recompute.py set it
+            img, txt = block(img, txt, temb, rope, attn_mask)
         return self.proj_out(self.norm_out(img, temb))  # [B, N, C*p*p]
 
 

@@ -45,16 +45,13 @@ def _elementwise_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def apply_recompute(model: MMDiT, policy: str, every: int = 2) -> None:
-    blocks = model.transformer_blocks
-    model.recompute_blocks = set()
-    model.recompute_context = None
-    if policy == "elementwise":
-        model.recompute_context = partial(create_selective_checkpoint_contexts, _elementwise_policy)
-    for index, block in enumerate(blocks):
+    """Set each block's checkpointing (the blocks apply it in their forward, compiled or not)."""
+    context = partial(create_selective_checkpoint_contexts, _elementwise_policy) if policy == "elementwise" else None
+    for index, block in enumerate(model.transformer_blocks):
         block.recompute_attention = policy == "attention"
         block.recompute_mlp = policy == "mlp"
-        if policy in ("full", "elementwise") or (policy == "every_k" and index % every == 0):
-            model.recompute_blocks.add(index)
+        block.recompute_block = policy in ("full", "elementwise") or (policy == "every_k" and index % every == 0)
+        block.recompute_context = context
 
 
 def apply_recompute_config(model: MMDiT, cfg: ParallelConfig) -> None:

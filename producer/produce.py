@@ -391,10 +391,12 @@ class Producer:
                 self.known = self._known_rows()
                 self._pass(rest, bar)
         finally:
-            claims.release()
-            self.writer.close()
-            self._finish_manifest()
-            bar.close()
+            try:  # publish everything before the claims go: a waiting run then sees it all as cached
+                self.writer.close()
+                self._finish_manifest()
+            finally:
+                claims.release()
+                bar.close()
         out = self.report.as_dict(self.errors.counts)
         out["cache_repair"] = {k: self.repair[k] for k in ("damaged_segments", "damaged_records", "quarantined")}
         failed = [e for e in self.errors.errors if e.reason == "encode_failed"]

@@ -124,8 +124,11 @@ def test_evaluation_is_deterministic_across_runs_and_layouts(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_encoders_dir):
     run = tmp_path_factory.mktemp("trained")
-    train(run, "train.steps=2", "train.micro_batch_size=1", f"encoders.dir={tiny_encoders_dir}")
+    train(run, "train.steps=2", "train.micro_batch_size=1", f"encoders.dir={tiny_encoders_dir}", *PREVIEWS)
     return run
+
+
+PREVIEWS = ["train.sample_every=2", "train.sample_size=64", "train.sample_steps=3"]
 
 
 def sample(*args) -> subprocess.CompletedProcess:
@@ -154,6 +157,33 @@ def test_sample_writes_deterministic_pngs_of_the_requested_size(trained, tmp_pat
                   "height=64", "steps=2", f"out={tmp_path / 'edit'}")
     assert edit.returncode == 0, edit.stderr[-3000:]
     assert Image.open(tmp_path / "edit" / "00.png").size == (96, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_training_samples_the_fixed_prompts_as_mmdit_sample_does(trained, tiny_encoders_dir, tmp_path):
+    """run.dir/samples/step_N/ holds the prompts sampled at step N: the very images `mmdit sample`
+    makes from that step's checkpoint; with TP=2 both ranks sample together and agree."""
+    import numpy as np
+    from PIL import Image
+
+    from mmdit.consumer.config import PREVIEW_PROMPTS
+
+    step = trained / "samples" / "step_00000002"
+    assert json.loads((step / "prompts.json").read_text()) == list(PREVIEW_PROMPTS)
+    assert Image.open(step / "grid.png").size == (2 * 64, 2 * 64)
+    for i, prompt in enumerate(PREVIEW_PROMPTS):
+        again = sample(str(trained), f"prompt={prompt}", "width=64", "height=64", "steps=3", f"seed={i}",
+                       f"out={tmp_path / str(i)}")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert (tmp_path / str(i) / "00.png").read_bytes() == (step / f"{i:02d}.png").read_bytes(), prompt
+    tp2 = tmp_path / "tp2"
+    train(tp2, "train.steps=2", "train.micro_batch_size=1", f"encoders.dir={tiny_encoders_dir}", *PREVIEWS,
+          "launch.nproc=2", "parallel.tp=2")
+    for i in range(len(PREVIEW_PROMPTS)):
+        a = np.asarray(Image.open(step / f"{i:02d}.png"), dtype=np.int16)
+        b = np.asarray(Image.open(tp2 / "samples" / "step_00000002" / f"{i:02d}.png"), dtype=np.int16)
+        assert np.abs(a - b).max() <= 2  # the same model split over two ranks: rounding only
 
 
 @pytest.mark.slow
