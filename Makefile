@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python bench/recompute.py
 	$(BIN)/python bench/producer.py
 	$(BIN)/python bench/data_service.py
+	$(BIN)/python bench/coordinator_scale.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
