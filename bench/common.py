@@ -208,5 +208,18 @@ def write_json(result: dict, path: str | Path) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def write_results(results: dict, path: Path, started: float, reproduce: str) -> None:
+    """A multi-process benchmark's JSON: its figures, the machine they ran on (load included, as
+    absolute figures of a shared machine depend on it), the wall time and the command."""
+    import os
+
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                          "platform": platform.platform(), "load_avg_1m_at_end": os.getloadavg()[0]}
+    results["wall_s"] = time.time() - started
+    results["reproduce"] = reproduce
+    write_json(results, path)
+    print(f"wrote {path} in {results['wall_s']:.0f}s")
+
+
 def args_dict(args: MMDiTArgs) -> dict:
     return {**asdict(args), "hidden_size": args.hidden_size, "mlp_hidden_size": args.mlp_hidden_size}

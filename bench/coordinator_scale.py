@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
 from data_service import overrides, wait_for_status, write_cache  # noqa: E402
 
 from mmdit.launch.processes import ServeProcess  # noqa: E402
@@ -186,13 +185,7 @@ def main() -> int:
         for n in ids(args.producers):
             results["runs"].append(run(cache, tmp, n, args.processes, args.seconds))
             print(json.dumps(results["runs"][-1]), flush=True)
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                          "platform": platform.platform(), "load_avg_1m_at_end": os.getloadavg()[0]}
-    results["wall_s"] = time.time() - started
-    results["reproduce"] = "python bench/coordinator_scale.py"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {RESULTS} in {results['wall_s']:.0f}s")
+    write_results(results, RESULTS, started, "python bench/coordinator_scale.py")
     return 0
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_results  # bench/ is a scripts folder: run as `python bench/data_service.py`
 
 from mmdit.launch.processes import ServeProcess
 from mmdit.parallel.spawn import free_port
@@ -321,13 +320,7 @@ def main() -> int:
         print(json.dumps(results["scaling"]), flush=True)
         results["coordinator"] = bench_coordinator(small, tmp, args.light_processes, args.seconds)
         print(json.dumps(results["coordinator"]), flush=True)
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                          "platform": platform.platform(), "load_avg_1m_at_end": os.getloadavg()[0]}
-    results["wall_s"] = time.time() - started
-    results["reproduce"] = "python bench/data_service.py"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {RESULTS} in {results['wall_s']:.0f}s")
+    write_results(results, RESULTS, started, "python bench/data_service.py")
     return 0
 
 

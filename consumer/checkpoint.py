@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import struct
 import zipfile
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import torch.distributed as dist
 from mmdit.model.checkpoint import load_model, write_model_index, write_model_shard
 from mmdit.parallel.state import all_ranks_true
 from mmdit.utils.atomic import DiskFullError, atomic_write_json, atomic_write_text
+from mmdit.utils.safetensors_header import data_end, read_header
 
 log = logging.getLogger("mmdit.checkpoint")
 
@@ -74,18 +74,12 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 def _check_safetensors(path: Path) -> None:
     """The header parses and the file holds every byte it promises (a truncated copy does not)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path.name}: truncated ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise ValueError(f"{path.name}: header of {n} bytes in a {size}-byte file")
-        header = json.loads(f.read(n))
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ValueError(f"{path.name}: truncated ({size} of {8 + n + end} bytes)")
+    try:
+        header, start, size = read_header(path)
+    except ValueError as e:
+        raise ValueError(f"{path.name}: {e}") from None
+    if data_end(header, start) > size:
+        raise ValueError(f"{path.name}: truncated ({size} of {data_end(header, start)} bytes)")
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from mmdit.utils.atomic import atomic_write_json
+from mmdit.utils.atomic import atomic_write_json, pid_alive
 
 PROCESSES = "processes.json"
 
@@ -139,12 +139,8 @@ def _reconciled(rows: list[dict]) -> list[dict]:
 
 
 def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a zombie (exited, not yet reaped by its parent) is gone too
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:

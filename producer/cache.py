@@ -56,6 +56,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from mmdit.utils.atomic import TMP_PREFIX, atomic_write_bytes, host_id, remove_stale_tmp
+from mmdit.utils.safetensors_header import data_end, read_header
 
 log = logging.getLogger("mmdit.cache")
 
@@ -158,21 +159,12 @@ def _crc(*tensors) -> int:
 def _read_segment_header(path: str) -> _Segment:
     """Parse a segment's header; DamagedRecord (naming the file) when it is not a whole segment."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{size} bytes: no header")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError(f"header length {n} beyond the file's {size} bytes")
-            header = json.loads(f.read(n))
+        header, base, size = read_header(path)
         meta = json.loads(header.pop("__metadata__")["mmdit"])
-        base = 8 + n
         tensors = {
             name: (_DTYPES[t["dtype"]], tuple(t["shape"]), base + t["data_offsets"][0]) for name, t in header.items()
         }
-        end = base + max(t["data_offsets"][1] for t in header.values())
+        end = data_end(header, base)
         if end > size:
             raise ValueError(f"data cut short: {size} of {end} bytes")
         for r in meta["records"]:
