@@ -30,7 +30,8 @@ from mmdit.parallel.spawn import free_port
 DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "train.save_every": "20",
             "train.eval_every": "10", "data.eval_fraction": "0.15", "train.log_samples": "true",
             "annotate.max_new_tokens": "24", "annotate.image_area": "3136",
-            "train.sample_every": "20", "train.sample_size": "128", "train.sample_steps": "8"}
+            "train.sample_every": "20", "train.sample_size": "128", "train.sample_steps": "8",
+            "encoders.dir": "${run.dir}/encoders"}
 """The demo's settings unless overridden: hybrid parallelism and every feature switched on."""
 
 
@@ -108,6 +109,8 @@ def main(argv: list[str]) -> int:
     given = {a.split("=", 1)[0] for a in argv}
     argv = [f"{k}={v}" for k, v in DEFAULTS.items() if k not in given] + list(argv)
     cfg = load_config(argv)  # validates the overrides once, before any stage runs
+    # Stages run with other run dirs (the service's is run.dir/service): pin the resolved path.
+    argv = [a for a in argv if not a.startswith("encoders.dir=")] + [f"encoders.dir={cfg.encoders.dir}"]
     signal.signal(signal.SIGTERM, _interrupt)
     run = Path(cfg.run.dir)
     table = ProcessTable(run)
@@ -126,7 +129,7 @@ def main(argv: list[str]) -> int:
 
 def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
     started = time.monotonic()
-    encoders = Path(cfg.encoders.dir) if cfg.encoders.dir else run / "encoders"
+    encoders = Path(cfg.encoders.dir)
     shards = run / "shards"
     stages = Stages(table, run / "logs", cfg.service.shutdown_timeout_s)
     common = [f"run.dir={run}", f"encoders.dir={encoders}", f"cache.dir={cfg.cache.dir}", *argv]

@@ -316,9 +316,13 @@ def run_pids(*run_dirs: Path) -> set[int]:
     return pids
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
+def wait_until(predicate, timeout: float, what: str, while_running: subprocess.Popen | None = None) -> None:
+    """Polls `predicate`; fails at once, with its stderr, if `while_running` exits first."""
     deadline = time.monotonic() + timeout
     while not predicate():
+        if while_running is not None and while_running.poll() is not None:
+            err = while_running.stderr.read() if while_running.stderr else ""
+            raise AssertionError(f"exited with {while_running.returncode} before {what}: {err[-2000:]}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
 
@@ -345,8 +349,10 @@ def test_nothing_listens_beyond_loopback(tmp_path):
         trainer = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={tmp_path / 'train'}",
                                     *TRAIN, "launch.nproc=2", "parallel.tp=2", "train.steps=100000"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: (tmp_path / "consume" / "samples.jsonl").exists(), 240, "the consumers' first batch")
-        wait_until(lambda: (tmp_path / "train" / "metrics.jsonl").exists(), 240, "the trainer's first step")
+        wait_until(lambda: (tmp_path / "consume" / "samples.jsonl").exists(), 240, "the consumers' first batch",
+                   while_running=consumer)
+        wait_until(lambda: (tmp_path / "train" / "metrics.jsonl").exists(), 240, "the trainer's first step",
+                   while_running=trainer)
         pids = run_pids(tmp_path / "service", tmp_path / "consume", tmp_path / "train")
         pids |= {serve.proc.pid, consumer.pid, trainer.pid}
         sockets = listening_sockets(pids)
@@ -381,7 +387,7 @@ def test_sigint_to_the_demo_with_two_ranks_stops_every_process(tmp_path):
                              "parallel.tp=2", "train.steps=100000", "synth.num_samples=16", "train.save_every=1000",
                              "service.shutdown_timeout_s=20"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: (run / "metrics.jsonl").exists(), 480, "the demo's first training step")
+    wait_until(lambda: (run / "metrics.jsonl").exists(), 480, "the demo's first training step", while_running=demo)
     pids = run_pids(run, run / "service")
     assert len(pids) >= 6  # demo, stages, serve, 2 producers, launcher, 2 ranks
     demo.send_signal(signal.SIGINT)
@@ -407,7 +413,7 @@ def test_a_trainer_that_loses_the_service_exits_soon_after_its_timeout(tmp_path)
         trainer = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={tmp_path / 'train'}",
                                     *common, "train.data_source=service", "train.steps=100000"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: (tmp_path / "train" / "metrics.jsonl").exists(), 240, "the first step")
+        wait_until(lambda: (tmp_path / "train" / "metrics.jsonl").exists(), 240, "the first step", while_running=trainer)
     finally:
         serve.kill()  # the coordinator and its producers vanish
     gone = time.monotonic()
