@@ -25,13 +25,14 @@ from mmdit.parallel.state import init_parallel, tp_group
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build_model(args: MMDiTArgs, device: str, dtype: torch.dtype, layers: str = "auto", seed: int = 0) -> MMDiT:
+def build_model(args: MMDiTArgs, device: str, dtype: torch.dtype, layers: str = "auto", seed: int = 0,
+                attention: str = "sdpa") -> MMDiT:
     """The real model at TP=1 with real weights: init_weights, then the zero-initialized AdaLN
     modulation and output head drawn small random, so no matmul multiplies zeros (zeros draw less
     power on a GPU and would flatter its clocks) and every gradient is non-trivial."""
     init_parallel(1, backend="gloo")  # TP=1 issues no collectives; gloo needs no GPU setup
     use_te = layers == "te" or (layers == "auto" and device.startswith("cuda") and transformer_engine_available())
-    model = build_mmdit(args, tp_group(), device=device, use_te=use_te, params_dtype=dtype)
+    model = build_mmdit(args, tp_group(), device=device, use_te=use_te, params_dtype=dtype, attention=attention)
     init_weights(model, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -60,16 +61,24 @@ class BatchShape:
         return (h // 2) * (w // 2)
 
 
-def make_batch(args: MMDiTArgs, shape: BatchShape, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Random inputs of a text-to-image step (text unpadded and unmasked, as the trainer passes a
-    micro-batch whose prompts fill it: SDPA may use its fused kernels)."""
+def make_batch(args: MMDiTArgs, shape: BatchShape, device: str, dtype: torch.dtype, seed: int = 0,
+               text_valid: int | None = None) -> dict:
+    """Random inputs of a text-to-image step. By default the text is unpadded and unmasked, as the
+    trainer passes a micro-batch whose prompts fill it (SDPA may use its fused kernels);
+    `text_valid` pads every sample after that many tokens except the first, which stays full (the
+    trainer trims padding to the longest prompt), so the masked / packed kernels are measured."""
     g = torch.Generator().manual_seed(seed)
     h, w = shape.latent_hw()
     tokens = pack_latents(torch.randn(shape.batch, args.latent_channels, h, w, generator=g))
+    txt_mask = None
+    if text_valid is not None and text_valid < shape.text_tokens:
+        txt_mask = torch.ones(shape.batch, shape.text_tokens, dtype=torch.bool)
+        txt_mask[1:, text_valid:] = False
+        txt_mask = txt_mask.to(device)
     return {
         "img_tokens": tokens.to(device, dtype),
         "txt": torch.randn(shape.batch, shape.text_tokens, args.joint_attention_dim, generator=g).to(device, dtype),
-        "txt_mask": None,  # nothing padded: no mask, so SDPA can take its flash / cuDNN kernels
+        "txt_mask": txt_mask,
         "sigmas": torch.rand(shape.batch, generator=g).to(device),
         "image_shapes": [packed_shape(h, w)],
         "target": torch.randn(tokens.shape, generator=g).to(device, torch.float32),

@@ -8,7 +8,8 @@ Checks, each failing loudly (exit 1, the failed check named):
    the same data (bf16 vs fp32: within a few percent);
 3. the 20B-width slice (4 blocks, hidden 3072, 1328x1328, TP=1) times one bf16 training step with
    recompute `none` and the cheapest policy that fits, and reports TFLOP/s and MFU
-   (model/flops.py); the target is MFU >= 0.45 of the dense bf16 peak.
+   (model/flops.py); the target is MFU >= 0.45 of the dense bf16 peak;
+4. the slice with padded prompts under each attention kernel (sdpa masked, varlen, te).
 
     python bench/gpu_smoke.py --out DIR        (DIR/gpu_smoke.json, DIR/slice_*.json)
     python bench/gpu_smoke.py --dry-run        (on any machine: the plan, no GPU needed)
@@ -95,6 +96,23 @@ def slice_checks(out: Path) -> dict:
     return results
 
 
+def attention_checks(out: Path) -> dict:
+    """The slice with padded prompts (a quarter of the text padded on the second sample) under each
+    attention kernel; the masked SDPA path against the packed flash ones."""
+    from mmdit.model.layers import transformer_engine_available
+
+    results = {}
+    for kernel in ("sdpa", "varlen", *(["te"] if transformer_engine_available() else [])):
+        target = out / f"slice_attention_{kernel}.json"
+        done = subprocess.run([sys.executable, str(HERE / "recompute.py"), "--slice", "--device", "cuda",
+                               "--dtype", "bf16", "--policies", "elementwise", "--batch", "2", "--text-valid", "192",
+                               "--attention", kernel, "--repeats", "3", "--out", str(target)],
+                              capture_output=True, text=True, timeout=600)
+        check(done.returncode == 0, f"attention {kernel} on padded text failed:\n{done.stderr[-3000:]}")
+        results[kernel] = json.loads(target.read_text())["policies"]["elementwise"]
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -107,7 +125,8 @@ def main() -> int:
 
         print(json.dumps({"plan": ["megatron bf16 train + checkpoint + resume (Adam steps)",
                                    "step-1 loss/grad-norm vs torch backend", "slice: recompute none",
-                                   "slice: cheapest recompute that fits"], "out": str(out)}))
+                                   "slice: cheapest recompute that fits",
+                                   "slice, padded text: attention sdpa / varlen / te"], "out": str(out)}))
         return 0
     import torch
 
@@ -119,6 +138,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             report["backends"] = backend_checks(Path(tmp))
         report["slice"] = slice_checks(out)
+        report["attention"] = attention_checks(out)
         report["passed"] = True
     except CheckFailed as e:
         report["passed"], report["failed"] = False, str(e)

@@ -82,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps before measuring (then one memory step per policy)")
     p.add_argument("--linear-layers", choices=["auto", "local", "te"], default="auto",
                    help="auto: Transformer Engine when importable on CUDA")
+    p.add_argument("--attention", choices=["sdpa", "varlen", "te"], default="sdpa", help="attention kernel")
+    p.add_argument("--text-valid", type=int, help="pad text after this many tokens (all samples but the first)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--peak-tflops", type=float, help="device peak bf16 TFLOP/s for MFU (default: by device name)")
     p.add_argument("--threads", type=int, default=1,
@@ -123,10 +125,10 @@ def default_out(ns: argparse.Namespace) -> Path:
 
 def measure(ns: argparse.Namespace, args: MMDiTArgs, shape: BatchShape):
     """Memory (one step each) and step times (round-robin) of every policy on one model."""
-    model = build_model(args, ns.device, DTYPES[ns.dtype], ns.linear_layers, seed=ns.seed)
+    model = build_model(args, ns.device, DTYPES[ns.dtype], ns.linear_layers, seed=ns.seed, attention=ns.attention)
     if ns.compile:  # as the trainer does with parallel.compile=true
         compile_blocks(model)
-    batch = make_batch(args, shape, ns.device, DTYPES[ns.dtype], seed=ns.seed)
+    batch = make_batch(args, shape, ns.device, DTYPES[ns.dtype], seed=ns.seed, text_valid=ns.text_valid)
 
     apply_recompute(model, ns.policies[0], ns.every)  # warm-up: kernels, caches, compile, .grad
     for _ in range(ns.warmup):
@@ -180,6 +182,8 @@ def run(ns: argparse.Namespace) -> dict:
         "cpu_threads": torch.get_num_threads() if on_cpu else None,
         "compile": ns.compile,
         "linear_layers": linear_class,
+        "attention": ns.attention,
+        "text_valid": ns.text_valid,
         "model": args_dict(args),
         "params": model_params(args),
         "batch": {"batch_size": shape.batch, "height_px": shape.height_px, "width_px": shape.width_px,

@@ -31,6 +31,7 @@ from mmdit.consumer.random_data import RandomBatches
 from mmdit.consumer.sample_log import SAMPLES, SampleLog
 from mmdit.consumer.schedule import lr_at as schedule_lr
 from mmdit.launch.config import ConfigError, JobConfig, config_yaml, load_config
+from mmdit.model.attention import resolve_attention
 from mmdit.model.flops import mfu, peak_flops, step_flops
 from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
 from mmdit.model.init import init_weights
@@ -142,7 +143,8 @@ class Trainer:
         backend_name = resolve_backend(cfg.parallel)
         # megatron's optimizer keeps fp32 main weights itself, so its model holds bf16 params.
         params_dtype = self.dtype if backend_name == "megatron" else torch.float32
-        self.model = build_mmdit(cfg.model, tp_group(), device=self.device, use_te=use_te, params_dtype=params_dtype)
+        self.model = build_mmdit(cfg.model, tp_group(), device=self.device, use_te=use_te, params_dtype=params_dtype,
+                                 attention=resolve_attention(cfg.parallel.attention))
         if cfg.train.init_from:
             from mmdit.model.checkpoint import load_weights
 
@@ -179,9 +181,10 @@ class Trainer:
         self.peak = cfg.train.peak_tflops * 1e12 or (peak_flops(torch.cuda.get_device_name()) if on_gpu else None)
         self.stop_requested = False
         self.evaluator = self._evaluator() if cfg.train.eval_every else None
-        log.info("backend %s | layers %s | tp %d x dp %d | dtype %s | recompute %s | device %s",
-                 self.backend.name, "transformer-engine" if use_te else "megatron-local", self.dims.tp, self.dims.dp,
-                 str(self.dtype).removeprefix("torch."), cfg.parallel.recompute, self.device)
+        log.info("backend %s | layers %s | attention %s | tp %d x dp %d | dtype %s | recompute %s | device %s",
+                 self.backend.name, "transformer-engine" if use_te else "megatron-local", self.model.attention,
+                 self.dims.tp, self.dims.dp, str(self.dtype).removeprefix("torch."), cfg.parallel.recompute,
+                 self.device)
 
     def _evaluator(self):
         from mmdit.consumer.evaluation import Evaluator, held_out_records, random_held_out

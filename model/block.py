@@ -14,13 +14,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmdit.model.args import MMDiTArgs
+from mmdit.model.attention import SDPAAttention
 from mmdit.model.layers import HeadRMSNorm, LinearProvider, layer_norm, modulate
 from mmdit.model.rope import apply_rotary
 
 
 class JointAttention(nn.Module):
-    def __init__(self, args: MMDiTArgs, linears: LinearProvider):
+    def __init__(self, args: MMDiTArgs, linears: LinearProvider, kernel=None):
         super().__init__()
+        self.kernel = kernel or SDPAAttention()  # model/attention.py; holds no parameters
         dim, head_dim = args.hidden_size, args.attention_head_dim
         self.head_dim = head_dim
         self.local_heads = args.num_attention_heads // linears.tp_size
@@ -34,8 +36,9 @@ class JointAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.local_heads, self.head_dim))  # [B, S, H/tp, Dh]
 
-    def forward(self, img, txt, rope, attn_mask, text_output: bool = True):
-        """img [B, N, D], txt [B, L, D] (modulated) -> (img_out [B, N, D], txt_out [B, L, D] | None)."""
+    def forward(self, img, txt, rope, padding, text_output: bool = True):
+        """img [B, N, D], txt [B, L, D] (modulated), padding from the kernel's `prepare`
+        -> (img_out [B, N, D], txt_out [B, L, D] | None)."""
         cos, sin = rope  # [L + N, Dh/2]
         txt_len = txt.shape[1]
         q = torch.cat([self.norm_added_q(self._heads(self.add_q_proj(txt))),
@@ -44,9 +47,7 @@ class JointAttention(nn.Module):
                        self.norm_k(self._heads(self.to_k(img)))], dim=1)
         v = torch.cat([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], dim=1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
-        ).transpose(1, 2).flatten(2)  # [B, L+N, D/tp]
+        out = self.kernel(q, k, v, padding)  # [B, L+N, D/tp]
         img_out = self.to_out[0](out[:, txt_len:].contiguous())  # all-reduce over TP
         txt_out = self.to_add_out(out[:, :txt_len].contiguous()) if text_output else None
         return img_out, txt_out
@@ -71,7 +72,7 @@ class FeedForward(nn.Module):
 
 
 class MMDiTBlock(nn.Module):
-    def __init__(self, args: MMDiTArgs, linears: LinearProvider, text_output: bool = True):
+    def __init__(self, args: MMDiTArgs, linears: LinearProvider, text_output: bool = True, attention=None):
         super().__init__()
         dim = args.hidden_size
         self.eps = args.eps
@@ -79,7 +80,7 @@ class MMDiTBlock(nn.Module):
         # output rows over TP and all-gathered: the output is per-sample [B, 6*dim], so tiny.
         self.img_mod = nn.Sequential(nn.SiLU(), linears.column_gathered(dim, 6 * dim))
         self.txt_mod = nn.Sequential(nn.SiLU(), linears.column_gathered(dim, 6 * dim))
-        self.attn = JointAttention(args, linears)
+        self.attn = JointAttention(args, linears, attention)
         self.img_mlp = FeedForward(dim, args.mlp_hidden_size, linears)
         self.txt_mlp = FeedForward(dim, args.mlp_hidden_size, linears)
         # In the last block nothing reads the text stream's output: skip computing it, and freeze
@@ -95,12 +96,12 @@ class MMDiTBlock(nn.Module):
         """Checkpoint the whole block; `recompute_context` a `context_fn` (selective recompute).
         Inside `forward`, so that torch.compile of the block traces the checkpoint too."""
 
-    def _attention(self, img, txt, img_mod1, txt_mod1, rope, attn_mask):
+    def _attention(self, img, txt, img_mod1, txt_mod1, rope, padding):
         img_shift, img_scale, _ = img_mod1.chunk(3, dim=-1)
         txt_shift, txt_scale, _ = txt_mod1.chunk(3, dim=-1)
         img_in = modulate(layer_norm(img, self.eps), img_shift, img_scale)
         txt_in = modulate(layer_norm(txt, self.eps), txt_shift, txt_scale)
-        return self.attn(img_in, txt_in, rope, attn_mask, text_output=self.text_output)
+        return self.attn(img_in, txt_in, rope, padding, text_output=self.text_output)
 
     def _mlp(self, x, mod2, mlp):
         shift, scale, _ = mod2.chunk(3, dim=-1)
@@ -111,19 +112,19 @@ class MMDiTBlock(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def forward(self, img, txt, temb, rope, attn_mask):
+    def forward(self, img, txt, temb, rope, padding):
         """img [B, N, D], txt [B, L, D], temb [B, D] -> (img, txt); txt is None in the last block."""
         if self.recompute_block and torch.is_grad_enabled():
             extra = {"context_fn": self.recompute_context} if self.recompute_context else {}
-            return checkpoint(self._forward, img, txt, temb, rope, attn_mask, use_reentrant=False, **extra)
-        return self._forward(img, txt, temb, rope, attn_mask)
+            return checkpoint(self._forward, img, txt, temb, rope, padding, use_reentrant=False, **extra)
+        return self._forward(img, txt, temb, rope, padding)
 
-    def _forward(self, img, txt, temb, rope, attn_mask):
+    def _forward(self, img, txt, temb, rope, padding):
         img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)  # [B, 3D] each: shift, scale, gate
         txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
 
         img_attn, txt_attn = self._maybe_checkpoint(
-            self.recompute_attention, self._attention, img, txt, img_mod1, txt_mod1, rope, attn_mask)
+            self.recompute_attention, self._attention, img, txt, img_mod1, txt_mod1, rope, padding)
         img = img + img_mod1.chunk(3, dim=-1)[2].unsqueeze(1) * img_attn
         img = img + img_mod2.chunk(3, dim=-1)[2].unsqueeze(1) * self._maybe_checkpoint(
             self.recompute_mlp, self._mlp, img, img_mod2, self.img_mlp)

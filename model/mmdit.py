@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from mmdit.model.args import MMDiTArgs
+from mmdit.model.attention import SDPAAttention, make_attention
 from mmdit.model.block import MMDiTBlock
 from mmdit.model.layers import LinearProvider, RMSNorm, layer_norm, make_linear_provider, modulate
 from mmdit.model.rope import ImageShape, msrope
@@ -61,9 +62,11 @@ class AdaNormOut(nn.Module):
 
 
 class MMDiT(nn.Module):
-    def __init__(self, args: MMDiTArgs, linears: LinearProvider, tp_rank: int = 0):
+    def __init__(self, args: MMDiTArgs, linears: LinearProvider, tp_rank: int = 0, attention=None):
         super().__init__()
         self.args = args
+        self.kernel = attention or SDPAAttention()  # model/attention.py, shared by every block
+        self.attention = self.kernel.name
         self.tp_size, self.tp_rank = linears.tp_size, tp_rank
         self.config = linears.config  # megatron's TransformerConfig: its DDP reads it
         dim = args.hidden_size
@@ -72,7 +75,8 @@ class MMDiT(nn.Module):
         self.img_in = nn.Linear(args.in_channels, dim)
         self.txt_in = nn.Linear(args.joint_attention_dim, dim)
         self.transformer_blocks = nn.ModuleList([
-            MMDiTBlock(args, linears, text_output=i < args.num_layers - 1) for i in range(args.num_layers)
+            MMDiTBlock(args, linears, text_output=i < args.num_layers - 1, attention=self.kernel)
+            for i in range(args.num_layers)
         ])
         self.norm_out = AdaNormOut(dim, args.eps)
         self.proj_out = nn.Linear(dim, args.patch_size**2 * args.out_channels)
@@ -93,20 +97,13 @@ class MMDiT(nn.Module):
         temb = self.time_text_embed(sigmas, img.dtype)  # [B, D]
         rope = msrope(image_shapes, txt.shape[1], list(self.args.axes_dims_rope), self.args.rope_theta,
                       device=img.device)  # (cos, sin) [L + N, Dh/2]
-        attn_mask = joint_attention_mask(txt_mask, img.shape[1])  # [B, 1, 1, L + N] or None
+        # The kernel's view of the padded text; None when nothing is padded (decided on the host,
+        # no device sync), so attention can take its unmasked flash kernels.
+        padding = self.kernel.prepare(txt_mask, img.shape[1])
 
         for block in self.transformer_blocks:  # each checkpoints itself as parallel/recompute.py set it
-            img, txt = block(img, txt, temb, rope, attn_mask)
+            img, txt = block(img, txt, temb, rope, padding)
         return self.proj_out(self.norm_out(img, temb))  # [B, N, C*p*p]
-
-
-def joint_attention_mask(txt_mask: torch.Tensor | None, num_image_tokens: int) -> torch.Tensor | None:
-    """Key mask over [text, image]: padded text keys are hidden. Pass txt_mask=None when nothing
-    is padded (decided on the host, no device sync) so SDPA can pick its flash kernel."""
-    if txt_mask is None:
-        return None
-    image = torch.ones(txt_mask.shape[0], num_image_tokens, dtype=torch.bool, device=txt_mask.device)
-    return torch.cat([txt_mask.bool(), image], dim=1)[:, None, None, :]
 
 
 def pack_latents(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:
@@ -129,7 +126,7 @@ def packed_shape(latent_h: int, latent_w: int, patch: int = 2) -> ImageShape:
 
 
 def build_mmdit(args: MMDiTArgs, tp_group=None, *, device: str | torch.device = "cpu",
-                use_te: bool = False, params_dtype: torch.dtype = torch.float32) -> MMDiT:
+                use_te: bool = False, params_dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> MMDiT:
     """Build this rank's shard of the MMDiT with uninitialized weights on `device` ("meta" too).
 
     Call `init_weights` (model/init.py) or load a checkpoint afterwards. tp_group None means TP=1.
@@ -137,8 +134,9 @@ def build_mmdit(args: MMDiTArgs, tp_group=None, *, device: str | torch.device = 
     tp_size = tp_group.size() if tp_group is not None else 1
     tp_rank = tp_group.rank() if tp_group is not None else 0
     linears = make_linear_provider(args, tp_size, tp_group, use_te=use_te, params_dtype=params_dtype)
+    kernel = make_attention(attention, args.num_attention_heads // tp_size, args.attention_head_dim)
     with torch.device("meta"):
-        model = MMDiT(args, linears, tp_rank=tp_rank)
+        model = MMDiT(args, linears, tp_rank=tp_rank, attention=kernel)
     if str(device) != "meta":
         model.to_empty(device=device)
     mark_tensor_parallel_params(model)

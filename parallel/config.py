@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 RECOMPUTE_POLICIES = ("none", "full", "every_k", "attention", "mlp", "elementwise")
 BACKENDS = ("auto", "megatron", "torch")
+ATTENTION_KERNELS = ("auto", "sdpa", "varlen", "te")
 
 
 @dataclass
@@ -21,6 +22,9 @@ class ParallelConfig:
     torch DDP + ZeroRedundancyOptimizer on CPU. Naming megatron on CPU is an error."""
     layers: str = "auto"
     """Linear layer implementation: auto (Transformer Engine when importable on GPU) | local | te."""
+    attention: str = "auto"
+    """Attention kernel (model/attention.py): auto (= sdpa) | sdpa | varlen (packed, no mask: flash
+    for padded micro-batches) | te (Transformer Engine DotProductAttention, GPU)."""
 
     def __post_init__(self):
         if self.tp < 1:
@@ -31,5 +35,7 @@ class ParallelConfig:
             raise ValueError(f"parallel.recompute_every must be >= 1, got {self.recompute_every}")
         if self.backend not in BACKENDS:
             raise ValueError(f"parallel.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"parallel.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.layers not in ("auto", "local", "te"):
             raise ValueError(f"parallel.layers must be auto, local or te, got {self.layers!r}")

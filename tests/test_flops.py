@@ -196,6 +196,21 @@ def test_bench_recompute_reduced_slice_runs(tmp_path):
     assert "met" in result["target"]
 
 
+def test_bench_attention_kernels_on_padded_text_run(tmp_path):
+    """gpu_smoke's attention check, reduced: the packed kernel under selective recompute on a
+    micro-batch with padded prompts, recorded as such."""
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "varlen.json"
+    cmd = [sys.executable, str(repo / "bench" / "recompute.py"), "--slice", "--layers", "1", "--heads", "2",
+           "--resolution", "128", "--text-tokens", "16", "--batch", "2", "--text-valid", "5", "--attention", "varlen",
+           "--policies", "elementwise", "--repeats", "1", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert (result["attention"], result["text_valid"], result["batch"]["batch_size"]) == ("varlen", 5, 2)
+    assert result["policies"]["elementwise"]["step_time_s"] > 0
+
+
 @pytest.mark.slow
 def test_gpu_smoke_plumbing_runs_and_fails_loudly_without_a_gpu(tmp_path):
     """What CI can check of bench/gpu_smoke.sh without a GPU: the scripts parse, the wheelhouse

@@ -9,6 +9,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 from model_workers import forward_backward, random_full_state_dict
 
 from mmdit.launch.config import load_config
+from mmdit.model.attention import TextPadding, resolve_attention
 from mmdit.model.convert_cli import verification_cases
 from mmdit.model.info import model_info
 from mmdit.model.mmdit import build_mmdit, pack_latents, unpack_latents
@@ -33,9 +34,18 @@ def reference_and_ours():
     return reference, ours
 
 
+def with_attention(model, attention: str):
+    """The same weights under another attention kernel."""
+    other = build_mmdit(TINY, tp_group(), attention=attention)
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "varlen"])
 @pytest.mark.parametrize("case", ["t2i", "edit"])
-def test_forward_matches_diffusers(reference_and_ours, case):
+def test_forward_matches_diffusers(reference_and_ours, case, attention):
     reference, ours = reference_and_ours
+    ours = with_attention(ours, attention)
     inputs = verification_cases(TINY, seed=3)[case]
     assert not inputs["txt_mask"].all(), "the text mask must pad something"
     with torch.no_grad():
@@ -45,6 +55,42 @@ def test_forward_matches_diffusers(reference_and_ours, case):
         got = ours(**inputs)
     assert expected.abs().max() > 0.1
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_varlen_attention_gives_the_gradients_of_masked_sdpa(reference_and_ours):
+    """Packing the real tokens (no mask) against masking the padded ones: the same loss and the
+    same gradient for every parameter, on a micro-batch padded differently per sample."""
+    _, ours = reference_and_ours
+    inputs = verification_cases(TINY, seed=5)["edit"]
+    inputs["txt_mask"][0, :] = True  # one full prompt, one padded: as after the trainer's trim
+    grads = {}
+    for attention in ("sdpa", "varlen"):
+        model = with_attention(ours, attention)
+        out = model(**inputs)
+        (out.square().mean() + out[:, ::3].sum() * 1e-3).backward()
+        grads[attention] = (out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (out_sdpa, g_sdpa), (out_varlen, g_varlen) = grads["sdpa"], grads["varlen"]
+    assert torch.allclose(out_sdpa, out_varlen, atol=1e-5)
+    assert g_sdpa.keys() == g_varlen.keys() and len(g_sdpa) > 50
+    for name in g_sdpa:
+        assert torch.allclose(g_sdpa[name], g_varlen[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_text_padding_packs_each_sample_text_prefix_then_its_image():
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True], [True, False, False, False]])
+    padding = TextPadding.of(mask, num_image_tokens=3)
+    assert padding.lengths == (5, 7, 4) and padding.cu_seqlens.tolist() == [0, 5, 12, 16]
+    assert padding.index.tolist() == [0, 1, 4, 5, 6, *range(7, 14), 14, 18, 19, 20]
+    assert TextPadding.of(None, 3) is None
+
+
+def test_attention_kernel_is_checked_by_the_config():
+    with pytest.raises(Exception, match="parallel.attention must be one of"):
+        load_config(["parallel.attention=flash3"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs Transformer Engine on a GPU"):
+            resolve_attention("te")
+    assert resolve_attention("auto") == "sdpa"
 
 
 def test_padding_changes_nothing_for_valid_tokens(reference_and_ours):
