@@ -7,9 +7,10 @@
           mmdit.json                        format, model args, TP size, split dim per parameter
           model-tp00-of-02.safetensors      TP rank 0's slices (diffusers names); any TP size loads them
           model-tp01-of-02.safetensors
-        optimizer/                        optimizer state per TP rank (same TP size to resume)
-          tp00.pt                           torch backend: full AdamW state of TP rank 0's shard
-          tp00-params.pt, tp00-groups.pt    megatron backend: fp32 main weights + Adam moments, groups
+        optimizer/                        optimizer state, one file per rank, no gather (parallel/optimizer_state.py)
+          tp00-dp00.safetensors             the Adam moments (megatron: and fp32 main weights) that rank
+          ...                               owns; any TP x DP layout resumes from them
+          groups.pt                         megatron backend: its param-group state
         data.json                         the data cursor and the data-config (mixture) history
         trainer.json                      step, seed, TP/DP layout, backend; written last
 
@@ -38,6 +39,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from mmdit.model.checkpoint import load_model, write_model_index, write_model_shard
+from mmdit.parallel.backend import MEGATRON_GROUPS
+from mmdit.parallel.optimizer_state import StateReader, param_layouts, state_file
 from mmdit.parallel.state import all_ranks_true
 from mmdit.utils.atomic import DiskFullError, atomic_write_json, atomic_write_text
 from mmdit.utils.safetensors_header import data_end, read_header
@@ -50,11 +53,6 @@ MODEL, OPTIMIZER, DATA, TRAINER = "model", "optimizer", "data.json", "trainer.js
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
-
-
-def optimizer_file(path: Path, tp_rank: int, part: str = "") -> Path:
-    """One optimizer file of TP rank `tp_rank` (`part` names the backend's pieces)."""
-    return path / OPTIMIZER / f"tp{tp_rank:02d}{'-' + part if part else ''}.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -94,11 +92,12 @@ def verify_checkpoint(path: Path) -> str | None:
         index = read_index(path / MODEL)
         for name in index["files"]:
             _check_safetensors(path / MODEL / name)
-        parts = ("params", "groups") if trainer["backend"].startswith("megatron") else ("",)
         for tp_rank in range(trainer["tp"]):
-            for part in parts:
-                with zipfile.ZipFile(optimizer_file(path, tp_rank, part)) as archive:  # reads the end record
-                    archive.namelist()
+            for dp_rank in range(trainer["dp"]):
+                _check_safetensors(state_file(path / OPTIMIZER, tp_rank, dp_rank))
+        if trainer["backend"].startswith("megatron"):
+            with zipfile.ZipFile(path / OPTIMIZER / MEGATRON_GROUPS) as archive:  # reads the end record
+                archive.namelist()
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
         return f"{type(e).__name__}: {e}"
     return None
@@ -167,7 +166,7 @@ def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: 
         (path / OPTIMIZER).mkdir(parents=True, exist_ok=True)
         if dims.dp_rank == 0:
             write_model_shard(model, path / MODEL)
-        backend.save_optimizer(lambda part: optimizer_file(path, dims.tp_rank, part), dims.dp_rank)  # collective
+        backend.save_optimizer(path / OPTIMIZER, dims)
     except OSError as e:
         error = e
     if all_ranks_true(error is None) and dist.get_rank() == 0:
@@ -190,15 +189,12 @@ def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: 
 
 
 def load_checkpoint(path: Path, model, backend, dims) -> tuple[dict, dict]:
-    """Load model (any TP size) and optimizer (same TP size) state; return (trainer state, data state)."""
+    """Load model and optimizer state, saved at any TP x DP layout; return (trainer state, data state)."""
     state = json.loads((path / TRAINER).read_text())
     load_model(model, path / MODEL)
-    if state["tp"] != dims.tp:
-        raise ValueError(f"{path} was saved at TP={state['tp']}; its optimizer state cannot resume at "
-                         f"TP={dims.tp}. Start from its weights instead (train.init_from={path / MODEL}).")
     if state["backend"] != backend.name:
         raise ValueError(f"{path} holds {state['backend']} optimizer state; this run uses {backend.name}")
-    backend.load_optimizer(lambda part: optimizer_file(path, dims.tp_rank, part), dims.dp_rank)
+    backend.load_optimizer(StateReader(path / OPTIMIZER, state["tp"], state["dp"], param_layouts(model)), dims)
     data = json.loads((path / DATA).read_text()) if (path / DATA).is_file() else {}
     return state, data
 

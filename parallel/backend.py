@@ -14,7 +14,6 @@ for megatron without a GPU is an error rather than a silent fallback.
 import contextlib
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +22,13 @@ import torch.distributed as dist
 
 from mmdit.consumer.config import TrainConfig
 from mmdit.parallel.config import ParallelConfig
-from mmdit.utils.atomic import atomic_path, atomic_torch_save
+from mmdit.parallel.optimizer_state import OwnedRange, StateReader, state_file, write_rank_state
+from mmdit.utils.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
+
+MEGATRON_GROUPS = "groups.pt"
+"""megatron's param-group state (hyperparameters, Adam step), next to the per-rank state files."""
 
 
 def resolve_backend(cfg: ParallelConfig) -> str:
@@ -87,16 +90,28 @@ class TorchBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def save_optimizer(self, file_for: Callable[[str], Path], dp_rank: int) -> None:
-        """Collective over DP: DP rank 0 writes the full optimizer state of this TP rank's shard
-        to `file_for("")` (the checkpoint module names the files)."""
-        self.optimizer.consolidate_state_dict(to=0)
-        if dp_rank == 0:
-            atomic_torch_save(self.optimizer.state_dict(), file_for(""))
+    def save_optimizer(self, directory: Path, dims) -> None:
+        """This rank's own AdamW state (its ZeRO partition: whole parameters), no gather."""
+        names = {p: n for n, p in self.module.named_parameters()}
+        local = self.optimizer.optim
+        states = {names[p]: {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "step": st["step"]}
+                  for p, st in local.state.items() if "exp_avg" in st}
+        ranges = {name: OwnedRange(0, state["exp_avg"].numel()) for name, state in states.items()}
+        write_rank_state(state_file(directory, dims.tp_rank, dims.dp_rank), states, ranges, dims.tp, dims.dp)
 
-    def load_optimizer(self, file_for: Callable[[str], Path], dp_rank: int) -> None:
-        # ZeroRedundancyOptimizer takes the full state on every rank and keeps its own shard.
-        self.optimizer.load_state_dict(torch.load(file_for(""), weights_only=False))
+    def load_optimizer(self, reader: StateReader, dims) -> None:
+        """The state of the parameters this rank's partition holds now, from any TP x DP layout."""
+        names = {p: n for n, p in self.module.named_parameters()}
+        local = self.optimizer.optim
+        for group in local.param_groups:
+            for p in group["params"]:
+                keys = reader.keys(names[p])
+                if not keys:  # never stepped before the save
+                    continue
+                owned = OwnedRange(0, p.numel())
+                state = {k: reader.read(names[p], k, dims.tp, dims.tp_rank, owned).view_as(p).to(p.device)
+                         for k in keys}
+                local.state[p] = {"step": reader.step(names[p]).clone(), **state}
 
 
 @dataclass
@@ -128,26 +143,41 @@ class MegatronBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def save_optimizer(self, file_for: Callable[[str], Path], dp_rank: int) -> None:
-        """Collective over DP: the sharded fp32 weights and Adam state are gathered to DP rank 0,
-        which writes them (megatron's own format) next to the param-group state."""
-        if dp_rank == 0:
-            with atomic_path(file_for("params")) as tmp:
-                self.optimizer.save_parameter_state(str(tmp))
-            atomic_torch_save(self.optimizer.state_dict(), file_for("groups"))
-        else:
-            self.optimizer.save_parameter_state("")  # collective: only DP rank 0 writes
+    def _owned(self):
+        """(model param, its range in this rank's shard, the optimizer that holds it)."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for gbuf_range_maps in opt.gbuf_ranges:
+                for per_bucket in gbuf_range_maps.values():
+                    for gbuf_range_map in per_bucket:
+                        for model_param, ranges in gbuf_range_map["param_map"].items():
+                            yield model_param, OwnedRange(ranges["param"].start, ranges["param"].end), opt
 
-    def load_optimizer(self, file_for: Callable[[str], Path], dp_rank: int) -> None:
-        self.optimizer.load_state_dict(torch.load(file_for("groups"), weights_only=False))
+    def save_optimizer(self, directory: Path, dims) -> None:
+        """This rank's fp32 main-weight and Adam-moment shards (no gather); DP rank 0 also writes
+        the param-group state (megatron's own, small: hyperparameters and the Adam step)."""
+        names = {p: n for n, p in self.module.named_parameters()}
+        states, ranges = {}, {}
+        for param, owned, opt in self._owned():
+            tensors = opt._get_main_param_and_optimizer_states(param)
+            states[names[param]] = {k: v for k, v in tensors.items() if k != "step"}  # the step is in groups
+            ranges[names[param]] = owned
+        write_rank_state(state_file(directory, dims.tp_rank, dims.dp_rank), states, ranges, dims.tp, dims.dp)
+        if dims.tp_rank == 0 and dims.dp_rank == 0:  # the same on every rank
+            atomic_torch_save(self.optimizer.state_dict(), directory / MEGATRON_GROUPS)
+
+    def load_optimizer(self, reader: StateReader, dims) -> None:
+        groups = torch.load(reader.directory / MEGATRON_GROUPS, weights_only=False)
+        self.optimizer.load_state_dict(groups)  # allocates the states
+        names = {p: n for n, p in self.module.named_parameters()}
         # Without TE/apex, megatron falls back to torch Adam, whose per-parameter state holds a
-        # "step"; its load_state_dict sets one shared step tensor in every state, and
-        # load_parameter_state copies every state key from a file that has no "step" (KeyError).
-        # So the steps leave the states for the copy and come back as one tensor per state.
+        # "step"; its load_state_dict sets one shared step tensor in every state. The steps leave
+        # the states for the copy and come back as one tensor per state.
         inner = [getattr(o, "optimizer", o) for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
         with steps_set_aside(inner):
-            # Read on DP rank 0 only and scattered: no rank holds more than its shard plus one buffer.
-            self.optimizer.load_parameter_state(str(file_for("params")))
+            for param, owned, opt in self._owned():
+                saved = {k: reader.read(names[param], k, dims.tp, dims.tp_rank, owned) for k in reader.keys(names[param])}
+                zeros = torch.zeros(owned.end - owned.start)  # moments of a model saved before its first step
+                opt._set_main_param_and_optimizer_states(param, {"exp_avg": zeros, "exp_avg_sq": zeros, **saved})
 
 
 @contextlib.contextmanager

@@ -51,6 +51,21 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_at_other_tp_and_dp_sizes_follows_the_same_curve(tmp_path):
+    """Optimizer state written by two TP ranks, resumed by two DP ranks, then by one process (each
+    rank reads only its part): the loss curve of the uninterrupted run."""
+    straight, run = tmp_path / "straight", tmp_path / "resharded"
+    constant = "train.lr_schedule=constant"  # the decay would follow each leg's train.steps
+    train(straight, "train.steps=6", constant)
+    train(run, "train.steps=2", "launch.nproc=2", "parallel.tp=2", constant)
+    train(run, "train.steps=4", "launch.nproc=2", "train.micro_batch_size=1", constant)
+    assert sorted(p.name for p in (run / "checkpoints" / "step_00000004" / "optimizer").iterdir()) == [
+        "tp00-dp00.safetensors", "tp00-dp01.safetensors"]
+    train(run, "train.steps=6", constant)
+    assert [r["loss"] for r in metrics(run)] == pytest.approx([r["loss"] for r in metrics(straight)], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_tensor_and_data_parallel_match_single_process(tmp_path):
     """TP=2 and DP=2 (one sample per rank) follow the single-process loss curve."""
     single = tmp_path / "single"

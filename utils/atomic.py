@@ -65,8 +65,11 @@ def tmp_path(path: str | os.PathLike) -> Path:
 def _disk_full(e: BaseException, directory: Path) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    # torch.save reports a short write as "enforce fail at inline_container.cc ... unexpected pos"
-    if isinstance(e, (RuntimeError, OSError)):
+    if "No space left on device" in str(e):  # a library's own error wrapping ENOSPC
+        return True
+    # torch.save reports a short write as "enforce fail at inline_container.cc ... unexpected pos",
+    # safetensors as its own SafetensorError: judge by the free space left
+    if isinstance(e, Exception):
         with contextlib.suppress(OSError):
             return shutil.disk_usage(directory).free < (1 << 20)
     return False
@@ -84,8 +87,9 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        full = _disk_full(e, path.parent)  # before the temp file frees its space
         tmp.unlink(missing_ok=True)
-        if _disk_full(e, path.parent):
+        if full:
             raise DiskFullError(errno.ENOSPC, f"no space left on device writing {path}") from e
         raise
     if fsync:
