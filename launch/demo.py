@@ -111,7 +111,10 @@ def main(argv: list[str]) -> int:
     cfg = load_config(argv)  # validates the overrides once, before any stage runs
     # Stages run with other run dirs (the service's is run.dir/service): pin the resolved path.
     argv = [a for a in argv if not a.startswith("encoders.dir=")] + [f"encoders.dir={cfg.encoders.dir}"]
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Both explicitly: a process started in the background of a script inherits SIGINT ignored,
+    # and `kill -INT` must still stop the demo and everything it started.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     run = Path(cfg.run.dir)
     table = ProcessTable(run)
     table.add("demo", "demo", os.getpid())

@@ -387,13 +387,18 @@ def test_sigint_to_the_demo_with_two_ranks_stops_every_process(tmp_path):
                              "parallel.tp=2", "train.steps=100000", "synth.num_samples=16", "train.save_every=1000",
                              "service.shutdown_timeout_s=20"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: (run / "metrics.jsonl").exists(), 480, "the demo's first training step", while_running=demo)
-    pids = run_pids(run, run / "service")
-    assert len(pids) >= 6  # demo, stages, serve, 2 producers, launcher, 2 ranks
-    demo.send_signal(signal.SIGINT)
-    _, err = demo.communicate(timeout=120)
-    assert demo.returncode == 130, err[-2000:]
-    wait_until(lambda: not any(alive(p) for p in pids), 60, "every process of the demo to exit")
+    try:
+        wait_until(lambda: (run / "metrics.jsonl").exists(), 480, "the demo's first training step", while_running=demo)
+        pids = run_pids(run, run / "service")
+        assert len(pids) >= 6  # demo, stages, serve, 2 producers, launcher, 2 ranks
+        demo.send_signal(signal.SIGINT)
+        _, err = demo.communicate(timeout=120)
+        assert demo.returncode == 130, err[-2000:]
+        wait_until(lambda: not any(alive(p) for p in pids), 60, "every process of the demo to exit")
+    finally:  # a failed check must not leave a demo training for the rest of the suite
+        for pid in run_pids(run, run / "service") | {demo.pid}:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
     rows = json.loads((run / "processes.json").read_text()) + json.loads((run / "service" / "processes.json").read_text())
     assert all(row["returncode"] is not None for row in rows), rows
     ranks = [row for row in rows if row["role"] == "trainer"]
