@@ -10,8 +10,8 @@ The rendered sbatch script (saved as run.dir/submit/job.sbatch, with the job's c
   first trainer node (`mmdit serve`);
 - every process logs to run.dir/logs/ (run.dir must be on storage every node sees);
 - preemption and time limits: SLURM sends USR1 `launch.slurm.signal_s` seconds ahead
-  (`--signal=B:USR1@...`); the script passes SIGTERM to the trainers, which checkpoint and exit
-  0, then requeues the job (`scontrol requeue`); the requeued job resumes from `latest` and sees
+  (`--signal=B:USR1@...`); the script passes it through srun to a shell around torchrun on each
+  node, which sends SIGTERM to the ranks; they checkpoint and exit 0; the script then requeues the job (`scontrol requeue`); the requeued job resumes from `latest` and sees
   exactly the batches the uninterrupted run would have (the data cursor is in the checkpoint).
   A preemption that SIGTERMs the job directly works the same way (`--requeue`).
 
@@ -98,23 +98,32 @@ def render(cfg, overrides: list[str]) -> str:
         lines += [f'srun --overlap {services}--ntasks-per-node={launch.producers_per_node}{container} '
                   f'--output="$RUN/logs/producer-%N-%t-%j.log" {py} -m mmdit.launch.cli producer {args} '
                   'run.dir="$RUN/service" service.host="$COORD_HOST" &', "PRODUCERS=$!"]
+    agent = (f"{py} -m torch.distributed.run --nnodes={launch.trainer_nodes} --nproc-per-node={launch.gpus_per_node} "
+             f'--rdzv-backend=c10d --rdzv-endpoint="$TRAINER_HOST:{RDZV_PORT}" --rdzv-id="$SLURM_JOB_ID" '
+             f'-m mmdit.launch.cli train run.dir="$RUN" {args} train.data_source=service service.host="$COORD_HOST"')
+    # On each node a shell around torchrun turns USR1 (forwarded by srun) or TERM (a preemption)
+    # into SIGTERM to the ranks themselves: they checkpoint and exit 0, and torchrun exits with
+    # them. Signalling srun or torchrun instead kills the ranks mid-save (srun takes TERM as
+    # "kill the step now"; torchrun SIGKILLs its workers 30 s after its own TERM).
+    node_shell = (f"{agent} & agent=$!; trap 'pkill -TERM -P \"$agent\"' USR1 TERM; "
+                  'while kill -0 "$agent" 2>/dev/null; do wait "$agent"; done; wait "$agent"')
     lines += [
         "",
         "# the trainers: torchrun per node, c10d rendezvous on the first trainer node",
+        "export RUN TRAINER_HOST COORD_HOST",
         f'srun --overlap {trainers}--ntasks-per-node=1{container} --output="$RUN/logs/trainer-%N-%j.log" '
-        f"{py} -m torch.distributed.run --nnodes={launch.trainer_nodes} --nproc-per-node={launch.gpus_per_node} "
-        f'--rdzv-backend=c10d --rdzv-endpoint="$TRAINER_HOST:{RDZV_PORT}" --rdzv-id="$SLURM_JOB_ID" '
-        f'-m mmdit.launch.cli train run.dir="$RUN" {args} train.data_source=service service.host="$COORD_HOST" &',
+        f"bash -c {shlex.quote(node_shell)} &",
         "TRAINERS=$!",
         "",
-        "# USR1 (SLURM's warning before the time limit or a preemption): checkpoint, stop, requeue",
+        "# USR1 (SLURM's warning before the time limit or a preemption): checkpoint, stop, requeue.",
+        "# srun passes USR1 on to the node shells; TERM would make it kill the step at once.",
         "requeue=0",
-        "trap 'requeue=1; kill -TERM $TRAINERS 2>/dev/null' USR1",
-        "trap 'kill -TERM $TRAINERS 2>/dev/null' TERM",
-        "while true; do  # a trapped signal interrupts wait: wait again until the trainers are done",
-        '  wait "$TRAINERS"; code=$?',
-        '  kill -0 "$TRAINERS" 2>/dev/null || break',
-        "done",
+        "trap 'requeue=1; kill -USR1 $TRAINERS 2>/dev/null' USR1",
+        "trap 'kill -USR1 $TRAINERS 2>/dev/null' TERM",
+        "# a trapped signal interrupts wait: wait again until the trainers are done, then take",
+        "# their exit status (not the interrupted wait's 128 + signal)",
+        'while kill -0 "$TRAINERS" 2>/dev/null; do wait "$TRAINERS"; done',
+        'wait "$TRAINERS"; code=$?',
         'kill -TERM $SERVICE ${PRODUCERS:-} 2>/dev/null; wait',
         'if [ "$requeue" = 1 ]; then',
         '  echo "mmdit: requeueing job $SLURM_JOB_ID after a checkpoint"',
