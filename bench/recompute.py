@@ -145,7 +145,7 @@ def measure(ns: argparse.Namespace, args: MMDiTArgs, shape: BatchShape):
         return step
 
     times = timed_rounds({policy: timed(policy) for policy in ns.policies}, ns.repeats)
-    linear_class = type(model.transformer_blocks[0].attn.to_q).__name__
+    linear_class = type(model.transformer_blocks[0].attn.to_qkv).__name__
     return memory, times, linear_class
 
 

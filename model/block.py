@@ -4,8 +4,8 @@ Image and text tokens keep their own modulation, q/k/v, output projection and ML
 only in attention, over the joint sequence [text, image]. Under tensor parallelism q/k/v of
 both streams are column-parallel, so each rank owns heads/tp whole heads of both streams and
 attends locally; the output projections and the second MLP linear are row-parallel (one
-all-reduce each). Module names equal diffusers' `QwenImageTransformerBlock`, so state dicts map
-one to one.
+all-reduce each). Module names equal diffusers' `QwenImageTransformerBlock` except the fused
+q/k/v projections, which model/qkv.py maps to diffusers' three per stream.
 """
 
 import torch
@@ -26,26 +26,28 @@ class JointAttention(nn.Module):
         dim, head_dim = args.hidden_size, args.attention_head_dim
         self.head_dim = head_dim
         self.local_heads = args.num_attention_heads // linears.tp_size
-        self.to_q, self.to_k, self.to_v = (linears.column(dim, dim) for _ in range(3))
-        self.add_q_proj, self.add_k_proj, self.add_v_proj = (linears.column(dim, dim) for _ in range(3))
+        # q, k, v of each stream in one column-parallel GEMM, rows head-major (model/qkv.py)
+        self.to_qkv = linears.column(dim, 3 * dim)
+        self.add_qkv_proj = linears.column(dim, 3 * dim)
         self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (
             HeadRMSNorm(head_dim, args.eps, linears.tp_group) for _ in range(4))
         self.to_out = nn.ModuleList([linears.row(dim, dim)])
         self.to_add_out = linears.row(dim, dim)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.local_heads, self.head_dim))  # [B, S, H/tp, Dh]
+    def _qkv(self, proj: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v [B, S, H/tp, Dh] of this rank's heads."""
+        return proj(x).unflatten(-1, (self.local_heads, 3, self.head_dim)).unbind(dim=-2)
 
     def forward(self, img, txt, rope, padding, text_output: bool = True):
         """img [B, N, D], txt [B, L, D] (modulated), padding from the kernel's `prepare`
         -> (img_out [B, N, D], txt_out [B, L, D] | None)."""
         cos, sin = rope  # [L + N, Dh/2]
         txt_len = txt.shape[1]
-        q = torch.cat([self.norm_added_q(self._heads(self.add_q_proj(txt))),
-                       self.norm_q(self._heads(self.to_q(img)))], dim=1)  # [B, L+N, H/tp, Dh]
-        k = torch.cat([self.norm_added_k(self._heads(self.add_k_proj(txt))),
-                       self.norm_k(self._heads(self.to_k(img)))], dim=1)
-        v = torch.cat([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], dim=1)
+        txt_q, txt_k, txt_v = self._qkv(self.add_qkv_proj, txt)
+        img_q, img_k, img_v = self._qkv(self.to_qkv, img)
+        q = torch.cat([self.norm_added_q(txt_q), self.norm_q(img_q)], dim=1)  # [B, L+N, H/tp, Dh]
+        k = torch.cat([self.norm_added_k(txt_k), self.norm_k(img_k)], dim=1)
+        v = torch.cat([txt_v, img_v], dim=1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.kernel(q, k, v, padding)  # [B, L+N, D/tp]
         img_out = self.to_out[0](out[:, txt_len:].contiguous())  # all-reduce over TP

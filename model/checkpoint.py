@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 from mmdit.model.args import MMDiTArgs
-from mmdit.model.sharding import partition_dims, shard, unshard
+from mmdit.model.qkv import to_diffusers
+from mmdit.model.sharding import diffusers_partition_dims, local_from_parts, shard, unshard
 from mmdit.utils.atomic import atomic_save_safetensors, atomic_write_json
 
 FORMAT = "mmdit-model/1"
@@ -39,13 +40,14 @@ def write_model_shard(model, path: str | os.PathLike) -> None:
     """This TP rank's slices of every parameter."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(dict(model.named_parameters()), path / shard_file(model.tp_rank, model.tp_size), {"format": FORMAT})
+    local = dict(to_diffusers(model.named_parameters(), model.args.attention_head_dim))
+    atomic_save_safetensors(local, path / shard_file(model.tp_rank, model.tp_size), {"format": FORMAT})
 
 
 def write_model_index(model, path: str | os.PathLike) -> None:
     """The index that makes a checkpoint loadable: write it once every shard is in place."""
     dtype = next(model.parameters()).dtype
-    _write_index(Path(path), model.args, model.tp_size, partition_dims(model), dtype)
+    _write_index(Path(path), model.args, model.tp_size, diffusers_partition_dims(model), dtype)
 
 
 def save_model(model, path: str | os.PathLike, barrier=None) -> None:
@@ -107,21 +109,23 @@ def load_model(model, path: str | os.PathLike) -> None:
     index = read_index(path)
     if MMDiTArgs(**index["model"]) != model.args:
         raise ValueError(f"checkpoint {path} has model {index['model']}, not {asdict(model.args)}")
-    dims = partition_dims(model)
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(index["partition_dims"]))
+    dims = diffusers_partition_dims(model)
+    missing = sorted(set(dims) - set(index["partition_dims"]))
     if missing:
         raise KeyError(f"checkpoint {path} lacks parameters {missing[:8]}")
     same_layout = index["tp"] == model.tp_size
     files = [index["files"][model.tp_rank]] if same_layout else index["files"]
     handles = [safe_open(str(Path(path) / f), framework="pt") for f in files]
-    for name, p in params.items():
+
+    def local_part(name: str) -> torch.Tensor:
         if same_layout:
-            local = handles[0].get_tensor(name)
-        else:
-            saved_dim = index["partition_dims"][name]
-            parts = [h.get_tensor(name) for h in (handles if saved_dim is not None else handles[:1])]
-            local = shard(unshard(parts, saved_dim), dims[name], model.tp_rank, model.tp_size)
+            return handles[0].get_tensor(name)
+        saved_dim = index["partition_dims"][name]
+        parts = [h.get_tensor(name) for h in (handles if saved_dim is not None else handles[:1])]
+        return shard(unshard(parts, saved_dim), dims[name], model.tp_rank, model.tp_size)
+
+    for name, p in model.named_parameters():
+        local = local_from_parts(model, name, local_part)
         if local.shape != p.shape:
             raise ValueError(f"{name}: checkpoint gives {tuple(local.shape)}, model has {tuple(p.shape)}")
         p.copy_(local.to(device=p.device, dtype=p.dtype))

@@ -14,14 +14,14 @@ from mmdit.model.args import MMDiTArgs
 from mmdit.model.checkpoint import checkpoint_args, load_full_state_dict_from, save_full_state_dict
 from mmdit.model.diffusers_io import read_diffusers, transformer_dir, write_diffusers
 from mmdit.model.mmdit import build_mmdit, pack_latents, packed_shape
-from mmdit.model.sharding import partition_dims
+from mmdit.model.sharding import diffusers_partition_dims
 
 
 def meta_partition_dims(args: MMDiTArgs) -> dict:
     from mmdit.parallel.state import init_parallel, tp_group
 
     init_parallel(1)
-    return partition_dims(build_mmdit(args, tp_group(), device="meta"))
+    return diffusers_partition_dims(build_mmdit(args, tp_group(), device="meta"))
 
 
 def from_diffusers(src: str, dst: str, tp: int = 1) -> None:

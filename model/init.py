@@ -11,7 +11,7 @@ import zlib
 import torch
 import torch.nn as nn
 
-from mmdit.model.sharding import full_shapes, partition_dims, shard
+from mmdit.model.sharding import diffusers_full_shapes, diffusers_partition_dims, local_from_parts, shard
 
 ZERO_INIT = ("img_mod.", "txt_mod.", "norm_out.linear.", "proj_out.")
 
@@ -30,9 +30,13 @@ def _full_init(name: str, shape: tuple[int, ...], generator: torch.Generator) ->
 
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int = 0) -> None:
-    dims = partition_dims(model)
-    shapes = full_shapes(model)
-    for name, p in model.named_parameters():
+    """Draw every tensor by its diffusers name (a fused q/k/v as its three parts)."""
+    dims, shapes = diffusers_partition_dims(model), diffusers_full_shapes(model)
+
+    def local_part(name: str) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         full = _full_init(name, shapes[name], generator)
-        p.copy_(shard(full, dims[name], model.tp_rank, model.tp_size).to(p.dtype))
+        return shard(full, dims[name], model.tp_rank, model.tp_size)
+
+    for name, p in model.named_parameters():
+        p.copy_(local_from_parts(model, name, local_part).to(p.dtype))

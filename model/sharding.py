@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from mmdit.model.layers import partition_dim
+from mmdit.model.qkv import diffusers_names, fuse, to_diffusers
 
 
 def partition_dims(model: nn.Module) -> dict[str, int | None]:
@@ -19,6 +20,18 @@ def partition_dims(model: nn.Module) -> dict[str, int | None]:
             full = f"{module_name}.{param_name}" if module_name else param_name
             dims[full] = partition_dim(module, param_name)
     return dims
+
+
+def diffusers_partition_dims(model: nn.Module) -> dict[str, int | None]:
+    """`partition_dims` under the names checkpoint files use (a fused q/k/v split into three)."""
+    return {part: dim for name, dim in partition_dims(model).items() for part in diffusers_names(name)}
+
+
+def local_from_parts(model: nn.Module, name: str, local_part) -> torch.Tensor:
+    """This rank's tensor of parameter `name`, from `local_part(diffusers name)` (this rank's slice
+    of that tensor), fusing q/k/v where the model holds them as one."""
+    parts = [local_part(part) for part in diffusers_names(name)]
+    return parts[0] if len(parts) == 1 else fuse(parts, model.args.attention_head_dim)
 
 
 def shard(full: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:
@@ -47,19 +60,25 @@ def full_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def diffusers_full_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """`full_shapes` under the names checkpoint files use."""
+    meta = ((name, torch.empty(shape, device="meta")) for name, shape in full_shapes(model).items())
+    return {name: tuple(t.shape) for name, t in to_diffusers(meta, model.args.attention_head_dim)}
+
+
 @torch.no_grad()
 def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy this rank's slice of each full tensor into the model's parameters."""
-    dims = partition_dims(model)
+    """Copy this rank's slice of each full tensor (diffusers names) into the model's parameters."""
+    dims = diffusers_partition_dims(model)
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(full))
-    unexpected = sorted(set(full) - set(params))
+    missing = sorted(set(dims) - set(full))
+    unexpected = sorted(set(full) - set(dims))
     if strict and (missing or unexpected):
         raise KeyError(f"state dict mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
     for name, p in params.items():
-        if name not in full:
+        if not all(part in full for part in diffusers_names(name)):
             continue
-        local = shard(full[name], dims[name], model.tp_rank, model.tp_size)
+        local = local_from_parts(model, name, lambda part: shard(full[part], dims[part], model.tp_rank, model.tp_size))
         if local.shape != p.shape:
             raise ValueError(f"{name}: checkpoint slice {tuple(local.shape)} != parameter {tuple(p.shape)}")
         p.copy_(local.to(p.dtype))

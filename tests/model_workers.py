@@ -5,7 +5,7 @@ import torch
 from mmdit.model.args import MMDiTArgs
 from mmdit.model.convert_cli import verification_cases
 from mmdit.model.mmdit import build_mmdit
-from mmdit.model.sharding import full_shapes, load_full_state_dict, partition_dims, unshard
+from mmdit.model.sharding import diffusers_full_shapes, load_full_state_dict, partition_dims, unshard
 from mmdit.parallel.compile import compile_blocks
 from mmdit.parallel.recompute import apply_recompute
 from mmdit.parallel.state import init_parallel, tp_group
@@ -15,7 +15,7 @@ def random_full_state_dict(args: MMDiTArgs, seed: int = 0) -> dict[str, torch.Te
     """Random weights for every parameter (norm scales near 1), unlike init_weights' zeroed
     modulation, so that every parameter gets a non-trivial gradient."""
     init_parallel(1)
-    shapes = full_shapes(build_mmdit(args, tp_group(), device="meta"))
+    shapes = diffusers_full_shapes(build_mmdit(args, tp_group(), device="meta"))
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in shapes.items():

@@ -12,7 +12,9 @@ from mmdit.launch.config import load_config
 from mmdit.model.attention import TextPadding, resolve_attention
 from mmdit.model.convert_cli import verification_cases
 from mmdit.model.info import model_info
+from mmdit.model.init import init_weights
 from mmdit.model.mmdit import build_mmdit, pack_latents, unpack_latents
+from mmdit.model.qkv import diffusers_names, fuse, unfuse
 from mmdit.model.rope import msrope
 from mmdit.model.sharding import load_full_state_dict, partition_dims
 from mmdit.parallel.state import init_parallel, tp_group
@@ -187,3 +189,40 @@ def test_bad_shapes_are_rejected():
         from mmdit.model.layers import make_linear_provider
 
         make_linear_provider(TINY, 3, None)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3, 6])
+def test_fused_qkv_chunks_hold_whole_heads_at_any_tp(tp):
+    """The head-major fused layout: a rank's contiguous 1/TP chunk is the fusion of its slices of
+    q, k and v, so TP sharding commutes with the diffusers name map; unfuse inverts fuse."""
+    heads, head_dim, dim = 6, 4, 5
+    g = torch.Generator().manual_seed(tp)
+    for shape in ((heads * head_dim, dim), (heads * head_dim,)):
+        parts = [torch.randn(shape, generator=g) for _ in range(3)]
+        fused = fuse(parts, head_dim)
+        assert all(torch.equal(a, b) for a, b in zip(unfuse(fused, head_dim), parts))
+        for rank in range(tp):
+            local = [p.chunk(tp)[rank] for p in parts]
+            assert torch.equal(fused.chunk(tp)[rank], fuse(local, head_dim))
+    assert diffusers_names("transformer_blocks.3.attn.add_qkv_proj.bias") == [
+        "transformer_blocks.3.attn.add_q_proj.bias", "transformer_blocks.3.attn.add_k_proj.bias",
+        "transformer_blocks.3.attn.add_v_proj.bias"]
+    assert diffusers_names("transformer_blocks.3.attn.to_out.0.weight") == ["transformer_blocks.3.attn.to_out.0.weight"]
+
+
+def test_checkpoint_files_keep_diffusers_names(tmp_path):
+    """What a saved model holds is named and laid out as diffusers' QwenImageTransformer2DModel."""
+    from mmdit.model.checkpoint import load_full_state_dict_from, save_model
+
+    init_parallel(1)
+    model = build_mmdit(TINY, tp_group())
+    init_weights(model, seed=1)
+    save_model(model, tmp_path)
+    config = {k: v for k, v in TINY.diffusers_config().items() if not k.startswith("_")}
+    reference = QwenImageTransformer2DModel(**config)
+    saved = load_full_state_dict_from(tmp_path)
+    assert set(saved) == set(reference.state_dict())
+    assert all(saved[k].shape == v.shape for k, v in reference.state_dict().items())
+    q = saved["transformer_blocks.0.attn.to_q.weight"]
+    assert torch.equal(model.transformer_blocks[0].attn.to_qkv.weight.unflatten(0, (-1, 3, TINY.attention_head_dim))[:, 0]
+                       .flatten(0, 1), q)
