@@ -196,6 +196,7 @@ def test_bench_recompute_reduced_slice_runs(tmp_path):
     assert "met" in result["target"]
 
 
+@pytest.mark.slow
 def test_bench_attention_kernels_on_padded_text_run(tmp_path):
     """gpu_smoke's attention check, reduced: the packed kernel under selective recompute on a
     micro-batch with padded prompts, recorded as such."""
