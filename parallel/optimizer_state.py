@@ -22,6 +22,7 @@ new rank. safetensors slices are read lazily, so a rank reads little more than i
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,26 +89,32 @@ class StateReader:
     """The optimizer state a checkpoint holds (written at TP=`tp`, DP=`dp`), cut for any layout."""
 
     def __init__(self, directory: Path, tp: int, dp: int, layouts: dict[str, ParamLayout]):
-        self.directory, self.tp, self.layouts = Path(directory), tp, layouts
-        self.files = {t: [_RankFile(state_file(directory, t, d)) for d in range(dp)] for t in range(tp)}
+        self.directory, self.tp, self.dp, self.layouts = Path(directory), tp, dp, layouts
+        self._opened: dict[int, list[_RankFile]] = {}
+
+    def _files(self, tp_rank: int) -> list[_RankFile]:
+        """The DP ranks' files of one old TP rank, opened when first needed."""
+        if tp_rank not in self._opened:
+            self._opened[tp_rank] = [_RankFile(state_file(self.directory, tp_rank, d)) for d in range(self.dp)]
+        return self._opened[tp_rank]
 
     def step(self, name: str) -> torch.Tensor | None:
-        for f in self.files[0]:
+        for f in self._files(0):
             if "step" in f.keys_of.get(name, ()):
                 return f.handle.get_tensor(f"step/{name}")
         return None
 
     def keys(self, name: str) -> set[str]:
         """The state keys saved for `name` (exp_avg, exp_avg_sq, maybe param; not step)."""
-        return {k for f in self.files[0] for k in f.keys_of.get(name, ())} - {"step"}
+        return {k for f in self._files(0) for k in f.keys_of.get(name, ())} - {"step"}
 
     def read(self, name: str, key: str, tp: int, tp_rank: int, owned: OwnedRange) -> torch.Tensor:
         """State `key` of parameter `name` over `owned`, for TP rank `tp_rank` of a TP=`tp` layout."""
         layout = self.layouts[name]
         if tp == self.tp or layout.dim is None:
-            return self._gather(self.files[tp_rank if tp == self.tp else 0], name, key, owned)
-        numel = _numel(layout.local_shape(self.tp))
-        old = [self._gather(self.files[t], name, key, OwnedRange(0, numel)).view(layout.local_shape(self.tp))
+            return self._gather(self._files(tp_rank if tp == self.tp else 0), name, key, owned)
+        numel = math.prod(layout.local_shape(self.tp))
+        old = [self._gather(self._files(t), name, key, OwnedRange(0, numel)).view(layout.local_shape(self.tp))
                for t in range(self.tp)]
         new = torch.cat(old, dim=layout.dim).chunk(tp, dim=layout.dim)[tp_rank]
         return new.reshape(-1)[owned.start:owned.end].clone()
@@ -132,10 +139,3 @@ class StateReader:
             raise KeyError(f"optimizer state {key}/{name}: the checkpoint covers {covered} of the "
                            f"{owned.end - owned.start} elements [{owned.start}, {owned.end})")
         return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
