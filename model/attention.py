@@ -29,6 +29,12 @@ import torch.nn.functional as F
 from mmdit.parallel.config import ATTENTION_KERNELS
 
 
+def joint_key_mask(txt_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+    """[B, L] text mask -> [B, L + N] over the joint sequence (image tokens are always real)."""
+    image = torch.ones(txt_mask.shape[0], num_image_tokens, dtype=torch.bool, device=txt_mask.device)
+    return torch.cat([txt_mask.bool(), image], dim=1)
+
+
 @dataclass(frozen=True)
 class TextPadding:
     """Which joint-sequence tokens are real in a micro-batch with padded prompts.
@@ -46,8 +52,7 @@ class TextPadding:
         or None when `txt_mask` is None (the caller decided on the host that nothing is padded)."""
         if txt_mask is None:
             return None
-        image = torch.ones(txt_mask.shape[0], num_image_tokens, dtype=torch.bool, device=txt_mask.device)
-        key_mask = torch.cat([txt_mask.bool(), image], dim=1)
+        key_mask = joint_key_mask(txt_mask, num_image_tokens)
         counts = key_mask.sum(dim=1)
         cu_seqlens = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
         index = key_mask.flatten().nonzero().squeeze(1)
@@ -73,8 +78,7 @@ class SDPAAttention:
     def prepare(txt_mask: torch.Tensor | None, num_image_tokens: int) -> torch.Tensor | None:
         if txt_mask is None:
             return None
-        image = torch.ones(txt_mask.shape[0], num_image_tokens, dtype=torch.bool, device=txt_mask.device)
-        return torch.cat([txt_mask.bool(), image], dim=1)[:, None, None, :]  # [B, 1, 1, S] keys
+        return joint_key_mask(txt_mask, num_image_tokens)[:, None, None, :]  # [B, 1, 1, S] keys
 
     def __call__(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         return _sdpa_bshd(q, k, v, mask)

@@ -92,7 +92,7 @@ class TorchBackend:
 
     def save_optimizer(self, directory: Path, dims) -> None:
         """This rank's own AdamW state (its ZeRO partition: whole parameters), no gather."""
-        names = {p: n for n, p in self.module.named_parameters()}
+        names = param_names(self.module)
         local = self.optimizer.optim
         states = {names[p]: {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "step": st["step"]}
                   for p, st in local.state.items() if "exp_avg" in st}
@@ -101,7 +101,7 @@ class TorchBackend:
 
     def load_optimizer(self, reader: StateReader, dims) -> None:
         """The state of the parameters this rank's partition holds now, from any TP x DP layout."""
-        names = {p: n for n, p in self.module.named_parameters()}
+        names = param_names(self.module)
         local = self.optimizer.optim
         for group in local.param_groups:
             for p in group["params"]:
@@ -155,7 +155,7 @@ class MegatronBackend:
     def save_optimizer(self, directory: Path, dims) -> None:
         """This rank's fp32 main-weight and Adam-moment shards (no gather); DP rank 0 also writes
         the param-group state (megatron's own, small: hyperparameters and the Adam step)."""
-        names = {p: n for n, p in self.module.named_parameters()}
+        names = param_names(self.module)
         states, ranges = {}, {}
         for param, owned, opt in self._owned():
             tensors = opt._get_main_param_and_optimizer_states(param)
@@ -168,7 +168,7 @@ class MegatronBackend:
     def load_optimizer(self, reader: StateReader, dims) -> None:
         groups = torch.load(reader.directory / MEGATRON_GROUPS, weights_only=False)
         self.optimizer.load_state_dict(groups)  # allocates the states
-        names = {p: n for n, p in self.module.named_parameters()}
+        names = param_names(self.module)
         # Without TE/apex, megatron falls back to torch Adam, whose per-parameter state holds a
         # "step"; its load_state_dict sets one shared step tensor in every state. The steps leave
         # the states for the copy and come back as one tensor per state.
@@ -178,6 +178,11 @@ class MegatronBackend:
                 saved = {k: reader.read(names[param], k, dims.tp, dims.tp_rank, owned) for k in reader.keys(names[param])}
                 zeros = torch.zeros(owned.end - owned.start)  # moments of a model saved before its first step
                 opt._set_main_param_and_optimizer_states(param, {"exp_avg": zeros, "exp_avg_sq": zeros, **saved})
+
+
+def param_names(module: torch.nn.Module) -> dict:
+    """Parameter -> its name: how optimizer state files key what a rank owns."""
+    return {p: n for n, p in module.named_parameters()}
 
 
 @contextlib.contextmanager
