@@ -295,13 +295,15 @@ class Trainer:
             if cfg.train.telemetry and hasattr(batches, "report"):  # to /metrics and the dashboard, with the acks
                 batches.report(m.telemetry())
             self._count_bad_steps(stepped, loss_value, grad_norm)
-            if self.evaluator is not None and self.step % cfg.train.eval_every == 0:
+            # Every rank stops at the same step; a stopping run skips evaluation and previews, so
+            # that it checkpoints within the launcher's shutdown timeout.
+            stop = any_rank_true(self.stop_requested)
+            if not stop and self.evaluator is not None and self.step % cfg.train.eval_every == 0:
                 self.evaluate()
                 started = time.perf_counter()  # evaluation is not the next step's time
-            if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+            if not stop and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                 self.preview()
                 started = time.perf_counter()
-            stop = any_rank_true(self.stop_requested)  # every rank stops at the same step
             if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.checkpoint(batches)
                 saved, started = self.step, time.perf_counter()

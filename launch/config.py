@@ -57,6 +57,10 @@ class LaunchConfig:
     """Local processes (tp * dp) the local launcher starts."""
     master_port: int = 0
     """Port of the job's store, which rank 0 hosts on 127.0.0.1 (local launcher); 0: a free one."""
+    stop_timeout_s: float = 600.0
+    """After SIGINT/SIGTERM, how long the local launcher and `mmdit demo` let ranks finish their step
+    and checkpoint before SIGKILL (a 20B checkpoint takes minutes). Ranks left behind by a failed
+    rank are stopped within `service.shutdown_timeout_s` instead: they cannot checkpoint."""
     trainer_nodes: int = 1
     """`mmdit submit`: trainer nodes, each running launch.gpus_per_node ranks."""
     gpus_per_node: int = 8
@@ -68,6 +72,8 @@ class LaunchConfig:
     def __post_init__(self):
         if self.nproc < 1:
             raise ValueError(f"launch.nproc must be >= 1, got {self.nproc}")
+        if self.stop_timeout_s <= 0:
+            raise ValueError(f"launch.stop_timeout_s must be > 0, got {self.stop_timeout_s}")
         if not 0 <= self.master_port < 65536:
             raise ValueError(f"launch.master_port must be in 0..65535, got {self.master_port}")
 

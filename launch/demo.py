@@ -43,8 +43,8 @@ class Stages:
     """Runs stages one at a time, each in its own process group with its output in a log file,
     and stops the current one (and everything it started) on Ctrl-C or SIGTERM."""
 
-    def __init__(self, table: ProcessTable, logs: Path, shutdown_timeout_s: float):
-        self.table, self.logs, self.timeout = table, logs, shutdown_timeout_s
+    def __init__(self, table: ProcessTable, logs: Path, stop_timeout_s: float):
+        self.table, self.logs, self.timeout = table, logs, stop_timeout_s
         logs.mkdir(parents=True, exist_ok=True)
 
     def run(self, name: str, cmd: list[str], while_running=None) -> str:
@@ -134,7 +134,7 @@ def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
     started = time.monotonic()
     encoders = Path(cfg.encoders.dir)
     shards = run / "shards"
-    stages = Stages(table, run / "logs", cfg.service.shutdown_timeout_s)
+    stages = Stages(table, run / "logs", cfg.launch.stop_timeout_s)
     common = [f"run.dir={run}", f"encoders.dir={encoders}", f"cache.dir={cfg.cache.dir}", *argv]
     if not (encoders / "vae").is_dir():
         stages.run("encoders", mmdit("make-tiny-encoders", str(encoders)))

@@ -9,8 +9,9 @@ store listens on every interface on a port of its own choosing. Here:
   whoever started the launcher in a group of its own can stop everything with one signal) and
   die with the launcher, even when it is SIGKILLed;
 - SIGINT/SIGTERM to the launcher alone is passed on as SIGTERM to every rank (a trainer then
-  checkpoints and exits); ranks still running after `service.shutdown_timeout_s` are killed.
-  When one rank fails, the others are stopped the same way.
+  checkpoints and exits); ranks still running after `launch.stop_timeout_s` are killed. When one
+  rank fails, the others get SIGTERM too, and SIGKILL after `service.shutdown_timeout_s` (they
+  cannot checkpoint without it).
 
 Under torchrun, SLURM or any launcher that sets RANK/WORLD_SIZE, a command just runs.
 """
@@ -35,7 +36,7 @@ def is_rank() -> bool:
 
 
 def launch_local(command: str, argv: list[str], nproc: int, run_dir: str, role: str, master_port: int,
-                 shutdown_timeout_s: float) -> int:
+                 stop_timeout_s: float, failure_timeout_s: float) -> int:
     """Run `mmdit command argv` as `nproc` ranks on this machine; the first failure's exit code."""
     table = ProcessTable(run_dir)
     master_port = master_port or free_port()
@@ -51,22 +52,23 @@ def launch_local(command: str, argv: list[str], nproc: int, run_dir: str, role: 
             proc = subprocess.Popen(python_command("mmdit.launch.cli", [command, *argv]), env=env)
             procs.append(proc)
             table.add(role, f"{role}_rank{rank}", proc.pid, rank=rank)
-        worst = _wait(procs, table, stop, shutdown_timeout_s)
+        worst = _wait(procs, table, stop, stop_timeout_s, failure_timeout_s)
     finally:
-        _stop(procs, table, shutdown_timeout_s)
+        _stop(procs, table, failure_timeout_s)  # only ranks left by an error in the launcher itself
         stop.restore()
     if stop.is_set() and worst in (0, -signal.SIGTERM):
         return 130  # stopped by the operator
     return worst
 
 
-def _wait(procs: list[subprocess.Popen], table: ProcessTable, stop: SignalStop, timeout_s: float) -> int:
+def _wait(procs: list[subprocess.Popen], table: ProcessTable, stop: SignalStop, stop_timeout_s: float,
+          failure_timeout_s: float) -> int:
     """Until every rank exited, the first failure (others are stopped then), or a signal."""
     recorded: set[int] = set()
     while len(recorded) < len(procs):
         if stop.is_set():
             log.warning("stopping %d ranks", len(procs) - len(recorded))
-            _stop(procs, table, timeout_s)
+            _stop(procs, table, stop_timeout_s)
             break
         for proc in procs:
             if proc.pid not in recorded and proc.poll() is not None:
@@ -74,7 +76,7 @@ def _wait(procs: list[subprocess.Popen], table: ProcessTable, stop: SignalStop, 
                 table.set_returncode(proc.pid, proc.returncode)
                 if proc.returncode:
                     log.error("rank pid %d exited with %d; stopping the others", proc.pid, proc.returncode)
-                    _stop(procs, table, timeout_s)
+                    _stop(procs, table, failure_timeout_s)
                     return proc.returncode
         time.sleep(0.1)
     codes = [p.returncode for p in procs if p.returncode is not None]
@@ -111,5 +113,5 @@ def main_or_launch(command: str, argv: list[str], cfg, role: str, nproc: int | N
     if nproc <= 1 or is_rank():
         return None
     code = launch_local(command, argv, nproc, cfg.run.dir, role, cfg.launch.master_port,
-                        cfg.service.shutdown_timeout_s)
+                        cfg.launch.stop_timeout_s, cfg.service.shutdown_timeout_s)
     return exit_code_of(code)

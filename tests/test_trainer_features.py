@@ -121,6 +121,31 @@ def test_evaluation_is_deterministic_across_runs_and_layouts(tmp_path):
         assert r["eval_loss_per_sigma"] == pytest.approx(ra["eval_loss_per_sigma"], abs=1e-5), name
 
 
+STOP_BEFORE_THE_FIRST_STEP_ENDS = """
+import json, sys
+from mmdit.consumer.train import Trainer
+from mmdit.launch.config import load_config
+trainer = Trainer(load_config(sys.argv[1:]))
+trainer.stop_requested = True  # as SIGTERM during the first step would
+print(json.dumps(trainer.run()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_stopping_trainer_checkpoints_without_evaluating_first(tmp_path):
+    common = [*BASE, "train.steps=5", "train.eval_every=1", "train.eval_samples=2", "train.save_every=100"]
+    train(tmp_path / "go_on", *common, "train.steps=1")
+    assert [r["step"] for r in records(tmp_path / "go_on", True)] == [1]  # eval_every=1 evaluates at step 1
+    run = tmp_path / "stopped"
+    done = subprocess.run([sys.executable, "-c", STOP_BEFORE_THE_FIRST_STEP_ENDS, f"run.dir={run}", *common],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["stopped_early"]
+    assert [r["step"] for r in records(run)] == [1] and records(run, True) == []
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000001"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_encoders_dir):
     run = tmp_path_factory.mktemp("trained")
