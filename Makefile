@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python bench/producer.py
 	$(BIN)/python bench/data_service.py
 	$(BIN)/python bench/coordinator_scale.py
+	$(BIN)/python bench/sequence_parallel.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

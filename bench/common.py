@@ -25,14 +25,23 @@ from mmdit.parallel.state import init_parallel, tp_group
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def rope_axes(head_dim: int) -> list[int]:
+    """Frame/row/col split of the head dim in Qwen-Image's proportion (16, 56, 56 of 128)."""
+    side = (head_dim - max(2, head_dim // 8)) // 4 * 2  # even, as MSRoPE rotates pairs
+    return [head_dim - 2 * side, side, side]
+
+
 def build_model(args: MMDiTArgs, device: str, dtype: torch.dtype, layers: str = "auto", seed: int = 0,
-                attention: str = "sdpa") -> MMDiT:
-    """The real model at TP=1 with real weights: init_weights, then the zero-initialized AdaLN
-    modulation and output head drawn small random, so no matmul multiplies zeros (zeros draw less
-    power on a GPU and would flatter its clocks) and every gradient is non-trivial."""
-    init_parallel(1, backend="gloo")  # TP=1 issues no collectives; gloo needs no GPU setup
-    use_te = layers == "te" or (layers == "auto" and device.startswith("cuda") and transformer_engine_available())
-    model = build_mmdit(args, tp_group(), device=device, use_te=use_te, params_dtype=dtype, attention=attention)
+                attention: str = "sdpa", tp: int = 1, sequence_parallel: bool = False) -> MMDiT:
+    """The real model (this rank's shard at TP=tp) with real weights: init_weights, then the
+    zero-initialized AdaLN modulation and output head drawn small random, so no matmul multiplies
+    zeros (zeros draw less power on a GPU and would flatter its clocks) and every gradient is
+    non-trivial. The weights are the same at every TP size."""
+    init_parallel(tp, backend="gloo" if tp == 1 else None)  # TP=1 issues no collectives: no GPU setup
+    use_te = layers == "te" or (layers == "auto" and device.startswith("cuda") and transformer_engine_available()
+                                and not sequence_parallel)
+    model = build_mmdit(args, tp_group(), device=device, use_te=use_te, params_dtype=dtype, attention=attention,
+                        sequence_parallel=sequence_parallel)
     init_weights(model, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -35,6 +35,7 @@ from common import (  # bench/ is a scripts folder: run as `python bench/recompu
     make_batch,
     measure_memory,
     median,
+    rope_axes,
     time_step,
     timed_rounds,
     train_step,
@@ -105,12 +106,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if ns.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
     return ns
-
-
-def rope_axes(head_dim: int) -> list[int]:
-    """Frame/row/col split of the head dim in Qwen-Image's proportion (16, 56, 56 of 128)."""
-    side = (head_dim - max(2, head_dim // 8)) // 4 * 2  # even, as MSRoPE rotates pairs
-    return [head_dim - 2 * side, side, side]
 
 
 def model_args(ns: argparse.Namespace) -> MMDiTArgs:

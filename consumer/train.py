@@ -138,13 +138,15 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.dtype = compute_dtype(cfg)
-        use_te = cfg.parallel.layers == "te" or (cfg.parallel.layers == "auto" and transformer_engine_available())
+        use_te = cfg.parallel.layers == "te" or (cfg.parallel.layers == "auto" and transformer_engine_available()
+                                                 and not cfg.parallel.sequence_parallel)
         on_gpu = self.device.type == "cuda"
         backend_name = resolve_backend(cfg.parallel)
         # megatron's optimizer keeps fp32 main weights itself, so its model holds bf16 params.
         params_dtype = self.dtype if backend_name == "megatron" else torch.float32
         self.model = build_mmdit(cfg.model, tp_group(), device=self.device, use_te=use_te, params_dtype=params_dtype,
-                                 attention=resolve_attention(cfg.parallel.attention))
+                                 attention=resolve_attention(cfg.parallel.attention),
+                                 sequence_parallel=cfg.parallel.sequence_parallel)
         if cfg.train.init_from:
             from mmdit.model.checkpoint import load_weights
 
@@ -181,10 +183,10 @@ class Trainer:
         self.peak = cfg.train.peak_tflops * 1e12 or (peak_flops(torch.cuda.get_device_name()) if on_gpu else None)
         self.stop_requested = False
         self.evaluator = self._evaluator() if cfg.train.eval_every else None
-        log.info("backend %s | layers %s | attention %s | tp %d x dp %d | dtype %s | recompute %s | device %s",
+        log.info("backend %s | layers %s | attention %s | tp %d%s x dp %d | dtype %s | recompute %s | device %s",
                  self.backend.name, "transformer-engine" if use_te else "megatron-local", self.model.attention,
-                 self.dims.tp, self.dims.dp, str(self.dtype).removeprefix("torch."), cfg.parallel.recompute,
-                 self.device)
+                 self.dims.tp, " (sequence parallel)" if self.model.sequence_parallel_group else "", self.dims.dp,
+                 str(self.dtype).removeprefix("torch."), cfg.parallel.recompute, self.device)
 
     def _evaluator(self):
         from mmdit.consumer.evaluation import Evaluator, held_out_records, random_held_out

@@ -4,8 +4,11 @@ Image and text tokens keep their own modulation, q/k/v, output projection and ML
 only in attention, over the joint sequence [text, image]. Under tensor parallelism q/k/v of
 both streams are column-parallel, so each rank owns heads/tp whole heads of both streams and
 attends locally; the output projections and the second MLP linear are row-parallel (one
-all-reduce each). Module names equal diffusers' `QwenImageTransformerBlock` except the fused
-q/k/v projections, which model/qkv.py maps to diffusers' three per stream.
+all-reduce each). With sequence parallelism (model/sequence_parallel.py) the block's input and
+output hold 1/tp of each stream's tokens: gathered before each column-parallel linear,
+reduce-scattered after each row-parallel one. Module names equal diffusers'
+`QwenImageTransformerBlock` except the fused q/k/v projections, which model/qkv.py maps to
+diffusers' three per stream.
 """
 
 import torch
@@ -17,6 +20,7 @@ from mmdit.model.args import MMDiTArgs
 from mmdit.model.attention import SDPAAttention
 from mmdit.model.layers import HeadRMSNorm, LinearProvider, layer_norm, modulate
 from mmdit.model.rope import apply_rotary
+from mmdit.model.sequence_parallel import SequenceShards, StreamShards
 
 
 class JointAttention(nn.Module):
@@ -34,23 +38,23 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([linears.row(dim, dim)])
         self.to_add_out = linears.row(dim, dim)
 
-    def _qkv(self, proj: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v [B, S, H/tp, Dh] of this rank's heads."""
-        return proj(x).unflatten(-1, (self.local_heads, 3, self.head_dim)).unbind(dim=-2)
+    def _qkv(self, proj: nn.Module, x: torch.Tensor, seq: SequenceShards) -> tuple[torch.Tensor, ...]:
+        """q, k, v [B, S, H/tp, Dh] of this rank's heads over the whole stream."""
+        return seq.column(proj, x).unflatten(-1, (self.local_heads, 3, self.head_dim)).unbind(dim=-2)
 
-    def forward(self, img, txt, rope, padding, text_output: bool = True):
-        """img [B, N, D], txt [B, L, D] (modulated), padding from the kernel's `prepare`
-        -> (img_out [B, N, D], txt_out [B, L, D] | None)."""
+    def forward(self, img, txt, rope, padding, shards: StreamShards, text_output: bool = True):
+        """img [B, N, D], txt [B, L, D] (modulated; this rank's chunks under sequence parallelism),
+        padding from the kernel's `prepare` -> (img_out, txt_out | None), shaped as img and txt."""
         cos, sin = rope  # [L + N, Dh/2]
-        txt_len = txt.shape[1]
-        txt_q, txt_k, txt_v = self._qkv(self.add_qkv_proj, txt)
-        img_q, img_k, img_v = self._qkv(self.to_qkv, img)
+        txt_len = shards.txt.length
+        txt_q, txt_k, txt_v = self._qkv(self.add_qkv_proj, txt, shards.txt)
+        img_q, img_k, img_v = self._qkv(self.to_qkv, img, shards.img)
         q = torch.cat([self.norm_added_q(txt_q), self.norm_q(img_q)], dim=1)  # [B, L+N, H/tp, Dh]
         k = torch.cat([self.norm_added_k(txt_k), self.norm_k(img_k)], dim=1)
         v = torch.cat([txt_v, img_v], dim=1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.kernel(q, k, v, padding)  # [B, L+N, D/tp]
-        img_out = self.to_out[0](out[:, txt_len:].contiguous())  # all-reduce over TP
+        img_out = self.to_out[0](out[:, txt_len:].contiguous())  # all-reduce (or reduce-scatter) over TP
         txt_out = self.to_add_out(out[:, :txt_len].contiguous()) if text_output else None
         return img_out, txt_out
 
@@ -69,8 +73,8 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([_GeluProjection(linears.column(dim, hidden)), nn.Identity(),
                                   linears.row(hidden, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor, seq: SequenceShards) -> torch.Tensor:
+        return self.net[2](F.gelu(seq.column(self.net[0].proj, x), approximate="tanh"))
 
 
 class MMDiTBlock(nn.Module):
@@ -98,41 +102,42 @@ class MMDiTBlock(nn.Module):
         """Checkpoint the whole block; `recompute_context` a `context_fn` (selective recompute).
         Inside `forward`, so that torch.compile of the block traces the checkpoint too."""
 
-    def _attention(self, img, txt, img_mod1, txt_mod1, rope, padding):
+    def _attention(self, img, txt, img_mod1, txt_mod1, rope, padding, shards: StreamShards):
         img_shift, img_scale, _ = img_mod1.chunk(3, dim=-1)
         txt_shift, txt_scale, _ = txt_mod1.chunk(3, dim=-1)
         img_in = modulate(layer_norm(img, self.eps), img_shift, img_scale)
         txt_in = modulate(layer_norm(txt, self.eps), txt_shift, txt_scale)
-        return self.attn(img_in, txt_in, rope, padding, text_output=self.text_output)
+        return self.attn(img_in, txt_in, rope, padding, shards, text_output=self.text_output)
 
-    def _mlp(self, x, mod2, mlp):
+    def _mlp(self, x, mod2, mlp, seq):
         shift, scale, _ = mod2.chunk(3, dim=-1)
-        return mlp(modulate(layer_norm(x, self.eps), shift, scale))
+        return mlp(modulate(layer_norm(x, self.eps), shift, scale), seq)
 
     def _maybe_checkpoint(self, enabled: bool, fn, *args):
         if enabled and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def forward(self, img, txt, temb, rope, padding):
-        """img [B, N, D], txt [B, L, D], temb [B, D] -> (img, txt); txt is None in the last block."""
+    def forward(self, img, txt, temb, rope, padding, shards: StreamShards):
+        """img [B, N, D], txt [B, L, D], temb [B, D] -> (img, txt); txt is None in the last block.
+        With sequence parallelism N and L are this rank's chunks of the streams (`shards`)."""
         if self.recompute_block and torch.is_grad_enabled():
             extra = {"context_fn": self.recompute_context} if self.recompute_context else {}
-            return checkpoint(self._forward, img, txt, temb, rope, padding, use_reentrant=False, **extra)
-        return self._forward(img, txt, temb, rope, padding)
+            return checkpoint(self._forward, img, txt, temb, rope, padding, shards, use_reentrant=False, **extra)
+        return self._forward(img, txt, temb, rope, padding, shards)
 
-    def _forward(self, img, txt, temb, rope, padding):
+    def _forward(self, img, txt, temb, rope, padding, shards):
         img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)  # [B, 3D] each: shift, scale, gate
         txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
 
         img_attn, txt_attn = self._maybe_checkpoint(
-            self.recompute_attention, self._attention, img, txt, img_mod1, txt_mod1, rope, padding)
+            self.recompute_attention, self._attention, img, txt, img_mod1, txt_mod1, rope, padding, shards)
         img = img + img_mod1.chunk(3, dim=-1)[2].unsqueeze(1) * img_attn
         img = img + img_mod2.chunk(3, dim=-1)[2].unsqueeze(1) * self._maybe_checkpoint(
-            self.recompute_mlp, self._mlp, img, img_mod2, self.img_mlp)
+            self.recompute_mlp, self._mlp, img, img_mod2, self.img_mlp, shards.img)
         if not self.text_output:
             return img, None
         txt = txt + txt_mod1.chunk(3, dim=-1)[2].unsqueeze(1) * txt_attn
         txt = txt + txt_mod2.chunk(3, dim=-1)[2].unsqueeze(1) * self._maybe_checkpoint(
-            self.recompute_mlp, self._mlp, txt, txt_mod2, self.txt_mlp)
+            self.recompute_mlp, self._mlp, txt, txt_mod2, self.txt_mlp, shards.txt)
         return img, txt

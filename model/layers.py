@@ -15,6 +15,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 
 from mmdit.model.args import MMDiTArgs
+from mmdit.model.sequence_parallel import SequenceShards
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,29 +47,48 @@ class RowLinear(_OutputOnly, tensor_parallel.RowParallelLinear):
 
 
 class _GatherLastDim(torch.autograd.Function):
-    """All-gather along the last dim in forward; keep this rank's slice of the gradient in
-    backward (the consumer of the gathered tensor is replicated, so its gradient is too)."""
+    """All-gather along the last dim in forward; in backward, this rank's slice of the gradient:
+    as it is when the consumer is replicated (every rank's gradient is the same), summed over
+    the group first when each rank's consumer saw only its own tokens (sequence parallelism)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
+    def forward(ctx, x: torch.Tensor, group, partial_grad: bool) -> torch.Tensor:
+        ctx.group, ctx.partial_grad = group, partial_grad
         parts = [torch.empty_like(x) for _ in range(group.size())]
         torch.distributed.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=-1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None
+        if ctx.partial_grad:  # tiny ([B, 6 * hidden]): an all-reduce is as good as a reduce-scatter
+            grad = grad.contiguous()
+            torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None, None
 
 
 class GatheredColumnLinear(ColumnLinear):
-    """Column-parallel weight, replicated output: [..., out/tp] per rank, all-gathered."""
+    """Column-parallel weight, replicated output: [..., out/tp] per rank, all-gathered.
+    `partial_grad`: the output's consumers are split over the TP group (sequence parallelism)."""
+
+    partial_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         if self.tp_group.size() == 1:
             return out
-        return _GatherLastDim.apply(out, self.tp_group)
+        return _GatherLastDim.apply(out, self.tp_group, self.partial_grad)
+
+
+class SequenceParallelRowLinear(RowLinear):
+    """Row-parallel linear whose output is reduce-scattered over the sequence (model/sequence_parallel.py)
+    instead of all-reduced: [B, S, in/tp] -> this rank's [B, ceil(S/tp), out] of the sum."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = SequenceShards(x.shape[1], self.tp_group).reduce_scatter(F.linear(x, self.weight))
+        if self.bias is None:
+            return out
+        # Each rank adds the bias to its own tokens only: its gradient is summed over the group.
+        return out + tensor_parallel.copy_to_tensor_model_parallel_region(self.bias, group=self.tp_group)
 
 
 def _te_linears():
@@ -106,27 +126,37 @@ class LinearProvider:
     `row` takes split input and all-reduces its output; `column_gathered` computes a split output
     and all-gathers it (used for the AdaLN modulation, whose [B, 6*hidden] output is tiny but whose
     weight is a third of the model).
+
+    With `sequence_parallel`, a `column` layer is applied through `SequenceShards.column` (which
+    gathers its input over the sequence and reduce-scatters the input gradient, so the layer has
+    no all-reduce of its own) and `row` reduce-scatters its output over the sequence.
     """
 
     config: TransformerConfig
     tp_group: torch.distributed.ProcessGroup | None
     use_te: bool
+    sequence_parallel: bool = False
 
     def _kwargs(self, bias: bool) -> dict:
         return dict(config=self.config, init_method=self.config.init_method, bias=bias,
                     skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
 
     def column(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+        if self.sequence_parallel:
+            return ColumnLinear(in_features, out_features, gather_output=False, disable_grad_reduce=True,
+                                **self._kwargs(bias))
         cls = _te_linears()[0] if self.use_te else ColumnLinear
         return cls(in_features, out_features, gather_output=False, **self._kwargs(bias))
 
     def column_gathered(self, in_features: int, out_features: int) -> nn.Module:
         # The local layer without megatron's gather_output (which allocates on CUDA) and TE's
         # (which has none): our all-gather works with gloo and NCCL alike.
-        return GatheredColumnLinear(in_features, out_features, gather_output=False, **self._kwargs(True))
+        layer = GatheredColumnLinear(in_features, out_features, gather_output=False, **self._kwargs(True))
+        layer.partial_grad = self.sequence_parallel
+        return layer
 
     def row(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
-        cls = _te_linears()[1] if self.use_te else RowLinear
+        cls = SequenceParallelRowLinear if self.sequence_parallel else _te_linears()[1] if self.use_te else RowLinear
         return cls(in_features, out_features, input_is_parallel=True, **self._kwargs(bias))
 
     @property
@@ -135,11 +165,15 @@ class LinearProvider:
 
 
 def make_linear_provider(args: MMDiTArgs, tp_size: int, tp_group, *, use_te: bool = False,
-                         params_dtype: torch.dtype = torch.float32) -> LinearProvider:
+                         params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False) -> LinearProvider:
     if args.num_attention_heads % tp_size:
         raise ValueError(
             f"parallel.tp={tp_size} must divide num_attention_heads={args.num_attention_heads} "
             "(each tensor-parallel rank owns whole heads)")
+    if sequence_parallel and use_te:
+        # TE's linears split the sequence along dim 0 ([S, B, D]) and always all-reduce a column
+        # layer's input gradient; the MMDiT's tokens are dim 1.
+        raise ValueError("parallel.sequence_parallel=true needs parallel.layers=local (or auto), not te")
     config = TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -155,7 +189,8 @@ def make_linear_provider(args: MMDiTArgs, tp_size: int, tp_group, *, use_te: boo
         gradient_accumulation_fusion=False,
         sequence_parallel=False,
     )
-    return LinearProvider(config=config, tp_group=tp_group, use_te=use_te)
+    return LinearProvider(config=config, tp_group=tp_group, use_te=use_te,
+                          sequence_parallel=sequence_parallel and tp_size > 1)
 
 
 class RMSNorm(nn.Module):

@@ -15,6 +15,7 @@ from mmdit.model.attention import SDPAAttention, make_attention
 from mmdit.model.block import MMDiTBlock
 from mmdit.model.layers import LinearProvider, RMSNorm, layer_norm, make_linear_provider, modulate
 from mmdit.model.rope import ImageShape, msrope
+from mmdit.model.sequence_parallel import StreamShards
 
 
 def timestep_sinusoids(sigmas: torch.Tensor, dim: int = 256, scale: float = 1000.0) -> torch.Tensor:
@@ -68,6 +69,8 @@ class MMDiT(nn.Module):
         self.kernel = attention or SDPAAttention()  # model/attention.py, shared by every block
         self.attention = self.kernel.name
         self.tp_size, self.tp_rank = linears.tp_size, tp_rank
+        # model/sequence_parallel.py: the blocks' activations split over the TP group
+        self.sequence_parallel_group = linears.tp_group if linears.sequence_parallel else None
         self.config = linears.config  # megatron's TransformerConfig: its DDP reads it
         dim = args.hidden_size
         self.time_text_embed = TimeTextEmbed(dim)
@@ -101,8 +104,11 @@ class MMDiT(nn.Module):
         # no device sync), so attention can take its unmasked flash kernels.
         padding = self.kernel.prepare(txt_mask, img.shape[1])
 
+        shards = StreamShards.of(img.shape[1], txt.shape[1], self.sequence_parallel_group)
+        img, txt = shards.img.scatter(img), shards.txt.scatter(txt)
         for block in self.transformer_blocks:  # each checkpoints itself as parallel/recompute.py set it
-            img, txt = block(img, txt, temb, rope, padding)
+            img, txt = block(img, txt, temb, rope, padding, shards)
+        img = shards.img.gather_replicated(img)  # the output head and the loss see every token
         return self.proj_out(self.norm_out(img, temb))  # [B, N, C*p*p]
 
 
@@ -126,14 +132,16 @@ def packed_shape(latent_h: int, latent_w: int, patch: int = 2) -> ImageShape:
 
 
 def build_mmdit(args: MMDiTArgs, tp_group=None, *, device: str | torch.device = "cpu",
-                use_te: bool = False, params_dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> MMDiT:
+                use_te: bool = False, params_dtype: torch.dtype = torch.float32, attention: str = "sdpa",
+                sequence_parallel: bool = False) -> MMDiT:
     """Build this rank's shard of the MMDiT with uninitialized weights on `device` ("meta" too).
 
     Call `init_weights` (model/init.py) or load a checkpoint afterwards. tp_group None means TP=1.
     """
     tp_size = tp_group.size() if tp_group is not None else 1
     tp_rank = tp_group.rank() if tp_group is not None else 0
-    linears = make_linear_provider(args, tp_size, tp_group, use_te=use_te, params_dtype=params_dtype)
+    linears = make_linear_provider(args, tp_size, tp_group, use_te=use_te, params_dtype=params_dtype,
+                                   sequence_parallel=sequence_parallel)
     kernel = make_attention(attention, args.num_attention_heads // tp_size, args.attention_head_dim)
     with torch.device("meta"):
         model = MMDiT(args, linears, tp_rank=tp_rank, attention=kernel)

@@ -25,6 +25,10 @@ class ParallelConfig:
     attention: str = "auto"
     """Attention kernel (model/attention.py): auto (= sdpa) | sdpa | varlen (packed, no mask: flash
     for padded micro-batches) | te (Transformer Engine DotProductAttention, GPU)."""
+    sequence_parallel: bool = False
+    """With tp > 1: split norms, modulation and residuals over the TP group along the sequence
+    (model/sequence_parallel.py), dividing their activation memory by tp for the same traffic.
+    Uses the megatron-local linears (layers=auto picks them; layers=te is rejected)."""
 
     def __post_init__(self):
         if self.tp < 1:
@@ -39,3 +43,6 @@ class ParallelConfig:
             raise ValueError(f"parallel.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.layers not in ("auto", "local", "te"):
             raise ValueError(f"parallel.layers must be auto, local or te, got {self.layers!r}")
+        if self.sequence_parallel and self.layers == "te":
+            raise ValueError("parallel.sequence_parallel=true needs parallel.layers=local or auto: Transformer "
+                             "Engine's linears split the sequence along another dim")

@@ -24,16 +24,30 @@ def random_full_state_dict(args: MMDiTArgs, seed: int = 0) -> dict[str, torch.Te
     return state
 
 
+def odd_lengths_case(args: MMDiTArgs) -> dict:
+    """Streams no TP size > 1 divides: 5 x 7 image tokens and 11 text tokens, one prompt padded."""
+    from mmdit.model.mmdit import pack_latents, packed_shape
+
+    g = torch.Generator().manual_seed(3)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, 6:] = False
+    return dict(img_tokens=pack_latents(torch.randn(2, args.latent_channels, 10, 14, generator=g)),
+                txt=torch.randn(2, 11, args.joint_attention_dim, generator=g), txt_mask=mask,
+                sigmas=torch.rand(2, generator=g), image_shapes=[packed_shape(10, 14)])
+
+
 def forward_backward(rank: int, args: MMDiTArgs, tp: int, state: dict, recompute: str = "none",
-                     case: str = "edit", compile: bool = False) -> dict:
-    """Output of one case and the full (unsharded) gradient of every parameter, on every rank."""
+                     case: str = "edit", compile: bool = False, sequence_parallel: bool = False,
+                     attention: str = "sdpa") -> dict:
+    """Output of one case and the full gradient of every parameter: a sharded one gathered, a
+    replicated one as this rank holds it (so every rank's copy is checked)."""
     init_parallel(tp)
-    model = build_mmdit(args, tp_group())
+    model = build_mmdit(args, tp_group(), sequence_parallel=sequence_parallel, attention=attention)
     load_full_state_dict(model, state)
     apply_recompute(model, recompute, every=2)
     if compile:
         compile_blocks(model)
-    inputs = verification_cases(args, seed=1)[case]
+    inputs = odd_lengths_case(args) if case == "odd" else verification_cases(args, seed=1)[case]
     out = model(**inputs)
     (out.float().square().mean() + out.sum() * 1e-3).backward()
     dims = partition_dims(model)
@@ -44,7 +58,7 @@ def forward_backward(rank: int, args: MMDiTArgs, tp: int, state: dict, recompute
             continue
         parts = [torch.empty_like(p.grad) for _ in range(tp)]
         torch.distributed.all_gather(parts, p.grad.contiguous(), group=group)
-        grads[name] = unshard(parts, dims[name])
+        grads[name] = p.grad if dims[name] is None else unshard(parts, dims[name])
     return {"out": out.detach(), "grads": grads}
 
 
