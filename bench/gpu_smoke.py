@@ -113,6 +113,24 @@ def attention_checks(out: Path) -> dict:
     return results
 
 
+def sequence_parallel_checks(out: Path) -> dict:
+    """TP=2 with and without sequence parallelism at the released width (two GPUs needed)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        return {"skipped": f"needs 2 GPUs, this machine has {torch.cuda.device_count()}"}
+    target = out / "sequence_parallel_cuda.json"
+    done = subprocess.run([sys.executable, str(HERE / "sequence_parallel.py"), "--device", "cuda", "--dtype", "bf16",
+                           "--tp", "2", "--layers", "2", "--heads", "24", "--head-dim", "128", "--joint-dim", "3584",
+                           "--resolution", "1328", "--text-tokens", "256", "--out", str(target)],
+                          capture_output=True, text=True, timeout=600)
+    check(done.returncode == 0, f"sequence parallelism at TP=2 failed:\n{done.stderr[-3000:]}")
+    result = json.loads(target.read_text())
+    check(result["saved_ratio"] < 0.9, f"sequence parallelism saved no activation memory: {result['saved_ratio']}")
+    return {key: result[key] for key in ("saved_ratio", "peak_ratio", "expected_saved_ratio_blocks_only",
+                                         "step_time_ratio")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -126,7 +144,8 @@ def main() -> int:
         print(json.dumps({"plan": ["megatron bf16 train + checkpoint + resume (Adam steps)",
                                    "step-1 loss/grad-norm vs torch backend", "slice: recompute none",
                                    "slice: cheapest recompute that fits",
-                                   "slice, padded text: attention sdpa / varlen / te"], "out": str(out)}))
+                                   "slice, padded text: attention sdpa / varlen / te",
+                                   "TP=2 sequence parallelism memory (with 2 GPUs)"], "out": str(out)}))
         return 0
     import torch
 
@@ -139,6 +158,7 @@ def main() -> int:
             report["backends"] = backend_checks(Path(tmp))
         report["slice"] = slice_checks(out)
         report["attention"] = attention_checks(out)
+        report["sequence_parallel"] = sequence_parallel_checks(out)
         report["passed"] = True
     except CheckFailed as e:
         report["passed"], report["failed"] = False, str(e)
