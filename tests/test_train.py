@@ -67,16 +67,15 @@ def test_resume_at_other_tp_and_dp_sizes_follows_the_same_curve(tmp_path):
 
 @pytest.mark.slow
 def test_tensor_and_data_parallel_match_single_process(tmp_path):
-    """TP=2 (with and without sequence parallelism) and DP=2 (one sample per rank) follow the
-    single-process loss curve."""
+    """TP=2 with sequence parallelism and DP=2 (one sample per rank) follow the single-process
+    loss curve (TP=2 without it: the TP=2 leg of the resharding test above)."""
     single = tmp_path / "single"
     train(single, "train.steps=3")
-    train(tmp_path / "tp2", "train.steps=3", "launch.nproc=2", "parallel.tp=2")
     sp = train(tmp_path / "tp2_sp", "train.steps=3", "launch.nproc=2", "parallel.tp=2", "parallel.sequence_parallel=true")
     assert "tp 2 (sequence parallel) x dp 1" in sp.stdout
     train(tmp_path / "dp2", "train.steps=3", "launch.nproc=2", "train.micro_batch_size=1")
     expected = metrics(single)
-    for name in ("tp2", "tp2_sp", "dp2"):
+    for name in ("tp2_sp", "dp2"):
         got = metrics(tmp_path / name)
         assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], abs=1e-5), name
         assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-4), name
