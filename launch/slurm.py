@@ -104,8 +104,10 @@ def render(cfg, overrides: list[str]) -> str:
     # On each node a shell around torchrun turns USR1 (forwarded by srun) or TERM (a preemption)
     # into SIGTERM to the ranks themselves: they checkpoint and exit 0, and torchrun exits with
     # them. Signalling srun or torchrun instead kills the ranks mid-save (srun takes TERM as
-    # "kill the step now"; torchrun SIGKILLs its workers 30 s after its own TERM).
-    node_shell = (f"{agent} & agent=$!; trap 'pkill -TERM -P \"$agent\"' USR1 TERM; "
+    # "kill the step now"; torchrun SIGKILLs its workers 30 s after its own TERM). torchrun starts
+    # with USR1 ignored: the step's signal can reach its whole process group, and torchrun does
+    # not handle USR1, so it would die of it, and the step with it.
+    node_shell = (f"trap '' USR1; {agent} & agent=$!; trap 'pkill -TERM -P \"$agent\"' USR1 TERM; "
                   'while kill -0 "$agent" 2>/dev/null; do wait "$agent"; done; wait "$agent"')
     lines += [
         "",
