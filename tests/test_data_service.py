@@ -86,8 +86,10 @@ def consume(args: list[str], timeout: float = 400, wait: bool = True):
 
 
 def samples(run_dir) -> list[dict]:
+    """The complete lines of samples.jsonl (a consumer may be writing the last one)."""
     path = Path(run_dir) / "samples.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def wait_for_samples(run_dir, n: int, timeout: float = 300) -> None:
@@ -138,8 +140,11 @@ def churn_run(cache_dir, tmp_path_factory):
         wait_for_samples(run_dir, 2 * 5)
         victim, pid = sorted(producer_pids(run_dir).items())[1]
         deadline = time.monotonic() + 300
-        while service_status(run_dir)["producers"].get(victim, {}).get("held", 0) == 0:  # it holds leases
-            assert time.monotonic() < deadline, "the victim never held a lease"
+        # killed once it has served a batch and while it holds leases (on a loaded machine it can
+        # hold some long before it serves one)
+        while not (any(r["producer"] == victim for r in samples(run_dir))
+                   and service_status(run_dir)["producers"].get(victim, {}).get("held", 0) > 0):
+            assert time.monotonic() < deadline, "the victim never served a batch while holding leases"
             time.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=400)
