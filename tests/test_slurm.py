@@ -138,6 +138,13 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes_exactly(cluster
         time.sleep(1)
     # SLURM holds a requeued job for a while before it may start again; the test need not wait
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    # the first incarnation's end (CANCELLED due to the requeue) can still show for a moment:
+    # wait for the requeued job's trainers to resume before waiting for the job to end
+    trainer_logs = lambda: "".join(p.read_text(errors="replace") for p in (run / "logs").glob("trainer-*.log"))  # noqa: E731
+    deadline = time.monotonic() + 900
+    while "resumed from" not in trainer_logs():
+        assert time.monotonic() < deadline, "the requeued job never resumed"
+        time.sleep(1)
     state = cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
     assert state == "COMPLETED", (run / "logs" / f"slurm-{job}.out").read_text()[-3000:]
     interrupted = metrics(run)
@@ -145,7 +152,7 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes_exactly(cluster
     log = (run / "logs" / f"slurm-{job}.out").read_text()
     assert "requeueing job" in log
     # USR1 made the ranks checkpoint where they were: the requeued job loses no step
-    trainer_log = "".join(p.read_text(errors="replace") for p in (run / "logs").glob("trainer-*.log"))
+    trainer_log = trainer_logs()
     resumed_at = [int(n) for n in re.findall(r"resumed from \S+ at step (\d+)", trainer_log)]
     assert resumed_at and min(resumed_at) >= 20 and "not resuming from" not in trainer_log, trainer_log[-3000:]
     # the uninterrupted reference: the same data service and trainer, started by hand
