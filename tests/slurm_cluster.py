@@ -17,6 +17,12 @@ from pathlib import Path
 
 
 class SlurmCluster:
+    # SLURM holds a requeued job for the credential lifetime + 1 s (120 s by default) so that the
+    # new launch credential postdates the old one's revocation; a shorter lifetime keeps the
+    # requeue test quick without skipping that wait (a job started sooner can be silently not
+    # launched: slurmd takes its credential for the revoked one and leaves the job RUNNING empty).
+    CRED_EXPIRE_S = 30
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.host = socket.gethostname().split(".")[0]
@@ -45,7 +51,7 @@ class SlurmCluster:
         socket_path = r / "munge" / "munge.socket"
         self.conf.write_text("\n".join([
             "ClusterName=mmdit-test", f"SlurmctldHost={self.host}", "AuthType=auth/munge",
-            "CredType=cred/munge", f"AuthInfo=socket={socket_path}", "SlurmUser=root", "SlurmdUser=root",
+            "CredType=cred/munge", f"AuthInfo=socket={socket_path},cred_expire={self.CRED_EXPIRE_S}", "SlurmUser=root", "SlurmdUser=root",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2", "SchedulerType=sched/backfill",
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
@@ -97,6 +103,15 @@ class SlurmCluster:
                 raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f}s")
             time.sleep(1)
         return state
+
+    def report(self, job_id: str, run: Path) -> str:
+        """What a failed test prints: the job as SLURM sees it, the daemons' and the job's log tails."""
+        parts = [self.run("scontrol", "show", "job", job_id).stdout]
+        logs = [self.root / "log" / "slurmctld.log", self.root / "log" / "slurmd.log", *sorted(run.glob("logs/*"))]
+        for log in logs:
+            if log.is_file():
+                parts.append(f"--- {log.name} (tail)\n" + log.read_text(errors="replace")[-3000:])
+        return "\n".join(parts)
 
     def stop(self) -> None:
         for p in reversed(self.procs):

@@ -134,19 +134,18 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes_exactly(cluster
     assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
     deadline = time.monotonic() + 900
     while "Restarts=1" not in cluster.run("scontrol", "show", "job", job).stdout:
-        assert time.monotonic() < deadline, "the job did not requeue"
+        assert time.monotonic() < deadline, "the job did not requeue\n" + cluster.report(job, run)
         time.sleep(1)
-    # SLURM holds a requeued job for a while before it may start again; the test need not wait
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-    # the first incarnation's end (CANCELLED due to the requeue) can still show for a moment:
-    # wait for the requeued job's trainers to resume before waiting for the job to end
+    # SLURM holds the requeued job for SlurmCluster.CRED_EXPIRE_S; the first incarnation's end
+    # (CANCELLED due to the requeue) can show meanwhile: wait for the requeued job's trainers to
+    # resume before waiting for the job to end
     trainer_logs = lambda: "".join(p.read_text(errors="replace") for p in (run / "logs").glob("trainer-*.log"))  # noqa: E731
     deadline = time.monotonic() + 900
     while "resumed from" not in trainer_logs():
-        assert time.monotonic() < deadline, "the requeued job never resumed"
+        assert time.monotonic() < deadline, "the requeued job never resumed\n" + cluster.report(job, run)
         time.sleep(1)
     state = cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
-    assert state == "COMPLETED", (run / "logs" / f"slurm-{job}.out").read_text()[-3000:]
+    assert state == "COMPLETED", cluster.report(job, run)
     interrupted = metrics(run)
     assert [r["step"] for r in interrupted] == list(range(1, steps + 1))  # each step once, none lost
     log = (run / "logs" / f"slurm-{job}.out").read_text()
