@@ -48,7 +48,7 @@ def mmdit_train(run: Path, *overrides: str) -> list[dict]:
 
 def adam_steps(run: Path) -> list[float]:
     """Every Adam state's step after resuming the run's latest checkpoint, in this process."""
-    from mmdit.consumer.train import Trainer
+    from mmdit.consumer.trainer import Trainer
     from mmdit.launch.config import load_config
     from mmdit.parallel.state import destroy_parallel
 
@@ -138,7 +138,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     if args.dry_run:
-        import mmdit.consumer.train  # noqa: F401 - the imports a GPU run needs
+        import mmdit.consumer.trainer  # noqa: F401 - the imports a GPU run needs
         import mmdit.parallel.backend  # noqa: F401
 
         print(json.dumps({"plan": ["megatron bf16 train + checkpoint + resume (Adam steps)",

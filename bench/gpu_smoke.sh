@@ -17,5 +17,5 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
 fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import torch, mmdit.consumer.train; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+python3 -c "import torch, mmdit.consumer.trainer; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 timeout 600 python3 bench/gpu_smoke.py --out "$out"

@@ -33,7 +33,7 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, model, device, dtype) -> dict:
-        from mmdit.consumer.train import StepInputs
+        from mmdit.consumer.trainer import StepInputs
 
         totals = torch.zeros(len(self.sigmas) + 1, dtype=torch.float64)  # per-sigma sums, then a count
         model.eval()

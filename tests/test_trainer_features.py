@@ -123,7 +123,7 @@ def test_evaluation_is_deterministic_across_runs_and_layouts(tmp_path):
 
 STOP_BEFORE_THE_FIRST_STEP_ENDS = """
 import json, sys
-from mmdit.consumer.train import Trainer
+from mmdit.consumer.trainer import Trainer
 from mmdit.launch.config import load_config
 trainer = Trainer(load_config(sys.argv[1:]))
 trainer.stop_requested = True  # as SIGTERM during the first step would
@@ -244,7 +244,7 @@ def test_an_exported_checkpoint_generates_in_the_diffusers_pipeline(trained, tin
 def test_the_loss_covers_target_tokens_only():
     """Edit and reconstruction batches carry condition tokens; whatever the model says about
     them never enters the loss."""
-    from mmdit.consumer.train import micro_step
+    from mmdit.consumer.trainer import micro_step
     from mmdit.launch.config import load_config
 
     class Backend:
@@ -305,7 +305,7 @@ def test_a_curriculum_stage_change_is_planned_at_its_step_and_replayed_exactly()
 
 
 def test_text_padding_is_cut_to_the_longest_prompt_and_no_mask_is_passed_when_none_is_left():
-    from mmdit.consumer.train import StepInputs
+    from mmdit.consumer.trainer import StepInputs
 
     def batch(lengths, width=9):
         mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
