@@ -163,6 +163,12 @@ def _broadcast_membership(agent, is_join: bool, timeout_s: float) -> list[rpc.Wo
 
 
 _settings = {"notify_timeout_s": 10.0, "token_timeout_s": 60.0, "stale_token_s": 30.0}
+# How long a leaving member waits for its own calls still out and for members to take its notice.
+# Both are courtesies: its calls are ones it abandoned (a fetch from a hung producer runs until
+# the RPC timeout), and a member that misses the notice only keeps a stale entry (a later call to
+# the departed member fails as a dead peer, which every caller handles). So a hung member delays
+# a leave by seconds, not by the RPC timeout.
+LEAVE_WAIT_S = 2.0
 
 
 def _init_dynamic_backend(store, name, rank, world_size, rpc_backend_options):
@@ -238,12 +244,22 @@ def check_reachable(host: str, port: int, timeout_s: float = 10.0) -> None:
             time.sleep(0.2)
 
 
+def _drain(agent, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for this member's own calls to finish; False if some are still out."""
+    deadline = time.monotonic() + timeout_s
+    while int(agent.get_metrics()["agent.client_active_calls"]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def leave(graceful: bool = True, timeout_s: float = 10.0) -> bool:
     """Leave the group; True if the leave was graceful.
 
-    Graceful: take the membership token, tell live members (dead ones are skipped after a short
-    timeout), wait for this member's own outstanding calls, remove its name from the store. On
-    any failure, and always when `graceful` is False, a local shutdown that waits for nobody.
+    Graceful: give this member's own calls still out a moment, take the membership token, tell
+    the other members (each gets `LEAVE_WAIT_S`; dead ones are pruned), remove its name from the
+    store. On any failure, and always when `graceful` is False, a local shutdown that waits for nobody.
     """
     if not rpc_api._is_current_rpc_agent_set():
         return False
@@ -251,12 +267,14 @@ def leave(graceful: bool = True, timeout_s: float = 10.0) -> bool:
     ok = False
     try:
         if graceful:
-            name = agent.get_worker_info().name
-            with _membership_token(agent.store, name, "leave", timeout_s, _settings["stale_token_s"]):
-                dead = _broadcast_membership(agent, False, min(timeout_s, _settings["notify_timeout_s"]))
-                if dead:
-                    _prune_members(agent.store, dead)
-                agent.join(shutdown=True)
+            me = agent.get_worker_info()
+            wait_s = min(timeout_s, LEAVE_WAIT_S)
+            if not _drain(agent, wait_s):
+                log.info("%s: leaving with calls still out (to a hung member?): abandoned", me.name)
+            with _membership_token(agent.store, me.name, "leave", timeout_s, _settings["stale_token_s"]):
+                dead = _broadcast_membership(agent, False, min(wait_s, _settings["notify_timeout_s"]))
+                # torch's own leave (agent.join) would wait for every call still out, however long
+                _prune_members(agent.store, [*dead, me])
             ok = True
     except Exception as e:  # noqa: BLE001 - leaving must never hang or raise on a broken group
         log.warning("graceful RPC leave failed (%s); shutting down locally", str(e).splitlines()[0][:200])
