@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import Future as ThreadFuture
@@ -424,15 +425,11 @@ def tp_gloo_group(tp: int):
         raise ValueError(f"TP size {tp} does not divide the world size {world}")
     layout = [list(range(start, start + tp)) for start in range(0, world, tp)]
     mine = layout[rank // tp]
-    try:
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            megatron_ranks = dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
-            if sorted(megatron_ranks) != mine:
-                raise RuntimeError(f"megatron's TP group {megatron_ranks} is not the consecutive ranks {mine}")
-    except ImportError:
-        pass
+    parallel_state = sys.modules.get("megatron.core.parallel_state")  # a consumer without a model never imports it
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        megatron_ranks = dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
+        if sorted(megatron_ranks) != mine:
+            raise RuntimeError(f"megatron's TP group {megatron_ranks} is not the consecutive ranks {mine}")
     group, _ = dist.new_subgroups_by_enumeration(layout, backend="gloo")
     return group, mine[0]
 
