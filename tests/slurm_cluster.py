@@ -21,7 +21,7 @@ class SlurmCluster:
     # new launch credential postdates the old one's revocation; a shorter lifetime keeps the
     # requeue test quick without skipping that wait (a job started sooner can be silently not
     # launched: slurmd takes its credential for the revoked one and leaves the job RUNNING empty).
-    CRED_EXPIRE_S = 30
+    CRED_EXPIRE_S = 20
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -54,6 +54,7 @@ class SlurmCluster:
             "CredType=cred/munge", f"AuthInfo=socket={socket_path},cred_expire={self.CRED_EXPIRE_S}", "SlurmUser=root", "SlurmdUser=root",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2", "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=2,bf_interval=2",  # start a requeued job soon after its hold
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
