@@ -236,7 +236,10 @@ class Trainer:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, self.cfg.train.keep_every)
 
     def _on_signal(self, signum, _frame) -> None:
-        log.warning("%s: checkpointing at the end of this step, then stopping", signal.Signals(signum).name)
+        if self.stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
+            raise KeyboardInterrupt
+        log.warning("%s: checkpointing at the end of this step, then stopping (Ctrl-C again stops at once, "
+                    "unsaved)", signal.Signals(signum).name)
         self.stop_requested = True
 
     def run(self) -> dict:

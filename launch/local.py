@@ -9,9 +9,9 @@ store listens on every interface on a port of its own choosing. Here:
   whoever started the launcher in a group of its own can stop everything with one signal) and
   die with the launcher, even when it is SIGKILLed;
 - SIGINT/SIGTERM to the launcher alone is passed on as SIGTERM to every rank (a trainer then
-  checkpoints and exits); ranks still running after `launch.stop_timeout_s` are killed. When one
-  rank fails, the others get SIGTERM too, and SIGKILL after `service.shutdown_timeout_s` (they
-  cannot checkpoint without it).
+  checkpoints and exits); ranks still running after `launch.stop_timeout_s` are killed, and a
+  second SIGINT (Ctrl-C again) kills them at once. When one rank fails, the others get SIGTERM
+  too, and SIGKILL after `service.shutdown_timeout_s` (they cannot checkpoint without it).
 
 Under torchrun, SLURM or any launcher that sets RANK/WORLD_SIZE, a command just runs.
 """
@@ -56,7 +56,7 @@ def launch_local(command: str, argv: list[str], nproc: int, run_dir: str, role: 
     finally:
         _stop(procs, table, failure_timeout_s)  # only ranks left by an error in the launcher itself
         stop.restore()
-    if stop.is_set() and worst in (0, -signal.SIGTERM):
+    if stop.is_set() and (stop.forced or worst in (0, -signal.SIGTERM)):
         return 130  # stopped by the operator
     return worst
 
@@ -67,8 +67,9 @@ def _wait(procs: list[subprocess.Popen], table: ProcessTable, stop: SignalStop, 
     recorded: set[int] = set()
     while len(recorded) < len(procs):
         if stop.is_set():
-            log.warning("stopping %d ranks", len(procs) - len(recorded))
-            _stop(procs, table, stop_timeout_s)
+            log.warning("stopping %d ranks: they checkpoint first (Ctrl-C again kills them now)",
+                        len(procs) - len(recorded))
+            _stop(procs, table, stop_timeout_s, forced=lambda: stop.forced)
             break
         for proc in procs:
             if proc.pid not in recorded and proc.poll() is not None:
@@ -83,17 +84,14 @@ def _wait(procs: list[subprocess.Popen], table: ProcessTable, stop: SignalStop, 
     return next((c for c in codes if c), 0)
 
 
-def _stop(procs: list[subprocess.Popen], table: ProcessTable, timeout_s: float) -> None:
-    """SIGTERM every live rank, SIGKILL what is left after `timeout_s`."""
+def _stop(procs: list[subprocess.Popen], table: ProcessTable, timeout_s: float, forced=lambda: False) -> None:
+    """SIGTERM every live rank, SIGKILL what is left after `timeout_s` or once `forced()`."""
     live = [p for p in procs if p.poll() is None]
     for p in live:
         p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    for p in live:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+    while any(p.poll() is None for p in live) and time.monotonic() < deadline and not forced():
+        time.sleep(0.05)
     for p in procs:
         if p.poll() is None:
             p.kill()

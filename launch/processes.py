@@ -75,15 +75,17 @@ class ProcessTable:
 
 
 class SignalStop:
-    """Set by SIGINT and SIGTERM. A plain flag, polled: a signal handler must take no lock
-    (`threading.Event.set` from a handler deadlocks when the main thread is inside
-    `Event.wait`, holding the event's lock)."""
+    """Set by SIGINT and SIGTERM; a second SIGINT (Ctrl-C again) also sets `forced`. Plain flags,
+    polled: a signal handler must take no lock (`threading.Event.set` from a handler deadlocks
+    when the main thread is inside `Event.wait`, holding the event's lock)."""
 
     def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
         self.requested = False
+        self.forced = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
-    def _handle(self, *_) -> None:
+    def _handle(self, signum, _frame) -> None:
+        self.forced = self.forced or (self.requested and signum == signal.SIGINT)
         self.requested = True
 
     def set(self) -> None:

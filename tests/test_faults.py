@@ -409,6 +409,36 @@ def test_sigint_to_the_demo_with_two_ranks_stops_every_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_second_ctrl_c_kills_ranks_that_are_still_checkpointing(tmp_path):
+    """The first SIGINT gives the ranks launch.stop_timeout_s (an hour here) to checkpoint; the
+    second kills them at once. The ranks are SIGSTOPped, so they could never finish on their own."""
+    run, log = tmp_path / "run", tmp_path / "launcher.err"
+    with open(log, "w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={run}",
+                                     "launch.nproc=2", "train.steps=100000", "train.save_every=100000",
+                                     "launch.stop_timeout_s=3600", "train.tensorboard=false"],
+                                    stdout=subprocess.DEVNULL, stderr=err)
+    ranks = []
+    try:
+        wait_until(lambda: (run / "metrics.jsonl").exists(), 480, "the first step", while_running=launcher)
+        ranks = [r["pid"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "trainer"]
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        launcher.send_signal(signal.SIGINT)
+        wait_until(lambda: "Ctrl-C again" in log.read_text(), 300, "the launcher to start stopping", launcher)
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=300) == 130, log.read_text()[-2000:]
+        wait_until(lambda: not any(alive(p) for p in ranks), 60, "the ranks to die")
+    finally:
+        for pid in [*ranks, launcher.pid]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    codes = [r["returncode"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "trainer"]
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_trainer_that_loses_the_service_exits_soon_after_its_timeout(tmp_path):
     cache = tmp_path / "cache"
