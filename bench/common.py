@@ -48,6 +48,7 @@ def build_model(args: MMDiTArgs, device: str, dtype: torch.dtype, layers: str = 
         for name, p in model.named_parameters():
             if any(tag in name for tag in ZERO_INIT):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    model.to(dtype)  # as the trainer does: layers outside the parallel linears are built in fp32
     model.train()
     return model
 
