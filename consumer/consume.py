@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mmdit.launch.config import ConfigError, load_config
+from mmdit.launch.processes import SignalStop
 
 log = logging.getLogger("mmdit.consume")
 
@@ -91,15 +91,12 @@ def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
     return summary
 
 
-class _StopFlag:
+class _StopFlag(SignalStop):
     """SIGTERM/SIGINT ask to stop after the current step; ranks of a TP group agree on when."""
 
     def __init__(self, group):
-        self.group, self.requested = group, False
-        self.previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _set(self, *_) -> None:
-        self.requested = True
+        super().__init__()
+        self.group = group
 
     def agreed(self) -> bool:
         if self.group is None:
@@ -107,10 +104,6 @@ class _StopFlag:
         flag = torch.tensor([int(self.requested)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def _brief(summary: dict) -> str:

@@ -28,6 +28,7 @@ from mmdit.consumer.random_data import RandomBatches
 from mmdit.consumer.sample_log import SAMPLES, SampleLog
 from mmdit.consumer.schedule import lr_at as schedule_lr
 from mmdit.launch.config import ConfigError, JobConfig, config_yaml
+from mmdit.launch.processes import ignore_repeated_sigterm
 from mmdit.model.attention import resolve_attention
 from mmdit.model.flops import mfu, peak_flops, step_flops
 from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
@@ -236,8 +237,10 @@ class Trainer:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, self.cfg.train.keep_every)
 
     def _on_signal(self, signum, _frame) -> None:
-        if self.stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
-            raise KeyboardInterrupt
+        if self.stop_requested:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
+                raise KeyboardInterrupt
+            return  # the same stop again: a launcher passes on the SIGTERM its process group already got
         log.warning("%s: checkpointing at the end of this step, then stopping (Ctrl-C again stops at once, "
                     "unsaved)", signal.Signals(signum).name)
         self.stop_requested = True
@@ -249,8 +252,11 @@ class Trainer:
         try:
             self._loop(batches)
         finally:
+            if self.stop_requested:
+                ignore_repeated_sigterm()
             for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+                if not (self.stop_requested and sig == signal.SIGTERM):
+                    signal.signal(sig, handler)
             if hasattr(batches, "close"):
                 batches.close()  # acks what arrived and leaves the data service
         self.metrics.close()

@@ -350,6 +350,7 @@ def main(argv: list[str]) -> int:
         cache.close()
         log.info("producer %s stopped (%s); counters %s", name, "graceful" if graceful else "not graceful",
                  server.counters)
+        stop.restore()
     return 0 if reachable or stop.is_set() else 1
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mmdit.consumer.config import PREVIEW_PROMPTS
 from mmdit.launch.config import load_config
-from mmdit.launch.processes import ProcessTable, ServeProcess, child_env, signal_group
+from mmdit.launch.processes import ProcessTable, ServeProcess, child_env, ignore_repeated_sigterm, signal_group
 from mmdit.parallel.spawn import free_port
 
 DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "train.save_every": "20",
@@ -61,13 +61,7 @@ class Stages:
                     time.sleep(0.5)
                 code = proc.returncode
             except BaseException:  # KeyboardInterrupt, or SIGTERM turned into one
-                signal_group(proc.pid, signal.SIGTERM)  # a trainer checkpoints, then exits
-                try:
-                    proc.wait(timeout=self.timeout)
-                except subprocess.TimeoutExpired:
-                    pass
-                signal_group(proc.pid, signal.SIGKILL)
-                code = proc.wait()
+                self._stop(proc)
                 raise
             finally:
                 self.table.set_returncode(proc.pid, proc.returncode)
@@ -76,6 +70,17 @@ class Stages:
             raise SystemExit(f"mmdit demo: stage {name!r} failed with exit code {code} ({log_path}):\n  "
                              + "\n  ".join(tail))
         return log_path.with_suffix(".out").read_text(errors="replace")
+
+    def _stop(self, proc: subprocess.Popen) -> None:
+        """SIGTERM the stage's group (a trainer checkpoints, then exits); SIGKILL what is left after
+        the stop timeout, or at once on Ctrl-C again."""
+        signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=self.timeout)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass
+        signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 class TrainingBar:
@@ -101,8 +106,19 @@ class TrainingBar:
         self.bar.close()
 
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
+class Interrupt:
+    """A signal handler: the first SIGINT or SIGTERM raises KeyboardInterrupt (the current stage
+    is stopped); after it only Ctrl-C again does (cutting that stop short), a SIGTERM repeated by
+    whoever signals the demo's process group changes nothing."""
+
+    def __init__(self):
+        self.stopping = False
+
+    def __call__(self, signum, _frame) -> None:
+        if self.stopping and signum == signal.SIGTERM:
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str]) -> int:
@@ -113,8 +129,9 @@ def main(argv: list[str]) -> int:
     argv = [a for a in argv if not a.startswith("encoders.dir=")] + [f"encoders.dir={cfg.encoders.dir}"]
     # Both explicitly: a process started in the background of a script inherits SIGINT ignored,
     # and `kill -INT` must still stop the demo and everything it started.
+    interrupt = Interrupt()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, interrupt)
     run = Path(cfg.run.dir)
     table = ProcessTable(run)
     table.add("demo", "demo", os.getpid())
@@ -127,6 +144,8 @@ def main(argv: list[str]) -> int:
         raise
     finally:
         table.set_returncode(os.getpid(), code)
+        if interrupt.stopping:
+            ignore_repeated_sigterm()
     return 0
 
 

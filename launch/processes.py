@@ -74,6 +74,15 @@ class ProcessTable:
             self._write(rows)
 
 
+def ignore_repeated_sigterm() -> None:
+    """Called by a stopping process when its stop work is done and it only exits: a later SIGTERM
+    repeats the same request (a launcher passes on the SIGTERM its process group already got) and
+    must not kill it on the way out. Ignored rather than handled, because interpreter teardown puts
+    SIGTERM's default action back for every Python-level handler; only here, at the end, because
+    children started afterwards would inherit the ignore."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class SignalStop:
     """Set by SIGINT and SIGTERM; a second SIGINT (Ctrl-C again) also sets `forced`. Plain flags,
     polled: a signal handler must take no lock (`threading.Event.set` from a handler deadlocks
@@ -86,7 +95,7 @@ class SignalStop:
 
     def _handle(self, signum, _frame) -> None:
         self.forced = self.forced or (self.requested and signum == signal.SIGINT)
-        self.requested = True
+        self.requested = True  # a repeat changes nothing
 
     def set(self) -> None:
         self.requested = True
@@ -102,8 +111,12 @@ class SignalStop:
         return self.requested
 
     def restore(self) -> None:
+        """Put the previous handlers back; after a stop, ignore SIGTERM for the rest of the exit."""
+        if self.requested:
+            ignore_repeated_sigterm()
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            if not (self.requested and sig == signal.SIGTERM):
+                signal.signal(sig, handler)
 
 
 PARENT_ENV = "MMDIT_PARENT_PID"
@@ -229,6 +242,9 @@ class ServeProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             out = ""
+        except KeyboardInterrupt:  # Ctrl-C again: no more waiting
+            self.kill()
+            raise
         stopped = [json.loads(line) for line in out.splitlines() if '"stopped"' in line]
         return self.proc.returncode, stopped[0] if stopped else {}
 

@@ -74,6 +74,7 @@ def main(argv: list[str]) -> int:
         table.set_returncode(os.getpid(), 0)
         print(json.dumps({"event": "stopped", "producer_exit_codes": list(codes.values()),
                           "counters": status["counters"]}), flush=True)
+        stop.restore()
     return 0
 
 

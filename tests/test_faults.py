@@ -5,6 +5,7 @@ Ctrl-C to a two-rank demo, a lost data service, open ports, and bad configs. Mul
 findings are tested with real processes.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -404,7 +405,7 @@ def test_sigint_to_the_demo_with_two_ranks_stops_every_process(tmp_path):
     assert all(row["returncode"] is not None for row in rows), rows
     ranks = [row for row in rows if row["role"] == "trainer"]
     assert len(ranks) == 2 and all(row["returncode"] == 0 for row in ranks), (  # they checkpointed and left
-        ranks, (run / "logs" / "train.out").read_text()[-3000:], (run / "logs" / "train.log").read_text()[-3000:])
+        [(row["name"], row["returncode"]) for row in ranks], (run / "logs" / "train.out").read_text()[-3000:], (run / "logs" / "train.log").read_text()[-3000:])
     assert verify_checkpoint(checkpoints(run)[0]) is None
 
 
@@ -436,6 +437,39 @@ def test_a_second_ctrl_c_kills_ranks_that_are_still_checkpointing(tmp_path):
                 os.kill(pid, signal.SIGKILL)
     codes = [r["returncode"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "trainer"]
     assert codes == [-signal.SIGKILL, -signal.SIGKILL]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigterm_repeated_while_stopping_still_checkpoints_and_exits_0(tmp_path):
+    """What a demo or a scheduler does: SIGTERM to the launcher's process group, which the
+    launcher passes on to its ranks, so each rank gets the stop twice, the second at any moment of
+    its exit. Here the whole group gets SIGTERM every 20 ms until the launcher is gone: no repeat
+    may kill a stopping process with SIGTERM's default action."""
+    run, log = tmp_path / "run", tmp_path / "launcher.err"
+    with open(log, "w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={run}",
+                                     "launch.nproc=2", "train.steps=100000", "train.save_every=100000",
+                                     "launch.stop_timeout_s=600", "train.tensorboard=false"],
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    ranks = []
+    try:
+        wait_until(lambda: (run / "metrics.jsonl").exists(), 480, "the first step", while_running=launcher)
+        ranks = [r["pid"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "trainer"]
+        deadline = time.monotonic() + 600
+        while launcher.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGTERM)
+            time.sleep(0.02)
+        assert launcher.wait(timeout=60) == 130, log.read_text()[-2000:]
+        wait_until(lambda: not any(alive(p) for p in ranks), 60, "the ranks to exit")
+    finally:
+        for pid in [*ranks, launcher.pid]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    codes = [r["returncode"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "trainer"]
+    assert codes == [0, 0], log.read_text()[-2000:]
+    assert verify_checkpoint(checkpoints(run)[0]) is None
 
 
 @pytest.mark.slow
