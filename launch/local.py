@@ -24,7 +24,7 @@ import signal
 import subprocess
 import time
 
-from mmdit.launch.processes import ProcessTable, SignalStop, child_env, python_command
+from mmdit.launch.processes import ProcessTable, SignalStop, child_env, python_command, stop_all
 from mmdit.parallel.spawn import free_port
 
 log = logging.getLogger("mmdit.launch")
@@ -54,7 +54,7 @@ def launch_local(command: str, argv: list[str], nproc: int, run_dir: str, role: 
             table.add(role, f"{role}_rank{rank}", proc.pid, rank=rank)
         worst = _wait(procs, table, stop, stop_timeout_s, failure_timeout_s)
     finally:
-        _stop(procs, table, failure_timeout_s)  # only ranks left by an error in the launcher itself
+        stop_all(procs, table, failure_timeout_s)  # only ranks left by an error in the launcher itself
         stop.restore()
     if stop.is_set() and (stop.forced or worst in (0, -signal.SIGTERM)):
         return 130  # stopped by the operator
@@ -69,7 +69,7 @@ def _wait(procs: list[subprocess.Popen], table: ProcessTable, stop: SignalStop, 
         if stop.is_set():
             log.warning("stopping %d ranks: they checkpoint first (Ctrl-C again kills them now)",
                         len(procs) - len(recorded))
-            _stop(procs, table, stop_timeout_s, forced=lambda: stop.forced)
+            stop_all(procs, table, stop_timeout_s, forced=lambda: stop.forced)
             break
         for proc in procs:
             if proc.pid not in recorded and proc.poll() is not None:
@@ -77,26 +77,11 @@ def _wait(procs: list[subprocess.Popen], table: ProcessTable, stop: SignalStop, 
                 table.set_returncode(proc.pid, proc.returncode)
                 if proc.returncode:
                     log.error("rank pid %d exited with %d; stopping the others", proc.pid, proc.returncode)
-                    _stop(procs, table, failure_timeout_s)
+                    stop_all(procs, table, failure_timeout_s)
                     return proc.returncode
         time.sleep(0.1)
     codes = [p.returncode for p in procs if p.returncode is not None]
     return next((c for c in codes if c), 0)
-
-
-def _stop(procs: list[subprocess.Popen], table: ProcessTable, timeout_s: float, forced=lambda: False) -> None:
-    """SIGTERM every live rank, SIGKILL what is left after `timeout_s` or once `forced()`."""
-    live = [p for p in procs if p.poll() is None]
-    for p in live:
-        p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while any(p.poll() is None for p in live) and time.monotonic() < deadline and not forced():
-        time.sleep(0.05)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        table.set_returncode(p.pid, p.returncode)
 
 
 def exit_code_of(code: int) -> int:

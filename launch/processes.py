@@ -189,16 +189,16 @@ def start(cmd: list[str], table: ProcessTable, role: str, name_of, env: dict | N
 
 
 def stop_all(procs: list[subprocess.Popen], table: ProcessTable | None, timeout_s: float,
-             sig: int = signal.SIGTERM) -> dict[int, int]:
-    """Signal every live process, wait up to `timeout_s` for all, SIGKILL the rest; pid -> code."""
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(sig)
+             sig: int = signal.SIGTERM, forced=lambda: False) -> dict[int, int]:
+    """Signal every live process, wait up to `timeout_s` for all (less once `forced()`, Ctrl-C
+    again), SIGKILL the rest; pid -> code."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(sig)
     deadline = time.monotonic() + timeout_s
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    while any(p.poll() is None for p in live) and time.monotonic() < deadline and not forced():
+        time.sleep(0.05)
     for p in procs:
         if p.poll() is None:
             p.kill()

@@ -68,7 +68,9 @@ def main(argv: list[str]) -> int:
                     table.set_returncode(p.pid, p.returncode)
                     log.warning("producer pid %d exited with %s", p.pid, p.returncode)
     finally:
-        codes = stop_all(procs, table, svc.shutdown_timeout_s)
+        if stop.is_set():
+            log.warning("stopping %d producers (Ctrl-C again kills them now)", len(procs))
+        codes = stop_all(procs, table, svc.shutdown_timeout_s, forced=lambda: stop.forced)
         status = service.write_status()
         service.stop()
         table.set_returncode(os.getpid(), 0)

@@ -440,6 +440,36 @@ def test_a_second_ctrl_c_kills_ranks_that_are_still_checkpointing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_second_ctrl_c_to_serve_kills_producers_that_do_not_stop(tmp_path):
+    """`mmdit serve` gives its producers service.shutdown_timeout_s (an hour here) to leave; Ctrl-C
+    again kills them at once. The producers are SIGSTOPped, so they could never leave."""
+    cache, run, log = tmp_path / "cache", tmp_path / "service", tmp_path / "serve.err"
+    LatentCache(cache).write(records(8))
+    with open(log, "w") as err:
+        serve = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "serve", f"cache.dir={cache}",
+                                  f"run.dir={run}", f"service.port={free_port()}", "service.producers=2",
+                                  "service.shutdown_timeout_s=3600"],
+                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    producers = []
+    try:
+        wait_until(lambda: len(run_pids(run)) == 3, 240,
+                   "the service and its two producers", while_running=serve)
+        producers = [r["pid"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "producer"]
+        for pid in producers:
+            os.kill(pid, signal.SIGSTOP)
+        serve.send_signal(signal.SIGINT)
+        wait_until(lambda: "Ctrl-C again" in log.read_text(), 120, "the service to start stopping", serve)
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=120) == 0, log.read_text()[-2000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(serve.pid, signal.SIGKILL)
+    codes = [r["returncode"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "producer"]
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sigterm_repeated_while_stopping_still_checkpoints_and_exits_0(tmp_path):
     """What a demo or a scheduler does: SIGTERM to the launcher's process group, which the
