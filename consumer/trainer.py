@@ -237,10 +237,9 @@ class Trainer:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, self.cfg.train.keep_every)
 
     def _on_signal(self, signum, _frame) -> None:
-        if self.stop_requested:
-            if signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
-                raise KeyboardInterrupt
-            return  # the same stop again: a launcher passes on the SIGTERM its process group already got
+        if self.stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
+            raise KeyboardInterrupt
+        ignore_repeated_sigterm()  # a rank starts no children: from now on, nothing interrupts the checkpoint
         log.warning("%s: checkpointing at the end of this step, then stopping (Ctrl-C again stops at once, "
                     "unsaved)", signal.Signals(signum).name)
         self.stop_requested = True
@@ -252,10 +251,8 @@ class Trainer:
         try:
             self._loop(batches)
         finally:
-            if self.stop_requested:
-                ignore_repeated_sigterm()
             for sig, handler in handlers.items():
-                if not (self.stop_requested and sig == signal.SIGTERM):
+                if not (self.stop_requested and sig == signal.SIGTERM):  # ignored until the rank exits
                     signal.signal(sig, handler)
             if hasattr(batches, "close"):
                 batches.close()  # acks what arrived and leaves the data service

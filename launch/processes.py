@@ -75,11 +75,10 @@ class ProcessTable:
 
 
 def ignore_repeated_sigterm() -> None:
-    """Called by a stopping process when its stop work is done and it only exits: a later SIGTERM
-    repeats the same request (a launcher passes on the SIGTERM its process group already got) and
-    must not kill it on the way out. Ignored rather than handled, because interpreter teardown puts
-    SIGTERM's default action back for every Python-level handler; only here, at the end, because
-    children started afterwards would inherit the ignore."""
+    """Called by a stopping process that starts no more children (they would inherit the ignore):
+    a later SIGTERM repeats the same request (a launcher passes on the SIGTERM its process group
+    already got) and must not kill it on the way out. Ignored rather than handled, because
+    interpreter teardown puts SIGTERM's default action back for every Python-level handler."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
