@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mmdit.launch.config import ConfigError, load_config
-from mmdit.launch.processes import SignalStop
+from mmdit.launch.processes import SignalStop, ignore_repeated_sigterm
 
 log = logging.getLogger("mmdit.consume")
 
@@ -97,6 +97,10 @@ class _StopFlag(SignalStop):
     def __init__(self, group):
         super().__init__()
         self.group = group
+
+    def _handle(self, signum, frame) -> None:
+        super()._handle(signum, frame)
+        ignore_repeated_sigterm()  # a consumer rank starts no children: nothing interrupts its stop
 
     def agreed(self) -> bool:
         if self.group is None:
