@@ -133,9 +133,14 @@ def service_status(run_dir, timeout: float = 300) -> dict:
 def churn_run(cache_dir, tmp_path_factory):
     """3 producers, 2 DP consumers, 2 epochs; one producer SIGKILLed mid-epoch 0."""
     run_dir = tmp_path_factory.mktemp("churn")
-    args = overrides(cache_dir, run_dir, free_port(), **{"service.producers": 3})
+    args = overrides(cache_dir, run_dir, free_port(), **{"service.producers": 3, "service.shutdown_timeout_s": 60})
     serve = ServeProcess(args)
     try:
+        # all three producers serve: none may still be starting when the short run begins
+        deadline = time.monotonic() + 300
+        while sum(p.get("alive", False) for p in service_status(run_dir)["producers"].values()) < 3:
+            assert time.monotonic() < deadline, "three producers never joined"
+            time.sleep(0.2)
         proc = consume(args + [f"train.steps={STEPS}", "train.log_samples=true", "service.step_time_s=0.08"],
                        wait=False)
         wait_for_samples(run_dir, 2 * 5)
@@ -152,7 +157,7 @@ def churn_run(cache_dir, tmp_path_factory):
         killed_by_step = max(r["step"] for r in samples(run_dir))
         out, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-3000:]
-        code, stopped = serve.stop()
+        code, stopped = serve.stop(timeout=300)
     finally:
         serve.kill()
     return {"dir": run_dir, "victim": victim, "killed_by_step": killed_by_step, "serve_code": code, "stopped": stopped,
@@ -328,7 +333,10 @@ def test_lagging_rank_gets_batches_revoked_from_a_killed_producer(cache_dir, tmp
 
 @pytest.mark.timeout(900)
 def test_consumer_fails_clearly_when_all_producers_are_gone(cache_dir, tmp_path):
-    args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.consumer_timeout_s": 4,
+    # the coordinator declares a silent producer dead (lease_timeout_s=5) well before the consumer
+    # gives up (consumer_timeout_s), and no RPC timeout can pass for either
+    args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.consumer_timeout_s": 12,
+                                                          "service.rpc_timeout_s": 600,
                                                           "service.prepare_depth": 1, "service.prefetch": 1})
     serve = ServeProcess(args)
     try:
@@ -345,5 +353,5 @@ def test_consumer_fails_clearly_when_all_producers_are_gone(cache_dir, tmp_path)
         serve.kill()
     assert proc.returncode != 0
     assert "DataServiceError" in err and "0 producers alive" in err
-    assert 3 < elapsed < 60  # service.consumer_timeout_s=4, plus shutting down
+    assert 6 < elapsed < 120  # consumer_timeout_s=12 from the last batch, plus shutting down; not an RPC timeout
     assert code == 0

@@ -17,6 +17,7 @@ import urllib.request
 from collections import Counter
 
 import pytest
+from paused import paused, run_processes
 
 from mmdit.consumer.sample_log import read_samples
 from mmdit.dataservice.config import ServiceConfig
@@ -177,8 +178,9 @@ def test_a_mixture_change_mid_run_is_exact_recorded_and_replayable(cache_dir, tm
         while len({r["step"] for r in read_samples(run)}) < 8:
             assert time.monotonic() < deadline and proc.poll() is None, "the consumers never reached step 8"
             time.sleep(0.1)
-        asked = time.time()
-        done = ctl("set", str(service), "task_weights.edit=0", "--why", "text-to-image only")
+        with paused(proc.pid, *run_processes(run, "consumer")):  # the change lands mid-run however slowly ctl starts
+            done = ctl("set", str(service), "task_weights.edit=0", "--why", "text-to-image only")
+        resumed = time.time()
         assert done.returncode == 0, done.stderr
         reply = json.loads(done.stdout)
         _, err = proc.communicate(timeout=600)
@@ -195,8 +197,8 @@ def test_a_mixture_change_mid_run_is_exact_recorded_and_replayable(cache_dir, tm
     assert all(BY_KEY[k]["task"] == "t2i" for r in rows if r["step"] >= first for k in r["keys"])
     assert any(BY_KEY[k]["task"] == "edit" for r in rows if r["step"] < first for k in r["keys"])
     assert [(v["version"], v["from_step"], v["why"]) for v in history][1] == (1, first, "text-to-image only")
-    latency = min(r["time"] for r in rows if r["config_version"] == 1) - asked
-    print(json.dumps({"ctl_set_to_first_batch_of_the_new_version_s": round(latency, 3)}))
+    latency = min(r["time"] for r in rows if r["config_version"] == 1) - resumed
+    print(json.dumps({"resume_after_ctl_set_to_first_batch_of_the_new_version_s": round(latency, 3)}))
 
     # Replay: a fresh service and a fresh run that start from the recorded history see the same
     # batches; so does a run killed after the change and resumed from its saved state.

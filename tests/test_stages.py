@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from paused import paused
 
 from mmdit.dataservice.data_config import ChangeError, apply_changes, describe, preset_changes, version_zero
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
@@ -150,9 +151,10 @@ def test_switching_stage_mid_run_through_the_hot_swap_path(staged_cache, tmp_pat
         while len(read_samples(run)) < 5:
             assert time.monotonic() < deadline and proc.poll() is None, "the consumer never reached step 5"
             time.sleep(0.1)
-        refused = ctl("set", str(service), "--preset", "stage7")  # 1328 is not cached: nothing changes
+        with paused(proc.pid):  # the switch lands mid-run however slowly `ctl` starts
+            refused = ctl("set", str(service), "--preset", "stage7")  # 1328 is not cached: nothing changes
+            done = ctl("set", str(service), "--preset", "stage5")
         assert refused.returncode == 2 and "not a cached stage" in refused.stderr, refused.stderr
-        done = ctl("set", str(service), "--preset", "stage5")
         assert done.returncode == 0, done.stderr
         reply = json.loads(done.stdout)
         now = json.loads(ctl("get", str(service)).stdout)
