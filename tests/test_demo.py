@@ -10,6 +10,7 @@ from PIL import Image
 pytestmark = pytest.mark.slow  # real processes
 
 
+@pytest.mark.timeout(1800)  # two demo runs; under load one took 270 s
 def test_demo_trains_from_synthetic_shards_through_the_data_service(tmp_path):
     """The README's first command, shortened: TP=2 ranks over the data service, held-out
     evaluation, final samples, a summary; a rerun reuses the cache and resumes."""

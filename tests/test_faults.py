@@ -508,7 +508,7 @@ def test_a_trainer_that_loses_the_service_exits_soon_after_its_timeout(tmp_path)
     cache = tmp_path / "cache"
     LatentCache(cache).write(records(16))
     common = [f"cache.dir={cache}", f"service.port={free_port()}", "service.producers=1", "train.micro_batch_size=1",
-              "service.consumer_timeout_s=6", "service.heartbeat_s=0.5", "service.lease_timeout_s=3"]
+              "service.consumer_timeout_s=20", "service.heartbeat_s=0.5", "service.lease_timeout_s=3"]
     serve = ServeProcess([*common, f"run.dir={tmp_path / 'service'}"])
     try:
         trainer = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={tmp_path / 'train'}",
@@ -518,10 +518,12 @@ def test_a_trainer_that_loses_the_service_exits_soon_after_its_timeout(tmp_path)
     finally:
         serve.kill()  # the coordinator and its producers vanish
     gone = time.monotonic()
-    _, err = trainer.communicate(timeout=120)
+    _, err = trainer.communicate(timeout=300)
     elapsed = time.monotonic() - gone
     assert trainer.returncode == 1 and "Traceback" not in err, err[-2000:]
-    assert elapsed < 6 + 20, f"exited {elapsed:.0f}s after the service vanished"
+    # its timeout plus slack for a loaded machine; prefetch threads that each waited out their own
+    # timeout took 4 x 20 s
+    assert elapsed < 20 + 30, f"exited {elapsed:.0f}s after the service vanished"
 
 
 @pytest.mark.slow
