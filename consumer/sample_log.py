@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from mmdit.utils.jsonl import read_jsonl
+
 SAMPLES = "samples.jsonl"
 
 
@@ -59,5 +61,4 @@ class SampleLog:
 
 
 def read_samples(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / SAMPLES
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return read_jsonl(Path(run_dir) / SAMPLES)

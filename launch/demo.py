@@ -26,6 +26,7 @@ from mmdit.consumer.config import PREVIEW_PROMPTS
 from mmdit.launch.config import load_config
 from mmdit.launch.processes import ProcessTable, ServeProcess, child_env, ignore_repeated_sigterm, signal_group
 from mmdit.parallel.spawn import free_port
+from mmdit.utils.jsonl import read_jsonl
 
 DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "train.save_every": "20",
             "train.eval_every": "10", "data.eval_fraction": "0.15", "train.log_samples": "true",
@@ -93,9 +94,7 @@ class TrainingBar:
         self.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty())
 
     def __call__(self) -> None:
-        if not self.metrics.exists():
-            return
-        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(self.metrics)
         steps = [r for r in rows if not r.get("eval")]
         if steps and steps[-1]["step"] > self.seen:
             self.bar.update(steps[-1]["step"] - self.seen)

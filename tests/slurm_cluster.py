@@ -40,7 +40,7 @@ class SlurmCluster:
         memory = int(fields["RealMemory"]) - 1024
         return f"NodeName={self.host} CPUs={fields['CPUs']} RealMemory={memory} State=UNKNOWN"
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 180) -> None:
         r = self.root
         for d in ("state", "spool", "log", "munge"):
             (r / d).mkdir(parents=True, exist_ok=True)

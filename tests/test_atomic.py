@@ -70,3 +70,15 @@ def test_hosted_store_listens_on_its_address_only():
     listening = [line.split()[1] for line in open("/proc/net/tcp").read().splitlines()[1:]
                  if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
     assert listening == ["0100007F:" + f"{port:04X}"]  # 127.0.0.1, not 0.0.0.0
+
+
+def test_a_jsonl_log_read_while_written_yields_only_complete_records(tmp_path):
+    from mmdit.utils.jsonl import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    assert read_jsonl(path) == []  # not written yet
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')  # the writer is mid-line
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    with open(path, "a") as f:
+        f.write('ep": 3}\n')
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]

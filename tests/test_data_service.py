@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmdit.consumer.sample_log import read_samples
 from mmdit.dataservice.config import ClientSettings
 from mmdit.dataservice.plan import DataVersion, PlanSpec, SampleRef, Selection, plan_epoch
 from mmdit.launch.processes import ServeProcess
@@ -88,9 +89,7 @@ def consume(args: list[str], timeout: float = 400, wait: bool = True):
 
 def samples(run_dir) -> list[dict]:
     """The complete lines of samples.jsonl (a consumer may be writing the last one)."""
-    path = Path(run_dir) / "samples.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+    return read_samples(run_dir)
 
 
 def wait_for_samples(run_dir, n: int, timeout: float = 300) -> None:

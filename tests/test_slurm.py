@@ -7,7 +7,6 @@ and a job told to stop (USR1, SLURM's warning before the time limit) that checkp
 itself, resumes, and trains the same per-step losses as an uninterrupted run.
 """
 
-import json
 import os
 import re
 import subprocess
@@ -21,6 +20,7 @@ import torch
 from mmdit.launch.processes import ServeProcess
 from mmdit.parallel.spawn import free_port
 from mmdit.producer.cache import LatentCache
+from mmdit.utils.jsonl import read_jsonl
 
 
 def submit(*args: str, env=None) -> subprocess.CompletedProcess:
@@ -98,7 +98,7 @@ def job_args(run: Path, cache_dir: Path, steps: int) -> list[str]:
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run / "metrics.jsonl")  # the job may be writing the last line
 
 
 @pytest.mark.slow
