@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from paused import run_processes
 
 from mmdit.consumer.checkpoint import checkpoints, verify_checkpoint
 from mmdit.dataservice.config import ProducerSettings
@@ -372,6 +373,20 @@ def test_nothing_listens_beyond_loopback(tmp_path):
         serve.kill()
 
 
+def returncodes(run_dir: Path, role: str) -> list:
+    return [r["returncode"] for r in json.loads((run_dir / "processes.json").read_text()) if r["role"] == role]
+
+
+def ctrl_c_twice(proc: subprocess.Popen, log: Path, stuck: list[int]) -> None:
+    """SIGSTOP `stuck` (they can never finish stopping), Ctrl-C `proc`, and once its log says it
+    is stopping, Ctrl-C again (two signals sent at once would arrive as one)."""
+    for pid in stuck:
+        os.kill(pid, signal.SIGSTOP)
+    proc.send_signal(signal.SIGINT)
+    wait_until(lambda: "Ctrl-C again" in log.read_text(), 300, "the first Ctrl-C to be taken", proc)
+    proc.send_signal(signal.SIGINT)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -423,20 +438,15 @@ def test_a_second_ctrl_c_kills_ranks_that_are_still_checkpointing(tmp_path):
     ranks = []
     try:
         wait_until(lambda: (run / "metrics.jsonl").exists(), 480, "the first step", while_running=launcher)
-        ranks = [r["pid"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "trainer"]
-        for pid in ranks:
-            os.kill(pid, signal.SIGSTOP)
-        launcher.send_signal(signal.SIGINT)
-        wait_until(lambda: "Ctrl-C again" in log.read_text(), 300, "the launcher to start stopping", launcher)
-        launcher.send_signal(signal.SIGINT)
+        ranks = run_processes(run, "trainer")
+        ctrl_c_twice(launcher, log, stuck=ranks)
         assert launcher.wait(timeout=300) == 130, log.read_text()[-2000:]
         wait_until(lambda: not any(alive(p) for p in ranks), 60, "the ranks to die")
     finally:
         for pid in [*ranks, launcher.pid]:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-    codes = [r["returncode"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "trainer"]
-    assert codes == [-signal.SIGKILL, -signal.SIGKILL]
+    assert returncodes(run, "trainer") == [-signal.SIGKILL, -signal.SIGKILL]
 
 
 @pytest.mark.slow
@@ -451,22 +461,15 @@ def test_a_second_ctrl_c_to_serve_kills_producers_that_do_not_stop(tmp_path):
                                   f"run.dir={run}", f"service.port={free_port()}", "service.producers=2",
                                   "service.shutdown_timeout_s=3600"],
                                  stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-    producers = []
     try:
         wait_until(lambda: len(run_pids(run)) == 3, 240,
                    "the service and its two producers", while_running=serve)
-        producers = [r["pid"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "producer"]
-        for pid in producers:
-            os.kill(pid, signal.SIGSTOP)
-        serve.send_signal(signal.SIGINT)
-        wait_until(lambda: "Ctrl-C again" in log.read_text(), 120, "the service to start stopping", serve)
-        serve.send_signal(signal.SIGINT)
+        ctrl_c_twice(serve, log, stuck=run_processes(run, "producer"))
         assert serve.wait(timeout=120) == 0, log.read_text()[-2000:]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(serve.pid, signal.SIGKILL)
-    codes = [r["returncode"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "producer"]
-    assert codes == [-signal.SIGKILL, -signal.SIGKILL]
+    assert returncodes(run, "producer") == [-signal.SIGKILL, -signal.SIGKILL]
 
 
 @pytest.mark.slow
@@ -485,7 +488,7 @@ def test_sigterm_repeated_while_stopping_still_checkpoints_and_exits_0(tmp_path)
     ranks = []
     try:
         wait_until(lambda: (run / "metrics.jsonl").exists(), 480, "the first step", while_running=launcher)
-        ranks = [r["pid"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "trainer"]
+        ranks = run_processes(run, "trainer")
         deadline = time.monotonic() + 600
         while launcher.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(ProcessLookupError):
@@ -497,8 +500,7 @@ def test_sigterm_repeated_while_stopping_still_checkpoints_and_exits_0(tmp_path)
         for pid in [*ranks, launcher.pid]:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-    codes = [r["returncode"] for r in json.loads((run / "processes.json").read_text()) if r["role"] == "trainer"]
-    assert codes == [0, 0], log.read_text()[-2000:]
+    assert returncodes(run, "trainer") == [0, 0], log.read_text()[-2000:]
     assert verify_checkpoint(checkpoints(run)[0]) is None
 
 
