@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["mmdit=mmdit.launch.cli:main"]},
 )

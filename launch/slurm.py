@@ -18,16 +18,25 @@ The rendered sbatch script (saved as run.dir/submit/job.sbatch, with the job's c
 Options in `launch.slurm.*`: partition, account, time, qos, job_name, gpus (request GPUs), mem,
 cpus_per_task, container_image / container_mounts (pyxis), python (the nodes' interpreter),
 extra (`#SBATCH` lines, verbatim).
+
+Every value reaches the script in a form its reader takes word for word: `#SBATCH` lines are read
+by sbatch, not bash (quoted for sbatch; a control character, which could end the line and turn
+the rest into a command, is a config error naming the key), the rest by bash (shell-quoted), and
+run.dir / cache.dir reach the processes as Hydra overrides (Hydra-quoted, then shell-quoted).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
+
+from mmdit.launch.config import ConfigError
 
 RDZV_PORT = 29400
 
@@ -55,23 +64,30 @@ def render(cfg, overrides: list[str]) -> str:
     launch, slurm, run = cfg.launch, cfg.launch.slurm, Path(cfg.run.dir).resolve()
     het = launch.producer_nodes > 0
     dp = launch.trainer_nodes * launch.gpus_per_node // cfg.parallel.tp
+    logs = _output_pattern("run.dir", run / "logs")  # first: it also checks run.dir for the comment below
     common = [o for o in overrides if not o.startswith(("run.dir=", "cache.dir=", "launch.", "service.host=",
                                                         "service.producers=", "service.dp_size="))]
-    common += [f"cache.dir={Path(cfg.cache.dir).resolve()}", f"service.dp_size={dp}"]
+    common += [_override("cache.dir", Path(cfg.cache.dir).resolve()), f"service.dp_size={dp}"]
     args = " ".join(shlex.quote(a) for a in common)
-    py = shlex.quote(slurm.python or sys.executable)
+    python = slurm.python or sys.executable
+    if python.startswith("-"):  # srun would take it for one of its own options
+        raise ConfigError(f"invalid config: launch.slurm.python={python!r} must be an interpreter, not an option")
+    py = shlex.quote(python)
     lines = ["#!/bin/bash", f"# rendered by `mmdit submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}; "
              f"config: {run / 'submit' / 'config.yaml'}",
-             f"#SBATCH --job-name={slurm.job_name}", f"#SBATCH --output={run}/logs/slurm-%j.out",
+             f"#SBATCH --job-name={_sbatch_word('launch.slurm.job_name', slurm.job_name)}",
+             f"#SBATCH --output={_sbatch_word('run.dir', logs)}/slurm-%j.out",
              "#SBATCH --open-mode=append", f"#SBATCH --signal=B:USR1@{slurm.signal_s}"]
     lines += ["#SBATCH --requeue"] if slurm.requeue else ["#SBATCH --no-requeue"]
     for key, value in (("time", slurm.time), ("account", slurm.account), ("qos", slurm.qos)):
         if value:
-            lines.append(f"#SBATCH --{key}={value}")
+            lines.append(f"#SBATCH --{key}={_sbatch_word(f'launch.slurm.{key}', value)}")
     lines += _component(slurm, launch.trainer_nodes, gpus=launch.gpus_per_node if slurm.gpus else 0)
     if het:
         lines += ["#SBATCH hetjob"] + _component(slurm, launch.producer_nodes, gpus=0)
-    lines += [f"#SBATCH {x.removeprefix('#SBATCH').strip()}" for x in slurm.extra]
+    for x in slurm.extra:  # verbatim: sbatch splits them into words, but each must stay one line
+        _check_one_line("launch.slurm.extra", x)
+        lines.append(f"#SBATCH {x.removeprefix('#SBATCH').strip()}")
     container = ""
     if slurm.container_image:
         container = f" --container-image={shlex.quote(slurm.container_image)}"
@@ -79,7 +95,9 @@ def render(cfg, overrides: list[str]) -> str:
             container += f" --container-mounts={shlex.quote(slurm.container_mounts)}"
     trainers = "--het-group=0 " if het else ""
     services = "--het-group=1 " if het else ""
+    service_dir = shlex.quote(_override("run.dir", run / "service"))
     lines += ["", "set -uo pipefail", f"RUN={shlex.quote(str(run))}", 'mkdir -p "$RUN/logs"',
+              f"LOGS={shlex.quote(logs)}  # run.dir/logs as srun reads --output: % doubled",
               'TRAINER_NODES=$(scontrol show hostnames "${SLURM_JOB_NODELIST_HET_GROUP_0:-$SLURM_JOB_NODELIST}")',
               'TRAINER_HOST=$(echo "$TRAINER_NODES" | head -n1)']
     if het:
@@ -90,17 +108,18 @@ def render(cfg, overrides: list[str]) -> str:
         "",
         "# the data service: the coordinator (and, without producer nodes, the producers too)",
         f'srun --overlap {services}--nodes=1 --ntasks=1 -w "$COORD_HOST"{container} '
-        f'--output="$RUN/logs/coordinator-%j.log" {py} -m mmdit.launch.cli serve {args} run.dir="$RUN/service" '
+        f'--output="$LOGS/coordinator-%j.log" {py} -m mmdit.launch.cli serve {args} {service_dir} '
         f'service.host="$COORD_HOST" service.producers={0 if het else launch.producers_per_node} &',
         "SERVICE=$!",
     ]
     if het:
         lines += [f'srun --overlap {services}--ntasks-per-node={launch.producers_per_node}{container} '
-                  f'--output="$RUN/logs/producer-%N-%t-%j.log" {py} -m mmdit.launch.cli producer {args} '
-                  'run.dir="$RUN/service" service.host="$COORD_HOST" &', "PRODUCERS=$!"]
+                  f'--output="$LOGS/producer-%N-%t-%j.log" {py} -m mmdit.launch.cli producer {args} '
+                  f'{service_dir} service.host="$COORD_HOST" &', "PRODUCERS=$!"]
     agent = (f"{py} -m torch.distributed.run --nnodes={launch.trainer_nodes} --nproc-per-node={launch.gpus_per_node} "
              f'--rdzv-backend=c10d --rdzv-endpoint="$TRAINER_HOST:{RDZV_PORT}" --rdzv-id="$SLURM_JOB_ID" '
-             f'-m mmdit.launch.cli train run.dir="$RUN" {args} train.data_source=service service.host="$COORD_HOST"')
+             f'-m mmdit.launch.cli train {shlex.quote(_override("run.dir", run))} {args} train.data_source=service '
+             'service.host="$COORD_HOST"')
     # On each node a shell around torchrun turns USR1 (forwarded by srun) or TERM (a preemption)
     # into SIGTERM to the ranks themselves: they checkpoint and exit 0, and torchrun exits with
     # them. Signalling srun or torchrun instead kills the ranks mid-save (srun takes TERM as
@@ -112,8 +131,8 @@ def render(cfg, overrides: list[str]) -> str:
     lines += [
         "",
         "# the trainers: torchrun per node, c10d rendezvous on the first trainer node",
-        "export RUN TRAINER_HOST COORD_HOST",
-        f'srun --overlap {trainers}--ntasks-per-node=1{container} --output="$RUN/logs/trainer-%N-%j.log" '
+        "export TRAINER_HOST COORD_HOST",
+        f'srun --overlap {trainers}--ntasks-per-node=1{container} --output="$LOGS/trainer-%N-%j.log" '
         f"bash -c {shlex.quote(node_shell)} &",
         "TRAINERS=$!",
         "",
@@ -140,18 +159,57 @@ def render(cfg, overrides: list[str]) -> str:
 def _component(slurm, nodes: int, gpus: int) -> list[str]:
     out = [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
     if slurm.partition:
-        out.append(f"#SBATCH --partition={slurm.partition}")
+        out.append(f"#SBATCH --partition={_sbatch_word('launch.slurm.partition', slurm.partition)}")
     if gpus:
         out.append(f"#SBATCH --gpus-per-node={gpus}")
     if slurm.cpus_per_task:
         out.append(f"#SBATCH --cpus-per-task={slurm.cpus_per_task}")
     if slurm.mem:
-        out.append(f"#SBATCH --mem={slurm.mem}")
+        out.append(f"#SBATCH --mem={_sbatch_word('launch.slurm.mem', slurm.mem)}")
     return out
 
 
+def _check_one_line(key: str, value: str) -> None:
+    """An #SBATCH line ends at a newline and what follows runs as a command: no control characters."""
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ConfigError(f"invalid config: {key}={value!r} holds the control character {bad!r}; it goes into an "
+                          "#SBATCH line of the job script, which must stay one line")
+
+
+def _sbatch_word(key: str, value: str) -> str:
+    """`value` as (part of) one word of an #SBATCH line. sbatch splits these lines itself: at
+    whitespace, and '#' starts a comment, unless inside quotes, where \\ and \\" are escapes."""
+    _check_one_line(key, value)
+    if not re.search(r"""[\s"'\\#]""", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _output_pattern(key: str, path: Path) -> str:
+    """`path` as the directory part of an sbatch/srun --output pattern: SLURM expands %j, %N... there
+    (so a literal % is written %%) and a backslash anywhere turns that off, dropping the backslash."""
+    _check_one_line(key, str(path))
+    if "\\" in str(path):
+        raise ConfigError(f"invalid config: {key}={str(path)!r} holds a backslash, which SLURM drops from "
+                          "log file names")
+    return str(path).replace("%", "%%")
+
+
+def _override(key: str, value) -> str:
+    """`key=value` as a Hydra override that gives back `value` exactly (quotes, commas, spaces,
+    `${`, non-ASCII and all): Hydra-quoted unless a plain absolute path."""
+    value = str(value)
+    if re.fullmatch(r"/[\w./+-]*", value, re.ASCII):
+        return f"{key}={value}"
+    # inside '...': \' is a quote, backslashes before a quote (or the closing one) are doubled,
+    # and \${ is a literal "${" (OmegaConf), with the backslashes before it doubled too
+    value = re.sub(r"(\\*)(?='|\$\{|$)", lambda m: m.group(1) * 2, value)
+    return f"{key}='" + value.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
 def main(argv: list[str]) -> int:
-    from mmdit.launch.config import ConfigError, config_yaml, load_config
+    from mmdit.launch.config import config_yaml, load_config
 
     parser = argparse.ArgumentParser(prog="mmdit submit", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
