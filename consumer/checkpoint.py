@@ -12,17 +12,31 @@
           ...                               owns; any TP x DP layout resumes from them
           groups.pt                         megatron backend: its param-group state
         data.json                         the data cursor and the data-config (mixture) history
-        trainer.json                      step, seed, TP/DP layout, backend; written last
+        trainer.json                      step, seed, TP/DP layout, backend, the size and CRC-32 of
+                                          every other file; written last
+      rejected/step_00000024/             a newer checkpoint that resume passed over, set aside
 
 `trainer.json` is written after every rank wrote its files (a gloo barrier), and `latest` moves
 after it, so a job killed mid-save resumes from the previous checkpoint, never a partial one.
 Every file is published atomically (`utils/atomic.py`).
 
-Resume takes the newest checkpoint that verifies completely (`verify_checkpoint`: every file
-present, JSON parseable, safetensors headers whole and file sizes what they promise, optimizer
-archives intact), logging why it passed over newer ones; when checkpoints exist but none
-verifies, it stops rather than start over. After each save, checkpoints beyond the newest
+Contents are checksummed (`utils/checksum.py`): each rank records the size and CRC-32 of every
+file it publishes, from the bytes it just wrote (no second read of the weights from disk); rank
+0 gathers them and lists every file in the directory under "files" in `trainer.json` (a file no
+writer recorded, it reads itself: a new part of the checkpoint is covered without code here), and
+seals `trainer.json` with a checksum of its own content.
+
+Resume takes the newest checkpoint that verifies (`checkpoint_problems`): `trainer.json` whole,
+every file present with its structure whole (JSON parseable, safetensors headers whole and sizes
+what they promise, zip archives intact) and its size and checksum as recorded. Each rank checks a
+share of the files, balanced by size, and the ranks pool what they found, so all take the same
+checkpoint, logging why newer ones were passed over; when checkpoints exist but none verifies, it
+stops rather than start over. Checkpoints saved before checksums were recorded are checked for
+structure only (one warning). The trainer moves the checkpoints it passed over to
+`checkpoints/rejected/`, so that retention never deletes the good one in their favour and no new
+save lands in a damaged directory. After each save, checkpoints beyond the newest
 `train.keep_checkpoints` are deleted, except every `train.keep_every`-th step.
+`mmdit checkpoint verify` (launch/checkpoint_cli.py) runs the same checks by hand.
 
 `mmdit consume` (a trainer without a model) keeps the same `data.json` content per DP rank in
 `run.dir/consume_state_dp<r>.json`, with its step, through `write_data_state`/`read_data_state`.
@@ -30,6 +44,7 @@ verifies, it stops rather than start over. After each save, checkpoints beyond t
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import shutil
@@ -38,17 +53,21 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from mmdit.model.checkpoint import load_model, write_model_index, write_model_shard
+from mmdit.model.checkpoint import INDEX, load_model, read_index, write_model_index, write_model_shard
 from mmdit.parallel.backend import MEGATRON_GROUPS
 from mmdit.parallel.optimizer_state import StateReader, param_layouts, state_file
-from mmdit.parallel.state import all_ranks_true
-from mmdit.utils.atomic import DiskFullError, atomic_write_json, atomic_write_text
+from mmdit.utils.atomic import DiskFullError, atomic_write_json, atomic_write_text, is_tmp
+from mmdit.utils.checksum import ALGORITHM, crc32_hex, file_checksum, recording_checksums
 from mmdit.utils.safetensors_header import data_end, read_header
+
+# mmdit.parallel.state (megatron's parallel_state, seconds to import) is imported by the
+# collective functions only, so `mmdit checkpoint verify` starts fast.
 
 log = logging.getLogger("mmdit.checkpoint")
 
-CHECKPOINTS, LATEST = "checkpoints", "latest"
+CHECKPOINTS, LATEST, REJECTED = "checkpoints", "latest", "rejected"
 MODEL, OPTIMIZER, DATA, TRAINER = "model", "optimizer", "data.json", "trainer.json"
+FILES, SEAL = "files", "checksum"  # trainer.json: every other file's size and checksum; its own
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -70,52 +89,162 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=step_of, reverse=True)
 
 
+# ----------------------------------------------------------------------------- verification
+
+
+def _seal(state: dict) -> str:
+    """The checksum of trainer.json's content (every field but this one)."""
+    body = {k: v for k, v in state.items() if k != SEAL}
+    return f"{ALGORITHM}:{crc32_hex(json.dumps(body, sort_keys=True).encode())}"
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The checkpoint's trainer.json; ValueError when it is not what the save wrote."""
+    state = json.loads((path / TRAINER).read_text())
+    if not isinstance(state, dict):
+        raise ValueError("not a JSON object")
+    if SEAL in state and state[SEAL] != _seal(state):
+        raise ValueError("checksum mismatch: its contents changed after the save")
+    missing = [key for key in ("step", "tp", "dp", "backend") if key not in state]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+    if state["step"] != step_of(path):
+        raise ValueError(f"says step {state['step']}")
+    files = state.get(FILES, {})
+    if not (isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("bytes"), int)
+                                            and isinstance(f.get(ALGORITHM), str) for f in files.values())):
+        raise ValueError(f"its {FILES!r} are not sizes and {ALGORITHM} checksums")
+    return state
+
+
+def _required_files(path: Path, trainer: dict) -> list[str]:
+    """The files the format requires, whether or not their checksums were recorded."""
+    index = read_index(path / MODEL)
+    names = [DATA, f"{MODEL}/{INDEX}", *(f"{MODEL}/{name}" for name in index["files"])]
+    names += [state_file(Path(OPTIMIZER), t, d).as_posix() for t in range(trainer["tp"]) for d in range(trainer["dp"])]
+    if trainer["backend"].startswith("megatron"):
+        names.append(f"{OPTIMIZER}/{MEGATRON_GROUPS}")
+    return names
+
+
 def _check_safetensors(path: Path) -> None:
     """The header parses and the file holds every byte it promises (a truncated copy does not)."""
-    try:
-        header, start, size = read_header(path)
-    except ValueError as e:
-        raise ValueError(f"{path.name}: {e}") from None
+    header, start, size = read_header(path)
     if data_end(header, start) > size:
-        raise ValueError(f"{path.name}: truncated ({size} of {data_end(header, start)} bytes)")
+        raise ValueError(f"truncated ({size} of {data_end(header, start)} bytes)")
+
+
+def _check_structure(path: Path) -> None:
+    """What can be checked without a checksum, by the kind of file."""
+    if path.suffix == ".safetensors":
+        _check_safetensors(path)
+    elif path.suffix == ".json":
+        json.loads(path.read_text())
+    elif path.suffix == ".pt":  # torch.save's zip archive: reading the member list checks its end record
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+
+
+def _why(e: Exception) -> str:
+    return "missing" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+
+
+def _check_file(ckpt: Path, name: str, recorded: dict | None) -> str | None:
+    """What is wrong with one file of a checkpoint ("<name>: <why>"), or None."""
+    path = ckpt / name
+    try:
+        size = path.stat().st_size
+        if recorded is not None and size != recorded["bytes"]:
+            return f"{name}: {size} bytes, {recorded['bytes']} written"
+        _check_structure(path)
+        if recorded is not None:
+            crc = file_checksum(path)[1]
+            if crc != recorded[ALGORITHM]:
+                return (f"{name}: checksum mismatch ({ALGORITHM} {crc}, {recorded[ALGORITHM]} written): "
+                        "its contents changed after the save")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+        return f"{name}: {_why(e)}"
+    return None
+
+
+def _share(names: list[str], sizes: dict[str, int], rank: int, world: int) -> list[str]:
+    """Rank `rank`'s part of `names`: largest first, each to the least loaded rank so far (the
+    same split on every rank, since every rank reads the same trainer.json)."""
+    loads, mine = [(0, r) for r in range(world)], []
+    for name in sorted(names, key=lambda n: (-sizes[n], n)):
+        load, r = heapq.heappop(loads)
+        if r == rank:
+            mine.append(name)
+        heapq.heappush(loads, (load + sizes[name] + 1, r))
+    return mine
+
+
+_warned_no_checksums = False
+
+
+def _warn_no_checksums(path: Path) -> None:
+    global _warned_no_checksums
+    if not _warned_no_checksums:
+        _warned_no_checksums = True
+        log.warning("%s has no checksums (saved by an older mmdit): its files are checked for structure only, "
+                    "not contents (so are other such checkpoints)", path)
+
+
+def checkpoint_problems(path: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """What is wrong with the checkpoint at `path`, one "<file>: <why>" per damaged file; [] when
+    it is complete and intact. trainer.json and the model index are read by every caller; of the
+    other files only share `rank` of `world` (balanced by size) is checked, so ranks that pool
+    their lists read each file once."""
+    try:
+        trainer = read_trainer_state(path)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return [f"{TRAINER}: {_why(e)}"]
+    recorded = trainer.get(FILES)
+    if recorded is None and rank == 0:
+        _warn_no_checksums(path)
+    recorded = recorded or {}
+    try:
+        required = _required_files(path, trainer)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return [f"{MODEL}/{INDEX}: {_why(e)}"]
+    names = sorted(set(required) | set(recorded))
+    sizes = {n: recorded[n]["bytes"] if n in recorded else 0 for n in names}
+    return [why for name in _share(names, sizes, rank, world) if (why := _check_file(path, name, recorded.get(name)))]
 
 
 def verify_checkpoint(path: Path) -> str | None:
-    """None when the checkpoint at `path` is complete and intact, else what is wrong with it."""
-    from mmdit.model.checkpoint import read_index
+    """None when the checkpoint at `path` is complete and intact, else what is wrong with it
+    (every file checked, in this process)."""
+    return "; ".join(checkpoint_problems(path)) or None
 
-    try:
-        trainer = json.loads((path / TRAINER).read_text())
-        if step_of(path) != trainer["step"]:
-            return f"{TRAINER} says step {trainer['step']}"
-        json.loads((path / DATA).read_text())
-        index = read_index(path / MODEL)
-        for name in index["files"]:
-            _check_safetensors(path / MODEL / name)
-        for tp_rank in range(trainer["tp"]):
-            for dp_rank in range(trainer["dp"]):
-                _check_safetensors(state_file(path / OPTIMIZER, tp_rank, dp_rank))
-        if trainer["backend"].startswith("megatron"):
-            with zipfile.ZipFile(path / OPTIMIZER / MEGATRON_GROUPS) as archive:  # reads the end record
-                archive.namelist()
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
+
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint that verifies; None when there is none at all. Raises
-    CheckpointError when checkpoints exist but none verifies (never a silent fresh start)."""
+    CheckpointError when checkpoints exist but none verifies (never a silent fresh start).
+
+    Collective when torch.distributed is initialized: each rank checks its share of the files and
+    the ranks pool what they found, so every rank takes the same checkpoint (or raises)."""
+    from mmdit.parallel.state import all_gather_objects
+
+    rank, world = _rank_and_world()
+    names = all_gather_objects([p.name for p in checkpoints(run_dir)])[0]  # rank 0's listing, on every rank
     rejected = []
-    for path in checkpoints(run_dir):
-        why = verify_checkpoint(path)
-        if why is None:
-            for bad, reason in rejected:
-                log.warning("not resuming from %s: %s", bad, reason)
-            if rejected:
-                log.warning("resuming from %s, the newest complete checkpoint", path)
+    for name in names:
+        path = Path(run_dir) / CHECKPOINTS / name
+        found = all_gather_objects(checkpoint_problems(path, rank, world))
+        problems = list(dict.fromkeys(why for part in found for why in part))  # each once, in rank order
+        if not problems:
+            if rank == 0:
+                for bad, reason in rejected:
+                    log.warning("not resuming from %s: %s", bad, reason)
+                if rejected:
+                    log.warning("resuming from %s, the newest complete checkpoint", path)
             return path
-        rejected.append((path, why))
+        rejected.append((path, "; ".join(problems)))
     if rejected:
         raise CheckpointError("no checkpoint in " + str(Path(run_dir) / CHECKPOINTS) + " can be resumed from: "
                               + "; ".join(f"{p.name}: {why}" for p, why in rejected)
@@ -132,13 +261,35 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / TRAINER).is_file() else None
 
 
-def prune_checkpoints(run_dir: Path, keep: int, keep_every: int) -> list[Path]:
+# ----------------------------------------------------------------------------- retention
+
+
+def set_aside(path: Path) -> Path:
+    """Move a checkpoint out of resume's and retention's sight, to checkpoints/rejected/, kept
+    for a look (a second one of the same step gets a suffix)."""
+    target = path.parent / REJECTED / path.name
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.parent / REJECTED / f"{path.name}.{n}"
+    target.parent.mkdir(exist_ok=True)
+    path.rename(target)
+    return target
+
+
+def prune_checkpoints(run_dir: Path, keep: int, keep_every: int, resumed_from: Path | None = None) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep` (0: keep all), except steps that are
     multiples of `keep_every`; and what killed saves left (incomplete directories, temp files).
+    With `resumed_from`, complete checkpoints newer than it (resume passed them over) are set
+    aside first: kept, they would count among the newest and the good one would be deleted.
     Rank 0 only, while no save runs."""
     from mmdit.utils.atomic import remove_stale_tmp
 
     remove_stale_tmp(Path(run_dir) / CHECKPOINTS, "**/.tmp-*")
+    if resumed_from is not None:
+        for p in checkpoints(run_dir):
+            if step_of(p) > step_of(Path(resumed_from)) and (p / TRAINER).is_file():
+                log.warning("set %s aside in %s: resume passed it over", p.name, set_aside(p).parent)
     complete = [p for p in checkpoints(run_dir) if (p / TRAINER).is_file()]
     doomed = []
     if keep > 0:
@@ -149,6 +300,31 @@ def prune_checkpoints(run_dir: Path, keep: int, keep_every: int) -> list[Path]:
     return doomed
 
 
+# ----------------------------------------------------------------------------- save and load
+
+
+def _relative(recorded: dict[Path, tuple[int, str]], root: Path) -> dict[str, tuple[int, str]]:
+    return {p.relative_to(root).as_posix(): c for p, c in recorded.items() if p.is_relative_to(root)}
+
+
+def _list_files(path: Path, recorded: dict[str, tuple[int, str]]) -> dict[str, dict]:
+    """Size and checksum of every file in the checkpoint directory but trainer.json: as its
+    writer recorded it, or read here (a file that was not written through utils/atomic)."""
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not is_tmp(p)):
+        name = file.relative_to(path).as_posix()
+        if name == TRAINER:
+            continue
+        if name in recorded:
+            size, crc = recorded[name]
+            if file.stat().st_size != size:
+                raise CheckpointError(f"{name}: {file.stat().st_size} bytes on disk, {size} written")
+        else:
+            size, crc = file_checksum(file)
+        files[name] = {"bytes": size, ALGORITHM: crc}
+    return files
+
+
 def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: dict, trainer_state: dict) -> Path:
     """Collective over all ranks. Barriers are gloo (`parallel.state.barrier`): an NCCL barrier
     next to the data service's RPC threads can deadlock.
@@ -156,27 +332,38 @@ def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: 
     Refuses (CheckpointError, on every rank) to save non-finite weights; a write that fails on
     any rank (a full disk: DiskFullError) fails on every rank, and the partial directory is
     removed, so `latest` and the previous checkpoint stay as they were."""
+    from mmdit.parallel.state import all_gather_objects, all_ranks_true
+
     bad = sum(int((~p.detach().isfinite()).sum()) for p in model.parameters())
     if not all_ranks_true(bad == 0):
         raise CheckpointError(f"step {step}: the model holds non-finite values ({bad} on rank {dist.get_rank()}); "
                               "not saving a checkpoint of it")
     path = checkpoint_dir(run_dir, step)
     error: Exception | None = None
-    try:
-        (path / OPTIMIZER).mkdir(parents=True, exist_ok=True)
-        if dims.dp_rank == 0:
-            write_model_shard(model, path / MODEL)
-        backend.save_optimizer(path / OPTIMIZER, dims)
-    except OSError as e:
-        error = e
-    if all_ranks_true(error is None) and dist.get_rank() == 0:
+    with recording_checksums() as written:
         try:
-            write_model_index(model, path / MODEL)
-            atomic_write_json(path / DATA, data_state)
-            atomic_write_json(path / TRAINER, {**trainer_state, "step": step, "tp": dims.tp, "dp": dims.dp,
-                                               "backend": backend.name})
-            atomic_write_text(path.parent / LATEST, path.name)
+            (path / OPTIMIZER).mkdir(parents=True, exist_ok=True)
+            if dims.dp_rank == 0:
+                write_model_shard(model, path / MODEL)
+            backend.save_optimizer(path / OPTIMIZER, dims)
         except OSError as e:
+            error = e
+    # every rank's files are in place (this is also the barrier), their checksums on every rank
+    reports = all_gather_objects({"error": error and f"{type(error).__name__}: {error}",
+                                  "files": _relative(written, path)})
+    failed = [f"rank {r}: {report['error']}" for r, report in enumerate(reports) if report["error"]]
+    if not failed and dist.get_rank() == 0:
+        try:
+            with recording_checksums() as written_here:
+                write_model_index(model, path / MODEL)
+                atomic_write_json(path / DATA, data_state)
+            recorded = {name: c for report in reports for name, c in report["files"].items()}
+            files = _list_files(path, recorded | _relative(written_here, path))
+            state = {**trainer_state, "step": step, "tp": dims.tp, "dp": dims.dp, "backend": backend.name,
+                     FILES: files}
+            atomic_write_json(path / TRAINER, {**state, SEAL: _seal(state)})
+            atomic_write_text(path.parent / LATEST, path.name)
+        except (OSError, CheckpointError) as e:
             error = e
     if not all_ranks_true(error is None):
         if dist.get_rank() == 0:
@@ -184,7 +371,8 @@ def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: 
         if isinstance(error, DiskFullError):
             raise error
         raise CheckpointError(f"checkpoint of step {step} not written"
-                              + (f": {error}" if error else " (another rank failed to write its part)"))
+                              + (f": {error}" if error else f" ({'; '.join(failed)})" if failed
+                                 else " (another rank failed to write its part)"))
     return path
 
 

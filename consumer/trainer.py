@@ -170,7 +170,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", config_yaml(cfg))
             for name in (METRICS, SAMPLES):
                 truncate_after(self.run_dir / name, self.step)
-            prune_checkpoints(self.run_dir, cfg.train.keep_checkpoints, cfg.train.keep_every)
+            prune_checkpoints(self.run_dir, cfg.train.keep_checkpoints, cfg.train.keep_every, resumed_from=resume)
         per_round = cfg.train.micro_batch_size * self.dims.dp
         if cfg.train.global_batch_size % per_round:
             raise ConfigError(f"invalid config: train.global_batch_size={cfg.train.global_batch_size} must be a "

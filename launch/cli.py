@@ -22,6 +22,7 @@ COMMANDS = {
     "annotate": ("mmdit.producer.annotate", "VL-model annotations and alignment scores into the manifest"),
     "status": ("mmdit.launch.status", "one screen on a run: processes, step, throughput, service, checkpoint"),
     "cache": ("mmdit.producer.cache_cli", "verify the latent cache (`cache verify DIR [--repair]`)"),
+    "checkpoint": ("mmdit.launch.checkpoint_cli", "check a run's checkpoints file by file (`checkpoint verify DIR`)"),
     "submit": ("mmdit.launch.slurm", "submit a SLURM job: trainers, producers, coordinator (--dry-run prints it)"),
     "capacity": ("mmdit.launch.capacity", "producer GPUs, network and coordinator load per trainer GPU"),
     "serve": ("mmdit.launch.serve", "run the coordinator and producers on this machine"),

@@ -19,8 +19,10 @@ from safetensors import safe_open
 
 from mmdit.model.args import MMDiTArgs
 from mmdit.model.qkv import to_diffusers
-from mmdit.model.sharding import diffusers_partition_dims, local_from_parts, shard, unshard
 from mmdit.utils.atomic import atomic_save_safetensors, atomic_write_json
+
+# mmdit.model.sharding (megatron's layers, seconds to import) is imported where it is used, so
+# reading an index (`mmdit checkpoint verify`, `mmdit sample`'s first checks) stays light.
 
 FORMAT = "mmdit-model/1"
 INDEX = "mmdit.json"
@@ -46,6 +48,8 @@ def write_model_shard(model, path: str | os.PathLike) -> None:
 
 def write_model_index(model, path: str | os.PathLike) -> None:
     """The index that makes a checkpoint loadable: write it once every shard is in place."""
+    from mmdit.model.sharding import diffusers_partition_dims
+
     dtype = next(model.parameters()).dtype
     _write_index(Path(path), model.args, model.tp_size, diffusers_partition_dims(model), dtype)
 
@@ -63,6 +67,8 @@ def save_model(model, path: str | os.PathLike, barrier=None) -> None:
 def save_full_state_dict(full: dict[str, torch.Tensor], args: MMDiTArgs, dims: dict, path: str | os.PathLike,
                          tp: int) -> None:
     """Write a full (unsharded) state dict as a TP=tp checkpoint, from one process."""
+    from mmdit.model.sharding import shard
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for rank in range(tp):
@@ -91,6 +97,8 @@ def checkpoint_args(path: str | os.PathLike) -> MMDiTArgs:
 
 def iter_full_tensors(path: str | os.PathLike):
     """Yield (name, full tensor) for every parameter, joining the TP slices one tensor at a time."""
+    from mmdit.model.sharding import unshard
+
     path = Path(path)
     index = read_index(path)
     handles = [safe_open(str(path / f), framework="pt") for f in index["files"]]
@@ -106,6 +114,8 @@ def load_full_state_dict_from(path: str | os.PathLike) -> dict[str, torch.Tensor
 @torch.no_grad()
 def load_model(model, path: str | os.PathLike) -> None:
     """Load a checkpoint of any TP size into this rank's shard of `model`."""
+    from mmdit.model.sharding import diffusers_partition_dims, local_from_parts, shard, unshard
+
     index = read_index(path)
     if MMDiTArgs(**index["model"]) != model.args:
         raise ValueError(f"checkpoint {path} has model {index['model']}, not {asdict(model.args)}")

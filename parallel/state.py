@@ -85,6 +85,15 @@ def any_rank_true(flag: bool) -> bool:
     return not all_ranks_true(not flag)
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank (gloo; also a barrier)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj, group=_GLOO_WORLD)
+    return gathered
+
+
 def init_fake_parallel(tp: int) -> ParallelDims:
     """A one-process stand-in for rank 0 of a TP=tp job (torch's fake backend: no communication),
     to build one rank's shard on the meta device and count its parameters."""

@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from mmdit.utils.checksum import record_published
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -77,11 +79,13 @@ def _disk_full(e: BaseException, directory: Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temp path to write; on success it replaces `path`, on any error it is removed."""
+    """Yield a temp path to write; on success it replaces `path`, on any error it is removed.
+    Inside `utils.checksum.recording_checksums()` the file's size and CRC-32 are recorded."""
     path = Path(path)
     tmp = tmp_path(path)
     try:
         yield tmp
+        record_published(tmp, path)
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
