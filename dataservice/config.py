@@ -57,6 +57,12 @@ class CoordinatorSettings(RpcSettings):
     """Address of the coordinator's HTTP control endpoint (hot-swap, metrics, dashboard)."""
     control_port: int = 0
     """Its port (0: any free one; the URL is in run.dir/control.json)."""
+    control_max_connections: int = 32
+    """Connections the control endpoint serves at once, one thread each (a dashboard takes about
+    six). When all are taken, a new one replaces the longest idle one, or is answered 503."""
+    control_timeout_s: float = 10.0
+    """A control connection must send a whole request, and take its answer, within this long;
+    an idle or dripping one is closed."""
 
 
 @dataclass
@@ -106,11 +112,11 @@ class ServiceConfig(CoordinatorSettings, ProducerSettings, ClientSettings):
             if getattr(self, name) < 0:
                 raise ValueError(f"service.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("prefetch", "fetch_threads", "prepare_depth", "plan_ahead", "prepare_workers", "dp_size",
-                     "rpc_threads"):
+                     "rpc_threads", "control_max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"service.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("ack_interval_s", "rpc_timeout_s", "lease_timeout_s", "heartbeat_s", "join_timeout_s",
-                     "consumer_timeout_s", "shutdown_timeout_s", "status_every_s"):
+                     "consumer_timeout_s", "shutdown_timeout_s", "status_every_s", "control_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"service.{name} must be > 0, got {getattr(self, name)}")
         for name in ("simulate_encode_s", "step_time_s", "max_runtime_s"):

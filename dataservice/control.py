@@ -7,10 +7,12 @@
                     when the body or the change is bad (nothing changes), 401 without the token
     GET  /status    the coordinator's counters, producers and consumers
 
-Reads need no token; writes need `Authorization: Bearer <token>`. The server binds
-`service.control_host` (127.0.0.1 by default) and writes `run.dir/control.json` ({"url": ...})
-and `run.dir/control.token` (mode 0600) when it starts; both are removed when it stops.
-Other routes (metrics, dashboard) are added with `route`.
+Reads need no token; writes need `Authorization: Bearer <token>`, checked before a byte of the
+body is read. The server binds `service.control_host` (127.0.0.1 by default) and writes
+`run.dir/control.json` ({"url": ..., "pid": ...}) and `run.dir/control.token` (mode 0600) when
+it starts; it removes them when it stops, unless another server has replaced them since.
+Other routes (metrics, dashboard) are added with `route`; every route is served within the
+limits of bounded_http.py (`service.control_max_connections`, `service.control_timeout_s`).
 """
 
 from __future__ import annotations
@@ -23,22 +25,16 @@ import secrets
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from mmdit.dataservice.bounded_http import MAX_BODY, BoundedHTTPServer, BoundedRequestHandler, HttpError
 from mmdit.utils.atomic import atomic_write_json
+
+__all__ = ["CONTROL_JSON", "CONTROL_TOKEN", "MAX_BODY", "ControlServer", "HttpError"]
 
 log = logging.getLogger("mmdit.control")
 
 CONTROL_JSON, CONTROL_TOKEN = "control.json", "control.token"
-MAX_BODY = 1 << 20
-
-
-class HttpError(Exception):
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
-
 
 Handler = Callable[[dict], tuple[int, str, bytes]]
 """request (method, path, query, body) -> (status, content type, payload)."""
@@ -47,29 +43,39 @@ Handler = Callable[[dict], tuple[int, str, bytes]]
 class ControlServer:
     """Serves the routes on host:port (port 0: any free one) in a daemon thread."""
 
-    def __init__(self, coordinator, host: str, port: int, run_dir: str | os.PathLike):
+    def __init__(self, coordinator, host: str, port: int, run_dir: str | os.PathLike, settings=None):
+        """`settings` (CoordinatorSettings; default: the coordinator's) give the connection limits."""
+        settings = settings or coordinator.cfg
         self.coordinator, self.run_dir = coordinator, Path(run_dir)
         self.token = secrets.token_urlsafe(32)
-        self.routes: dict[tuple[str, str], Handler] = {}
+        self.routes: dict[tuple[str, str], tuple[Handler, bool]] = {}  # -> (handler, needs the token)
         self.prefixes: list[tuple[str, str, Handler]] = []
         self.route("GET", "/config", lambda req: _json(self._get_config()))
         self.route("GET", "/history", lambda req: _json(self.coordinator.history_dicts()))
         self.route("GET", "/status", lambda req: _json(self.coordinator.status()))
         self.route("POST", "/config", self._post_config, write=True)
-        self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self.httpd.daemon_threads = True
+        self.httpd = BoundedHTTPServer((host, port), self._handler_class(), settings.control_max_connections,
+                                       settings.control_timeout_s)
         self.url = f"http://{_url_host(host)}:{self.httpd.server_address[1]}"
         self._write_files()
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="control-http", daemon=True)
+        self.httpd.reaper.start()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="control-http", daemon=True)
         self._thread.start()
         log.info("control endpoint %s (writes need %s)", self.url, self.run_dir / CONTROL_TOKEN)
 
     def route(self, method: str, path: str, handler: Handler, write: bool = False) -> None:
-        self.routes[(method, path)] = (lambda req: self._authorized(req) or handler(req)) if write else handler
+        self.routes[(method, path)] = (handler, write)
 
     def prefix_route(self, method: str, prefix: str, handler: Handler) -> None:
         """Read-only routes for every path under `prefix`."""
         self.prefixes.append((method, prefix, handler))
+
+    def _find(self, method: str, path: str) -> tuple[Handler, bool]:
+        found = self.routes.get((method, path)) or next(
+            ((h, False) for m, prefix, h in self.prefixes if m == method and path.startswith(prefix)), None)
+        if found is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no route {method} {path}")
+        return found
 
     # ---- routes
 
@@ -96,11 +102,10 @@ class ControlServer:
         except ChangeError as e:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(e)) from None
 
-    def _authorized(self, req: dict):
-        given = req["headers"].get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+    def _authorize(self, headers) -> None:
+        given = headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(errors="replace"), f"Bearer {self.token}".encode()):
             raise HttpError(HTTPStatus.UNAUTHORIZED, f"a write needs the token in {self.run_dir / CONTROL_TOKEN}")
-        return None
 
     # ---- files
 
@@ -113,54 +118,52 @@ class ControlServer:
             f.write(self.token)
         atomic_write_json(self.run_dir / CONTROL_JSON, {"url": self.url, "pid": os.getpid()})
 
+    def _owns(self, name: str) -> bool:
+        """Whether run.dir/`name` is still the file this server wrote (another service may have
+        replaced it; `mmdit serve` keeps a second one off the run dir, see launch/serve.py)."""
+        try:
+            text = (self.run_dir / name).read_text()
+            if name == CONTROL_JSON:
+                return json.loads(text) == {"url": self.url, "pid": os.getpid()}
+            return text == self.token
+        except (OSError, ValueError):
+            return False
+
     def close(self) -> None:
         self.httpd.shutdown()
+        self.httpd.stop_reaper()
+        self.httpd.connections.cut_all()
         self.httpd.server_close()
         for name in (CONTROL_JSON, CONTROL_TOKEN):
-            (self.run_dir / name).unlink(missing_ok=True)
+            if self._owns(name):
+                (self.run_dir / name).unlink(missing_ok=True)
 
     # ---- the HTTP plumbing
 
     def _handler_class(self):
         server = self
 
-        class RequestHandler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _serve(self, method: str) -> None:
+        class RequestHandler(BoundedRequestHandler):
+            def _serve(self) -> None:
                 path, _, query = self.path.partition("?")
-                handler = server.routes.get((method, path)) or next(
-                    (h for m, prefix, h in server.prefixes if m == method and path.startswith(prefix)), None)
                 try:
-                    if handler is None:
-                        raise HttpError(HTTPStatus.NOT_FOUND, f"no route {method} {path}")
-                    length = int(self.headers.get("Content-Length") or 0)
-                    if length > MAX_BODY:
-                        raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body over 1 MiB")
-                    body = self.rfile.read(length) if length else b""
-                    status, kind, payload = handler({"method": method, "path": path, "query": query,
+                    handler, write = server._find(self.command, path)
+                    if write:
+                        server._authorize(self.headers)  # before a byte of the body is read
+                    body = self.read_body()
+                    self.handling()
+                    status, kind, payload = handler({"method": self.command, "path": path, "query": query,
                                                      "body": body, "headers": self.headers})
                 except HttpError as e:
                     status, kind, payload = e.status, "application/json", json.dumps({"error": str(e)}).encode()
                 except Exception as e:  # noqa: BLE001 - a bug answers 500, the server goes on
-                    log.exception("control request %s %s failed", method, path)
+                    log.exception("control request %s %s failed", self.command, path)
                     status, kind = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json"
                     payload = json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(payload)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(payload)
+                # an error may leave the body unread: the connection ends with the answer
+                self.reply(status, kind, payload, close=status >= 400)
 
-            def do_GET(self):  # noqa: N802 - the stdlib's naming
-                self._serve("GET")
-
-            def do_POST(self):  # noqa: N802
-                self._serve("POST")
-
-            def log_message(self, fmt, *args):  # requests are not worth a log line each
-                pass
+            do_GET = do_POST = _serve  # noqa: N815 - the stdlib's naming
 
         return RequestHandler
 

@@ -454,7 +454,7 @@ class Coordinator:
 
         with self.lock:
             last = self.history[-1]
-            candidate, applied = apply_changes(last, changes, set(self.stages))
+            candidate, applied = apply_changes(last, changes, set(self.stages), buckets=set(self.sel.bucket_names))
             encoders = any(p.alive and p.can_encode for p in self.producers.values())
             candidate = replace(candidate, encode_missing=encoders)
             if candidate.task_weights and not any(w > 0 for w in candidate.task_weights.values()):

@@ -5,7 +5,7 @@ What can change, by key (the names of `conf/data`):
     task_weights.<task>          t2i, edit, reconstruction: relative weight of the task
     source_weights.<source>      a data source (shard stem)
     category_weights.<category>  nature, design, people, synthetic, text_rendering or unknown
-    bucket_weights.<H>x<W>       a resolution bucket of the stage
+    bucket_weights.<H>x<W>       a resolution bucket the job's samples have
     stage_weights.<base>         multi-scale: draw every named stage (e.g. 640 and 1328), weighed;
                                  an empty table draws base_resolution's stage only
     base_resolution              the curriculum stage: 256, 640 or 1328 (the cache must hold it)
@@ -13,8 +13,9 @@ What can change, by key (the names of `conf/data`):
     filters.<threshold>          every threshold of FilterConfig (min_blur, max_text_chars, ...)
 
 Weights are finite and >= 0; a change that leaves every task at weight 0, or selects no sample
-at all, is rejected, and so is any unknown key, wrong type or out-of-range value: the reply names
-the reason and nothing changes.
+at all, is rejected, and so is any unknown key, wrong type or out-of-range value, a bucket or
+stage the job has no sample of, and an empty task table (the other tables are empty by default:
+every name weighs 1): the reply names the reason and nothing changes.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _threshold(key: str, name: str, value: Any) -> Any:
     return kind(value)
 
 
-def _table_entry(table: str, name: str, value: Any, stages: set[int]) -> tuple[str, float]:
+def _table_entry(table: str, name: str, value: Any, stages: set[int], buckets: set[str] | None) -> tuple[str, float]:
     """One weight: (canonical name, weight); ChangeError naming it when either is bad."""
     key = f"{table}.{name}"
     if table == "category_weights":
@@ -86,12 +87,21 @@ def _table_entry(table: str, name: str, value: Any, stages: set[int]) -> tuple[s
         if not (str(name).isdigit() and int(name) in stages):
             raise ChangeError(f"{key}: {name!r} is not a cached stage (cached: {sorted(stages)})")
         name = str(int(name))
+    elif table == "bucket_weights" and buckets is not None and name not in buckets:
+        raise ChangeError(f"{key}: the job has no sample in bucket {name!r} (buckets: {_listed(buckets)})")
     return str(name), _weight(key, value)
 
 
-def apply_changes(version: DataVersion, changes: dict, stages: set[int]) -> tuple[DataVersion, dict]:
+def _listed(names: set[str], at_most: int = 12) -> str:
+    shown = sorted(names)[:at_most]
+    return ", ".join(shown) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
+
+
+def apply_changes(version: DataVersion, changes: dict, stages: set[int],
+                  buckets: set[str] | None = None) -> tuple[DataVersion, dict]:
     """`version` with `changes` (key -> value) applied (number, start and bookkeeping unchanged),
     and the changes as applied (normalized). Raises ChangeError naming the first bad key.
+    `buckets` ("HxW") are those the job has samples of (None: bucket names are not checked).
 
     `<table>.<name>` sets one weight; `<table>` with a mapping replaces the whole table, and
     `filters` with a mapping every threshold (those not named return to their defaults): how a
@@ -107,12 +117,15 @@ def apply_changes(version: DataVersion, changes: dict, stages: set[int]) -> tupl
             raise ChangeError(f"keys must be strings, got {key!r}")
         head, _, name = key.partition(".")
         if head in WEIGHT_TABLES and name:
-            name, weight = _table_entry(head, name, value, stages)
+            name, weight = _table_entry(head, name, value, stages, buckets)
             tables[head][name] = applied[f"{head}.{name}"] = weight
         elif head in WEIGHT_TABLES:
             if not isinstance(value, dict):
                 raise ChangeError(f"{key} (a whole table) must be a mapping of names to weights, got {value!r}")
-            tables[head] = dict(_table_entry(head, str(n), w, stages) for n, w in value.items())
+            if head == "task_weights" and not value:
+                raise ChangeError("task_weights: an empty table would weigh every task 1; name the tasks "
+                                  "(e.g. task_weights={t2i: 1, edit: 0})")
+            tables[head] = dict(_table_entry(head, str(n), w, stages, buckets) for n, w in value.items())
             applied[key] = dict(tables[head])
         elif head == "filters" and name:
             filters[name] = applied[key] = _threshold(key, name, value)
