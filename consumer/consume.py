@@ -42,16 +42,23 @@ def check_shapes(batch: dict) -> None:
 def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
     from mmdit.consumer.checkpoint import read_data_state, write_data_state
     from mmdit.consumer.sample_log import SampleLog
-    from mmdit.dataservice.client import ServiceClient, TPBroadcast
+    from mmdit.dataservice.client import ServiceClient, TPBroadcast, client_on_tp_rank0
     from mmdit.dataservice.config import ClientSettings
+    from mmdit.dataservice.protocol import expectation
 
     svc, train = cfg.service, cfg.train
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start, data_state = read_data_state(run_dir, dp_rank) if train.resume else (0, {})
-    client = ServiceClient(svc.role(ClientSettings), dp_rank, svc.dp_size, train.micro_batch_size,
-                           state=data_state) if tp_rank == 0 else None
-    batches = TPBroadcast(client, group, src) if group is not None else client
+
+    def make_client() -> ServiceClient:  # no model here: only the data keys must match the service
+        return ServiceClient(svc.role(ClientSettings), dp_rank, svc.dp_size, train.micro_batch_size,
+                             state=data_state, expect=expectation(cfg, model=False))
+
+    if group is None:
+        batches = make_client()
+    else:
+        batches = TPBroadcast(client_on_tp_rank0(make_client if tp_rank == 0 else None, group, src), group, src)
     sample_log = SampleLog(run_dir, dp_rank, tp_rank) if train.log_samples else None
     stop = _StopFlag(group)
     waits, times = [], []

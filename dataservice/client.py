@@ -13,8 +13,14 @@ batches an uninterrupted run would have seen. When the coordinator starts a new 
 (another rank registered from an earlier cursor, after a restart), the client registers again at
 its own cursor and fetches on.
 
+Before it registers, the client asks the coordinator what it serves (`describe_service`) and
+compares it with what the trainer's config expects (protocol.JOIN_CHECKS: latent channels,
+patch, text width, resolution schedule, fingerprint): a trainer that does not match raises a
+ConfigError naming each field and both values, and leaves without the running job noticing.
+
 `TPBroadcast` gives every rank of a TP group the batch of its TP rank 0, over a gloo group
-(never NCCL next to RPC); `trainer_batches` builds the right one for a trainer rank.
+(never NCCL next to RPC); `trainer_batches` builds the right one for a trainer rank, and
+`client_on_tp_rank0` makes a TP rank 0 that cannot join fail its whole TP group.
 """
 
 from __future__ import annotations
@@ -51,7 +57,9 @@ class ServiceClient:
     """Global batches for one DP rank, in plan order, `service.prefetch` of them in flight."""
 
     def __init__(self, settings: ClientSettings, dp_rank: int, dp_size: int, micro_batch_size: int,
-                 state: dict | None = None, name: str | None = None):
+                 state: dict | None = None, name: str | None = None, expect: dict | None = None):
+        """`expect`: what this trainer's config expects of the service (protocol.expectation); a
+        service that differs is a ConfigError naming each field, raised before registering."""
         self.cfg, self.dp_rank, self.dp_size, self.micro_batch_size = settings, dp_rank, dp_size, micro_batch_size
         self.name = name or rpc.incarnation_name("trainer")
         self._own_rpc = not torch_rpc.is_available() or not _rpc_initialized()
@@ -64,7 +72,14 @@ class ServiceClient:
         state = state or {}
         self.cursor = Cursor.from_dict(state.get("cursor"))
         self.history = state.get("history") or []
-        self._register()
+        try:
+            if expect:
+                self._check_agreement(expect)
+            self._register()
+        except BaseException as e:
+            if self._own_rpc:  # leave the group we joined (at once when the coordinator does not answer)
+                rpc.leave(graceful=not isinstance(e, rpc.RpcError), timeout_s=settings.shutdown_timeout_s)
+            raise
         if state.get("selection") and state["selection"] != self.selection:
             log.warning("the selection changed since this state was saved (%s -> %s): the plan from the cursor "
                         "on differs from the original run's", state["selection"], self.selection)
@@ -89,6 +104,18 @@ class ServiceClient:
         self._pool = _DaemonPool(min(settings.fetch_threads, settings.prefetch), f"prefetch-dp{dp_rank}")
         self._fill()
         atexit.register(self.close)
+
+    def _check_agreement(self, expect: dict) -> None:
+        """Ask the coordinator what it serves and compare, before registering: registering may
+        start a new plan generation and replaces this DP rank's earlier client, so a trainer
+        that does not match must leave before it, unseen by the running job."""
+        from mmdit.launch.config import ConfigError
+
+        service = rpc.call(rpc.COORDINATOR, protocol.describe_service, timeout_s=self.cfg.rpc_timeout_s, retries=2)
+        problems = protocol.disagreements(expect, service) if service is not None else []
+        if problems:
+            raise ConfigError(f"this trainer does not match the data service at {self.cfg.host}:{self.cfg.port}: "
+                              + "; ".join(problems))
 
     def _register(self) -> None:
         """Join the coordinator's plan at `self.cursor` (every batch before it is consumed)."""
@@ -434,14 +461,38 @@ def tp_gloo_group(tp: int):
     return group, mine[0]
 
 
+def client_on_tp_rank0(make_client, group, src: int) -> ServiceClient | None:
+    """`make_client()` on TP rank 0 (`make_client` is None on the others), and its outcome on
+    every rank of the group: when TP rank 0 cannot join (a config the service does not match, no
+    service), every rank raises, with TP rank 0's reason, instead of waiting for a broadcast that
+    never comes. Every rank of the group must call this."""
+    from mmdit.launch.config import ConfigError
+
+    client, failure = None, None
+    if make_client is not None:
+        try:
+            client = make_client()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, once the group knows
+            failure = e
+    box = [None if failure is None else (isinstance(failure, ConfigError), str(failure) or type(failure).__name__)]
+    dist.broadcast_object_list(box, src=src, group=group)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        is_config, why = box[0]
+        raise (ConfigError(why) if is_config else DataServiceError(f"TP rank 0 could not join the data service: {why}"))
+    return client
+
+
 def trainer_batches(cfg, dims, data_state: dict | None):
     """The batch source of one trainer rank: a `ServiceClient` on TP rank 0 of each DP rank,
-    broadcast to the TP group when TP > 1. `data_state` is a checkpoint's `state()` (or empty)."""
-    client = None
-    if dims.tp_rank == 0:
-        client = ServiceClient(cfg.service.role(ClientSettings), dims.dp_rank, dims.dp, cfg.train.micro_batch_size,
-                               state=data_state or None)
+    broadcast to the TP group when TP > 1. `data_state` is a checkpoint's `state()` (or empty).
+    A service that does not match the trainer's config is a ConfigError on every rank."""
+    def make_client() -> ServiceClient:
+        return ServiceClient(cfg.service.role(ClientSettings), dims.dp_rank, dims.dp, cfg.train.micro_batch_size,
+                             state=data_state or None, expect=protocol.expectation(cfg, model=True))
+
     if dims.tp == 1:
-        return client
-    group, src = tp_gloo_group(dims.tp)
-    return TPBroadcast(client, group, src)
+        return make_client()
+    group, src = tp_gloo_group(dims.tp)  # first: creating it is collective over every rank
+    return TPBroadcast(client_on_tp_rank0(make_client if dims.tp_rank == 0 else None, group, src), group, src)

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from torch.futures import Future
@@ -38,7 +39,7 @@ from torch.futures import Future
 from mmdit.dataservice import protocol, rpc
 from mmdit.dataservice.config import CoordinatorSettings, ServiceConfig
 from mmdit.dataservice.plan import Cursor, DataVersion, PlannedBatch, Planner, PlanSpec, Selection, validate_history
-from mmdit.dataservice.protocol import Lease, Location, Registration
+from mmdit.dataservice.protocol import Lease, Location, Registration, ServiceDescription
 from mmdit.dataservice.telemetry import Telemetry
 
 log = logging.getLogger("mmdit.coordinator")
@@ -105,9 +106,11 @@ class Coordinator:
     def __init__(self, selection: Selection, settings: CoordinatorSettings, seed: int, dp_size: int,
                  micro_batch_size: int, history: list[DataVersion], clock=time.monotonic,
                  stages: dict[int, str] | None = None, curriculum: list[dict] | None = None,
-                 accumulation: int = 1):
+                 accumulation: int = 1, description: ServiceDescription | None = None):
         validate_history(history)
         self.sel, self.cfg, self.seed, self.clock = selection, settings, seed, clock
+        self.description = description
+        """What a trainer must agree with to join (protocol.JOIN_CHECKS); None: nothing checked."""
         self.stages = stages or {0: ""}
         """Curriculum stage (base resolution) -> cache fingerprint."""
         self.accumulation = accumulation
@@ -279,6 +282,10 @@ class Coordinator:
         return done
 
     # ---- consumers
+
+    def describe(self) -> ServiceDescription | None:
+        """Asked before registering: a trainer that does not match leaves without changing anything."""
+        return self.description
 
     def register_consumer(self, name: str, rank: int, dp_rank: int, dp_size: int, micro_batch_size: int,
                           cursor: dict | None, history: list[dict] | None) -> Registration:
@@ -582,6 +589,39 @@ def _complete(done: list) -> None:
 # ----------------------------------------------------------------------------- the service
 
 
+def service_description(cache, stages: dict[int, str], stage: int, selection: Selection, data_cfg,
+                        dp_size: int) -> ServiceDescription:
+    """What a trainer must agree with to join (protocol.JOIN_CHECKS): the shapes of one cached
+    record (the served stage's first readable one), the latent sides of every bucket the plan may
+    draw, and the job's resolution schedule."""
+    from mmdit.producer.cache import VAE_SCALE
+
+    record = next((r for fp in [stages[stage], *stages.values()] if (r := _first_record(cache, fp)) is not None),
+                  None)
+    # every target and condition image of every group the plan draws from, cached or not
+    sides = {side // VAE_SCALE for _, bucket, _, cond in selection.groups for side in (*bucket, *cond) if side}
+    return ServiceDescription(
+        fingerprints=sorted(set(stages.values())),
+        latent_channels=None if record is None else int(record["latents"].shape[0]),
+        latent_side_multiple=math.gcd(*sides) or None,
+        text_width=None if record is None else int(record["prompt_embeds"].shape[1]),
+        base_resolution=stage or None,
+        stage_weights={str(k): float(v) for k, v in data_cfg.stage_weights.items()},
+        curriculum=list(data_cfg.curriculum),
+        dp_size=dp_size,
+    )
+
+
+def _first_record(cache, fingerprint: str, tries: int = 8) -> dict | None:
+    """One readable record under `fingerprint` (damaged ones are skipped), or None."""
+    for key in cache.keys(fingerprint)[:tries]:
+        try:
+            return cache.read(key, fingerprint)
+        except (KeyError, ValueError):  # DamagedRecord is a ValueError
+            continue
+    return None
+
+
 class CoordinatorService:
     """The coordinator in this process: RPC rank 0, a reaper thread, and run.dir/service.json."""
 
@@ -599,6 +639,7 @@ class CoordinatorService:
         stage = cfg.data.base_resolution if cfg.data.base_resolution in stages else min(stages)
         selection, self.selection_counts = build_selection(cache, stages, cfg.data.filters, stage,
                                                            cfg.data.eval_fraction)
+        self.description = service_description(cache, stages, stage, selection, cfg.data, svc.dp_size)
         cache.close()
         history = [version_zero(cfg.data, stage)]
         if history[0].stage_weights:  # every stage drawn must be cached
@@ -614,7 +655,8 @@ class CoordinatorService:
         per_round = cfg.train.micro_batch_size * svc.dp_size
         self.coordinator = Coordinator(selection, settings, cfg.seed, svc.dp_size, cfg.train.micro_batch_size, history,
                                        stages=stages, curriculum=cfg.data.curriculum,
-                                       accumulation=max(1, cfg.train.global_batch_size // per_round))
+                                       accumulation=max(1, cfg.train.global_batch_size // per_round),
+                                       description=self.description)
         self.status_path = Path(run_dir) / "service.json"
         self.status_path.parent.mkdir(parents=True, exist_ok=True)
         protocol.serve(protocol.COORDINATOR, self.coordinator)
@@ -653,7 +695,8 @@ class CoordinatorService:
         from mmdit.utils.atomic import atomic_write_json
 
         status = {**self.coordinator.status(), "fingerprint": self.fingerprint,
-                  "selection_counts": self.selection_counts, "time": time.time()}
+                  "selection_counts": self.selection_counts, "description": asdict(self.description),
+                  "time": time.time()}
         atomic_write_json(self.status_path, status, fsync=False)
         return status
 

@@ -6,7 +6,8 @@ Roles (one process may hold several): the *coordinator* (RPC rank 0, one per job
     producer -> coordinator   lease(name, rank, depth, held, can_encode, counters) -> Lease   long poll,
                                                                                heartbeat, telemetry
                               producer_left(name)
-    client   -> coordinator   register_consumer(...) -> Registration
+    client   -> coordinator   describe_service() -> ServiceDescription       checked before registering
+                              register_consumer(...) -> Registration
                               locate(name, gen, seq, ahead) -> Location      long poll
                               ack(name, dp_rank, gen, seqs, report) -> int   with the last step's figures
                               producer_failed(name, reporter), consumer_left(name), history()
@@ -21,7 +22,10 @@ role imports the same way, never in a `__main__`.
 
 from __future__ import annotations
 
+import functools
+import operator
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch.distributed.rpc.functions import async_execution
@@ -89,6 +93,88 @@ class Registration:
     global_batch_size: int
 
 
+@dataclass(frozen=True)
+class ServiceDescription:
+    """Coordinator -> client: what a trainer must agree with before it joins (`JOIN_CHECKS`),
+    from the cache and the service's job config. None: unknown here, so not checked."""
+
+    fingerprints: list[str]
+    """Cache fingerprints served, one per curriculum stage."""
+    latent_channels: int | None
+    """Channels of a cached latent (None: nothing cached yet)."""
+    latent_side_multiple: int | None
+    """The largest patch side that tiles every latent the plan may draw (targets and conditions)."""
+    text_width: int | None
+    """Width of a cached prompt embedding (the MLLM's hidden size)."""
+    base_resolution: int | None
+    """The stage the job starts at (its data.base_resolution, or the first cached stage when that
+    one is not cached); None for a cache without stages."""
+    stage_weights: dict
+    curriculum: list
+    dp_size: int
+    """The DP size the service was started for (informational: another DP size re-plans)."""
+
+
+# ----------------------------------------------------------------------------- the join check
+
+
+@dataclass(frozen=True)
+class JoinCheck:
+    """One thing trainer and service must agree on: the trainer's config key, the description's
+    field, and the rule (equality unless said otherwise)."""
+
+    key: str
+    service: str
+    agrees: Callable = operator.eq
+    rule: str = ""
+    """Shown after the two values when the rule is not equality."""
+    canonical: Callable = lambda value: value
+    """Both values in one form before they are compared and shown."""
+
+
+def _stage_table(weights: dict) -> dict:
+    """Stage weights as the data config's history holds them (YAML may give int keys)."""
+    return {str(k): float(v) for k, v in weights.items()}
+
+
+JOIN_CHECKS = (
+    JoinCheck("model.out_channels", "latent_channels"),
+    JoinCheck("model.patch_size", "latent_side_multiple", lambda patch, side: side % patch == 0,
+              "the patch must tile every cached latent"),
+    JoinCheck("model.joint_attention_dim", "text_width"),
+    JoinCheck("data.base_resolution", "base_resolution"),
+    JoinCheck("data.stage_weights", "stage_weights", canonical=_stage_table),
+    JoinCheck("data.curriculum", "curriculum"),
+    JoinCheck("service.fingerprint", "fingerprints", lambda fp, served: fp in served, "the service serves only these"),
+)
+"""Everything a trainer and its data service must agree on; a new field is one line here (and
+one in ServiceDescription)."""
+
+
+def expectation(cfg, model: bool) -> dict:
+    """What a trainer's config (`JobConfig`) expects of the service: {config key: value}. `model`:
+    False for a consumer without a model (`mmdit consume`), whose model keys mean nothing. An
+    empty value (service.fingerprint="") expects nothing."""
+    wanted = {c.key: functools.reduce(getattr, c.key.split("."), cfg) for c in JOIN_CHECKS
+              if model or not c.key.startswith("model.")}
+    return {k: v for k, v in wanted.items() if v is not None and v != ""}
+
+
+def disagreements(expected: dict, service: ServiceDescription) -> list[str]:
+    """Each check where the trainer's expectation and the service differ, as
+    `key: trainer VALUE, service VALUE`; checks one side does not know are skipped."""
+    problems = []
+    for check in JOIN_CHECKS:
+        mine, theirs = expected.get(check.key), getattr(service, check.service)
+        if mine is None or theirs is None:
+            continue
+        mine, theirs = check.canonical(mine), check.canonical(theirs)
+        if not check.agrees(mine, theirs):
+            rule = f" ({check.rule})" if check.rule else ""
+            problems.append(f"{check.key}: trainer {mine!r}, service {theirs!r}{rule}")
+    return problems
+
+
 # ----------------------------------------------------------------------------- handlers
 
 _handlers: dict[str, object] = {}
@@ -137,6 +223,10 @@ def locate(name: str, gen: int, seq: int, ahead: int = 0) -> Future:
 
 def ack(name: str, dp_rank: int, gen: int, seqs: list[int], report: dict | None = None) -> int:
     return _handler(COORDINATOR).ack(name, dp_rank, gen, seqs, report)
+
+
+def describe_service() -> ServiceDescription:
+    return _handler(COORDINATOR).describe()
 
 
 def register_consumer(name: str, rank: int, dp_rank: int, dp_size: int, micro_batch_size: int,
