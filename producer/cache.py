@@ -29,11 +29,16 @@ are equivalent; readers keep the first segment in name order.
 
 Integrity: each record carries a CRC-32 of its tensor bytes in the header, checked on every read
 (with a check that its values are finite). A record that fails, a segment whose header does not
-parse or whose data is cut short, and stray files are *damage*: named (file and key), counted in
-`LatentCache.damage`, skipped, never fatal; the index then treats the record as missing, so a
-producer with encoders re-encodes it. `verify()` reads everything; with `repair`, a damaged
-segment's healthy records are written to a new segment and the damaged file moves to
-`<cache dir>/quarantine/` (what `mmdit cache verify --repair` and `mmdit produce` do).
+parse, does not match its data or its directory, or whose data is cut short, and stray entries
+(`cache_layout.py`: anything in a bucket directory that is not a segment, FIFOs, sockets,
+symlinks and directories included, which are never opened) are *damage*: named (file and key),
+counted in `LatentCache.damage`, skipped, never fatal; the index then treats the record as
+missing, so a producer with encoders re-encodes it. Files are opened only through
+`utils/regular_files.py`, so nothing here can block on an entry that is not a regular file.
+`verify()` reads everything; with `repair`, a damaged segment's healthy records are written to a
+new segment and the damaged file, like every stray, moves to `<cache dir>/quarantine/` (what
+`mmdit cache verify --repair` and `mmdit produce` do); what cannot be moved is reported as
+unrepaired, so a repair that leaves nothing unrepaired leaves a cache that verifies.
 """
 
 from __future__ import annotations
@@ -42,8 +47,6 @@ import contextlib
 import json
 import logging
 import os
-import re
-import shutil
 import struct
 import threading
 import uuid
@@ -55,12 +58,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_save
 
+from mmdit.producer.cache_layout import FINGERPRINT_RE, fingerprint_dirs, list_fingerprint, quarantine
+from mmdit.producer.keys import key_problem
 from mmdit.utils.atomic import TMP_PREFIX, atomic_write_bytes, host_id, remove_stale_tmp
-from mmdit.utils.safetensors_header import data_end, read_header
+from mmdit.utils.regular_files import open_regular, open_regular_file
+from mmdit.utils.safetensors_header import read_header
 
 log = logging.getLogger("mmdit.cache")
-
-QUARANTINE = "quarantine"
 
 # ----------------------------------------------------------------------------- record schema
 
@@ -76,10 +80,8 @@ META_FIELDS = ("key", "fingerprint", "bucket", "task", "caption", "source")
 """Per-record metadata; with the tensors `latents`, `prompt_embeds` and optional `cond_latents`
 this is the whole record (design brief, "Cache record per sample")."""
 
-SEGMENT_GLOB = "seg-*.safetensors"
 DATA_ALIGN = 4096
 """Tensor data starts at a multiple of this file offset."""
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def stage_fingerprint(encoders_fingerprint: str, base_resolution: int) -> str:
@@ -95,10 +97,10 @@ def validate_record(rec: dict) -> None:
     for f in META_FIELDS + ("latents", "prompt_embeds"):
         if f not in rec:
             raise ValueError(f"cache record {key!r}: missing field {f!r}")
-    if not isinstance(rec["key"], str) or not rec["key"]:
-        raise ValueError(f"cache record {key!r}: key must be a non-empty str")
-    if not _NAME_RE.match(rec["fingerprint"]):
-        raise ValueError(f"cache record {key!r}: fingerprint {rec['fingerprint']!r} must match {_NAME_RE.pattern}")
+    if (why := key_problem(rec["key"])) is not None:  # producer/keys.py: one rule for every store
+        raise ValueError(f"cache record {key!r}: bad key ({why})")
+    if not FINGERPRINT_RE.match(rec["fingerprint"]):
+        raise ValueError(f"cache record {key!r}: fingerprint {rec['fingerprint']!r} must match {FINGERPRINT_RE.pattern}")
     if rec["task"] not in TASKS:
         raise ValueError(f"cache record {key!r}: task {rec['task']!r} not in {TASKS}")
     h, w = (int(v) for v in rec["bucket"])
@@ -157,26 +159,73 @@ def _crc(*tensors) -> int:
 
 
 def _read_segment_header(path: str) -> _Segment:
-    """Parse a segment's header; DamagedRecord (naming the file) when it is not a whole segment."""
+    """Parse a segment's header; DamagedRecord (naming the file) unless it is a whole segment
+    whose header agrees with its data and its directory, so any record it lists can be read."""
     try:
-        header, base, size = read_header(path)
-        meta = json.loads(header.pop("__metadata__")["mmdit"])
-        tensors = {
-            name: (_DTYPES[t["dtype"]], tuple(t["shape"]), base + t["data_offsets"][0]) for name, t in header.items()
-        }
-        end = data_end(header, base)
-        if end > size:
-            raise ValueError(f"data cut short: {size} of {end} bytes")
-        for r in meta["records"]:
-            r["key"], r["tokens"]  # noqa: B018 - a KeyError here means a malformed header
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        with open_regular_file(path) as f:  # never blocks: a FIFO swapped in is refused
+            header, base, size = read_header(f)
+        return _parse_header(path, header, base, size)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
         raise DamagedRecord(path, None, f"unreadable segment ({type(e).__name__}: {e})") from None
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _ints(value, n: int | None = None) -> tuple[int, ...]:
+    """`value` as a tuple of non-negative ints (of length `n`); TypeError/ValueError otherwise."""
+    if not isinstance(value, list) or (n is not None and len(value) != n):
+        raise TypeError(f"expected a list of {n or 'some'} ints, got {value!r}")
+    if not all(type(v) is int and v >= 0 for v in value):
+        raise ValueError(f"expected non-negative ints, got {value!r}")
+    return tuple(value)
+
+
+def _parse_header(path: str, header: dict, base: int, size: int) -> _Segment:
+    """Check everything a reader relies on: a bit flipped in a header that still parses as JSON
+    must make the segment damaged, never an exception or a wrong read later."""
+    meta = json.loads(header.pop("__metadata__")["mmdit"])
+    tensors = {}
+    for name, t in header.items():
+        dtype, shape, (begin, end) = _DTYPES[t["dtype"]], _ints(t["shape"]), _ints(t["data_offsets"], 2)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * dtype.itemsize:
+            raise ValueError(f"tensor {name}: {end - begin} bytes for shape {shape}")
+        if base + end > size:
+            raise ValueError(f"data cut short: {size} of {base + end} bytes")
+        tensors[name] = (dtype, shape, base + begin)
+    records, bucket = meta["records"], _ints(meta["bucket"], 2)
+    if bucket[0] % 16 or bucket[1] % 16 or 0 in bucket:
+        raise ValueError(f"bucket {bucket}")
+    where = (Path(path).parent.parent.name, Path(path).parent.name)
+    if (meta["fingerprint"], f"{bucket[0]}x{bucket[1]}") != where:
+        raise ValueError(f"header says {meta['fingerprint']!r} {bucket}, the file lies in {'/'.join(where)}")
+    tokens, conds = [], []
+    for r in records:
+        if (why := key_problem(r["key"])) is not None:
+            raise ValueError(f"record key {r['key']!r}: {why}")
+        if r["task"] not in TASKS or not isinstance(r["caption"], str) or not isinstance(r["source"], str):
+            raise ValueError(f"record {r['key']!r}: bad task, caption or source")
+        tokens.append(_ints([r["tokens"]], 1)[0])
+        cond = r["cond_shape"]
+        if cond is not None and (_ints(cond, 3)[0] != LATENT_CHANNELS or 0 in cond):
+            raise ValueError(f"record {r['key']!r}: cond_shape {cond}")
+        conds.append(cond[0] * cond[1] * cond[2] if cond else 0)
+    lat, emb = tensors["latents"], tensors["prompt_embeds"]
+    if lat[0] not in _FLOATS or lat[1] != (len(records), LATENT_CHANNELS, bucket[0] // VAE_SCALE, bucket[1] // VAE_SCALE):
+        raise ValueError(f"latents {lat[0]} {lat[1]} for {len(records)} records of bucket {bucket}")
+    if emb[0] not in _FLOATS or len(emb[1]) != 2 or emb[1][0] != sum(tokens):
+        raise ValueError(f"prompt_embeds {emb[0]} {emb[1]} for {sum(tokens)} tokens")
+    cond = tensors.get("cond_latents")
+    if sum(conds) and (cond is None or cond[0] != lat[0] or cond[1] != (sum(conds),)):
+        raise ValueError(f"cond_latents {cond and cond[:2]} for {sum(conds)} values")
     token_offsets, cond_offsets = [0], [0]
-    for r in meta["records"]:
-        token_offsets.append(token_offsets[-1] + r["tokens"])
-        cond = r.get("cond_shape")
-        cond_offsets.append(cond_offsets[-1] + (cond[0] * cond[1] * cond[2] if cond else 0))
-    return _Segment(path, meta["fingerprint"], tuple(meta["bucket"]), meta["records"], tensors, token_offsets, cond_offsets)
+    for n, c in zip(tokens, conds):
+        token_offsets.append(token_offsets[-1] + n)
+        cond_offsets.append(cond_offsets[-1] + c)
+    return _Segment(path, meta["fingerprint"], bucket, records, tensors, token_offsets, cond_offsets)
 
 
 def _encode_segment(fingerprint: str, bucket: tuple[int, int], records: list[dict]) -> list:
@@ -438,69 +487,78 @@ class LatentCache:
 
     def fingerprints(self) -> list[str]:
         """Fingerprints with at least one published segment."""
-        return sorted({Path(p).parent.parent.name for p in self.path.glob(f"*/*/{SEGMENT_GLOB}")} - {QUARANTINE})
+        return [fp for fp in fingerprint_dirs(self.path) if list_fingerprint(self.path, fp).segments]
 
     def segment_paths(self, fingerprint: str) -> list[str]:
         """Published segment files under `fingerprint`, sorted (for tools and benchmarks)."""
-        return sorted(str(p) for p in (self.path / fingerprint).glob(f"*/{SEGMENT_GLOB}"))
+        return list_fingerprint(self.path, fingerprint).segments
 
     def verify(self, fingerprint: str | None = None, repair: bool = False) -> dict:
-        """Read every record (of `fingerprint`, or of all) and check it. With `repair`, each
-        damaged segment's intact records are published again in a new segment and the damaged
-        file moves to quarantine/, so what is left to re-encode is exactly what was lost.
-        Returns counts and the damage found, file and key named."""
-        fingerprints = [fingerprint] if fingerprint else self.fingerprints()
-        report = {"segments": 0, "records": 0, "damaged_segments": {}, "damaged_records": {},
-                  "repaired_segments": 0, "quarantined": []}
-        for fp in fingerprints:
-            for path in self.segment_paths(fp):
+        """Read every record (of `fingerprint`, or of all) and check it, and name every stray.
+        With `repair`, each damaged segment's intact records are published again in a new
+        segment and the damaged file, like every stray, moves to quarantine/, so what is left to
+        re-encode is exactly what was lost. Returns counts and the damage found, file and key
+        named; `unrepaired` names what a repair could not fix (empty: the cache now verifies)."""
+        if fingerprint and not FINGERPRINT_RE.match(fingerprint):
+            raise ValueError(f"bad fingerprint {fingerprint!r}")
+        report = {"segments": 0, "records": 0, "strays": 0, "damaged_segments": {}, "damaged_records": {},
+                  "repaired_segments": 0, "quarantined": [], "unrepaired": {}}
+        for fp in [fingerprint] if fingerprint else fingerprint_dirs(self.path):
+            listing = list_fingerprint(self.path, fp)
+            for path, why in listing.strays.items():
+                report["strays"] += 1
+                report["damaged_segments"][path] = why
+                if repair:
+                    self._repair(report, path)
+            for path in listing.segments:
                 report["segments"] += 1
                 try:
                     seg = _read_segment_header(path)
                 except DamagedRecord as e:
                     report["damaged_segments"][path] = e.reason
                     if repair:
-                        report["quarantined"].append(self._quarantine(path))
+                        self._repair(report, path)
                     continue
-                keys = [r["key"] for r in seg.records]
-                good, bad = [], {}
-                try:
-                    records = self._records(seg, 0, len(keys), *self._read_span(seg, 0, len(keys)))
-                except DamagedRecord as e:
-                    records = [e] * len(keys)
-                for i, rec in enumerate(records):
-                    report["records"] += 1
-                    why = rec if isinstance(rec, DamagedRecord) else self._check(seg, i, rec)
-                    if why is None:
-                        good.append(rec)
-                    else:
-                        bad[keys[i]] = why.reason
-                        self._mark_damaged(fp, keys[i], why)
+                good, bad = self._verify_segment(fp, seg)
+                report["records"] += len(good) + len(bad)
                 if bad:
                     report["damaged_records"].update({f"{path} record {k}": why for k, why in bad.items()})
-                    if repair:
-                        if good:
-                            self.write([{**r, **{t: r[t].clone() for t in ("latents", "prompt_embeds")}} for r in good])
-                        report["quarantined"].append(self._quarantine(path))
+                    if repair and self._repair(report, path, good):
                         report["repaired_segments"] += 1
-        for stray in self._stray_files():
-            report["damaged_segments"][str(stray)] = "not a cache file"
         self._forget_scans()
         return report
 
-    def _quarantine(self, path: str) -> str:
-        """Move a damaged file out of the cache's listing, keeping it for inspection."""
-        rel = Path(path).relative_to(self.path)
-        dest = self.path / QUARANTINE / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(path, dest)
-        log.warning("moved damaged %s to %s", path, dest)
-        return str(dest)
+    def _verify_segment(self, fingerprint: str, seg: _Segment) -> tuple[list[dict], dict[str, str]]:
+        """A parsed segment's intact records, and the others' keys -> why."""
+        keys = [r["key"] for r in seg.records]
+        try:
+            records = self._records(seg, 0, len(keys), *self._read_span(seg, 0, len(keys)))
+        except DamagedRecord as e:
+            records = [e] * len(keys)
+        good, bad = [], {}
+        for i, rec in enumerate(records):
+            why = rec if isinstance(rec, DamagedRecord) else self._check(seg, i, rec)
+            if why is None:
+                good.append(rec)
+            else:
+                bad[keys[i]] = why.reason
+                self._mark_damaged(fingerprint, keys[i], why)
+        return good, bad
 
-    def _stray_files(self) -> list[Path]:
-        """Files in bucket directories that are neither segments nor temp files."""
-        return [p for p in self.path.glob("*/*/*") if p.parent.parent.name != QUARANTINE and p.is_file()
-                and not p.match(SEGMENT_GLOB) and not p.name.startswith(TMP_PREFIX)]
+    def _repair(self, report: dict, path: str, intact: list[dict] = ()) -> bool:
+        """Publish `intact` (records of the damaged file `path`) again, then quarantine `path`;
+        True when both happened, else the entry is reported as unrepaired."""
+        try:
+            if intact:
+                self.write([{**r, **{t: r[t].clone() for t in ("latents", "prompt_embeds")}} for r in intact])
+            dest = quarantine(self.path, path)
+        except (OSError, ValueError) as e:
+            report["unrepaired"][path] = f"{type(e).__name__}: {e}"
+            log.error("could not repair %s: %s", path, e)
+            return False
+        log.warning("moved damaged %s to %s", path, dest)
+        report["quarantined"].append(dest)
+        return True
 
     def _forget_scans(self) -> None:
         """Drop the index: the next read rescans (after a repair moved files)."""
@@ -538,9 +596,15 @@ class LatentCache:
 
     def _scan(self, fingerprint: str) -> None:
         """Index segments published since the last scan (segments are immutable)."""
-        if not _NAME_RE.match(fingerprint):
+        if not FINGERPRINT_RE.match(fingerprint):
             raise ValueError(f"bad fingerprint {fingerprint!r}")
-        new = [p for p in self.segment_paths(fingerprint) if p not in self._seen]
+        listing = list_fingerprint(self.path, fingerprint)
+        with self._lock:
+            strays = {p: why for p, why in listing.strays.items() if p not in self.damage}
+            self.damage.update(strays)
+        for p, why in strays.items():  # named once; never opened
+            log.warning("stray entry in the cache, skipped: %s: %s", p, why)
+        new = [p for p in listing.segments if p not in self._seen]
         parsed = []
         for p in new:
             try:
@@ -572,7 +636,7 @@ class LatentCache:
         with self._lock:
             entry = self._fds.get(path)
             if entry is None:
-                entry = self._fds[path] = [os.open(path, os.O_RDONLY), 0]
+                entry = self._fds[path] = [open_regular(path), 0]  # never a FIFO swapped in
             else:
                 self._fds.move_to_end(path)
             entry[1] += 1

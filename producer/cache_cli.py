@@ -1,9 +1,12 @@
 """`mmdit cache verify CACHE_DIR [--fingerprint FP] [--repair]`: read every cached record back.
 
-Prints a JSON report: segments and records read, damaged segments and records (file and key,
-with the reason), what was quarantined. Exit 0 when the cache is intact (or was repaired), 1 when
-damage is left. `--repair` rewrites each damaged segment's intact records and moves the damaged
-file to `CACHE_DIR/quarantine/`; `mmdit produce` over the shards then re-encodes what was lost.
+Prints a JSON report: segments and records read, stray entries (anything in a bucket directory
+that is not a segment: other files, FIFOs, sockets, devices, directories, symlinks, none of them
+ever opened), damaged segments and records (file and key, with the reason), what was
+quarantined, and what a repair could not fix. Exit 0 when the cache is intact, or when `--repair`
+fixed everything it found (a plain verify then exits 0 too); 1 when damage is left. `--repair`
+rewrites each damaged segment's intact records and moves the damaged file and every stray entry
+to `CACHE_DIR/quarantine/`; `mmdit produce` over the shards then re-encodes what was lost.
 """
 
 from __future__ import annotations
@@ -27,7 +30,16 @@ def main(argv: list[str]) -> int:
     if not Path(args.cache_dir).is_dir():
         print(f"mmdit cache: {args.cache_dir} is not a directory", file=sys.stderr)
         return 2
-    report = LatentCache(args.cache_dir).verify(args.fingerprint, repair=args.repair)
-    print(json.dumps(report, indent=2))
-    damaged = len(report["damaged_segments"]) + len(report["damaged_records"])
-    return 0 if damaged == 0 or args.repair else 1
+    try:
+        report = LatentCache(args.cache_dir).verify(args.fingerprint, repair=args.repair)
+    except ValueError as e:  # a --fingerprint that cannot name a directory
+        print(f"mmdit cache: --fingerprint: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))  # ASCII: a file name that is not UTF-8 prints escaped
+    if args.repair:
+        left = report["unrepaired"]
+        if left:
+            print(f"mmdit cache: {len(left)} damaged entries could not be repaired (first: "
+                  f"{next(iter(left))}: {next(iter(left.values()))})", file=sys.stderr)
+        return 1 if left else 0
+    return 1 if report["damaged_segments"] or report["damaged_records"] else 0

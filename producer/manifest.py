@@ -14,6 +14,7 @@ duplicates in its own shards; `select` dedupes across all of them).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 import uuid
@@ -27,6 +28,9 @@ from mmdit.producer.categories import FROM_ANNOTATION, overrides
 from mmdit.producer.config import FilterConfig
 from mmdit.producer.scores import hamming
 from mmdit.utils.atomic import atomic_path
+from mmdit.utils.regular_files import kind_of, open_regular_file
+
+log = logging.getLogger("mmdit.manifest")
 
 SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -262,12 +266,39 @@ class ManifestWriter:
         self.close()
 
 
+def manifest_parts(directory: str | os.PathLike) -> list[Path]:
+    """The published part files, sorted (by time). An entry named like a part that is not a
+    regular file (a FIFO, a socket, a directory, a symlink) is logged by name and skipped,
+    never opened: a FIFO would block its reader."""
+    try:
+        with os.scandir(directory) as it:
+            entries = [e for e in it if e.name.startswith("part-") and e.name.endswith(".parquet")]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    parts = []
+    for e in entries:
+        try:
+            regular = e.is_file(follow_symlinks=False)
+            kind = "regular file" if regular else kind_of(e.stat(follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            continue
+        if regular:
+            parts.append(Path(e.path))
+        else:
+            log.warning("manifest: skipped %s: a %s, not a regular file", e.path, kind)
+    return sorted(parts)
+
+
 def read_manifest(directory: str | os.PathLike) -> pa.Table:
     """All published parts as one table, the newest row per key (parts sort by time)."""
-    parts = sorted(Path(directory).glob("part-*.parquet")) if Path(directory).is_dir() else []
+    parts = manifest_parts(directory)
     if not parts:
         return SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts])
+    tables = []
+    for p in parts:
+        with open_regular_file(p) as f:  # checked again on the descriptor: swapped entries too
+            tables.append(pq.read_table(f, schema=SCHEMA))
+    table = pa.concat_tables(tables)
     keys = table["key"].to_numpy(zero_copy_only=False)
     _, last_rev = np.unique(keys[::-1], return_index=True)
     keep = np.sort(len(keys) - 1 - last_rev)

@@ -59,6 +59,7 @@ from mmdit.producer.manifest import (
 )
 from mmdit.producer.scores import score_sample
 from mmdit.utils.atomic import atomic_write_json
+from mmdit.utils.regular_files import open_regular
 
 MANIFEST_DIR = "manifest"
 REPORT = "report.json"
@@ -179,7 +180,8 @@ class Report:
 
 class ShardClaims:
     """Exclusive claims on shards (flock on `<cache>/.claims/<hash>.lock`), held until released
-    or until the process ends (a killed run's claims vanish with it)."""
+    or until the process ends (a killed run's claims vanish with it). A lock path that is not a
+    regular file (a FIFO, a symlink out of the cache) is refused by name, never opened."""
 
     def __init__(self, cache_dir: Path):
         self.dir = Path(cache_dir) / ".claims"
@@ -193,7 +195,7 @@ class ShardClaims:
         """Claim what is free now; returns the claimed urls, in order."""
         mine = []
         for url in urls:
-            fd = os.open(self._path(url), os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_regular(self._path(url), os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -206,7 +208,7 @@ class ShardClaims:
     def wait(self, urls: list[str]) -> None:
         """Block until nobody holds a claim on `urls` (their runs finished or died)."""
         for url in urls:
-            fd = os.open(self._path(url), os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_regular(self._path(url), os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             finally:

@@ -1,9 +1,14 @@
-"""Builders for real image files and webdataset shards, good and bad, used by the producer tests."""
+"""Builders for real image files and webdataset shards, good and bad, and for directory entries
+that are not regular files (FIFOs, sockets, devices), used by the producer and cache tests."""
 
 import io
+import os
+import stat
 import struct
 import tarfile
+import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -77,3 +82,76 @@ def write_shard(path, samples):
 
 def good_t2i(i, w=96, h=64):
     return f"good{i:04d}", {"png": encode(shapes(i, w, h)), "txt": f"good sample {i}".encode()}
+
+
+def write_members(path, members):
+    """A tar of (member name, bytes) with the names exactly as given: for names no webdataset
+    writer produces (`../x.jpg`, `/abs.jpg`, control characters, undecodable bytes given as
+    surrogate escapes, which are written as the raw bytes)."""
+    with tarfile.open(path, "w", encoding="utf-8", errors="surrogateescape") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+
+
+# ----------------------------------------------------------------------------- files that are not files
+
+
+def make_socket_file(path):
+    """A socket inode at `path` (mknod needs no privilege for sockets, and no path-length limit
+    applies, unlike bind)."""
+    os.mknod(path, 0o644 | stat.S_IFSOCK)
+    return Path(path)
+
+
+def make_char_device(path):
+    """A character device like /dev/null at `path`, or None where mknod is not allowed."""
+    try:
+        os.mknod(path, 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+    except (PermissionError, OSError):
+        return None
+    return Path(path)
+
+
+class FifoWatch:
+    """FIFOs that code under test must never open.
+
+    Opening a FIFO to read blocks until a writer comes, so a reader that opens one hangs its test
+    forever. This watcher plays the writer: a thread opens each watched FIFO's write end without
+    blocking (which succeeds only while a reader has it open), records the path and closes it
+    again, so the reader sees end-of-file and goes on. A bug then fails its test (`opened` is not
+    empty) instead of hanging the suite."""
+
+    def __init__(self):
+        self.paths: list[Path] = []
+        self.opened: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fifo-watch", daemon=True)
+        self._thread.start()
+
+    def make(self, path) -> Path:
+        os.mkfifo(path)
+        self.paths.append(Path(path))
+        return Path(path)
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            for path in list(self.paths):
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:  # ENXIO: no reader; ENOENT: moved away
+                    continue
+                self.opened.append(str(path))
+                os.close(fd)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -10,19 +10,26 @@ from __future__ import annotations
 import json
 import os
 import struct
+from typing import BinaryIO
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict, int, int]:
-    """(header, offset where the data starts, file size); ValueError if the header is cut short."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"truncated ({size} bytes): no header")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise ValueError(f"header of {n} bytes in a {size}-byte file")
-        header = json.loads(f.read(n))
+def read_header(source: str | os.PathLike | BinaryIO) -> tuple[dict, int, int]:
+    """(header, offset where the data starts, file size); ValueError if the header is cut short.
+
+    `source`: a path, or a binary file already open (a caller that must check what it opened,
+    see utils/regular_files.py), read from its start."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return read_header(f)
+    size = os.fstat(source.fileno()).st_size
+    source.seek(0)
+    head = source.read(8)
+    if len(head) < 8:
+        raise ValueError(f"truncated ({size} bytes): no header")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        raise ValueError(f"header of {n} bytes in a {size}-byte file")
+    header = json.loads(source.read(n))
     return header, 8 + n, size
 
 
