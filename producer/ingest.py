@@ -31,6 +31,8 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from mmdit.producer.keys import BAD_KEY, key_problem
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 """Target image members, in order of preference; an edit sample's source is `src.<ext>`."""
 CAPTION_EXTS = ("txt", "caption", "text")
@@ -105,9 +107,11 @@ def _stream_error(e: Exception) -> str:
 def tar_samples(urls, handler=reraise):
     """Group consecutive tar members by key (webdataset's convention: key = path up to the first
     dot of the basename, extension = the rest, lower-cased). A shard that breaks off (truncated,
-    corrupt) drops only the sample being read; samples completed before it are kept."""
+    corrupt) drops only the sample being read; samples completed before it are kept. A sample
+    whose key breaks producer/keys.py's rule (`../x`, `/abs`, `a//b`, control characters, bytes
+    that are not UTF-8) is counted once as `bad_key`, named, and its members are not read."""
     for url in urls:
-        group = None
+        group = refused = None
         try:
             stream = gopen(url)
             try:
@@ -118,6 +122,14 @@ def tar_samples(urls, handler=reraise):
                         key, ext = base_plus_ext(member.name)
                         if key is None or Path(key).name.startswith("."):
                             continue
+                        if key == refused:  # another member of a sample already counted
+                            continue
+                        full = sample_key({"__url__": url, "__key__": key})
+                        if (why := key_problem(full)) is not None:
+                            refused = key
+                            if not handler(SampleError(BAD_KEY, f"{why} (member {member.name!r})", full, url)):
+                                return
+                            continue
                         if group is not None and group["__key__"] != key:
                             yield group  # complete before this member's data is read
                             group = None
@@ -126,6 +138,8 @@ def tar_samples(urls, handler=reraise):
                         group.setdefault(ext.lower(), tar.extractfile(member).read())
             finally:
                 stream.close()
+        except SampleError:  # raised by the handler: its decision, not a broken shard
+            raise
         except Exception as e:  # the shard is bad from here on: count it, keep what was read
             key = sample_key(group) if group else None
             group = None

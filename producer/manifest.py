@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from mmdit.producer.categories import FROM_ANNOTATION, overrides
 from mmdit.producer.config import FilterConfig
+from mmdit.producer.keys import check_key
 from mmdit.producer.scores import hamming
 from mmdit.utils.atomic import atomic_path
 from mmdit.utils.regular_files import kind_of, open_regular_file
@@ -241,6 +242,7 @@ class ManifestWriter:
         self.parts: list[Path] = []
 
     def add(self, row: dict) -> None:
+        check_key(row["key"])  # producer/keys.py: a key that could name a path is never stored
         self._rows.append(row)
         if len(self._rows) >= self.flush_rows:
             self.flush()

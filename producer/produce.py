@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import queue
 import sys
@@ -46,6 +47,7 @@ from mmdit.producer.categories import from_ingest
 from mmdit.producer.config import CacheConfig, DataConfig
 from mmdit.producer.encoders import preprocess_image
 from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
+from mmdit.producer.keys import BAD_KEY
 from mmdit.producer.manifest import (
     ANNOTATION_COLUMNS,
     OK,
@@ -60,6 +62,8 @@ from mmdit.producer.manifest import (
 from mmdit.producer.scores import score_sample
 from mmdit.utils.atomic import atomic_write_json
 from mmdit.utils.regular_files import open_regular
+
+log = logging.getLogger("mmdit.produce")
 
 MANIFEST_DIR = "manifest"
 REPORT = "report.json"
@@ -404,6 +408,12 @@ class Producer:
         failed = [e for e in self.errors.errors if e.reason == "encode_failed"]
         if failed:
             out["first_encode_error"] = f"{failed[0].key}: {failed[0]}"
+        bad_keys = [e for e in self.errors.errors if e.reason == BAD_KEY]
+        if bad_keys:
+            first = bad_keys[0]  # repr: control characters and undecodable bytes stay visible, and storable
+            out["first_bad_key"] = f"{first.key!r} in {first.url}: {first.detail}"
+            log.warning("%d samples refused for their keys (producer/keys.py), first: %s", len(bad_keys),
+                        out["first_bad_key"])
         atomic_write_json(self.dir / REPORT, out, indent=2)
         return out
 
@@ -503,11 +513,14 @@ class Producer:
         self.cached.update(r["key"] for r in records)
 
     def _finish_manifest(self) -> None:
-        """Samples cut off by a broken shard are seen and described too."""
+        """Samples cut off by a broken shard are seen and described too; samples refused for
+        their key (at the shard reader, before any decode) are seen, but not described."""
         for e in self.errors.errors:
             if e.reason in SHARD_ERRORS and e.key:
                 self.report.seen += 1
                 self.manifest.add(error_row(e, self.data.base_resolution))
+            elif e.reason == BAD_KEY:
+                self.report.seen += 1
         self.manifest.close()
 
 
