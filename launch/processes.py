@@ -4,6 +4,11 @@ Every process a local launcher starts is recorded in `run.dir/processes.json` (r
 host, start time, and the exit code once known), so an operator or a test can find and signal
 any of them. Several launchers (`mmdit serve`, `mmdit consume`) may share one run directory: the
 file is updated under an exclusive lock and replaced atomically.
+
+A stop records what happened: a process the launcher had to SIGKILL gets `"killed"` (when and
+why) beside its exit code. A process started with `start` announces when its stop is over and
+only its exit remains (`"exiting"`, from `SignalStop.restore`): tearing down an interpreter that
+loaded torch takes seconds of CPU, and killing it then would record a clean stop as -9.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from pathlib import Path
 from mmdit.utils.atomic import atomic_write_json, pid_alive
 
 PROCESSES = "processes.json"
+TABLE_ENV = "MMDIT_PROCESS_TABLE"
+"""Set by `start`: the directory whose processes.json has the child's row."""
+EXIT_GRACE_S = 30.0
+"""How long a process that announced its exit may take to end, beyond the stop timeout, before
+it is killed anyway (its teardown hangs)."""
 
 
 class ProcessTable:
@@ -65,13 +75,32 @@ class ProcessTable:
             self._write(rows)
             return rows
 
-    def set_returncode(self, pid: int, returncode: int | None) -> None:
+    def set_returncode(self, pid: int, returncode: int | None, **extra) -> None:
+        """Record the exit code of `pid` (once), with `extra` fields (e.g. why it was killed)."""
+        self._update(pid, returncode=returncode, **extra)
+
+    def _update(self, pid: int, **fields) -> None:
+        """Set `fields` on the row of live process `pid` (no exit code yet), if there is one."""
         with self._locked():
             rows = self.read()
             for row in rows:
                 if row["pid"] == pid and row.get("returncode") is None:
-                    row["returncode"] = returncode
+                    row.update(fields)
             self._write(rows)
+
+    def exiting(self) -> set[int]:
+        """Pids of processes that announced their exit (`announce_exit`) and have no exit code yet."""
+        return {r["pid"] for r in self.read() if r.get("exiting") and r.get("returncode") is None}
+
+
+def announce_exit() -> None:
+    """This process is done (its stop included) and only exits now: tell the launcher that
+    started it (`start`), which then gives it EXIT_GRACE_S more instead of killing it at its stop
+    timeout. Best effort: a process whose launcher keeps no table just exits."""
+    directory = os.environ.get(TABLE_ENV)
+    if directory:
+        with contextlib.suppress(OSError, ValueError):
+            ProcessTable(directory)._update(os.getpid(), exiting=time.time())
 
 
 def ignore_repeated_sigterm() -> None:
@@ -82,19 +111,48 @@ def ignore_repeated_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class StopRequested(KeyboardInterrupt):
+    """Raised by SignalStop inside `interrupting()`: a signal came while the process started."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
+
+
 class SignalStop:
     """Set by SIGINT and SIGTERM; a second SIGINT (Ctrl-C again) also sets `forced`. Plain flags,
     polled: a signal handler must take no lock (`threading.Event.set` from a handler deadlocks
-    when the main thread is inside `Event.wait`, holding the event's lock)."""
+    when the main thread is inside `Event.wait`, holding the event's lock). Inside
+    `interrupting()` the first signal also raises StopRequested."""
 
     def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
         self.requested = False
         self.forced = False
+        self.signum = 0  # the first signal
+        self._raise = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum, _frame) -> None:
         self.forced = self.forced or (self.requested and signum == signal.SIGINT)
         self.requested = True  # a repeat changes nothing
+        self.signum = self.signum or signum
+        if self._raise:
+            self._raise = False  # once: the clean-up the exception starts must not be interrupted
+            raise StopRequested(signum)
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """For a start-up that polls nothing (importing torch, reading a cache, planning, joining
+        RPC): the first signal raises StopRequested in the main thread, wherever it is (a call
+        blocked inside a C extension raises when it returns); a stop requested before raises
+        on entry."""
+        if self.requested:
+            raise StopRequested(self.signum or signal.SIGTERM)
+        self._raise = True
+        try:
+            yield self
+        finally:
+            self._raise = False
 
     def set(self) -> None:
         self.requested = True
@@ -110,20 +168,25 @@ class SignalStop:
         return self.requested
 
     def restore(self) -> None:
-        """Put the previous handlers back; after a stop, ignore SIGTERM for the rest of the exit."""
+        """The stop is over and only the exit remains (call it last): put the previous handlers
+        back, after a stop ignore SIGTERM for the rest of the exit, and tell the launcher
+        (`announce_exit`)."""
         if self.requested:
             ignore_repeated_sigterm()
         for sig, handler in self.previous.items():
             if not (self.requested and sig == signal.SIGTERM):
                 signal.signal(sig, handler)
+        announce_exit()
 
 
 PARENT_ENV = "MMDIT_PARENT_PID"
 
 
 def child_env(env: dict | None = None) -> dict:
-    """The environment of a child that must not outlive this process (see `die_with_parent`)."""
-    return {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
+    """The environment of a child that must not outlive this process (see `die_with_parent`).
+    This process's own table (TABLE_ENV) is not passed on: only `start` names the child's."""
+    inherited = {k: v for k, v in os.environ.items() if k != TABLE_ENV}
+    return {**inherited, **(env or {}), PARENT_ENV: str(os.getpid())}
 
 
 def die_with_parent() -> None:
@@ -179,7 +242,8 @@ def start(cmd: list[str], table: ProcessTable, role: str, name_of, env: dict | N
     """
     out = open(log_path, "ab") if log_path else None
     try:
-        proc = subprocess.Popen(cmd, env=child_env(env), stdout=out, stderr=subprocess.STDOUT if out else None)
+        proc = subprocess.Popen(cmd, env=child_env({**(env or {}), TABLE_ENV: str(table.dir)}), stdout=out,
+                                stderr=subprocess.STDOUT if out else None)
     finally:
         if out:
             out.close()
@@ -189,23 +253,38 @@ def start(cmd: list[str], table: ProcessTable, role: str, name_of, env: dict | N
 
 def stop_all(procs: list[subprocess.Popen], table: ProcessTable | None, timeout_s: float,
              sig: int = signal.SIGTERM, forced=lambda: False) -> dict[int, int]:
-    """Signal every live process, wait up to `timeout_s` for all (less once `forced()`, Ctrl-C
-    again), SIGKILL the rest; pid -> code."""
+    """Signal every live process and wait for all; SIGKILL those still stopping after `timeout_s`
+    (at once when `forced()`, Ctrl-C again), and those that announced their exit (`announce_exit`)
+    but are still running EXIT_GRACE_S later. pid -> exit code; the table records each code, and
+    for a process killed here, `"killed"`: when and why."""
     live = [p for p in procs if p.poll() is None]
     for p in live:
         with contextlib.suppress(ProcessLookupError):
             p.send_signal(sig)
-    deadline = time.monotonic() + timeout_s
-    while any(p.poll() is None for p in live) and time.monotonic() < deadline and not forced():
+    name, signalled = signal.Signals(sig).name, time.monotonic()
+    killed: dict[int, str] = {}
+    while running := [p for p in live if p.poll() is None]:
+        waited = time.monotonic() - signalled
+        if forced():
+            late = {p: f"SIGKILL at Ctrl-C again, {waited:.1f} s after {name}" for p in running}
+        elif waited > timeout_s:
+            exiting = table.exiting() if table is not None else set()
+            late = {p: f"SIGKILL {waited:.1f} s after {name}: still stopping after the stop timeout ({timeout_s:g} s)"
+                    for p in running if p.pid not in exiting}
+            if waited > timeout_s + EXIT_GRACE_S:
+                late.update({p: f"SIGKILL {waited:.1f} s after {name}: it had stopped but did not exit within "
+                                f"{EXIT_GRACE_S:g} s more" for p in running if p.pid in exiting})
+        else:
+            late = {}
+        for p, why in late.items():
+            p.kill()  # nothing is sent if it exited meanwhile, and then its own code stands
+            if p.wait() == -signal.SIGKILL:
+                killed[p.pid] = why
         time.sleep(0.05)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     codes = {p.pid: p.returncode for p in procs}
     if table is not None:
         for pid, code in codes.items():
-            table.set_returncode(pid, code)
+            table.set_returncode(pid, code, **({"killed": killed[pid]} if pid in killed else {}))
     return codes
 
 
