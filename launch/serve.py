@@ -6,6 +6,11 @@ in run.dir/processes.json, logs producers to run.dir/logs/, and keeps run.dir/se
 current. It runs until SIGTERM/SIGINT (or `service.max_runtime_s`), then stops the producers
 (SIGTERM: they hand their leases back and leave the group) and leaves last.
 
+One service per run dir: it locks run.dir/service.lock before it writes anything (a second
+`mmdit serve` there exits 2 naming the first; see launch/service_lock.py). A signal during
+start-up (imports, reading the cache, planning, joining RPC) stops it there: exit 130, nothing
+left behind.
+
 Producers that die are not restarted here (their leases go to the others); more producers can
 join at any time with `mmdit producer` and the same overrides.
 """
@@ -20,7 +25,8 @@ import time
 from pathlib import Path
 
 from mmdit.launch.config import load_config
-from mmdit.launch.processes import ProcessTable, SignalStop, python_command, start, stop_all
+from mmdit.launch.processes import ProcessTable, SignalStop, StopRequested, python_command, start, stop_all
+from mmdit.launch.service_lock import ServiceLock, ServiceLockHeld
 
 log = logging.getLogger("mmdit.serve")
 
@@ -28,29 +34,50 @@ log = logging.getLogger("mmdit.serve")
 def main(argv: list[str]) -> int:
     cfg = load_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    from mmdit.dataservice import rpc
-    from mmdit.dataservice.coordinator import CoordinatorService
-    from mmdit.dataservice.plan import PlanError
-
-    svc = cfg.service
-    run_dir = Path(cfg.run.dir)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    table = ProcessTable(run_dir)
+    svc, run_dir = cfg.service, Path(cfg.run.dir)
     stop = SignalStop()
-    table.add("coordinator", rpc.COORDINATOR, os.getpid())
     try:
-        service = CoordinatorService(cfg, run_dir)
-    except (PlanError, rpc.RpcError) as e:
+        with stop.interrupting():
+            lock = ServiceLock.acquire(run_dir, rpc=f"{svc.host}:{svc.port}")
+    except ServiceLockHeld as e:
         print(f"mmdit serve: {e}", file=sys.stderr)
-        table.set_returncode(os.getpid(), 2)
+        stop.restore()
         return 2
-    procs = []
+    except StopRequested as e:
+        print(f"mmdit serve: {e.signal_name} during start-up: stopped before serving", file=sys.stderr)
+        stop.restore()
+        return 130
     try:
-        for n in range(svc.producers):
-            procs.append(start(
-                python_command("mmdit.launch.cli", ["producer", *argv]), table, "producer",
-                lambda pid, n=n: rpc.incarnation_name("producer", n=n, pid=pid),
-                env={"MMDIT_INCARNATION": str(n)}, log_path=run_dir / "logs" / f"producer-{n}.log"))
+        return _serve(cfg, argv, run_dir, stop, lock)
+    finally:
+        stop.restore()
+        lock.release()
+
+
+def _serve(cfg, argv: list[str], run_dir: Path, stop: SignalStop, lock: ServiceLock) -> int:
+    svc = cfg.service
+    table = ProcessTable(run_dir)
+    service, procs, rpc, code = None, [], None, 1  # 1: failed, unless it ends otherwise
+    try:
+        with stop.interrupting():  # start-up: a signal stops whichever phase runs
+            from mmdit.dataservice import rpc
+            from mmdit.dataservice.coordinator import CoordinatorService
+            from mmdit.dataservice.plan import PlanError
+
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            table.add("coordinator", rpc.COORDINATOR, os.getpid())
+            try:
+                service = CoordinatorService(cfg, run_dir)
+            except (PlanError, rpc.RpcError) as e:
+                print(f"mmdit serve: {e}", file=sys.stderr)
+                code = 2
+                return code
+            lock.record(control=service.control.url)
+            for n in range(svc.producers):
+                procs.append(start(
+                    python_command("mmdit.launch.cli", ["producer", *argv]), table, "producer",
+                    lambda pid, n=n: rpc.incarnation_name("producer", n=n, pid=pid),
+                    env={"MMDIT_INCARNATION": str(n)}, log_path=run_dir / "logs" / f"producer-{n}.log"))
         print(f"dashboard: {service.dashboard_url}", file=sys.stderr, flush=True)
         print(json.dumps({"event": "serving", "host": svc.host, "port": svc.port, "control": service.control.url,
                           "dashboard": service.dashboard_url,
@@ -67,17 +94,35 @@ def main(argv: list[str]) -> int:
                     exited.add(p.pid)
                     table.set_returncode(p.pid, p.returncode)
                     log.warning("producer pid %d exited with %s", p.pid, p.returncode)
+        code = 0
+    except StopRequested as e:
+        print(f"mmdit serve: {e.signal_name} during start-up: stopped before serving", file=sys.stderr)
+        code = 130
     finally:
-        if stop.is_set():
+        if stop.is_set() and procs:
             log.warning("stopping %d producers (Ctrl-C again kills them now)", len(procs))
         codes = stop_all(procs, table, svc.shutdown_timeout_s, forced=lambda: stop.forced)
-        status = service.write_status()
-        service.stop()
-        table.set_returncode(os.getpid(), 0)
-        print(json.dumps({"event": "stopped", "producer_exit_codes": list(codes.values()),
-                          "counters": status["counters"]}), flush=True)
-        stop.restore()
-    return 0
+        if service is not None:
+            status = service.write_status()
+            service.stop()
+            print(json.dumps({"event": "stopped", "producer_exit_codes": list(codes.values()),
+                              "counters": status["counters"]}), flush=True)
+        else:
+            _abandon_start_up(run_dir, rpc)
+        table.set_returncode(os.getpid(), code)
+    return code
+
+
+def _abandon_start_up(run_dir: Path, rpc) -> None:
+    """Undo what a start-up cut short may have done: joined RPC (`rpc`: the module, None if its
+    import never finished), written the control files (this process holds the run dir's lock:
+    any there are its own, or a dead service's)."""
+    if rpc is not None:
+        rpc.leave(graceful=False)
+    from mmdit.dataservice.control import CONTROL_JSON, CONTROL_TOKEN
+
+    for name in (CONTROL_JSON, CONTROL_TOKEN):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
