@@ -27,10 +27,8 @@ from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 
-from mmdit.dataservice.bounded_http import MAX_BODY, BoundedHTTPServer, BoundedRequestHandler, HttpError
+from mmdit.dataservice.bounded_http import BoundedHTTPServer, BoundedRequestHandler, HttpError
 from mmdit.utils.atomic import atomic_write_json
-
-__all__ = ["CONTROL_JSON", "CONTROL_TOKEN", "MAX_BODY", "ControlServer", "HttpError"]
 
 log = logging.getLogger("mmdit.control")
 

@@ -18,7 +18,8 @@ import pytest
 
 from mmdit.dataservice import dashboard
 from mmdit.dataservice.config import ServiceConfig
-from mmdit.dataservice.control import MAX_BODY, ControlServer
+from mmdit.dataservice.bounded_http import MAX_BODY
+from mmdit.dataservice.control import ControlServer
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
 
