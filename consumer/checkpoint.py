@@ -50,6 +50,7 @@ import logging
 import shutil
 import zipfile
 from pathlib import Path
+from stat import S_ISREG
 
 import torch.distributed as dist
 
@@ -153,7 +154,10 @@ def _check_file(ckpt: Path, name: str, recorded: dict | None) -> str | None:
     """What is wrong with one file of a checkpoint ("<name>: <why>"), or None."""
     path = ckpt / name
     try:
-        size = path.stat().st_size
+        stat = path.stat()
+        if not S_ISREG(stat.st_mode):  # a pipe or device would block the reads or never end
+            return f"{name}: not a regular file"
+        size = stat.st_size
         if recorded is not None and size != recorded["bytes"]:
             return f"{name}: {size} bytes, {recorded['bytes']} written"
         _check_structure(path)
@@ -202,14 +206,15 @@ def checkpoint_problems(path: Path, rank: int = 0, world: int = 1) -> list[str]:
     recorded = trainer.get(FILES)
     if recorded is None and rank == 0:
         _warn_no_checksums(path)
-    recorded = recorded or {}
+    recorded, problems = recorded or {}, []
     try:
         required = _required_files(path, trainer)
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        return [f"{MODEL}/{INDEX}: {_why(e)}"]
-    names = sorted(set(required) | set(recorded))
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # the other files still get checked
+        required, problems = [], [f"{MODEL}/{INDEX}: {_why(e)}"]
+    names = sorted((set(required) | set(recorded)) - ({f"{MODEL}/{INDEX}"} if problems else set()))
     sizes = {n: recorded[n]["bytes"] if n in recorded else 0 for n in names}
-    return [why for name in _share(names, sizes, rank, world) if (why := _check_file(path, name, recorded.get(name)))]
+    mine = _share(names, sizes, rank, world)
+    return problems + [why for name in mine if (why := _check_file(path, name, recorded.get(name)))]
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -196,6 +196,26 @@ def test_old_checkpoints_without_checksums_still_load_with_one_warning(run, capl
     assert MODEL_FILE in (verify_checkpoint(step_dir(run, 2)) or "")
 
 
+def test_retention_after_a_fallback_keeps_the_good_checkpoint_and_sets_the_damaged_aside(run):
+    """keep_checkpoints=1 right after resuming from step 1 past a damaged step 2: counting step 2
+    among the newest would delete step 1, the only good one."""
+    from mmdit.consumer.checkpoint import checkpoints, prune_checkpoints
+
+    overwrite_with_nans(step_dir(run, 2) / MODEL_FILE)
+    prune_checkpoints(run, keep=1, keep_every=0, resumed_from=step_dir(run, 1))
+    assert checkpoints(run) == [step_dir(run, 1)]
+    assert (run / "checkpoints" / "rejected" / "step_00000002" / MODEL_FILE).is_file()  # kept for a look
+
+
+@pytest.mark.timeout(60)  # reading the pipe would block forever
+def test_a_pipe_in_place_of_a_file_is_named_not_read(run):
+    from mmdit.consumer.checkpoint import verify_checkpoint
+
+    (step_dir(run, 2) / "data.json").unlink()
+    os.mkfifo(step_dir(run, 2) / "data.json")  # opening it to read would block forever
+    assert "data.json: not a regular file" in (verify_checkpoint(step_dir(run, 2)) or "")
+
+
 def test_verify_rejects_a_path_that_is_no_run_or_checkpoint(tmp_path, capsys):
     from mmdit.launch.cli import main
 

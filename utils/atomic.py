@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from mmdit.utils.checksum import record_published
+from mmdit.utils.checksum import recording_alongside
 
 TMP_PREFIX = ".tmp-"
 
@@ -85,10 +85,10 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     tmp = tmp_path(path)
     try:
         yield tmp
-        record_published(tmp, path)
-        if fsync:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        with recording_alongside(tmp, path):
+            if fsync:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         full = _disk_full(e, path.parent)  # before the temp file frees its space

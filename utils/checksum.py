@@ -14,6 +14,7 @@ import contextlib
 import os
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -44,8 +45,8 @@ _recording: ContextVar[dict[Path, tuple[int, str]] | None] = ContextVar("mmdit_r
 def recording_checksums() -> Iterator[dict[Path, tuple[int, str]]]:
     """Within the block, every file this thread publishes through `utils/atomic.py` has its
     (size, CRC-32) recorded in the yielded dict under its final path. The checksum is taken from
-    the file just written, before its fsync, so it is read back from the page cache, not the disk.
-    (A context variable: a thread started inside the block records nothing.)"""
+    the file just written, while its fsync runs, so it is read back from the page cache, not the
+    disk. (A context variable: a thread started inside the block records nothing.)"""
     recorded: dict[Path, tuple[int, str]] = {}
     token = _recording.set(recorded)
     try:
@@ -54,8 +55,16 @@ def recording_checksums() -> Iterator[dict[Path, tuple[int, str]]]:
         _recording.reset(token)
 
 
-def record_published(written: Path, final: Path) -> None:
-    """Record `written`'s checksum under `final` when a recorder is active; otherwise nothing."""
+@contextlib.contextmanager
+def recording_alongside(written: Path, final: Path) -> Iterator[None]:
+    """When a recorder is active, record `written`'s checksum under `final`, computed in a thread
+    while the block runs (`utils/atomic.py`'s fsync: the CRC is CPU work on the page cache, the
+    fsync waits on the disk); otherwise nothing."""
     recorded = _recording.get()
-    if recorded is not None:
-        recorded[Path(final)] = file_checksum(written)
+    if recorded is None:
+        yield
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="mmdit-checksum") as pool:
+        checksum = pool.submit(file_checksum, written)
+        yield
+        recorded[Path(final)] = checksum.result()
