@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.model import MMDiTArgs
 from mmdit.model.init import ZERO_INIT, init_weights
 from mmdit.model.layers import transformer_engine_available
 from mmdit.model.mmdit import MMDiT, build_mmdit, pack_latents, packed_shape

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from common import write_results  # bench/ is a scripts folder: run as `python bench/data_service.py`
 
-from mmdit.launch.processes import ServeProcess
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import ServeProcess
+from mmdit.utils.processes import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_service.json"
 FP = "fp_bench"
@@ -71,7 +71,7 @@ def overrides(cache: Path, run: Path, port: int, **extra) -> list[str]:
     if run.exists():
         shutil.rmtree(run)  # a fresh run: no stale service.json, no consumer state to resume
     base = {"cache.dir": str(cache), "run.dir": str(run), "service.port": port, "service.dp_size": 1,
-            "train.resume": "false",
+            "checkpoint.resume": "false",
             "launch.master_port": free_port(), "service.join_timeout_s": 120, "service.rpc_timeout_s": 120,
             "service.consumer_timeout_s": 120}
     base.update(extra)
@@ -134,7 +134,7 @@ def _fetch_worker(cache: Path, tmp: Path, producers: int, depth: int, rounds: in
     """
     from mmdit.dataservice import protocol, rpc
     from mmdit.dataservice.client import ServiceClient
-    from mmdit.dataservice.config import ClientSettings, ServiceConfig
+    from mmdit.config.service import ClientSettings, ServiceConfig
 
     run = tmp / "fetch"
     port = free_port()

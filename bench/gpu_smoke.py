@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TRAIN = ["train.random_height=256", "train.random_width=256", "train.micro_batch_size=2", "train.lr=1e-3",
-         "train.warmup_steps=1", "train.lr_schedule=constant", "train.tensorboard=false"]
+TRAIN = ["train.random_height=256", "train.random_width=256", "train.micro_batch_size=2", "optimizer.lr=1e-3",
+         "optimizer.warmup_steps=1", "optimizer.lr_schedule=constant", "train.tensorboard=false"]
 
 
 class CheckFailed(AssertionError):
@@ -49,7 +49,7 @@ def mmdit_train(run: Path, *overrides: str) -> list[dict]:
 def adam_steps(run: Path) -> list[float]:
     """Every Adam state's step after resuming the run's latest checkpoint, in this process."""
     from mmdit.consumer.trainer import Trainer
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
     from mmdit.parallel.state import destroy_parallel
 
     trainer = Trainer(load_config([f"run.dir={run}", *TRAIN, "parallel.backend=megatron", "train.dtype=bf16"]))
@@ -64,7 +64,7 @@ def adam_steps(run: Path) -> list[float]:
 
 
 def backend_checks(tmp: Path) -> dict:
-    mega = mmdit_train(tmp / "megatron", "train.steps=4", "train.save_every=2", "parallel.backend=megatron",
+    mega = mmdit_train(tmp / "megatron", "train.steps=4", "checkpoint.every=2", "parallel.backend=megatron",
                        "train.dtype=bf16")
     check(all(r["step"] == i + 1 for i, r in enumerate(mega)), "megatron run logged steps out of order")
     resumed = mmdit_train(tmp / "megatron", "train.steps=6", "parallel.backend=megatron", "train.dtype=bf16")

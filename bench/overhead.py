@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from mmdit.launch.processes import ServeProcess
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import ServeProcess
+from mmdit.utils.processes import free_port
 from mmdit.producer.cache import LatentCache
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,7 +52,7 @@ def poll(url: str, period_s: float, stop: threading.Event, counter: list) -> Non
 def train(run: Path, common: list[str], steps: int, on: bool) -> list[float]:
     switches = [] if on else ["train.tensorboard=false", "train.telemetry=false"]
     done = subprocess.run([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={run}", *common,
-                           "train.data_source=service", f"train.steps={steps}", "train.resume=false", *switches],
+                           "train.data_source=service", f"train.steps={steps}", "checkpoint.resume=false", *switches],
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])

@@ -42,7 +42,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from mmdit.producer.cache import LatentCache, stage_fingerprint  # noqa: E402
-from mmdit.producer.config import CacheConfig, DataConfig, EncodersConfig, SynthConfig  # noqa: E402
+from mmdit.config.produce import CacheConfig, EncodersConfig, SynthConfig
+from mmdit.config.data import DataConfig
 from mmdit.producer.encoders import Encoders  # noqa: E402
 from mmdit.producer.produce import produce  # noqa: E402
 from mmdit.producer.synth import write_shards  # noqa: E402

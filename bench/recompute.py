@@ -42,10 +42,10 @@ from common import (  # bench/ is a scripts folder: run as `python bench/recompu
     write_json,
 )
 
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.model import MMDiTArgs
 from mmdit.model.flops import mfu, model_params, peak_flops, recompute_extra_flops, step_flops
 from mmdit.parallel.compile import compile_blocks
-from mmdit.parallel.config import RECOMPUTE_POLICIES
+from mmdit.config.parallel import RECOMPUTE_POLICIES
 from mmdit.parallel.recompute import apply_recompute
 
 RESULTS = Path(__file__).resolve().parent / "results"

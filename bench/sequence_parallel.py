@@ -30,7 +30,7 @@ from common import (  # bench/ is a scripts folder: run as `python bench/sequenc
     write_json,
 )
 
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.model import MMDiTArgs
 from mmdit.parallel.spawn import spawn
 
 RESULTS = Path(__file__).resolve().parent / "results"

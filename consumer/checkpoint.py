@@ -35,7 +35,7 @@ stops rather than start over. Checkpoints saved before checksums were recorded a
 structure only (one warning). The trainer moves the checkpoints it passed over to
 `checkpoints/rejected/`, so that retention never deletes the good one in their favour and no new
 save lands in a damaged directory. After each save, checkpoints beyond the newest
-`train.keep_checkpoints` are deleted, except every `train.keep_every`-th step.
+`checkpoint.keep` are deleted, except every `checkpoint.keep_every`-th step.
 `mmdit checkpoint verify` (launch/checkpoint_cli.py) runs the same checks by hand.
 
 `mmdit consume` (a trainer without a model) keeps the same `data.json` content per DP rank in
@@ -253,7 +253,7 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     if rejected:
         raise CheckpointError("no checkpoint in " + str(Path(run_dir) / CHECKPOINTS) + " can be resumed from: "
                               + "; ".join(f"{p.name}: {why}" for p, why in rejected)
-                              + " (move them away or set train.resume=false to start over)")
+                              + " (move them away or set checkpoint.resume=false to start over)")
     return None
 
 

@@ -7,7 +7,7 @@ receives over gloo), records how long every step waited for data, and with
 (consumer/sample_log.py).
 
 Resume: each DP rank saves its steps and data state (consumer/checkpoint.py) at the end; with
-train.resume=true (the default) a later run continues from it up to train.steps.
+checkpoint.resume=true (the default) a later run continues from it up to train.steps.
 Summaries go to run.dir/consume-dp<r>-tp<t>.json (data_wait_fraction and wait statistics).
 """
 
@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmdit.launch.config import ConfigError, load_config
-from mmdit.launch.processes import SignalStop, ignore_repeated_sigterm
+from mmdit.config import ConfigError
+from mmdit.config.loader import load_config
+from mmdit.utils.processes import SignalStop, ignore_repeated_sigterm
 
 log = logging.getLogger("mmdit.consume")
 
@@ -43,13 +44,13 @@ def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
     from mmdit.consumer.checkpoint import read_data_state, write_data_state
     from mmdit.consumer.sample_log import SampleLog
     from mmdit.dataservice.client import ServiceClient, TPBroadcast, client_on_tp_rank0
-    from mmdit.dataservice.config import ClientSettings
+    from mmdit.config.service import ClientSettings
     from mmdit.dataservice.protocol import expectation
 
     svc, train = cfg.service, cfg.train
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    start, data_state = read_data_state(run_dir, dp_rank) if train.resume else (0, {})
+    start, data_state = read_data_state(run_dir, dp_rank) if cfg.checkpoint.resume else (0, {})
 
     def make_client() -> ServiceClient:  # no model here: only the data keys must match the service
         return ServiceClient(svc.role(ClientSettings), dp_rank, svc.dp_size, train.micro_batch_size,
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> int:
     if is_rank():
         dp_rank, tp_rank = divmod(int(os.environ["RANK"]), tp)
     else:
-        from mmdit.launch.processes import ProcessTable
+        from mmdit.utils.processes import ProcessTable
 
         dp_rank, tp_rank = max(svc.dp_rank, 0), 0
         ProcessTable(cfg.run.dir).add("consumer", f"consumer_rank{dp_rank * tp}", os.getpid())

@@ -5,7 +5,7 @@ Held out: the samples whose key hashes below `data.eval_fraction` (dataservice/p
 the split without a word exchanged. The evaluator reads them from the latent cache (shared
 storage, as producers write it); with random data, it draws samples past the training pool.
 
-Every sample is scored at `train.eval_sigmas` stratified noise levels (k + 0.5) / K, with noise
+Every sample is scored at `eval.sigmas` stratified noise levels (k + 0.5) / K, with noise
 seeded by the sample's key: the same loss whatever the run, TP or DP layout (DP ranks score
 shares of the samples and add up). A record `{"step", "eval": true, "eval_loss",
 "eval_loss_per_sigma", "eval_samples"}` goes to metrics.jsonl.

@@ -1,6 +1,6 @@
-"""Images during training (`train.sample_every`): the fixed prompts, sampled from the model as it is.
+"""Images during training (`eval.sample_every`): the fixed prompts, sampled from the model as it is.
 
-Every N steps the TP ranks of DP rank 0 generate `train.sample_prompts` together (each rank holds
+Every N steps the TP ranks of DP rank 0 generate `eval.sample_prompts` together (each rank holds
 its heads; the noise comes from the prompt's index, so every rank draws the same) and TP rank 0
 writes run.dir/samples/step_N/: one PNG per prompt, grid.png and prompts.json. The same prompts
 and seeds at every step make a series in which only the weights change. The encoders (the VAE and
@@ -20,14 +20,14 @@ def preview_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "samples" / f"step_{step:08d}"
 
 
-def write_previews(model, encoders, train, out: Path, write: bool = True) -> list[Path]:
-    """Generate `train.sample_prompts` with `model`; PNGs under `out` when `write` (one writer per
+def write_previews(model, encoders, evals, out: Path, write: bool = True) -> list[Path]:
+    """Generate `eval.sample_prompts` with `model`; PNGs under `out` when `write` (one writer per
     TP group). The model is left in training mode."""
     sampler = Sampler(model, encoders)
     try:
-        images = [sampler.generate(prompt, SampleConfig(train.sample_size, train.sample_size, train.sample_steps,
-                                                        train.sample_cfg_scale, seed=i))
-                  for i, prompt in enumerate(train.sample_prompts)]
+        images = [sampler.generate(prompt, SampleConfig(evals.sample_size, evals.sample_size, evals.sample_steps,
+                                                        evals.sample_cfg_scale, seed=i))
+                  for i, prompt in enumerate(evals.sample_prompts)]
     finally:
         model.train()
     if not write:
@@ -38,5 +38,5 @@ def write_previews(model, encoders, train, out: Path, write: bool = True) -> lis
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
     with atomic_path(out / "prompts.json") as tmp:
-        Path(tmp).write_text(json.dumps(list(train.sample_prompts), ensure_ascii=False, indent=1))
+        Path(tmp).write_text(json.dumps(list(evals.sample_prompts), ensure_ascii=False, indent=1))
     return paths

@@ -118,7 +118,7 @@ def load_sampler(source: str | Path, encoders_dir: str | None = None) -> Sampler
     from mmdit.model.checkpoint import checkpoint_args, is_checkpoint, load_model
     from mmdit.model.mmdit import build_mmdit
     from mmdit.parallel.state import init_parallel, tp_group
-    from mmdit.producer.config import EncodersConfig
+    from mmdit.config.produce import EncodersConfig
     from mmdit.producer.encoders import Encoders
 
     source = Path(source)
@@ -164,7 +164,7 @@ def _parse(argv: list[str]) -> tuple[str, dict]:
 def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
-    from mmdit.launch.config import ConfigError
+    from mmdit.config import ConfigError
 
     try:
         source, args = _parse(argv)

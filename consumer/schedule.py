@@ -1,5 +1,5 @@
-"""The learning-rate schedule: linear warmup to `train.lr`, then cosine, linear or constant decay
-to `train.min_lr` over the rest of `train.decay_steps` (default: the run's `train.steps`).
+"""The learning-rate schedule: linear warmup to `optimizer.lr`, then cosine, linear or constant
+decay to `optimizer.min_lr` over the rest of `optimizer.decay_steps` (default: `train.steps`).
 
 A pure function of the step, so a resumed run continues on the same curve.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, schedule: str) -> float:

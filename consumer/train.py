@@ -12,19 +12,21 @@ import os
 import sys
 from pathlib import Path
 
-from mmdit.launch.config import ConfigError, JobConfig, load_config
+from mmdit.config import ConfigError
+from mmdit.config.job import JobConfig
+from mmdit.config.loader import load_config
 
 
 def check_inputs(cfg: JobConfig) -> None:
     """What can be checked before any rank starts: the weights to start from, the data service."""
-    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
-        raise ConfigError(f"train.init_from={cfg.train.init_from} does not exist")
+    if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
+        raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist")
     if cfg.train.data_source == "service":
         from mmdit.dataservice.rpc import check_reachable
 
         # by hand, a missing service is a quick error; under a launcher (SLURM), the service may
         # still be starting on another node: wait as long as joining would
-        from mmdit.launch.local import is_rank
+        from mmdit.utils.processes import is_rank
 
         timeout = cfg.service.join_timeout_s if is_rank() else min(10.0, cfg.service.join_timeout_s)
         check_reachable(cfg.service.host, cfg.service.port, timeout)
@@ -34,7 +36,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(argv)
     check_inputs(cfg)
     from mmdit.launch.local import is_rank, main_or_launch
-    from mmdit.launch.processes import ProcessTable
+    from mmdit.utils.processes import ProcessTable
 
     code = main_or_launch("train", argv, cfg, role="trainer")
     if code is not None:

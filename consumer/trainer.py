@@ -27,8 +27,10 @@ from mmdit.consumer.metrics import METRICS, MetricsWriter, StepMetrics, truncate
 from mmdit.consumer.random_data import RandomBatches
 from mmdit.consumer.sample_log import SAMPLES, SampleLog
 from mmdit.consumer.schedule import lr_at as schedule_lr
-from mmdit.launch.config import ConfigError, JobConfig, config_yaml
-from mmdit.launch.processes import ignore_repeated_sigterm
+from mmdit.config import ConfigError
+from mmdit.config.job import JobConfig
+from mmdit.config.loader import config_yaml
+from mmdit.utils.processes import ignore_repeated_sigterm
 from mmdit.model.attention import resolve_attention
 from mmdit.model.flops import mfu, peak_flops, step_flops
 from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
@@ -50,8 +52,8 @@ def compute_dtype(cfg: JobConfig) -> torch.dtype:
 
 
 def lr_at(step: int, cfg: JobConfig) -> float:
-    t = cfg.train
-    return schedule_lr(step, t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.lr_schedule)
+    o = cfg.optimizer
+    return schedule_lr(step, o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps, o.lr_schedule)
 
 
 @dataclass
@@ -145,10 +147,10 @@ class Trainer:
         self.model = build_mmdit(cfg.model, tp_group(), device=self.device, use_te=use_te, params_dtype=params_dtype,
                                  attention=resolve_attention(cfg.parallel.attention),
                                  sequence_parallel=cfg.parallel.sequence_parallel)
-        if cfg.train.init_from:
+        if cfg.checkpoint.init_from:
             from mmdit.model.checkpoint import load_weights
 
-            load_weights(self.model, cfg.train.init_from)
+            load_weights(self.model, cfg.checkpoint.init_from)
         else:
             init_weights(self.model, cfg.seed)
         self.model.to(params_dtype)
@@ -156,11 +158,11 @@ class Trainer:
         apply_recompute_config(self.model, cfg.parallel)
         if cfg.parallel.compile:
             compile_blocks(self.model)
-        self.backend = build_backend(self.model, cfg.parallel, cfg.train, tp_group(), dp_group(), self.model.config)
+        self.backend = build_backend(self.model, cfg.parallel, cfg.optimizer, tp_group(), dp_group(), self.model.config)
         self.step, self.bad_steps = 0, 0
         self._encoders = None  # loaded for the first preview
         self.data_state: dict = {}
-        resume = resume_checkpoint(self.run_dir) if cfg.train.resume else None  # raises before anything is written
+        resume = resume_checkpoint(self.run_dir) if cfg.checkpoint.resume else None  # raises before anything is written
         if resume is not None:
             state, self.data_state = load_checkpoint(resume, self.model, self.backend, self.dims)
             self.step = state["step"]
@@ -170,7 +172,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", config_yaml(cfg))
             for name in (METRICS, SAMPLES):
                 truncate_after(self.run_dir / name, self.step)
-            prune_checkpoints(self.run_dir, cfg.train.keep_checkpoints, cfg.train.keep_every, resumed_from=resume)
+            prune_checkpoints(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every, resumed_from=resume)
         per_round = cfg.train.micro_batch_size * self.dims.dp
         if cfg.train.global_batch_size % per_round:
             raise ConfigError(f"invalid config: train.global_batch_size={cfg.train.global_batch_size} must be a "
@@ -180,7 +182,7 @@ class Trainer:
                                      tensorboard=cfg.train.tensorboard)
         self.peak = cfg.train.peak_tflops * 1e12 or (peak_flops(torch.cuda.get_device_name()) if on_gpu else None)
         self.stop_requested = False
-        self.evaluator = self._evaluator() if cfg.train.eval_every else None
+        self.evaluator = self._evaluator() if cfg.eval.every else None
         log.info("backend %s | layers %s | attention %s | tp %d%s x dp %d | dtype %s | recompute %s | device %s",
                  self.backend.name, "transformer-engine" if use_te else "megatron-local", self.model.attention,
                  self.dims.tp, " (sequence parallel)" if self.model.sequence_parallel_group else "", self.dims.dp,
@@ -189,19 +191,19 @@ class Trainer:
     def _evaluator(self):
         from mmdit.consumer.evaluation import Evaluator, held_out_records, random_held_out
 
-        t = self.cfg.train
+        t, e = self.cfg.train, self.cfg.eval
         if t.data_source == "random":
-            samples = random_held_out(self.cfg.model, t, self.cfg.seed, t.eval_samples)
+            samples = random_held_out(self.cfg.model, t, self.cfg.seed, e.max_samples)
         elif self.cfg.data.eval_fraction > 0:
             samples = held_out_records(self.cfg.cache.dir, self.cfg.service.fingerprint, self.cfg.data.eval_fraction,
-                                       t.eval_samples)
+                                       e.max_samples)
         else:
-            log.warning("train.eval_every is set but data.eval_fraction is 0: nothing is held out, no evaluation")
+            log.warning("eval.every is set but data.eval_fraction is 0: nothing is held out, no evaluation")
             return None
         if not samples:
             log.warning("no held-out sample in the cache: no evaluation")
             return None
-        return Evaluator(samples, t.eval_sigmas, self.dims.dp_rank, self.dims.dp, dp_group())
+        return Evaluator(samples, e.sigmas, self.dims.dp_rank, self.dims.dp, dp_group())
 
     def evaluate(self) -> None:
         result = self.evaluator.run(self.backend.module, self.device, self.dtype)
@@ -217,7 +219,7 @@ class Trainer:
             from mmdit.producer.encoders import Encoders
 
             self._encoders = Encoders.load(self.cfg.encoders)
-        paths = write_previews(self.backend.module, self._encoders, self.cfg.train,
+        paths = write_previews(self.backend.module, self._encoders, self.cfg.eval,
                                preview_dir(self.run_dir, self.step), write=self.dims.tp_rank == 0)
         if paths:
             log.info("step %d: samples in %s", self.step, paths[-1].parent)
@@ -234,7 +236,7 @@ class Trainer:
         save_checkpoint(self.run_dir, self.step, self.model, self.backend, self.dims, batches.state(),
                         {"seed": self.cfg.seed})
         if self.rank0:
-            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, self.cfg.train.keep_every)
+            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, self.cfg.checkpoint.keep_every)
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
@@ -303,13 +305,13 @@ class Trainer:
             # Every rank stops at the same step; a stopping run skips evaluation and previews, so
             # that it checkpoints within the launcher's shutdown timeout.
             stop = any_rank_true(self.stop_requested)
-            if not stop and self.evaluator is not None and self.step % cfg.train.eval_every == 0:
+            if not stop and self.evaluator is not None and self.step % cfg.eval.every == 0:
                 self.evaluate()
                 started = time.perf_counter()  # evaluation is not the next step's time
-            if not stop and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+            if not stop and cfg.eval.sample_every and self.step % cfg.eval.sample_every == 0:
                 self.preview()
                 started = time.perf_counter()
-            if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+            if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                 self.checkpoint(batches)
                 saved, started = self.step, time.perf_counter()
             if stop:

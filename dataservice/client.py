@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.distributed.rpc as torch_rpc
 
 from mmdit.dataservice import protocol, rpc
-from mmdit.dataservice.config import ClientSettings
+from mmdit.config.service import ClientSettings
 from mmdit.dataservice.plan import Cursor
 from mmdit.dataservice.protocol import Location
 
@@ -109,7 +109,7 @@ class ServiceClient:
         """Ask the coordinator what it serves and compare, before registering: registering may
         start a new plan generation and replaces this DP rank's earlier client, so a trainer
         that does not match must leave before it, unseen by the running job."""
-        from mmdit.launch.config import ConfigError
+        from mmdit.config import ConfigError
 
         service = rpc.call(rpc.COORDINATOR, protocol.describe_service, timeout_s=self.cfg.rpc_timeout_s, retries=2)
         problems = protocol.disagreements(expect, service) if service is not None else []
@@ -466,7 +466,7 @@ def client_on_tp_rank0(make_client, group, src: int) -> ServiceClient | None:
     every rank of the group: when TP rank 0 cannot join (a config the service does not match, no
     service), every rank raises, with TP rank 0's reason, instead of waiting for a broadcast that
     never comes. Every rank of the group must call this."""
-    from mmdit.launch.config import ConfigError
+    from mmdit.config import ConfigError
 
     client, failure = None, None
     if make_client is not None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from torch.futures import Future
 
 from mmdit.dataservice import protocol, rpc
-from mmdit.dataservice.config import CoordinatorSettings, ServiceConfig
+from mmdit.config.service import CoordinatorSettings, ServiceConfig
 from mmdit.dataservice.plan import Cursor, DataVersion, PlannedBatch, Planner, PlanSpec, Selection, validate_history
 from mmdit.dataservice.protocol import Lease, Location, Registration, ServiceDescription
 from mmdit.dataservice.telemetry import Telemetry

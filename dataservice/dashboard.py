@@ -71,14 +71,14 @@ def install(server: ControlServer, coordinator, telemetry: Telemetry, run_dir: s
 
 
 def _processes(run_dir: Path) -> list[dict]:
-    from mmdit.launch.processes import ProcessTable
+    from mmdit.utils.processes import ProcessTable
 
     rows = ProcessTable(run_dir).read() if (run_dir / "processes.json").exists() else []
     return [{**r, "alive": r.get("returncode") is None and not r.get("gone") and _alive(r["pid"])} for r in rows]
 
 
 def _alive(pid: int) -> bool:
-    from mmdit.launch.processes import process_alive
+    from mmdit.utils.processes import process_alive
 
     return process_alive(pid)
 

@@ -24,11 +24,10 @@ import dataclasses
 import math
 from typing import Any
 
+from mmdit.config.data import CategoryError, FilterConfig, Mixture, check_category_weights
 from mmdit.dataservice.plan import DataVersion
-from mmdit.producer.categories import CategoryError, check_weights
-from mmdit.producer.config import FilterConfig
 
-WEIGHT_TABLES = ("task_weights", "source_weights", "category_weights", "bucket_weights", "stage_weights")
+WEIGHT_TABLES = Mixture.TABLES
 
 
 class ChangeError(ValueError):
@@ -37,10 +36,8 @@ class ChangeError(ValueError):
 
 def version_zero(data_cfg, stage: int) -> DataVersion:
     """The job's starting data config as version 0 of its history."""
-    return DataVersion(0, 0, 0, dict(data_cfg.task_weights), dict(data_cfg.source_weights),
-                       dict(data_cfg.category_weights), dict(data_cfg.bucket_weights), stage,
-                       dataclasses.asdict(data_cfg.filters), False,
-                       {str(k): float(v) for k, v in data_cfg.stage_weights.items()}, why="the job's config")
+    return DataVersion(0, 0, 0, **data_cfg.tables(), stage=stage, filters=dataclasses.asdict(data_cfg.filters),
+                       why="the job's config")
 
 
 def describe(version: DataVersion) -> dict:
@@ -80,7 +77,7 @@ def _table_entry(table: str, name: str, value: Any, stages: set[int], buckets: s
     key = f"{table}.{name}"
     if table == "category_weights":
         try:
-            (name,) = check_weights({name: None})
+            (name,) = check_category_weights({name: None})
         except CategoryError as e:
             raise ChangeError(str(e)) from None
     elif table == "stage_weights":
@@ -149,12 +146,3 @@ def apply_changes(version: DataVersion, changes: dict, stages: set[int],
         raise ChangeError(str(e)) from None
     new = dataclasses.replace(version, stage=stage, filters=filters, **tables)
     return new, applied
-
-
-def preset_changes(data_cfg) -> dict:
-    """The changes that make a running job's data config `data_cfg` (a composed DataConfig, e.g.
-    conf/data/stage5.yaml): every weight table, every threshold and the stage, as a whole."""
-    changes = {t: dict(getattr(data_cfg, t)) for t in WEIGHT_TABLES}
-    changes["filters"] = dataclasses.asdict(data_cfg.filters)
-    changes["base_resolution"] = data_cfg.base_resolution
-    return changes

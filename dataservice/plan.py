@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mmdit.config.data import Mixture
+
 
 class PlanError(ValueError):
     """A selection, history or cursor the plan cannot be built from; the message says why."""
@@ -72,34 +74,28 @@ class SampleRef:
         return (self.stage, tuple(self.bucket), self.task, tuple(self.cond_bucket) if self.cond_bucket else (0, 0))
 
 
-_PLAN_FIELDS = ("task_weights", "source_weights", "category_weights", "bucket_weights", "stage", "filters",
-                "encode_missing", "stage_weights")
+_PLAN_FIELDS = (*Mixture.TABLES, "stage", "filters", "encode_missing")
 
 
-@dataclass(frozen=True)
-class DataVersion:
+@dataclass(kw_only=True)
+class DataVersion(Mixture):
     """One version of the data config, in force from global batch (epoch, index) until the next.
 
-    The plan reads the weights (task x source x category x bucket; unnamed ones weigh 1, weight 0
-    leaves a sample out), the curriculum `stage` (the base resolution; 0: every stage), the
-    manifest `filters` (thresholds over stored scores; empty: everything cached) and whether
-    uncached samples may be planned (`encode_missing`). `stage_weights` ("640" -> weight), when
-    set, replaces `stage`: samples of every named stage are drawn, weighed (multi-scale training). The rest records the change: when, from
-    which training step, what changed and why; it does not affect the plan.
+    The plan reads the mixture's weights (`Mixture`: task x source x category x bucket, unnamed
+    ones weigh 1, weight 0 leaves a sample out), the curriculum `stage` (the base resolution; 0:
+    every stage), the manifest `filters` (thresholds over stored scores; empty: everything
+    cached) and whether uncached samples may be planned (`encode_missing`). `stage_weights`, when
+    set, replaces `stage`: samples of every named stage are drawn, weighed (multi-scale
+    training). The rest records the change: when, from which training step, what changed and
+    why; it does not affect the plan.
     """
 
-    version: int
-    epoch: int
-    index: int
-    task_weights: dict = field(default_factory=dict)
-    source_weights: dict = field(default_factory=dict)
-    category_weights: dict = field(default_factory=dict)
-    bucket_weights: dict = field(default_factory=dict)
-    """"HxW" -> weight."""
+    version: int = field(kw_only=False)
+    epoch: int = field(kw_only=False)
+    index: int = field(kw_only=False)
     stage: int = 0
     filters: dict = field(default_factory=dict)
     encode_missing: bool = False
-    stage_weights: dict = field(default_factory=dict)
     time: float = field(default=0.0, compare=False)
     from_step: int = field(default=1, compare=False)
     why: str = field(default="", compare=False)
@@ -119,10 +115,10 @@ class DataVersion:
     @classmethod
     def from_dict(cls, d: dict) -> DataVersion:
         weights = lambda name: {str(k): float(v) for k, v in (d.get(name) or {}).items()}  # noqa: E731
-        return cls(int(d["version"]), int(d["epoch"]), int(d["index"]), weights("task_weights"),
-                   weights("source_weights"), weights("category_weights"), weights("bucket_weights"),
-                   int(d.get("stage", 0)), dict(d.get("filters") or {}), bool(d.get("encode_missing", False)),
-                   weights("stage_weights"), time=float(d.get("time", 0.0)), from_step=int(d.get("from_step", 1)),
+        return cls(int(d["version"]), int(d["epoch"]), int(d["index"]),
+                   **{t: weights(t) for t in Mixture.TABLES}, stage=int(d.get("stage", 0)),
+                   filters=dict(d.get("filters") or {}), encode_missing=bool(d.get("encode_missing", False)),
+                   time=float(d.get("time", 0.0)), from_step=int(d.get("from_step", 1)),
                    why=str(d.get("why", "")), changes=dict(d.get("changes") or {}))
 
 
@@ -286,7 +282,7 @@ class Selection:
     def _passing_mask(self, filters: dict) -> np.ndarray:
         if self.manifest is None or not filters:
             return np.ones(len(self), dtype=bool)
-        from mmdit.producer.config import FilterConfig
+        from mmdit.config.data import FilterConfig
         from mmdit.producer.manifest import select_mask
 
         mask, _ = select_mask(self.manifest, FilterConfig(**filters))

@@ -32,7 +32,7 @@ import torch
 from torch.futures import Future
 
 from mmdit.dataservice import protocol, rpc
-from mmdit.dataservice.config import ProducerSettings
+from mmdit.config.service import ProducerSettings
 from mmdit.dataservice.plan import PlanError, PlannedBatch, shard_bounds
 from mmdit.dataservice.protocol import Lease, Shard
 from mmdit.producer.cache import DamagedRecord
@@ -308,7 +308,7 @@ def _on_demand_encoder(cfg, cache, stages: dict[int, str]):
 def main(argv: list[str]) -> int:
     """One producer process: join the job's RPC group, serve until SIGTERM/SIGINT, leave."""
     from mmdit.dataservice.selection import resolve_fingerprint, resolve_stages
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
     from mmdit.producer.cache import LatentCache
 
     cfg = load_config(argv)
@@ -316,7 +316,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     settings = cfg.service.role(ProducerSettings)
     name = rpc.incarnation_name("producer", n=int(os.environ.get("MMDIT_INCARNATION", "0")))
-    from mmdit.launch.processes import SignalStop
+    from mmdit.utils.processes import SignalStop
 
     stop = SignalStop()
     cache = LatentCache(cfg.cache.dir)

@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--markdown", action="store_true", help="a table instead of JSON")
     ns, overrides = parser.parse_known_args(argv)
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
 
     cfg = load_config(overrides or ["model=qwen_image_20b"])
     a = Assumptions(**{k: getattr(ns, k) for k in asdict(Assumptions())})

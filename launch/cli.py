@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 a bad command line or config (nothing started), 1 a failure at run
     time (one line on stderr; `MMDIT_DEBUG=1` adds the traceback), 130 stopped by a signal."""
     argv = sys.argv[1:] if argv is None else argv
-    from mmdit.launch.processes import die_with_parent
+    from mmdit.utils.processes import die_with_parent
 
     die_with_parent()
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     # Warnings users can do nothing about (megatron without TE/apex on CPU, deprecations).
     warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from mmdit.launch.config import ConfigError
+    from mmdit.config import ConfigError
 
     try:
         module = importlib.import_module(COMMANDS[name][0])

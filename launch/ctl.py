@@ -68,8 +68,8 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 def preset(name: str) -> dict:
     """The changes that switch a running job to conf/data/<name>.yaml (ValueError if none)."""
-    from mmdit.dataservice.data_config import preset_changes
-    from mmdit.launch.config import load_data_preset
+    from mmdit.config.data import preset_changes
+    from mmdit.config.loader import load_data_preset
 
     return preset_changes(load_data_preset(name))
 

@@ -22,16 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-from mmdit.consumer.config import PREVIEW_PROMPTS
-from mmdit.launch.config import load_config
-from mmdit.launch.processes import ProcessTable, ServeProcess, child_env, ignore_repeated_sigterm, signal_group
-from mmdit.parallel.spawn import free_port
+from mmdit.config.train import PREVIEW_PROMPTS
+from mmdit.config.loader import load_config
+from mmdit.utils.processes import ProcessTable, ServeProcess, child_env, ignore_repeated_sigterm, signal_group
+from mmdit.utils.processes import free_port
 from mmdit.utils.jsonl import read_jsonl
 
-DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "train.save_every": "20",
-            "train.eval_every": "10", "data.eval_fraction": "0.15", "train.log_samples": "true",
+DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "checkpoint.every": "20",
+            "eval.every": "10", "data.eval_fraction": "0.15", "train.log_samples": "true",
             "annotate.max_new_tokens": "24", "annotate.image_area": "3136",
-            "train.sample_every": "20", "train.sample_size": "128", "train.sample_steps": "8",
+            "eval.sample_every": "20", "eval.sample_size": "128", "eval.sample_steps": "8",
             "encoders.dir": "${run.dir}/encoders"}
 """The demo's settings unless overridden: hybrid parallelism and every feature switched on."""
 

@@ -24,15 +24,9 @@ import signal
 import subprocess
 import time
 
-from mmdit.launch.processes import ProcessTable, SignalStop, child_env, python_command, stop_all
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import ProcessTable, SignalStop, child_env, free_port, is_rank, python_command, stop_all
 
 log = logging.getLogger("mmdit.launch")
-
-
-def is_rank() -> bool:
-    """Is this process one rank of a job started by some launcher (this one, torchrun, SLURM)?"""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def launch_local(command: str, argv: list[str], nproc: int, run_dir: str, role: str, master_port: int,

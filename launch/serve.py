@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from mmdit.launch.config import load_config
-from mmdit.launch.processes import ProcessTable, SignalStop, StopRequested, python_command, start, stop_all
+from mmdit.config.loader import load_config
+from mmdit.utils.processes import ProcessTable, SignalStop, StopRequested, python_command, start, stop_all
 from mmdit.launch.service_lock import ServiceLock, ServiceLockHeld
 
 log = logging.getLogger("mmdit.serve")

@@ -36,7 +36,7 @@ import time
 import unicodedata
 from pathlib import Path
 
-from mmdit.launch.config import ConfigError
+from mmdit.config import ConfigError
 
 RDZV_PORT = 29400
 
@@ -209,7 +209,7 @@ def _override(key: str, value) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from mmdit.launch.config import config_yaml, load_config
+    from mmdit.config.loader import config_yaml, load_config
 
     parser = argparse.ArgumentParser(prog="mmdit submit", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")

@@ -33,7 +33,7 @@ def _last_line(path: Path) -> dict | None:
 
 def gather(run_dir: Path) -> dict:
     from mmdit.consumer.checkpoint import checkpoints
-    from mmdit.launch.processes import ProcessTable, process_alive
+    from mmdit.utils.processes import ProcessTable, process_alive
 
     dirs = [d for d in (run_dir, run_dir / "service") if d.is_dir()]
     processes = []

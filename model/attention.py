@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmdit.parallel.config import ATTENTION_KERNELS
+from mmdit.config.parallel import ATTENTION_KERNELS
 
 
 def joint_key_mask(txt_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.model import MMDiTArgs
 from mmdit.model.attention import SDPAAttention
 from mmdit.model.layers import HeadRMSNorm, LinearProvider, layer_norm, modulate
 from mmdit.model.rope import apply_rotary

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.model import MMDiTArgs
 from mmdit.model.qkv import to_diffusers
 from mmdit.utils.atomic import atomic_save_safetensors, atomic_write_json
 

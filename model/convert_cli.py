@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.model import MMDiTArgs
 from mmdit.model.checkpoint import checkpoint_args, load_full_state_dict_from, save_full_state_dict
 from mmdit.model.diffusers_io import read_diffusers, transformer_dir, write_diffusers
 from mmdit.model.mmdit import build_mmdit, pack_latents, packed_shape

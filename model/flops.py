@@ -35,14 +35,12 @@ Conventions (the ones MFU is usually reported in, written down so numbers stay c
 
 from dataclasses import dataclass
 
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.model import MMDiTArgs
+from mmdit.config.parallel import RECOMPUTE_POLICIES
 
 TIMESTEP_FEATURES = 256
 """Width of the sinusoidal timestep features fed to the timestep MLP (model/mmdit.py)."""
 
-RECOMPUTE_POLICIES = ("none", "full", "every_k", "attention", "mlp", "elementwise")
-"""parallel/config.py's policies (model/ does not import parallel/); a test keeps them equal."""
-"""The policies of parallel/recompute.py, whose extra FLOPs `recompute_extra_flops` knows."""
 
 
 @dataclass(frozen=True)

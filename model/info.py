@@ -4,7 +4,7 @@ print its size as one JSON line (no memory is allocated, so the 20B model at TP=
 import json
 import math
 
-from mmdit.launch.config import load_config
+from mmdit.config.loader import load_config
 from mmdit.model.mmdit import build_mmdit
 from mmdit.model.sharding import full_shapes, partition_dims
 from mmdit.parallel.state import destroy_parallel, init_fake_parallel, tp_group

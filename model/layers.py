@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.model import MMDiTArgs
+from mmdit.config.parallel import check_heads_divisible
 from mmdit.model.sequence_parallel import SequenceShards
 
 
@@ -166,10 +167,7 @@ class LinearProvider:
 
 def make_linear_provider(args: MMDiTArgs, tp_size: int, tp_group, *, use_te: bool = False,
                          params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False) -> LinearProvider:
-    if args.num_attention_heads % tp_size:
-        raise ValueError(
-            f"parallel.tp={tp_size} must divide num_attention_heads={args.num_attention_heads} "
-            "(each tensor-parallel rank owns whole heads)")
+    check_heads_divisible(args.num_attention_heads, tp_size)
     if sequence_parallel and use_te:
         # TE's linears split the sequence along dim 0 ([S, B, D]) and always all-reduce a column
         # layer's input gradient; the MMDiT's tokens are dim 1.

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn as nn
 
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.model import MMDiTArgs
 from mmdit.model.attention import SDPAAttention, make_attention
 from mmdit.model.block import MMDiTBlock
 from mmdit.model.layers import LinearProvider, RMSNorm, layer_norm, make_linear_provider, modulate

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmdit.consumer.config import TrainConfig
-from mmdit.parallel.config import ParallelConfig
+from mmdit.config.train import OptimizerConfig
+from mmdit.config.parallel import ParallelConfig
 from mmdit.parallel.optimizer_state import OwnedRange, StateReader, state_file, write_rank_state
 from mmdit.utils.atomic import atomic_torch_save
 
@@ -212,26 +212,26 @@ def weight_decay_groups(model) -> tuple[list, list]:
     return decay, no_decay
 
 
-def build_backend(model, parallel: ParallelConfig, train: TrainConfig, tp_group, dp_group, linear_config):
+def build_backend(model, parallel: ParallelConfig, optim: OptimizerConfig, tp_group, dp_group, linear_config):
     backend = resolve_backend(parallel)
     if backend == "megatron":
-        return _build_megatron(model, train, linear_config)
+        return _build_megatron(model, optim, linear_config)
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(model, process_group=dp_group)
     decay, no_decay = weight_decay_groups(model)
     optimizer = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW, process_group=dp_group,
-                                        lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
-                                        weight_decay=train.weight_decay)
+                                        lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                                        weight_decay=optim.weight_decay)
     if no_decay:
         optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0})
-    return TorchBackend(model=ddp, module=model, optimizer=optimizer, tp_group=tp_group, grad_clip=train.grad_clip)
+    return TorchBackend(model=ddp, module=model, optimizer=optimizer, tp_group=tp_group, grad_clip=optim.grad_clip)
 
 
-def _build_megatron(model, train: TrainConfig, linear_config):
+def _build_megatron(model, optim: OptimizerConfig, linear_config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, distrib_optimizer, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig, distrib_optimizer, get_megatron_optimizer
 
     from mmdit.parallel import megatron_fallbacks
 
@@ -245,8 +245,9 @@ def _build_megatron(model, train: TrainConfig, linear_config):
     ddp = DistributedDataParallel(config=linear_config, ddp_config=ddp_config, module=model)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=train.lr, weight_decay=train.weight_decay, adam_beta1=train.adam_beta1,
-                        adam_beta2=train.adam_beta2, clip_grad=train.grad_clip, bf16=bf16,
-                        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=True),
+        MegatronOptimizerConfig(
+            optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1,
+            adam_beta2=optim.adam_beta2, clip_grad=optim.grad_clip, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=True),
         [ddp])
     return MegatronBackend(model=ddp, module=model, optimizer=optimizer)

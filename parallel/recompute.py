@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from mmdit.model.mmdit import MMDiT
-from mmdit.parallel.config import ParallelConfig
+from mmdit.config.parallel import ParallelConfig
 
 
 def _op(namespace, name: str, overload: str = "default"):

@@ -5,18 +5,13 @@ collectives over loopback. Each rank's return value comes back to the caller.
 """
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mmdit.utils.processes import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:

@@ -41,7 +41,8 @@ from PIL import Image
 
 from mmdit.producer.annotation import OK, PROMPT, STATUSES, Parsed, parse
 from mmdit.producer.categories import FROM_ANNOTATION, overrides
-from mmdit.producer.config import AnnotateConfig, DataConfig
+from mmdit.config.produce import AnnotateConfig
+from mmdit.config.data import DataConfig
 from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
 from mmdit.producer.manifest import ManifestWriter, ingest_filters, read_manifest, select_mask
 from mmdit.producer.prompts import IMAGE_PAD
@@ -299,7 +300,7 @@ def resolve_models(cfg) -> tuple[str | None, str | None]:
 
 
 def main(argv: list[str]) -> int:
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
     from mmdit.producer.alignment import AlignmentScorer
     from mmdit.producer.encoders import resolve_device
     from mmdit.producer.produce import shards_override

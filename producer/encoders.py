@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmdit.producer.config import EncodersConfig
+from mmdit.config.produce import EncodersConfig
 from mmdit.producer.prompts import EDIT_TEMPLATE, T2I_TEMPLATE, build_input_ids, check_drop
 from mmdit.utils.dtypes import resolve_dtype
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdit.producer.categories import FROM_ANNOTATION, overrides
-from mmdit.producer.config import FilterConfig
+from mmdit.config.data import FilterConfig
 from mmdit.producer.keys import check_key
 from mmdit.producer.scores import hamming
 from mmdit.utils.atomic import atomic_path

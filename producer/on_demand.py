@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mmdit.producer.buckets import bucket_set
 from mmdit.producer.cache import LatentCache, stage_fingerprint
-from mmdit.producer.config import FilterConfig
+from mmdit.config.data import FilterConfig
 
 log = logging.getLogger("mmdit.producer")
 

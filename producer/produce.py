@@ -44,7 +44,8 @@ from PIL import Image
 from mmdit.producer.buckets import assign_bucket, bucket_set
 from mmdit.producer.cache import RECONSTRUCTION, LatentCache, stage_fingerprint
 from mmdit.producer.categories import from_ingest
-from mmdit.producer.config import CacheConfig, DataConfig
+from mmdit.config.produce import CacheConfig
+from mmdit.config.data import DataConfig
 from mmdit.producer.encoders import preprocess_image
 from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
 from mmdit.producer.keys import BAD_KEY
@@ -581,7 +582,7 @@ def shards_override(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
     from mmdit.producer.encoders import Encoders, EncodersNotFoundError
 
     cfg = load_config(shards_override(argv))

@@ -69,7 +69,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from mmdit.producer import synth_layouts, synth_scenes
-from mmdit.producer.config import SynthConfig
+from mmdit.config.produce import SynthConfig
 from mmdit.producer.fonts import FONTS, FontSpec, TextFitError, fit_text, line_height, load_font, require_fonts
 from mmdit.producer.synth_words import COLORS, EN_SENTENCES, PALETTE, ZH_SENTENCES, luminance, readable_on
 from mmdit.utils.atomic import atomic_path
@@ -427,7 +427,7 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
     from mmdit.producer.fonts import FontMissingError
 
     out, overrides = parse_args(argv)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from mmdit.producer.config import SynthConfig
+from mmdit.config.produce import SynthConfig
 from mmdit.producer.fonts import TextFitError
 from mmdit.producer.synth_draw import Block, draw_block, fit_block, fonts_for
 from mmdit.producer.synth_words import PHRASES, readable_on, rgb, zh_name

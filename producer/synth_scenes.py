@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from mmdit.producer.config import SynthConfig
+from mmdit.config.produce import SynthConfig
 from mmdit.producer.fonts import TextFitError
 from mmdit.producer.synth_draw import Block, draw_block, fit_block, font_spec, fonts_for
 from mmdit.producer.synth_textures import (

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from mmdit.dataservice.config import CoordinatorSettings
+from mmdit.config.service import CoordinatorSettings
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import Cursor, DataVersion, PlanError, Planner, PlanSpec, SampleRef, Selection
 
@@ -265,7 +265,7 @@ class Sim:
             refs.append(SampleRef(f"k{i:03d}", BUCKETS[i % rng.randint(1, 3)], task, rng.choice(("a", "b")),
                                   (256, 256) if task == "edit" else None))
         sel = Selection(refs)
-        history = [DataVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
+        history = [DataVersion(0, 0, 0, task_weights={"t2i": 1.0, "edit": 1.0}, source_weights={})]
         settings = CoordinatorSettings(plan_ahead=self.plan_ahead, heartbeat_s=self.heartbeat,
                                        lease_timeout_s=self.lease_timeout)
         gbs = self.dp * self.mbs

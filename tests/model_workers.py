@@ -2,7 +2,7 @@
 
 import torch
 
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.model import MMDiTArgs
 from mmdit.model.convert_cli import verification_cases
 from mmdit.model.mmdit import build_mmdit
 from mmdit.model.sharding import diffusers_full_shapes, load_full_state_dict, partition_dims, unshard

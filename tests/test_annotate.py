@@ -17,7 +17,8 @@ from PIL import Image
 from mmdit.producer.annotate import VLAnnotator, annotate, annotated_row, batches, pending, vl_size
 from mmdit.producer.annotation import INVALID, KEYS, OK, PROMPT, SCHEMA, UNPARSEABLE, parse
 from mmdit.producer.categories import CATEGORIES
-from mmdit.producer.config import AnnotateConfig, DataConfig, SynthConfig
+from mmdit.config.produce import AnnotateConfig, SynthConfig
+from mmdit.config.data import DataConfig
 from mmdit.producer.manifest import SCHEMA as MANIFEST_SCHEMA
 from mmdit.producer.manifest import read_manifest
 
@@ -163,7 +164,7 @@ def test_alignment_is_the_models_cosine_similarity(scorer):
 def produced(tmp_path_factory, tiny_encoders_dir):
     """Synth shards plus a 'web' shard whose samples carry a metadata category or none (the
     source names one: data.source_categories.web=people), produced into a cache once."""
-    from mmdit.producer.config import CacheConfig, EncodersConfig
+    from mmdit.config.produce import CacheConfig, EncodersConfig
     from mmdit.producer.encoders import Encoders
     from mmdit.producer.produce import produce
     from mmdit.producer.synth import write_shards
@@ -348,7 +349,7 @@ def test_a_plain_qwen25vl_directory_answers_like_the_qwen_image_layout(tiny_enco
 @pytest.mark.slow
 def test_a_new_stage_keeps_the_annotations(produced, cache, tiny_encoders_dir):
     """`mmdit produce` at another stage describes every sample again: what annotate found stays."""
-    from mmdit.producer.config import CacheConfig, EncodersConfig
+    from mmdit.config.produce import CacheConfig, EncodersConfig
     from mmdit.producer.encoders import Encoders
     from mmdit.producer.produce import produce
 

@@ -59,7 +59,7 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
 
 
 def test_hosted_store_listens_on_its_address_only():
-    from mmdit.parallel.spawn import free_port
+    from mmdit.utils.processes import free_port
     from mmdit.utils.store import tcp_store
 
     port = free_port()

@@ -15,7 +15,8 @@ from mmdit.dataservice.plan import DataVersion
 from mmdit.dataservice.selection import build_selection, resolve_fingerprint, resolve_stages
 from mmdit.producer.cache import LatentCache
 from mmdit.producer.categories import CategoryError, from_ingest, normalize
-from mmdit.producer.config import CacheConfig, DataConfig, EncodersConfig, FilterConfig
+from mmdit.config.produce import CacheConfig, EncodersConfig
+from mmdit.config.data import DataConfig, FilterConfig
 from mmdit.producer.encoders import Encoders
 from mmdit.producer.manifest import PhashIndex, read_manifest, select_mask
 from mmdit.producer.produce import produce

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from mmdit.launch import capacity
-from mmdit.launch.config import load_config
+from mmdit.config.loader import load_config
 from mmdit.model.flops import step_flops
 
 

@@ -88,7 +88,7 @@ def saved_run(tmp_path_factory) -> Path:
     """A run directory with the checkpoints of steps 1 and 2 of a tiny model, written by
     `save_checkpoint` in one process."""
     from mmdit.consumer.checkpoint import save_checkpoint
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
     from mmdit.model.init import init_weights
     from mmdit.model.mmdit import build_mmdit
     from mmdit.parallel.backend import build_backend
@@ -100,7 +100,7 @@ def saved_run(tmp_path_factory) -> Path:
     try:
         model = build_mmdit(cfg.model, tp_group())
         init_weights(model, 0)
-        backend = build_backend(model, cfg.parallel, cfg.train, tp_group(), dp_group(), model.config)
+        backend = build_backend(model, cfg.parallel, cfg.optimizer, tp_group(), dp_group(), model.config)
         for step in (1, 2):
             for p in model.parameters():
                 p.grad = torch.full_like(p, 1e-3)
@@ -228,8 +228,8 @@ def test_verify_rejects_a_path_that_is_no_run_or_checkpoint(tmp_path, capsys):
 
 def train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={run_dir}", "launch.nproc=2",
-           "train.micro_batch_size=1", "train.random_height=64", "train.random_width=64", "train.warmup_steps=1",
-           "train.save_every=1", "train.keep_checkpoints=4", *overrides]
+           "train.micro_batch_size=1", "train.random_height=64", "train.random_width=64", "optimizer.warmup_steps=1",
+           "checkpoint.every=1", "checkpoint.keep=4", *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from mmdit.dataservice import dashboard
-from mmdit.dataservice.config import ServiceConfig
+from mmdit.config.service import ServiceConfig
 from mmdit.dataservice.bounded_http import MAX_BODY
 from mmdit.dataservice.control import ControlServer
 from mmdit.dataservice.coordinator import Coordinator
@@ -31,7 +31,7 @@ def endpoint(tmp_path):
     refs = [SampleRef(f"k{i:03d}", (256, 256) if i % 2 else (256, 384), "edit" if i % 3 == 0 else "t2i", "a",
                       (256, 256) if i % 3 == 0 else None) for i in range(24)]
     settings = ServiceConfig(plan_ahead=8, control_max_connections=LIMIT, control_timeout_s=TIMEOUT_S)
-    coordinator = Coordinator(Selection(refs), settings, 0, 2, 2, [DataVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0})])
+    coordinator = Coordinator(Selection(refs), settings, 0, 2, 2, [DataVersion(0, 0, 0, task_weights={"t2i": 1.0, "edit": 1.0})])
     server = ControlServer(coordinator, "127.0.0.1", 0, tmp_path)
     dashboard.install(server, coordinator, coordinator.telemetry, tmp_path)
     yield server, coordinator

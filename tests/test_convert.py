@@ -9,7 +9,7 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from safetensors.torch import load_file
 
-from mmdit.launch.config import load_config
+from mmdit.config.loader import load_config
 from mmdit.model.checkpoint import load_full_state_dict_from, read_index
 from mmdit.model.convert_cli import from_diffusers, to_diffusers
 from mmdit.model.diffusers_io import read_diffusers, write_diffusers

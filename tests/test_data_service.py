@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from mmdit.consumer.sample_log import read_samples
-from mmdit.dataservice.config import ClientSettings
+from mmdit.config.service import ClientSettings
 from mmdit.dataservice.plan import DataVersion, PlanSpec, SampleRef, Selection, plan_epoch
-from mmdit.launch.processes import ServeProcess
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import ServeProcess
+from mmdit.utils.processes import free_port
 from mmdit.producer.cache import LatentCache
 
 pytestmark = pytest.mark.slow  # real processes
@@ -56,7 +56,7 @@ def expected_plan(epochs: int = 2) -> list:
     """The batches the service must deliver, from the pure plan (min batch = DP size)."""
     sel = Selection(SampleRef(r["key"], r["bucket"], r["task"], r["source"], (64, 64) if "cond_latents" in r else None)
                     for r in RECORDS)
-    history = [DataVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
+    history = [DataVersion(0, 0, 0, task_weights={"t2i": 1.0, "edit": 1.0}, source_weights={})]
     return [b for e in range(epochs) for b in plan_epoch(PlanSpec(SEED, DP * MBS, DP), e, sel, history)]
 
 

@@ -15,7 +15,7 @@ def test_demo_trains_from_synthetic_shards_through_the_data_service(tmp_path):
     """The README's first command, shortened: TP=2 ranks over the data service, held-out
     evaluation, final samples, a summary; a rerun reuses the cache and resumes."""
     run = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "mmdit.launch.cli", "demo", f"run.dir={run}", "train.steps=6", "train.eval_every=3",
+    cmd = [sys.executable, "-m", "mmdit.launch.cli", "demo", f"run.dir={run}", "train.steps=6", "eval.every=3",
            "synth.num_samples=24"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -46,7 +46,7 @@ def test_demo_trains_from_synthetic_shards_through_the_data_service(tmp_path):
     assert grid.size == (2 * 128, 2 * 128)
 
     # A second run reuses everything: nothing is encoded again, training resumes at step 6.
-    again = subprocess.run(cmd[:-3] + ["train.steps=8", "train.eval_every=0", "synth.num_samples=24"],
+    again = subprocess.run(cmd[:-3] + ["train.steps=8", "eval.every=0", "synth.num_samples=24"],
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads((run / "cache" / "report.json").read_text())["encoded"] == 0

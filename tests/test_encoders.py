@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from mmdit.producer.config import EncodersConfig
+from mmdit.config.produce import EncodersConfig
 from mmdit.producer.encoders import (
     Encoders,
     EncodersNotFoundError,

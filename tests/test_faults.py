@@ -19,11 +19,11 @@ import torch
 from paused import run_processes
 
 from mmdit.consumer.checkpoint import checkpoints, verify_checkpoint
-from mmdit.dataservice.config import ProducerSettings
+from mmdit.config.service import ProducerSettings
 from mmdit.dataservice.plan import PlannedBatch
 from mmdit.dataservice.server import ProducerServer
-from mmdit.launch.processes import ServeProcess
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import ServeProcess
+from mmdit.utils.processes import free_port
 from mmdit.producer.cache import DamagedRecord, LatentCache
 
 FP = "fp_faults"
@@ -129,7 +129,7 @@ def test_a_producer_serves_the_batch_without_a_damaged_record(tmp_path):
 
 
 def test_a_non_finite_gradient_skips_the_update(tmp_path):
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
     from mmdit.model.init import init_weights
     from mmdit.model.mmdit import build_mmdit
     from mmdit.parallel.backend import build_backend
@@ -140,7 +140,7 @@ def test_a_non_finite_gradient_skips_the_update(tmp_path):
     try:
         model = build_mmdit(cfg.model, tp_group())
         init_weights(model, 0)
-        backend = build_backend(model, cfg.parallel, cfg.train, tp_group(), dp_group(), model.config)
+        backend = build_backend(model, cfg.parallel, cfg.optimizer, tp_group(), dp_group(), model.config)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         for p in model.parameters():
             p.grad = torch.ones_like(p)
@@ -160,7 +160,7 @@ def test_a_non_finite_gradient_skips_the_update(tmp_path):
         destroy_parallel()
 
 
-TRAIN = ["train.micro_batch_size=2", "train.random_height=64", "train.random_width=64", "train.warmup_steps=1"]
+TRAIN = ["train.micro_batch_size=2", "train.random_height=64", "train.random_width=64", "optimizer.warmup_steps=1"]
 
 
 def train(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -174,8 +174,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_diverging_training_stops_with_one_line_and_saves_nothing_non_finite(tmp_path):
-    done = train(tmp_path, "train.steps=30", "train.lr=1e30", "train.grad_clip=0", "train.max_bad_steps=2",
-                 "train.save_every=1")
+    done = train(tmp_path, "train.steps=30", "optimizer.lr=1e30", "optimizer.grad_clip=0", "train.max_bad_steps=2",
+                 "checkpoint.every=1")
     assert done.returncode == 1, done.stderr[-2000:]
     assert "non-finite" in done.stderr and "Traceback" not in done.stderr
     rows = metrics(tmp_path)
@@ -190,14 +190,14 @@ def test_diverging_training_stops_with_one_line_and_saves_nothing_non_finite(tmp
 
 @pytest.mark.slow
 def test_resume_falls_back_to_the_newest_complete_checkpoint_and_never_regresses_silently(tmp_path):
-    assert train(tmp_path, "train.steps=4", "train.save_every=1", "train.keep_checkpoints=3").returncode == 0
+    assert train(tmp_path, "train.steps=4", "checkpoint.every=1", "checkpoint.keep=3").returncode == 0
     names = sorted(p.name for p in checkpoints(tmp_path))
     assert names == ["step_00000002", "step_00000003", "step_00000004"]  # retention: the newest 3
     (tmp_path / "checkpoints" / "step_00000004" / "trainer.json").unlink()
     shard = next((tmp_path / "checkpoints" / "step_00000003" / "model").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated
     (tmp_path / "checkpoints" / "step_00000002" / ".tmp-deadhost-1-abc-x.pt").write_bytes(b"killed save")
-    resumed = train(tmp_path, "train.steps=5", "train.save_every=1", "train.keep_checkpoints=3")
+    resumed = train(tmp_path, "train.steps=5", "checkpoint.every=1", "checkpoint.keep=3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert "not resuming from" in log and "step_00000004" in log and "step_00000003" in log
@@ -208,7 +208,7 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_never_regresses
     config = (tmp_path / "config.yaml").read_text()
     for path in checkpoints(tmp_path):
         (path / "data.json").write_text("{not json")
-    failed = train(tmp_path, "train.steps=7", "train.lr=0.123")
+    failed = train(tmp_path, "train.steps=7", "optimizer.lr=0.123")
     assert failed.returncode == 1 and "CheckpointError" in failed.stderr and "step_00000005" in failed.stderr
     assert (tmp_path / "config.yaml").read_text() == config
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
@@ -226,7 +226,7 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoin
     if not _mount_tmpfs(run, "24m"):  # a checkpoint of the tiny model takes about 16 MB
         pytest.skip("cannot mount a tmpfs here; tests/test_atomic.py covers ENOSPC by simulation")
     try:
-        done = train(run, "train.steps=4", "train.save_every=2", "train.keep_checkpoints=0")
+        done = train(run, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=0")
         assert done.returncode == 1, done.stderr[-2000:]
         assert "no space left on device" in done.stderr and "Traceback" not in done.stderr
         assert (run / "checkpoints" / "latest").read_text() == "step_00000002"
@@ -246,7 +246,7 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoin
     (["train", "model.num_attention_heads=0"], "model.num_attention_heads must be >= 1"),
     (["train", "parallel.tp=3", "launch.nproc=3"], "must divide model.num_attention_heads"),
     (["train", "launch.nproc=3", "parallel.tp=2"], "must be a multiple of parallel.tp"),
-    (["train", "train.init_from=/no/such/weights"], "does not exist"),
+    (["train", "checkpoint.init_from=/no/such/weights"], "does not exist"),
     (["serve", "service.port=70000"], "service.port must be in 1..65535"),
     (["train", "train.dtype=float16"], "train.dtype must be one of"),
     (["consume", "service.heartbeat_s=20"], "must be < service.lease_timeout_s"),
@@ -268,7 +268,7 @@ def test_runtime_failures_are_one_line_exit_1(tmp_path):
     (tmp_path / "weights" / "config.json").write_text("{}")
     bad = cli("convert", "from-diffusers", str(tmp_path / "weights"), str(tmp_path / "out"))
     assert bad.returncode != 0 and str(tmp_path / "weights") in bad.stderr and "Traceback" not in bad.stderr
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
 
     config = {**load_config([]).model.diffusers_config(), "_class_name": "QwenImageTransformer2DModel"}
     (tmp_path / "weights" / "config.json").write_text(json.dumps(config))
@@ -400,7 +400,7 @@ def alive(pid: int) -> bool:
 def test_sigint_to_the_demo_with_two_ranks_stops_every_process(tmp_path):
     run = tmp_path / "demo"
     demo = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "demo", f"run.dir={run}", "launch.nproc=2",
-                             "parallel.tp=2", "train.steps=100000", "synth.num_samples=16", "train.save_every=1000",
+                             "parallel.tp=2", "train.steps=100000", "synth.num_samples=16", "checkpoint.every=1000",
                              # generous: the ranks finish their step and checkpoint on a loaded machine
                              "launch.stop_timeout_s=120"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -432,7 +432,7 @@ def test_a_second_ctrl_c_kills_ranks_that_are_still_checkpointing(tmp_path):
     run, log = tmp_path / "run", tmp_path / "launcher.err"
     with open(log, "w") as err:
         launcher = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={run}",
-                                     "launch.nproc=2", "train.steps=100000", "train.save_every=100000",
+                                     "launch.nproc=2", "train.steps=100000", "checkpoint.every=100000",
                                      "launch.stop_timeout_s=3600", "train.tensorboard=false"],
                                     stdout=subprocess.DEVNULL, stderr=err)
     ranks = []
@@ -482,7 +482,7 @@ def test_sigterm_repeated_while_stopping_still_checkpoints_and_exits_0(tmp_path)
     run, log = tmp_path / "run", tmp_path / "launcher.err"
     with open(log, "w") as err:
         launcher = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={run}",
-                                     "launch.nproc=2", "train.steps=100000", "train.save_every=100000",
+                                     "launch.nproc=2", "train.steps=100000", "checkpoint.every=100000",
                                      "launch.stop_timeout_s=600", "train.tensorboard=false"],
                                     stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     ranks = []

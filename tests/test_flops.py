@@ -19,8 +19,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmdit.launch.config import load_config
-from mmdit.model.args import MMDiTArgs
+from mmdit.config.loader import load_config
+from mmdit.config.model import MMDiTArgs
 from mmdit.model.flops import (
     forward_breakdown,
     mfu,
@@ -101,14 +101,10 @@ def test_recompute_extra_flops_equal_flop_counter(tiny, policy):
 
 def test_elementwise_recompute_reruns_no_matmul(tiny):
     """Counted by FlopCounterMode: the selective policy keeps every matmul and attention output."""
-    from mmdit.model.flops import RECOMPUTE_POLICIES as FLOPS_POLICIES
-    from mmdit.parallel.config import RECOMPUTE_POLICIES
-
     args, model = tiny
     shape = (BATCH, (LAT_H // 2) * (LAT_W // 2), TEXT, _cond_tokens(True))
     assert recompute_extra_flops(args, *shape, policy="elementwise") == 0
     assert _counted(model, args, True, True, "elementwise") == step_flops(args, *shape)
-    assert FLOPS_POLICIES == RECOMPUTE_POLICIES
 
 
 def test_recompute_extra_flops_relations():

@@ -20,12 +20,12 @@ import pytest
 from paused import paused, run_processes
 
 from mmdit.consumer.sample_log import read_samples
-from mmdit.dataservice.config import ServiceConfig
+from mmdit.config.service import ServiceConfig
 from mmdit.dataservice.control import ControlServer
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
-from mmdit.launch.processes import ServeProcess
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import ServeProcess
+from mmdit.utils.processes import free_port
 
 # ----------------------------------------------------------------------------- the endpoint
 
@@ -35,7 +35,7 @@ def endpoint(tmp_path):
     refs = [SampleRef(f"k{i:03d}", (256, 256), "edit" if i % 3 == 0 else "t2i", "a" if i % 2 else "b",
                       (256, 256) if i % 3 == 0 else None) for i in range(48)]
     coordinator = Coordinator(Selection(refs), ServiceConfig(plan_ahead=8), 0, 2, 2,
-                              [DataVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0})])
+                              [DataVersion(0, 0, 0, task_weights={"t2i": 1.0, "edit": 1.0})])
     server = ControlServer(coordinator, "127.0.0.1", 0, tmp_path)
     yield server, coordinator
     server.close()

@@ -10,7 +10,7 @@ import pytest
 from badfiles import bomb_png, corrupt_jpeg, encode, good_t2i, gradient, raw_png, rgb16_png, shapes, write_shard
 from PIL import Image
 
-from mmdit.producer.config import FilterConfig
+from mmdit.config.data import FilterConfig
 from mmdit.producer.ingest import (
     ErrorLog,
     SampleError,

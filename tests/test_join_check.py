@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from mmdit.dataservice.protocol import JOIN_CHECKS, ServiceDescription, disagreements, expectation
-from mmdit.launch.processes import ServeProcess
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import ServeProcess
+from mmdit.utils.processes import free_port
 from mmdit.producer.cache import LatentCache
 
 FP = "fp_join-b256"
@@ -90,7 +90,7 @@ def test_patch_must_tile_every_latent_side():
 
 
 def test_the_expectation_reads_the_config_keys_of_the_table():
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
 
     cfg = load_config(["model.joint_attention_dim=128", "data.base_resolution=640"])
     trainer = expectation(cfg, model=True)
@@ -103,7 +103,7 @@ def test_the_expectation_reads_the_config_keys_of_the_table():
 def test_the_service_describes_its_cache(tmp_path):
     from mmdit.dataservice.coordinator import service_description
     from mmdit.dataservice.selection import build_selection, resolve_stages
-    from mmdit.producer.config import DataConfig
+    from mmdit.config.data import DataConfig
 
     cache = LatentCache(tmp_path)
     cache.write(records(4) + records(4, fingerprint="fp_join-b640", side=96))

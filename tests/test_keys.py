@@ -101,7 +101,8 @@ def test_a_key_that_arrives_by_another_route_is_refused_by_every_store(tmp_path)
 
 
 def test_produce_counts_bad_keys_and_stores_only_safe_ones(tmp_path, tiny_encoders_dir):
-    from mmdit.producer.config import CacheConfig, DataConfig, EncodersConfig
+    from mmdit.config.produce import CacheConfig, EncodersConfig
+    from mmdit.config.data import DataConfig
     from mmdit.producer.encoders import Encoders
     from mmdit.producer.manifest import read_manifest
     from mmdit.producer.produce import produce

@@ -8,7 +8,7 @@ from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 from model_workers import forward_backward, random_full_state_dict
 
-from mmdit.launch.config import load_config
+from mmdit.config.loader import load_config
 from mmdit.model.attention import TextPadding, resolve_attention
 from mmdit.model.convert_cli import verification_cases
 from mmdit.model.info import model_info
@@ -184,7 +184,7 @@ def test_last_block_text_stream_is_frozen():
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="axes_dims_rope"):
         dataclasses.replace(TINY, axes_dims_rope=[8, 12, 14])
-    with pytest.raises(ValueError, match="must divide num_attention_heads"):
+    with pytest.raises(ValueError, match="must divide model.num_attention_heads"):
         init_parallel(1)
         from mmdit.model.layers import make_linear_provider
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from mmdit.dataservice.config import ServiceConfig
+from mmdit.config.service import ServiceConfig
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
 from mmdit.dataservice.telemetry import PrometheusCollector
-from mmdit.launch.processes import ServeProcess
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import ServeProcess
+from mmdit.utils.processes import free_port
 from mmdit.producer.cache import LatentCache
 
 # ----------------------------------------------------------------------------- in process
@@ -88,7 +88,7 @@ def live_run(tmp_path_factory):
               "train.micro_batch_size=2"]
     serve = ServeProcess([*common, f"run.dir={tmp / 'service'}"])
     trainer = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={tmp / 'train'}",
-                                *common, "train.data_source=service", "train.steps=100000", "train.save_every=20"],
+                                *common, "train.data_source=service", "train.steps=100000", "checkpoint.every=20"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: (tmp / "train" / "metrics.jsonl").exists() and
                len((tmp / "train" / "metrics.jsonl").read_text().splitlines()) >= 3, 300, "three training steps")

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from mmdit.dataservice.config import ServiceConfig
+from mmdit.config.service import ServiceConfig
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import (
     Cursor,
@@ -31,7 +31,7 @@ def refs(n=103, sources=("a", "b")):
     return out
 
 
-V0 = [DataVersion(0, 0, 0, {"t2i": 1.0, "edit": 1.0}, {})]
+V0 = [DataVersion(0, 0, 0, task_weights={"t2i": 1.0, "edit": 1.0}, source_weights={})]
 SEL = Selection(refs())
 
 
@@ -109,19 +109,19 @@ def test_every_selected_sample_is_served_each_epoch_at_any_dp_size(dp):
 
 def test_weights_order_the_epoch_without_changing_its_content():
     sel = Selection(refs(400, sources=("a", "b")))
-    heavy = [DataVersion(0, 0, 0, {}, {"a": 20.0, "b": 1.0})]
+    heavy = [DataVersion(0, 0, 0, task_weights={}, source_weights={"a": 20.0, "b": 1.0})]
     batches = plan_epoch(PlanSpec(1, 4, 1), 0, sel, heavy)
     assert sorted(keys_of(batches)) == sorted(sel.keys())
     source = {r.key: r.source for r in sel.refs}
     first_half = Counter(source[k] for k in keys_of(batches[:len(batches) // 2]))
     assert first_half["a"] > 3 * first_half["b"]  # weight 20:1 puts source a first
-    tasks = [DataVersion(0, 0, 0, {"edit": 50.0, "t2i": 1.0}, {})]
+    tasks = [DataVersion(0, 0, 0, task_weights={"edit": 50.0, "t2i": 1.0}, source_weights={})]
     first = plan_epoch(PlanSpec(1, 4, 1), 0, sel, tasks)[:10]
     assert Counter(b.task for b in first)["edit"] >= 8
 
 
 def test_zero_weight_leaves_samples_out():
-    no_edit = [DataVersion(0, 0, 0, {"edit": 0.0}, {})]
+    no_edit = [DataVersion(0, 0, 0, task_weights={"edit": 0.0}, source_weights={})]
     batches = plan_epoch(PlanSpec(0, 8, 2), 0, SEL, no_edit)
     assert {b.task for b in batches} == {"t2i"}
     assert sorted(keys_of(batches)) == sorted(r.key for r in SEL.refs if r.task == "t2i")
@@ -130,7 +130,7 @@ def test_zero_weight_leaves_samples_out():
 def test_mixture_change_mid_epoch_keeps_prefix_and_coverage():
     spec = PlanSpec(5, 8, 2)
     base = plan_epoch(spec, 0, SEL, V0)
-    swapped = V0 + [DataVersion(1, 0, 4, {"edit": 30.0}, {})]
+    swapped = V0 + [DataVersion(1, 0, 4, task_weights={"edit": 30.0}, source_weights={})]
     changed = plan_epoch(spec, 0, SEL, swapped)
     assert changed[:4] == base[:4]  # batches before the swap are untouched
     assert all(b.config_version == 1 for b in changed[4:])
@@ -161,11 +161,11 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(PlanError, match="start at"):
         plan_epoch(PlanSpec(0, 4), 0, SEL, [DataVersion(0, 0, 3)])
     with pytest.raises(PlanError, match=">= 0"):
-        plan_epoch(PlanSpec(0, 4), 0, SEL, [DataVersion(0, 0, 0, {"t2i": -1.0})])
+        plan_epoch(PlanSpec(0, 4), 0, SEL, [DataVersion(0, 0, 0, task_weights={"t2i": -1.0})])
     with pytest.raises(PlanError, match="past the end"):
         Planner(PlanSpec(0, 8, 2), SEL, V0, Cursor(999, 0, 999))
     with pytest.raises(PlanError, match="plans no batch"):
-        Planner(PlanSpec(0, 8, 2), SEL, [DataVersion(0, 0, 0, {"t2i": 0.0, "edit": 0.0})]).next()
+        Planner(PlanSpec(0, 8, 2), SEL, [DataVersion(0, 0, 0, task_weights={"t2i": 0.0, "edit": 0.0})]).next()
 
 
 # ----------------------------------------------------------------------------- coordinator (no RPC)
@@ -296,7 +296,7 @@ def test_selection_from_cache_headers_and_manifest_thresholds(tmp_path):
 
     from mmdit.dataservice.selection import build_selection, resolve_fingerprint
     from mmdit.producer.cache import LatentCache
-    from mmdit.producer.config import FilterConfig
+    from mmdit.config.data import FilterConfig
     from mmdit.producer.manifest import ManifestWriter
 
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Stopping processes (launch/processes.py): what processes.json records, and a start-up that a
+"""Stopping processes (utils/processes.py): what processes.json records, and a start-up that a
 signal interrupts wherever it is.
 
 Real child processes stand in for producers: one finishes its stop at once and then takes long to
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from mmdit.launch.processes import ProcessTable, SignalStop, StopRequested, start, stop_all
+from mmdit.utils.processes import ProcessTable, SignalStop, StopRequested, start, stop_all
 
 CHILD = """
 import sys, time
-from mmdit.launch.processes import SignalStop
+from mmdit.utils.processes import SignalStop
 stop = SignalStop()
 if sys.argv[1] == "stuck":
     import signal

@@ -18,7 +18,8 @@ from PIL import Image
 
 from mmdit.producer.buckets import assign_bucket, bucket_set
 from mmdit.producer.cache import LatentCache, stage_fingerprint
-from mmdit.producer.config import CacheConfig, DataConfig, EncodersConfig
+from mmdit.config.produce import CacheConfig, EncodersConfig
+from mmdit.config.data import DataConfig
 from mmdit.producer.encoders import Encoders, preprocess_image
 from mmdit.producer.manifest import read_manifest, select
 from mmdit.producer.produce import produce, to_pil
@@ -219,7 +220,7 @@ def test_sigkilled_producer_leaves_a_clean_cache_and_the_rerun_finishes(tmp_path
 
 
 def test_bare_shard_patterns_on_the_command_line():
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
     from mmdit.producer.produce import shards_override
 
     # braces and globs pass through Hydra untouched; a shell-expanded list adds up

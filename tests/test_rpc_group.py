@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import free_port
 
 pytestmark = pytest.mark.slow  # real processes
 

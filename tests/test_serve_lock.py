@@ -19,19 +19,19 @@ import pytest
 from paused import paused
 from test_faults import alive, wait_until
 
-from mmdit.dataservice.config import ServiceConfig
+from mmdit.config.service import ServiceConfig
 from mmdit.dataservice.control import ControlServer
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
-from mmdit.launch.processes import ServeProcess, signal_group
+from mmdit.utils.processes import ServeProcess, signal_group
 from mmdit.launch.service_lock import ServiceLock, ServiceLockHeld
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import free_port
 from mmdit.producer.cache import LatentCache
 
 
 def coordinator() -> Coordinator:
     refs = [SampleRef(f"k{i}", (256, 256), "t2i", "a") for i in range(8)]
-    return Coordinator(Selection(refs), ServiceConfig(plan_ahead=8), 0, 1, 2, [DataVersion(0, 0, 0, {"t2i": 1.0})])
+    return Coordinator(Selection(refs), ServiceConfig(plan_ahead=8), 0, 1, 2, [DataVersion(0, 0, 0, task_weights={"t2i": 1.0})])
 
 
 def test_a_control_server_removes_only_the_files_it_wrote(tmp_path):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdit.launch.processes import ServeProcess
-from mmdit.parallel.spawn import free_port
+from mmdit.utils.processes import ServeProcess
+from mmdit.utils.processes import free_port
 from mmdit.producer.cache import LatentCache
 from mmdit.utils.jsonl import read_jsonl
 
@@ -93,7 +93,7 @@ def cache(path: Path) -> Path:
 def job_args(run: Path, cache_dir: Path, steps: int) -> list[str]:
     return [f"run.dir={run}", f"cache.dir={cache_dir}", "launch.trainer_nodes=1", "launch.gpus_per_node=2",
             "launch.producers_per_node=2", "launch.slurm.gpus=false", "launch.slurm.time=00:30:00",
-            "launch.slurm.signal_s=60", f"service.port={free_port()}", f"train.steps={steps}", "train.save_every=10",
+            "launch.slurm.signal_s=60", f"service.port={free_port()}", f"train.steps={steps}", "checkpoint.every=10",
             "train.micro_batch_size=1", "train.tensorboard=false"]
 
 

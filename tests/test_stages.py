@@ -10,12 +10,14 @@ import pytest
 import torch
 from paused import paused
 
-from mmdit.dataservice.data_config import ChangeError, apply_changes, describe, preset_changes, version_zero
+from mmdit.config.data import preset_changes
+from mmdit.dataservice.data_config import ChangeError, apply_changes, describe, version_zero
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
-from mmdit.launch.config import ConfigError, load_config, load_data_preset
-from mmdit.launch.processes import ServeProcess
-from mmdit.parallel.spawn import free_port
-from mmdit.producer.config import FilterConfig
+from mmdit.config import ConfigError
+from mmdit.config.loader import load_config, load_data_preset
+from mmdit.utils.processes import ServeProcess
+from mmdit.utils.processes import free_port
+from mmdit.config.data import FilterConfig
 
 STAGES = [f"stage{i}" for i in range(1, 8)]
 

@@ -30,7 +30,8 @@ from omegaconf import OmegaConf
 
 from mmdit.launch import slurm as submit
 from mmdit.launch.cli import main as cli_main
-from mmdit.launch.config import ConfigError, load_config
+from mmdit.config import ConfigError
+from mmdit.config.loader import load_config
 from mmdit.launch.slurm import render
 
 # ----------------------------------------------------------------------------- readers

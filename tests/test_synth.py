@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from mmdit.producer.config import SynthConfig
+from mmdit.config.produce import SynthConfig
 from mmdit.producer.fonts import DEFAULT_FONT_DIR, FONTS, FontMissingError, fit_text, load_font, require_fonts
 from mmdit.producer.synth import Layout, Scene, layout_scene, make_sample, render, write_shards
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from mmdit.launch.config import ConfigError, load_config
+from mmdit.config import ConfigError
+from mmdit.config.loader import load_config
 from mmdit.producer import synth_scenes
-from mmdit.producer.config import SynthConfig
+from mmdit.config.produce import SynthConfig
 from mmdit.producer.synth import make_sample, parse_args, pick_kind, write_shards
 from mmdit.producer.synth_scenes import BackgroundsError, homography, project
 

@@ -12,7 +12,7 @@ from model_workers import (
     save_sharded,
 )
 
-from mmdit.launch.config import load_config
+from mmdit.config.loader import load_config
 from mmdit.parallel.spawn import spawn
 
 TINY = load_config([]).model
@@ -27,7 +27,7 @@ def assert_same_step(reference: dict, result: dict, atol: float = 1e-5) -> None:
 
 
 def test_sequence_parallel_with_transformer_engine_layers_is_rejected_with_the_reason():
-    from mmdit.launch.config import ConfigError
+    from mmdit.config import ConfigError
 
     with pytest.raises(ConfigError, match="sequence_parallel=true needs parallel.layers=local or auto"):
         load_config(["parallel.tp=2", "launch.nproc=2", "parallel.sequence_parallel=true", "parallel.layers=te"])

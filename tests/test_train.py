@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-BASE = ["train.micro_batch_size=2", "train.random_height=128", "train.random_width=128", "train.lr=1e-3",
-        "train.warmup_steps=2"]
+BASE = ["train.micro_batch_size=2", "train.random_height=128", "train.random_width=128", "optimizer.lr=1e-3",
+        "optimizer.warmup_steps=2"]
 FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_second", "tflops_per_gpu", "mfu",
           "data_wait_fraction", "config_version"}
 
@@ -55,7 +55,7 @@ def test_resume_at_other_tp_and_dp_sizes_follows_the_same_curve(tmp_path):
     """Optimizer state written by two TP ranks, resumed by two DP ranks, then by one process (each
     rank reads only its part): the loss curve of the uninterrupted run."""
     straight, run = tmp_path / "straight", tmp_path / "resharded"
-    constant = "train.lr_schedule=constant"  # the decay would follow each leg's train.steps
+    constant = "optimizer.lr_schedule=constant"  # the decay would follow each leg's train.steps
     train(straight, "train.steps=6", constant)
     train(run, "train.steps=2", "launch.nproc=2", "parallel.tp=2", constant)
     train(run, "train.steps=4", "launch.nproc=2", "train.micro_batch_size=1", constant)

@@ -29,16 +29,16 @@ def test_schedules_warm_up_then_decay_to_min_lr():
 
 
 def test_weight_decay_only_on_matrices():
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
     from mmdit.model.mmdit import build_mmdit
     from mmdit.parallel.backend import build_backend
     from mmdit.parallel.state import destroy_parallel, dp_group, init_parallel, tp_group
 
-    cfg = load_config(["train.weight_decay=0.1"])
+    cfg = load_config(["optimizer.weight_decay=0.1"])
     init_parallel(1)
     try:
         model = build_mmdit(cfg.model, tp_group())
-        backend = build_backend(model, cfg.parallel, cfg.train, tp_group(), dp_group(), model.config)
+        backend = build_backend(model, cfg.parallel, cfg.optimizer, tp_group(), dp_group(), model.config)
         groups = backend.optimizer.param_groups
         decay = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
         no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
@@ -53,7 +53,8 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_accumulation_must_divide_the_global_batch():
-    from mmdit.launch.config import ConfigError, load_config
+    from mmdit.config import ConfigError
+    from mmdit.config.loader import load_config
 
     with pytest.raises(ConfigError, match="multiple of train.micro_batch_size x DP = 2 x 2"):
         load_config(["launch.nproc=2", "train.micro_batch_size=2", "train.global_batch_size=6"])
@@ -62,8 +63,8 @@ def test_accumulation_must_divide_the_global_batch():
 
 # ----------------------------------------------------------------------------- real processes
 
-BASE = ["train.random_height=64", "train.random_width=64", "train.lr=1e-3", "train.warmup_steps=1",
-        "train.random_pool_size=64", "train.lr_schedule=constant"]
+BASE = ["train.random_height=64", "train.random_width=64", "optimizer.lr=1e-3", "optimizer.warmup_steps=1",
+        "train.random_pool_size=64", "optimizer.lr_schedule=constant"]
 
 
 def train(run_dir: Path, *overrides: str) -> None:
@@ -108,7 +109,7 @@ def test_accumulation_equals_one_big_batch_at_any_split(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_evaluation_is_deterministic_across_runs_and_layouts(tmp_path):
-    common = ["train.steps=2", "train.eval_every=2", "train.eval_samples=6", "train.eval_sigmas=4",
+    common = ["train.steps=2", "eval.every=2", "eval.max_samples=6", "eval.sigmas=4",
               "train.micro_batch_size=2"]
     train(tmp_path / "a", *common)
     train(tmp_path / "b", *common)
@@ -124,7 +125,7 @@ def test_evaluation_is_deterministic_across_runs_and_layouts(tmp_path):
 STOP_BEFORE_THE_FIRST_STEP_ENDS = """
 import json, sys
 from mmdit.consumer.trainer import Trainer
-from mmdit.launch.config import load_config
+from mmdit.config.loader import load_config
 trainer = Trainer(load_config(sys.argv[1:]))
 trainer.stop_requested = True  # as SIGTERM during the first step would
 print(json.dumps(trainer.run()))
@@ -134,7 +135,7 @@ print(json.dumps(trainer.run()))
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_stopping_trainer_checkpoints_without_evaluating_first(tmp_path):
-    common = [*BASE, "train.steps=5", "train.eval_every=1", "train.eval_samples=2", "train.save_every=100"]
+    common = [*BASE, "train.steps=5", "eval.every=1", "eval.max_samples=2", "checkpoint.every=100"]
     run = tmp_path / "stopped"
     done = subprocess.run([sys.executable, "-c", STOP_BEFORE_THE_FIRST_STEP_ENDS, f"run.dir={run}", *common],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -151,7 +152,7 @@ def trained(tmp_path_factory, tiny_encoders_dir):
     return run
 
 
-PREVIEWS = ["train.sample_every=2", "train.sample_size=64", "train.sample_steps=3"]
+PREVIEWS = ["eval.sample_every=2", "eval.sample_size=64", "eval.sample_steps=3"]
 
 
 def sample(*args) -> subprocess.CompletedProcess:
@@ -190,7 +191,7 @@ def test_training_samples_the_fixed_prompts_as_mmdit_sample_does(trained, tiny_e
     import numpy as np
     from PIL import Image
 
-    from mmdit.consumer.config import PREVIEW_PROMPTS
+    from mmdit.config.train import PREVIEW_PROMPTS
 
     step = trained / "samples" / "step_00000002"
     assert json.loads((step / "prompts.json").read_text()) == list(PREVIEW_PROMPTS)
@@ -245,7 +246,7 @@ def test_the_loss_covers_target_tokens_only():
     """Edit and reconstruction batches carry condition tokens; whatever the model says about
     them never enters the loss."""
     from mmdit.consumer.trainer import micro_step
-    from mmdit.launch.config import load_config
+    from mmdit.config.loader import load_config
 
     class Backend:
         def __init__(self, cond_value):
@@ -267,7 +268,7 @@ def test_the_loss_covers_target_tokens_only():
 
 
 def test_a_curriculum_stage_change_is_planned_at_its_step_and_replayed_exactly():
-    from mmdit.dataservice.config import ServiceConfig
+    from mmdit.config.service import ServiceConfig
     from mmdit.dataservice.coordinator import Coordinator
     from mmdit.dataservice.plan import Cursor, DataVersion, Planner, SampleRef, Selection
 

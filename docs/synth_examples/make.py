@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmdit.producer.config import SynthConfig
+from mmdit.config.produce import SynthConfig
 from mmdit.producer.synth import make_sample
 
 HERE = Path(__file__).resolve().parent

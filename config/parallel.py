@@ -46,3 +46,10 @@ class ParallelConfig:
         if self.sequence_parallel and self.layers == "te":
             raise ValueError("parallel.sequence_parallel=true needs parallel.layers=local or auto: Transformer "
                              "Engine's linears split the sequence along another dim")
+
+
+def check_heads_divisible(heads: int, tp: int) -> None:
+    """Each tensor-parallel rank owns whole attention heads."""
+    if heads % tp:
+        raise ValueError(f"parallel.tp={tp} must divide model.num_attention_heads={heads} (each tensor-parallel "
+                         "rank owns whole heads)")

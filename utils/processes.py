@@ -215,6 +215,18 @@ def _reconciled(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def is_rank() -> bool:
+    """Is this process one rank of a job started by some launcher (mmdit's, torchrun, SLURM)?"""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now (the caller binds it soon; another process may take it first)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def process_alive(pid: int) -> bool:
     if not pid_alive(pid):
         return False

@@ -1,0 +1,136 @@
+"""The offline pipeline's settings: the cache, the frozen encoders, annotation, synthetic data."""
+
+import math
+from dataclasses import dataclass, field
+
+from mmdit.utils.dtypes import check_dtype
+
+
+@dataclass
+class CacheConfig:
+    dir: str = "cache"
+    """Latent cache and manifest directory (shared by all producers of a job):
+    <dir>/<fingerprint>/<H>x<W>/seg-*.safetensors, <dir>/manifest/part-*.parquet, <dir>/report.json."""
+    segment_records: int = 64
+    """A producer publishes a segment once it holds this many encoded records (per write)..."""
+    segment_seconds: float = 5.0
+    """...or once its oldest unpublished record is this old: fewer, larger files read faster
+    and index faster, while a killed producer loses at most this much work."""
+
+    def __post_init__(self):
+        if self.segment_records < 1 or self.segment_seconds < 0:
+            raise ValueError("cache.segment_records must be >= 1 and cache.segment_seconds >= 0")
+
+
+@dataclass
+class EncodersConfig:
+    """The frozen encoders (VAE + Qwen2.5-VL); every field that changes features is fingerprinted."""
+
+    dir: str = ""
+    """A directory laid out like the public Qwen-Image repository: vae/, text_encoder/, tokenizer/,
+    and processor/ (Qwen2VLImageProcessor config; needed only for edit prompts)."""
+    device: str = "auto"
+    """auto: cuda if available, else cpu; or any torch device string."""
+    dtype: str = "auto"
+    """auto: bf16 on GPU, fp32 on CPU; or bf16 / fp16 / fp32."""
+    max_text_tokens: int = 1024
+    """Prompt features kept per sample after the template prefix is dropped."""
+    resample: str = "bicubic"
+    """PIL filter for the VAE input resize (bicubic, lanczos, bilinear, nearest)."""
+    edit_vision_area: int = 384 * 384
+    """Pixel area the edit source image is resized to before Qwen2.5-VL sees it (aspect kept,
+    sides multiples of 32). 384*384 (about 190 vision tokens) as in QwenImageEditPlusPipeline; the
+    first Qwen-Image-Edit used 1024*1024 (about 1340 tokens, over max_text_tokens)."""
+
+    def __post_init__(self):
+        check_dtype("encoders.dtype", self.dtype)
+        if self.resample not in ("bicubic", "lanczos", "bilinear", "nearest"):
+            raise ValueError(f"encoders.resample must be bicubic, lanczos, bilinear or nearest, not {self.resample!r}")
+        if self.max_text_tokens < 1:
+            raise ValueError("encoders.max_text_tokens must be >= 1")
+        if self.edit_vision_area < 56 * 56:
+            raise ValueError("encoders.edit_vision_area must be >= 3136 (56x56)")
+
+
+@dataclass
+class AnnotateConfig:
+    """`mmdit annotate`: a VL model's JSON annotation and an alignment score per accepted sample
+    (producer/annotate.py). Runs on encoders.device with encoders.dtype."""
+
+    model: str = "auto"
+    """The Qwen2.5-VL that annotates: a Qwen-Image-layout directory (text_encoder/, tokenizer/,
+    processor/) or a plain Qwen2.5-VL-Instruct one; auto: encoders.dir; none: skip annotation."""
+    alignment_model: str = "auto"
+    """A local CLIP or SigLIP directory (AutoModel + AutoProcessor) that scores image-caption
+    alignment; auto: <encoders.dir>/alignment if it exists, else skip; none or '': skip."""
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    """Longest answer generated; a JSON object cut off here counts as unparseable."""
+    image_area: int = 448 * 448
+    """Pixel area the VL model sees (aspect kept, sides multiples of 28): 448*448 is 256 vision tokens."""
+    limit: int = 0
+    """Annotate at most this many samples this run (0: all); a later run does the rest."""
+    flush_seconds: float = 10.0
+    """Publish manifest rows after a batch once this long has passed since the last publish (0:
+    every batch): a killed run loses at most this much work, without a part file per batch."""
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.limit < 0 or self.flush_seconds < 0:
+            raise ValueError("annotate: batch_size and max_new_tokens must be >= 1, limit and flush_seconds >= 0")
+        if self.image_area < 56 * 56:
+            raise ValueError("annotate.image_area must be >= 3136 (56x56)")
+
+
+@dataclass
+class SynthConfig:
+    """`mmdit synth`: rendered Chinese/English text images and edit triplets (producer/synth.py)."""
+
+    KINDS = ("pure", "compositional", "complex")  # not a field: the kind names `kinds` may weigh
+
+    num_samples: int = 64
+    kinds: dict[str, float] = field(default_factory=lambda: {"pure": 0.5, "compositional": 0.25, "complex": 0.25})
+    """Relative weight of each kind: pure (text on a plain or gradient background), compositional
+    (text in perspective on a surface in a scene), complex (slides, app/web screens, posters)."""
+    edit_fraction: float = 0.25
+    """Fraction of pure samples that are edit triplets (source, instruction, target); the other
+    kinds are text-to-image only, so edits are edit_fraction x the pure share of all samples."""
+    samples_per_shard: int = 32
+    seed: int = 0
+    """Sample i is a pure function of (seed, i)."""
+    min_side: int = 256
+    max_side: int = 768
+    """Image width and height are drawn independently from [min_side, max_side]."""
+    zh_fraction: float = 0.5
+    """Fraction of rendered texts in Chinese (the rest English)."""
+    zh_caption_fraction: float = 0.3
+    """Fraction of text-to-image captions written in Chinese."""
+    font_dir: str = "/usr/share/fonts/truetype"
+    """Where fonts-wqy-microhei and fonts-dejavu-core put their files (`make sysdeps`)."""
+    backgrounds: str = ""
+    """A directory of images (jpg, png, webp, bmp): compositional samples then put their text on a
+    random one of them instead of a procedurally drawn scene. "" draws every scene."""
+
+    def __post_init__(self):
+        if self.num_samples < 0 or self.samples_per_shard < 1:
+            raise ValueError("synth.num_samples must be >= 0 and synth.samples_per_shard >= 1")
+        self.kinds = self._checked_kinds()
+        if not 64 <= self.min_side <= self.max_side:
+            raise ValueError(f"synth needs 64 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        for name in ("edit_fraction", "zh_fraction", "zh_caption_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"synth.{name} must be in [0, 1]")
+
+    def _checked_kinds(self) -> dict[str, float]:
+        kinds = {}
+        for name, weight in dict(self.kinds).items():
+            if name not in self.KINDS:
+                raise ValueError(f"synth.kinds.{name}: unknown kind (one of {', '.join(self.KINDS)})")
+            try:
+                kinds[name] = float(weight)
+            except (TypeError, ValueError):
+                raise ValueError(f"synth.kinds.{name} must be a number, got {weight!r}") from None
+            if not math.isfinite(kinds[name]) or kinds[name] < 0:
+                raise ValueError(f"synth.kinds.{name} must be a finite weight >= 0, got {weight!r}")
+        if not any(kinds.values()):
+            raise ValueError(f"synth.kinds needs a weight > 0 for at least one of {', '.join(self.KINDS)}")
+        return kinds

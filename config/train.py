@@ -1,0 +1,180 @@
+"""Training settings, by concern: the loop (`train`), the optimizer, checkpoints, evaluation."""
+
+from dataclasses import dataclass, field
+
+from mmdit.utils.dtypes import check_dtype
+
+SIGMA_SAMPLINGS = ("uniform", "logit_normal")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+OBJECTIVES = ("flow",)
+"""Training objectives (consumer/objectives.py); post-training adds its own."""
+PREVIEW_PROMPTS = ('A wooden sign that reads "OPEN" in bold letters', "一块写着“欢迎光临”的红色招牌",
+                   'A poster with the title "Hello, world" on a blue gradient')
+"""Text rendering in English and Chinese: what Qwen-Image is trained to do well."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: how long, how big a batch, which noise levels, where data comes from."""
+
+    steps: int = 30
+    """Optimizer steps to run (in total, counting resumed ones)."""
+    micro_batch_size: int = 2
+    """Samples per data-parallel rank per forward/backward."""
+    global_batch_size: int = 0
+    """Samples per optimizer step, over all DP ranks; a multiple of micro_batch_size x DP, the
+    rest is gradient accumulation. 0: micro_batch_size x DP (no accumulation)."""
+    objective: str = "flow"
+    """What a step minimizes (consumer/objectives.py): flow (flow matching, pre-training and SFT)."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
+    sigma_sampling: str = "logit_normal"
+    """How training noise levels are drawn: uniform | logit_normal."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift_sigmas: bool = True
+    """Apply Qwen-Image's resolution-dependent shift to sampled sigmas."""
+    data_source: str = "random"
+    """random: synthetic latents of one bucket (no producers needed) | service: the data service."""
+    random_height: int = 256
+    """Image height in pixels for data_source=random."""
+    random_width: int = 256
+    random_text_len: int = 24
+    random_pool_size: int = 16
+    """Distinct random samples cycled through with data_source=random."""
+    log_every: int = 1
+    max_bad_steps: int = 5
+    """A step whose loss or gradient is not finite is skipped (no optimizer update, counted in
+    metrics.jsonl); this many in a row stop the run with an error."""
+    log_samples: bool = False
+    """Append each step's sample keys to run.dir/samples.jsonl."""
+    tensorboard: bool = True
+    """Write the per-step scalars to run.dir/tensorboard/ as well (`tensorboard --logdir RUN_DIR`)."""
+    telemetry: bool = True
+    """Report each step's figures to the data service's /metrics and dashboard (with the acks)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU; 0 picks a known value for the GPU (H100/H200: 989)."""
+
+    def __post_init__(self):
+        if self.sigma_sampling not in SIGMA_SAMPLINGS:
+            raise ValueError(f"train.sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {self.sigma_sampling!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        check_dtype("train.dtype", self.dtype, ("auto", "bf16", "fp32"))  # fp16 would need loss scaling
+        if self.data_source not in ("random", "service"):
+            raise ValueError(f"train.data_source must be random or service, got {self.data_source!r}")
+        if self.steps < 0 or self.micro_batch_size < 1 or self.global_batch_size < 0:
+            raise ValueError("train.steps and train.global_batch_size must be >= 0, train.micro_batch_size >= 1")
+        if self.max_bad_steps < 1 or self.log_every < 1:
+            raise ValueError("train.max_bad_steps and train.log_every must be >= 1")
+        for side in (self.random_height, self.random_width):
+            if side % 16:
+                raise ValueError(f"train.random_height/width must be multiples of 16, got {side}")
+
+
+def check_batch_sizes(train: TrainConfig, dp: int) -> int:
+    """Gradient-accumulation steps per optimizer step at `dp` data-parallel ranks; ValueError
+    when train.global_batch_size does not split into micro-batches over them."""
+    per_round = train.micro_batch_size * dp
+    if train.global_batch_size % per_round:
+        raise ValueError(f"train.global_batch_size={train.global_batch_size} must be a multiple of "
+                         f"train.micro_batch_size x DP = {train.micro_batch_size} x {dp} (the rest is gradient "
+                         "accumulation)")
+    return max(1, train.global_batch_size // per_round)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule (consumer/schedule.py)."""
+
+    lr: float = 5e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_schedule: str = "cosine"
+    """Decay after warmup: cosine | linear | constant."""
+    warmup_steps: int = 5
+    decay_steps: int = 0
+    """Steps (warmup included) over which the rate decays to min_lr; 0: train.steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to weight matrices only (not to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"optimizer.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not self.lr > 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("optimizer.lr must be > 0, optimizer.grad_clip and optimizer.weight_decay >= 0")
+        if self.decay_steps < 0 or self.warmup_steps < 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError("optimizer.decay_steps and optimizer.warmup_steps must be >= 0, and 0 <= "
+                             "optimizer.min_lr <= optimizer.lr")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError("optimizer.adam_beta1 and optimizer.adam_beta2 must be in [0, 1)")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where training starts from, how often it saves and what it keeps (consumer/checkpoint.py)."""
+
+    every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep: int = 3
+    """Keep the newest N checkpoints (0: all); older ones are deleted after each save."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none beyond `keep`)."""
+    init_from: str = ""
+    """Start from these weights: an mmdit checkpoint or a diffusers transformer dir (e.g. Qwen-Image)."""
+    resume: bool = True
+    """Resume from the newest checkpoint in run.dir when one exists."""
+
+    def __post_init__(self):
+        for name in ("every", "keep", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class EvalConfig:
+    """What training measures besides its loss: the held-out flow loss and image previews."""
+
+    every: int = 0
+    """Score the held-out samples (data.eval_fraction; random data: past the pool) every N steps
+    (0: never); records with "eval": true in metrics.jsonl."""
+    sigmas: int = 8
+    """Stratified noise levels each held-out sample is scored at."""
+    max_samples: int = 32
+    """At most this many held-out samples per evaluation."""
+    sample_every: int = 0
+    """Generate `sample_prompts` every N steps into run.dir/samples/step_N/ (0: never); needs
+    encoders.dir. Same prompts and seeds every time, so the images show what training changes."""
+    sample_prompts: list[str] = field(default_factory=lambda: list(PREVIEW_PROMPTS))
+    sample_size: int = 256
+    """Width and height of the sampled images (a multiple of 16)."""
+    sample_steps: int = 20
+    sample_cfg_scale: float = 4.0
+    """True classifier-free guidance scale (1: none) of the samples."""
+
+    def __post_init__(self):
+        if self.every < 0 or self.sigmas < 1 or self.max_samples < 1:
+            raise ValueError("eval.every must be >= 0, eval.sigmas and eval.max_samples >= 1")
+        if self.sample_every < 0 or self.sample_size <= 0 or self.sample_size % 16 or self.sample_steps < 2:
+            raise ValueError("eval.sample_every must be >= 0, eval.sample_size a positive multiple of 16 and "
+                             "eval.sample_steps >= 2")
+        if self.sample_every and not self.sample_prompts:
+            raise ValueError("eval.sample_every needs eval.sample_prompts")
+
+
+MOVED_KEYS = {
+    **{f"train.{k}": f"optimizer.{k}" for k in ("lr", "min_lr", "lr_schedule", "warmup_steps", "decay_steps",
+                                                 "weight_decay", "adam_beta1", "adam_beta2", "grad_clip")},
+    "train.save_every": "checkpoint.every", "train.keep_checkpoints": "checkpoint.keep",
+    "train.keep_every": "checkpoint.keep_every", "train.init_from": "checkpoint.init_from",
+    "train.resume": "checkpoint.resume",
+    "train.eval_every": "eval.every", "train.eval_sigmas": "eval.sigmas", "train.eval_samples": "eval.max_samples",
+    **{f"train.{k}": f"eval.{k}" for k in ("sample_every", "sample_prompts", "sample_size", "sample_steps",
+                                           "sample_cfg_scale")},
+}
+"""Keys that moved when `train` was split by concern: old name -> new name (still accepted, with a warning)."""
