@@ -2,14 +2,15 @@
 
 from setuptools import setup
 
-SUBPACKAGES = ["producer", "dataservice", "consumer", "model", "parallel", "launch", "utils"]
+SUBPACKAGES = ["utils", "config", "model", "parallel", "cache", "producer", "producer.synth", "producer.annotate",
+               "dataservice", "consumer", "launch"]
 
 setup(
     name="mmdit",
     version="0.1.0",
     description="Disaggregated-data Megatron training for Qwen-Image-class MMDiT models",
     python_requires=">=3.10",
-    package_dir={"mmdit": ".", **{f"mmdit.{p}": p for p in SUBPACKAGES}},
+    package_dir={"mmdit": ".", **{f"mmdit.{p}": p.replace(".", "/") for p in SUBPACKAGES}},
     packages=["mmdit", *[f"mmdit.{p}" for p in SUBPACKAGES]],
     include_package_data=True,
     package_data={"mmdit": ["conf/*.yaml", "conf/*/*.yaml"]},
@@ -36,7 +37,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "import-linter>=2.1", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["mmdit=mmdit.launch.cli:main"]},
 )

@@ -32,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from data_service import overrides, wait_for_status, write_cache  # noqa: E402
 
-from mmdit.utils.processes import ServeProcess  # noqa: E402
-from mmdit.utils.processes import free_port  # noqa: E402
+from mmdit.utils.processes import (
+    ServeProcess,  # noqa: E402
+    free_port,  # noqa: E402
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "coordinator_scale.json"
 DP, MICRO_BATCH, DEPTH = 64, 1, 4

@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 from common import write_results  # bench/ is a scripts folder: run as `python bench/data_service.py`
 
-from mmdit.utils.processes import ServeProcess
-from mmdit.utils.processes import free_port
+from mmdit.utils.processes import ServeProcess, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_service.json"
 FP = "fp_bench"
@@ -46,7 +45,7 @@ FP = "fp_bench"
 
 def write_cache(path: Path, n: int, bucket: tuple[int, int], tokens: tuple[int, int], dim: int,
                 embed_dtype=torch.bfloat16) -> None:
-    from mmdit.producer.cache import LatentCache
+    from mmdit.cache import LatentCache
 
     g = torch.Generator().manual_seed(0)
     cache = LatentCache(path)
@@ -132,9 +131,9 @@ def _fetch_worker(cache: Path, tmp: Path, producers: int, depth: int, rounds: in
     same batches; the client's rate counts only steady state (after the batches it prefetched
     while the raw path ran, which it got for free).
     """
+    from mmdit.config.service import ClientSettings, ServiceConfig
     from mmdit.dataservice import protocol, rpc
     from mmdit.dataservice.client import ServiceClient
-    from mmdit.config.service import ClientSettings, ServiceConfig
 
     run = tmp / "fetch"
     port = free_port()

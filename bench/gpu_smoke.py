@@ -48,8 +48,8 @@ def mmdit_train(run: Path, *overrides: str) -> list[dict]:
 
 def adam_steps(run: Path) -> list[float]:
     """Every Adam state's step after resuming the run's latest checkpoint, in this process."""
-    from mmdit.consumer.trainer import Trainer
     from mmdit.config.loader import load_config
+    from mmdit.consumer.trainer import Trainer
     from mmdit.parallel.state import destroy_parallel
 
     trainer = Trainer(load_config([f"run.dir={run}", *TRAIN, "parallel.backend=megatron", "train.dtype=bf16"]))

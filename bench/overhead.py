@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from mmdit.utils.processes import ServeProcess
-from mmdit.utils.processes import free_port
-from mmdit.producer.cache import LatentCache
+from mmdit.cache import LatentCache
+from mmdit.utils.processes import ServeProcess, free_port
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -41,12 +41,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from mmdit.producer.cache import LatentCache, stage_fingerprint  # noqa: E402
-from mmdit.config.produce import CacheConfig, EncodersConfig, SynthConfig
+from mmdit.cache import LatentCache, stage_fingerprint
 from mmdit.config.data import DataConfig
+from mmdit.config.produce import CacheConfig, EncodersConfig, SynthConfig
 from mmdit.producer.encoders import Encoders  # noqa: E402
-from mmdit.producer.produce import produce  # noqa: E402
-from mmdit.producer.synth import write_shards  # noqa: E402
+from mmdit.producer.produce import produce
+from mmdit.producer.synth.shards import write_shards
 from mmdit.producer.tiny_encoders import make_tiny_encoders  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "producer.json"

@@ -43,9 +43,9 @@ from common import (  # bench/ is a scripts folder: run as `python bench/recompu
 )
 
 from mmdit.config.model import MMDiTArgs
+from mmdit.config.parallel import RECOMPUTE_POLICIES
 from mmdit.model.flops import mfu, model_params, peak_flops, recompute_extra_flops, step_flops
 from mmdit.parallel.compile import compile_blocks
-from mmdit.config.parallel import RECOMPUTE_POLICIES
 from mmdit.parallel.recompute import apply_recompute
 
 RESULTS = Path(__file__).resolve().parent / "results"

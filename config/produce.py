@@ -55,7 +55,7 @@ class EncodersConfig:
 @dataclass
 class AnnotateConfig:
     """`mmdit annotate`: a VL model's JSON annotation and an alignment score per accepted sample
-    (producer/annotate.py). Runs on encoders.device with encoders.dtype."""
+    (producer/annotate/run.py). Runs on encoders.device with encoders.dtype."""
 
     model: str = "auto"
     """The Qwen2.5-VL that annotates: a Qwen-Image-layout directory (text_encoder/, tokenizer/,
@@ -83,7 +83,7 @@ class AnnotateConfig:
 
 @dataclass
 class SynthConfig:
-    """`mmdit synth`: rendered Chinese/English text images and edit triplets (producer/synth.py)."""
+    """`mmdit synth`: rendered Chinese/English text images and edit triplets (producer/synth/shards.py)."""
 
     KINDS = ("pure", "compositional", "complex")  # not a field: the kind names `kinds` may weigh
 

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from mmdit.config import ConfigError
-from mmdit.config.loader import load_config
 from mmdit.utils.processes import SignalStop, ignore_repeated_sigterm
 
 log = logging.getLogger("mmdit.consume")
@@ -41,10 +37,10 @@ def check_shapes(batch: dict) -> None:
 
 
 def run_rank(cfg, dp_rank: int, tp_rank: int, group=None, src: int = 0) -> dict:
+    from mmdit.config.service import ClientSettings
     from mmdit.consumer.checkpoint import read_data_state, write_data_state
     from mmdit.consumer.sample_log import SampleLog
     from mmdit.dataservice.client import ServiceClient, TPBroadcast, client_on_tp_rank0
-    from mmdit.config.service import ClientSettings
     from mmdit.dataservice.protocol import expectation
 
     svc, train = cfg.service, cfg.train
@@ -116,48 +112,3 @@ class _StopFlag(SignalStop):
         flag = torch.tensor([int(self.requested)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
-
-
-def _brief(summary: dict) -> str:
-    """The summary line printed on stdout (the per-step lists stay in the file)."""
-    return json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)})
-
-
-def main(argv: list[str]) -> int:
-    from mmdit.dataservice.rpc import check_reachable
-    from mmdit.launch.local import is_rank, main_or_launch
-
-    cfg = load_config(argv)
-    svc, tp = cfg.service, cfg.parallel.tp
-    if tp > 1 and svc.dp_rank >= 0:
-        raise ConfigError("service.dp_rank selects one rank with parallel.tp=1 only; with TP, start all ranks")
-    check_reachable(svc.host, svc.port, min(10.0, svc.join_timeout_s))
-    code = main_or_launch("consume", argv, cfg, role="consumer", nproc=svc.dp_size * tp if svc.dp_rank < 0 else 1)
-    if code is not None:
-        return code
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    torch.set_num_threads(1)
-    group, src = None, 0
-    if is_rank():
-        dp_rank, tp_rank = divmod(int(os.environ["RANK"]), tp)
-    else:
-        from mmdit.utils.processes import ProcessTable
-
-        dp_rank, tp_rank = max(svc.dp_rank, 0), 0
-        ProcessTable(cfg.run.dir).add("consumer", f"consumer_rank{dp_rank * tp}", os.getpid())
-    if tp > 1:
-        from mmdit.dataservice.client import tp_gloo_group
-        from mmdit.utils.store import join_process_group
-
-        join_process_group("gloo")
-        group, src = tp_gloo_group(tp)
-    try:
-        print(_brief(run_rank(cfg, dp_rank, tp_rank, group, src)), flush=True)
-        return 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -33,7 +33,7 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, model, device, dtype) -> dict:
-        from mmdit.consumer.trainer import StepInputs
+        from mmdit.consumer.batch import StepInputs
 
         totals = torch.zeros(len(self.sigmas) + 1, dtype=torch.float64)  # per-sigma sums, then a count
         model.eval()
@@ -62,9 +62,9 @@ class Evaluator:
 
 def held_out_records(cache_dir: str, fingerprint_hint: str, fraction: float, limit: int) -> list[dict]:
     """Up to `limit` held-out records of the cache, in key order, as single-sample batches."""
+    from mmdit.cache import LatentCache
     from mmdit.dataservice.plan import held_out
     from mmdit.dataservice.selection import resolve_fingerprint
-    from mmdit.producer.cache import LatentCache
 
     cache = LatentCache(cache_dir)
     fp = resolve_fingerprint(cache, fingerprint_hint)

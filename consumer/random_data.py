@@ -7,8 +7,8 @@ a function of (seed, step, dp_rank): a resumed run sees the batches it would hav
 
 import torch
 
-from mmdit.config.train import TrainConfig
 from mmdit.config.model import MMDiTArgs
+from mmdit.config.train import TrainConfig
 
 
 def random_sample(args: MMDiTArgs, train: TrainConfig, seed: int, index: int) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 
-
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, schedule: str) -> float:
     """Learning rate of optimizer step `step` (0-based: the step about to be taken)."""
     if step < warmup_steps:

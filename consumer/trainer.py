@@ -10,12 +10,15 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from mmdit.config import ConfigError
+from mmdit.config.job import JobConfig
+from mmdit.config.loader import config_yaml
+from mmdit.consumer.batch import StepInputs
 from mmdit.consumer.checkpoint import (
     checkpoint_dir,
     load_checkpoint,
@@ -27,22 +30,19 @@ from mmdit.consumer.metrics import METRICS, MetricsWriter, StepMetrics, truncate
 from mmdit.consumer.random_data import RandomBatches
 from mmdit.consumer.sample_log import SAMPLES, SampleLog
 from mmdit.consumer.schedule import lr_at as schedule_lr
-from mmdit.config import ConfigError
-from mmdit.config.job import JobConfig
-from mmdit.config.loader import config_yaml
-from mmdit.utils.processes import ignore_repeated_sigterm
 from mmdit.model.attention import resolve_attention
 from mmdit.model.flops import mfu, peak_flops, step_flops
 from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
 from mmdit.model.init import init_weights
 from mmdit.model.layers import transformer_engine_available
-from mmdit.model.mmdit import build_mmdit, pack_latents, packed_shape
+from mmdit.model.mmdit import build_mmdit
 from mmdit.parallel.backend import build_backend, resolve_backend
 from mmdit.parallel.compile import compile_blocks
 from mmdit.parallel.recompute import apply_recompute_config
 from mmdit.parallel.state import ParallelDims, any_rank_true, dp_group, init_parallel, tp_group
 from mmdit.utils.atomic import atomic_write_json, atomic_write_text
 from mmdit.utils.dtypes import resolve_dtype
+from mmdit.utils.processes import ignore_repeated_sigterm
 
 log = logging.getLogger("mmdit.train")
 
@@ -54,36 +54,6 @@ def compute_dtype(cfg: JobConfig) -> torch.dtype:
 def lr_at(step: int, cfg: JobConfig) -> float:
     o = cfg.optimizer
     return schedule_lr(step, o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps, o.lr_schedule)
-
-
-@dataclass
-class StepInputs:
-    """A batch as the model takes it: packed tokens, text, and the RoPE image shapes."""
-
-    x0: torch.Tensor  # [B, N, C*4] packed target latents, fp32 (targets are built in fp32)
-    cond_tokens: torch.Tensor | None  # [B, Nc, C*4] packed condition latents (edit), compute dtype
-    txt: torch.Tensor  # [B, L, D] prompt embeddings, compute dtype
-    txt_mask: torch.Tensor | None  # [B, L] bool; None when nothing is padded (flash attention)
-    image_shapes: list  # (frames, rows, cols) of the target, then of the condition image
-
-    @classmethod
-    def from_batch(cls, batch: dict, device, dtype) -> "StepInputs":
-        latents, cond, mask = batch["latents"].to(device), batch.get("cond_latents"), batch["prompt_mask"]
-        # Text padding past the longest prompt of this micro-batch is cut (exact: text RoPE positions
-        # follow the token index, and padded keys are masked anyway); with nothing padded left, no
-        # mask at all, so attention can take its fused (flash) kernels. Decided on the host.
-        length = int(mask.sum(dim=1).max()) if mask.numel() else 0
-        mask, embeds = mask[:, :length], batch["prompt_embeds"][:, :length]
-        shapes = [packed_shape(*latents.shape[-2:])]
-        if cond is not None:
-            shapes.append(packed_shape(*cond.shape[-2:]))
-        return cls(
-            x0=pack_latents(latents).float(),
-            cond_tokens=None if cond is None else pack_latents(cond.to(device)).to(dtype),
-            txt=embeds.to(device, dtype),
-            txt_mask=None if bool(mask.all()) else mask.to(device),
-            image_shapes=shapes,
-        )
 
 
 def sample_noise(cfg: JobConfig, step: int, first_index: int, x0: torch.Tensor, num_target: int):

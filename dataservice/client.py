@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.rpc as torch_rpc
 
-from mmdit.dataservice import protocol, rpc
 from mmdit.config.service import ClientSettings
+from mmdit.dataservice import protocol, rpc
 from mmdit.dataservice.plan import Cursor
 from mmdit.dataservice.protocol import Location
 

@@ -36,8 +36,8 @@ from pathlib import Path
 
 from torch.futures import Future
 
-from mmdit.dataservice import protocol, rpc
 from mmdit.config.service import CoordinatorSettings, ServiceConfig
+from mmdit.dataservice import protocol, rpc
 from mmdit.dataservice.plan import Cursor, DataVersion, PlannedBatch, Planner, PlanSpec, Selection, validate_history
 from mmdit.dataservice.protocol import Lease, Location, Registration, ServiceDescription
 from mmdit.dataservice.telemetry import Telemetry
@@ -594,7 +594,7 @@ def service_description(cache, stages: dict[int, str], stage: int, selection: Se
     """What a trainer must agree with to join (protocol.JOIN_CHECKS): the shapes of one cached
     record (the served stage's first readable one), the latent sides of every bucket the plan may
     draw, and the job's resolution schedule."""
-    from mmdit.producer.cache import VAE_SCALE
+    from mmdit.cache import VAE_SCALE
 
     record = next((r for fp in [stages[stage], *stages.values()] if (r := _first_record(cache, fp)) is not None),
                   None)
@@ -626,10 +626,10 @@ class CoordinatorService:
     """The coordinator in this process: RPC rank 0, a reaper thread, and run.dir/service.json."""
 
     def __init__(self, cfg, run_dir):
+        from mmdit.cache import LatentCache
         from mmdit.dataservice.data_config import ChangeError, apply_changes, version_zero
         from mmdit.dataservice.plan import PlanError
         from mmdit.dataservice.selection import build_selection, resolve_fingerprint, resolve_stages
-        from mmdit.producer.cache import LatentCache
 
         svc: ServiceConfig = cfg.service
         self.settings = settings = svc.role(CoordinatorSettings)

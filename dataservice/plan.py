@@ -230,7 +230,7 @@ def held_out(key: str, fraction: float) -> bool:
 
 class Selection:
     """The universe the plan draws from, canonically ordered (by stage and key) and grouped; shared
-    by every epoch. `manifest` (a pyarrow table of producer/manifest.py rows) lets versions filter
+    by every epoch. `manifest` (a pyarrow table of cache/manifest.py rows) lets versions filter
     by the stored scores; without it every filter passes."""
 
     def __init__(self, refs: Iterable[SampleRef], manifest=None):
@@ -282,8 +282,8 @@ class Selection:
     def _passing_mask(self, filters: dict) -> np.ndarray:
         if self.manifest is None or not filters:
             return np.ones(len(self), dtype=bool)
+        from mmdit.cache import select_mask
         from mmdit.config.data import FilterConfig
-        from mmdit.producer.manifest import select_mask
 
         mask, _ = select_mask(self.manifest, FilterConfig(**filters))
         keys = self.manifest.column("key").to_pylist()

@@ -14,6 +14,7 @@ import logging
 import re
 from pathlib import Path
 
+from mmdit.cache import read_manifest_table
 from mmdit.dataservice.plan import PlanError, SampleRef, Selection, held_out
 
 log = logging.getLogger("mmdit.selection")
@@ -49,17 +50,6 @@ def resolve_stages(cache, fingerprint: str) -> dict[int, str]:
         if other is not None and other.group("encoders") == m.group("encoders"):
             stages[int(other.group("base"))] = fp
     return stages
-
-
-def read_manifest_table(cache_dir: Path):
-    """The cache's manifest (producer/manifest.py), or None when it has none."""
-    from mmdit.producer.manifest import read_manifest
-
-    manifest_dir = Path(cache_dir) / "manifest"
-    if not manifest_dir.is_dir():
-        return None
-    table = read_manifest(manifest_dir)
-    return table if table.num_rows else None
 
 
 def build_selection(cache, stages: dict[int, str], filters=None, stage: int | None = None,
@@ -110,14 +100,14 @@ def _manifest_rows(manifest) -> dict[str, dict]:
     """key -> manifest row, for the rows that decoded (status ok)."""
     if manifest is None:
         return {}
-    from mmdit.producer.manifest import OK
+    from mmdit.cache import OK
 
     return {r["key"]: r for r in manifest.to_pylist() if r.get("status") == OK}
 
 
 def _uncached_ref(row: dict, stage: int) -> SampleRef | None:
     """A manifest sample not in the cache, as it would be encoded at `stage` (its bucket there)."""
-    from mmdit.producer.buckets import assign_bucket, bucket_set
+    from mmdit.cache import assign_bucket, bucket_set
 
     if stage:
         buckets = bucket_set(stage)

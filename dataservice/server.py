@@ -8,7 +8,7 @@ the latent cache and collate one tensor dict per DP rank (so a fetch sends exact
 TensorPipe sends whole storages, a slice would drag the full batch along). Clients call
 `fetch(uid, dp_rank)`, a long poll answered when the batch is ready or after a heartbeat.
 
-Serving is from the cache, every record checked (producer/cache.py). A key missing from it or
+Serving is from the cache, every record checked (cache/store.py). A key missing from it or
 damaged there goes to `encode_hook(keys) -> records` when one is installed (a producer with
 encoders loaded encodes on a miss); without one the batch is served without it, logged and
 counted (a batch left with fewer samples than DP ranks repeats intact ones). `service.simulate_encode_s`
@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.futures import Future
 
-from mmdit.dataservice import protocol, rpc
+from mmdit.cache import DamagedRecord
 from mmdit.config.service import ProducerSettings
+from mmdit.dataservice import protocol, rpc
 from mmdit.dataservice.plan import PlanError, PlannedBatch, shard_bounds
 from mmdit.dataservice.protocol import Lease, Shard
-from mmdit.producer.cache import DamagedRecord
 
 log = logging.getLogger("mmdit.producer")
 
@@ -305,15 +305,12 @@ def _on_demand_encoder(cfg, cache, stages: dict[int, str]):
     return hook
 
 
-def main(argv: list[str]) -> int:
-    """One producer process: join the job's RPC group, serve until SIGTERM/SIGINT, leave."""
+def run_producer(cfg) -> int:
+    """One producer process: join the job's RPC group, serve until SIGTERM/SIGINT, leave; the
+    process's exit code (2: the cache cannot be served)."""
+    from mmdit.cache import LatentCache
     from mmdit.dataservice.selection import resolve_fingerprint, resolve_stages
-    from mmdit.config.loader import load_config
-    from mmdit.producer.cache import LatentCache
 
-    cfg = load_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    torch.set_num_threads(1)
     settings = cfg.service.role(ProducerSettings)
     name = rpc.incarnation_name("producer", n=int(os.environ.get("MMDIT_INCARNATION", "0")))
     from mmdit.utils.processes import SignalStop
@@ -352,7 +349,3 @@ def main(argv: list[str]) -> int:
                  server.counters)
         stop.restore()
     return 0 if reachable or stop.is_set() else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

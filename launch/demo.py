@@ -22,11 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-from mmdit.config.train import PREVIEW_PROMPTS
 from mmdit.config.loader import load_config
-from mmdit.utils.processes import ProcessTable, ServeProcess, child_env, ignore_repeated_sigterm, signal_group
-from mmdit.utils.processes import free_port
+from mmdit.config.train import PREVIEW_PROMPTS
 from mmdit.utils.jsonl import read_jsonl
+from mmdit.utils.processes import (
+    ProcessTable,
+    ServeProcess,
+    child_env,
+    free_port,
+    ignore_repeated_sigterm,
+    signal_group,
+)
 
 DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "checkpoint.every": "20",
             "eval.every": "10", "data.eval_fraction": "0.15", "train.log_samples": "true",

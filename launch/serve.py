@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from mmdit.config.loader import load_config
-from mmdit.utils.processes import ProcessTable, SignalStop, StopRequested, python_command, start, stop_all
 from mmdit.launch.service_lock import ServiceLock, ServiceLockHeld
+from mmdit.utils.processes import ProcessTable, SignalStop, StopRequested, python_command, start, stop_all
 
 log = logging.getLogger("mmdit.serve")
 

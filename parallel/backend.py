@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmdit.config.train import OptimizerConfig
 from mmdit.config.parallel import ParallelConfig
+from mmdit.config.train import OptimizerConfig
 from mmdit.parallel.optimizer_state import OwnedRange, StateReader, state_file, write_rank_state
 from mmdit.utils.atomic import atomic_torch_save
 
@@ -231,7 +231,8 @@ def build_backend(model, parallel: ParallelConfig, optim: OptimizerConfig, tp_gr
 
 def _build_megatron(model, optim: OptimizerConfig, linear_config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig, distrib_optimizer, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import distrib_optimizer, get_megatron_optimizer
 
     from mmdit.parallel import megatron_fallbacks
 

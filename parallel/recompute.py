@@ -14,8 +14,8 @@ from functools import partial
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from mmdit.model.mmdit import MMDiT
 from mmdit.config.parallel import ParallelConfig
+from mmdit.model.mmdit import MMDiT
 
 
 def _op(namespace, name: str, overload: str = "default"):

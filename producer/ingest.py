@@ -31,7 +31,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from mmdit.producer.keys import BAD_KEY, key_problem
+from mmdit.cache import BAD_KEY, key_problem
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 """Target image members, in order of preference; an edit sample's source is `src.<ext>`."""
@@ -108,7 +108,7 @@ def tar_samples(urls, handler=reraise):
     """Group consecutive tar members by key (webdataset's convention: key = path up to the first
     dot of the basename, extension = the rest, lower-cased). A shard that breaks off (truncated,
     corrupt) drops only the sample being read; samples completed before it are kept. A sample
-    whose key breaks producer/keys.py's rule (`../x`, `/abs`, `a//b`, control characters, bytes
+    whose key breaks cache/keys.py's rule (`../x`, `/abs`, `a//b`, control characters, bytes
     that are not UTF-8) is counted once as `bad_key`, named, and its members are not read."""
     for url in urls:
         group = refused = None

@@ -15,8 +15,7 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
-from mmdit.producer.buckets import bucket_set
-from mmdit.producer.cache import LatentCache, stage_fingerprint
+from mmdit.cache import LatentCache, bucket_set, stage_fingerprint
 from mmdit.config.data import FilterConfig
 
 log = logging.getLogger("mmdit.producer")
@@ -30,7 +29,7 @@ class OnDemandEncoder:
     """`encoder(keys, stage) -> records` for a `ProducerServer`; thread-safe (one batch at a time)."""
 
     def __init__(self, cfg, cache: LatentCache):
-        from mmdit.dataservice.selection import read_manifest_table
+        from mmdit.cache import read_manifest_table
         from mmdit.producer.encoders import Encoders
 
         self.cfg, self.cache = cfg, cache

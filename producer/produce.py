@@ -21,11 +21,7 @@ tmp files and encodes the rest.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import logging
-import os
 import queue
 import sys
 import threading
@@ -41,28 +37,31 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from mmdit.producer.buckets import assign_bucket, bucket_set
-from mmdit.producer.cache import RECONSTRUCTION, LatentCache, stage_fingerprint
-from mmdit.producer.categories import from_ingest
-from mmdit.config.produce import CacheConfig
-from mmdit.config.data import DataConfig
-from mmdit.producer.encoders import preprocess_image
-from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
-from mmdit.producer.keys import BAD_KEY
-from mmdit.producer.manifest import (
+from mmdit.cache import (
     ANNOTATION_COLUMNS,
+    BAD_KEY,
     OK,
+    RECONSTRUCTION,
+    LatentCache,
     ManifestWriter,
     PhashIndex,
+    ShardClaims,
+    assign_bucket,
+    bucket_set,
     carry_annotations,
     duplicates,
     ingest_filters,
     read_manifest,
     rejection_reasons,
+    stage_fingerprint,
 )
+from mmdit.cache.categories import from_ingest
+from mmdit.config.data import DataConfig
+from mmdit.config.produce import CacheConfig
+from mmdit.producer.encoders import preprocess_image
+from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
 from mmdit.producer.scores import score_sample
 from mmdit.utils.atomic import atomic_write_json
-from mmdit.utils.regular_files import open_regular
 
 log = logging.getLogger("mmdit.produce")
 
@@ -152,7 +151,7 @@ class Report:
     """Counters of one run, written as report.json.
 
     seen = accepted + sum(rejected) + decode/shard errors; accepted = encoded + cache_hits +
-    errors["encode_failed"]; `categories` and `tasks` split the accepted samples. `rejected` counts filter reasons (producer/manifest.py REASONS),
+    errors["encode_failed"]; `categories` and `tasks` split the accepted samples. `rejected` counts filter reasons (cache/manifest.py REASONS),
     `errors` unusable input by reason (producer/ingest.py), `converted` images that were usable
     after a conversion (cmyk, 16bit, palette, alpha, ...).
     """
@@ -181,48 +180,6 @@ class Report:
             "seconds": round(seconds, 3), "encode_seconds": round(self.encode_seconds, 3),
             "encoded_per_second": round(self.encoded / seconds, 3) if seconds > 0 else 0.0,
         }
-
-
-class ShardClaims:
-    """Exclusive claims on shards (flock on `<cache>/.claims/<hash>.lock`), held until released
-    or until the process ends (a killed run's claims vanish with it). A lock path that is not a
-    regular file (a FIFO, a symlink out of the cache) is refused by name, never opened."""
-
-    def __init__(self, cache_dir: Path):
-        self.dir = Path(cache_dir) / ".claims"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.held: list[int] = []
-
-    def _path(self, url: str) -> Path:
-        return self.dir / f"{hashlib.sha1(url.encode()).hexdigest()[:20]}.lock"
-
-    def take(self, urls: list[str]) -> list[str]:
-        """Claim what is free now; returns the claimed urls, in order."""
-        mine = []
-        for url in urls:
-            fd = open_regular(self._path(url), os.O_RDWR | os.O_CREAT)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            self.held.append(fd)
-            mine.append(url)
-        return mine
-
-    def wait(self, urls: list[str]) -> None:
-        """Block until nobody holds a claim on `urls` (their runs finished or died)."""
-        for url in urls:
-            fd = open_regular(self._path(url), os.O_RDWR | os.O_CREAT)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            finally:
-                os.close(fd)
-
-    def release(self) -> None:
-        for fd in self.held:
-            os.close(fd)
-        self.held = []
 
 
 class Writer:
@@ -341,8 +298,9 @@ class Encoder:
                 for i, it in enumerate(items)]
 
 
-class Producer:
-    """One run of the pipeline over `data.shards` into the cache at `cache_cfg.dir`."""
+class CacheBuilder:
+    """The offline encoder: one run of the pipeline over `data.shards` into the cache at
+    `cache_cfg.dir` (what `mmdit produce` runs; the online `ProducerServer` only serves)."""
 
     def __init__(self, data: DataConfig, cache_cfg: CacheConfig, encoders, progress: bool | None = None, batch_hook=None):
         self.data, self.cache_cfg = data, cache_cfg
@@ -413,7 +371,7 @@ class Producer:
         if bad_keys:
             first = bad_keys[0]  # repr: control characters and undecodable bytes stay visible, and storable
             out["first_bad_key"] = f"{first.key!r} in {first.url}: {first.detail}"
-            log.warning("%d samples refused for their keys (producer/keys.py), first: %s", len(bad_keys),
+            log.warning("%d samples refused for their keys (cache/keys.py), first: %s", len(bad_keys),
                         out["first_bad_key"])
         atomic_write_json(self.dir / REPORT, out, indent=2)
         return out
@@ -533,7 +491,7 @@ def produce(data: DataConfig, cache_cfg: CacheConfig, encoders, progress: bool |
     src_images)` sees every encoded batch (the benchmark replays them). `progress`: a tqdm bar
     (default: when stderr is a terminal).
     """
-    return Producer(data, cache_cfg, encoders, progress, batch_hook).run()
+    return CacheBuilder(data, cache_cfg, encoders, progress, batch_hook).run()
 
 
 def _drain(window: queue.Queue, reader: threading.Thread) -> None:
@@ -562,49 +520,3 @@ def _progress_bar(progress: bool | None):
     from tqdm import tqdm
 
     return tqdm(unit="sample", desc="produce", dynamic_ncols=True)
-
-
-
-def shards_override(argv: list[str]) -> list[str]:
-    """Let `data.shards=PATTERN` be written bare: Hydra's grammar would read braces as a dict and
-    commas as a sweep, and the field is a list, so values that are not list literals are quoted
-    into one list; repeated bare `data.shards=` arguments (a shell-expanded glob or brace
-    pattern) add up instead of overriding each other."""
-    out, bare = [], []
-    for arg in argv:
-        if arg.startswith("data.shards=") and not arg.split("=", 1)[1].lstrip().startswith("["):
-            bare.append(arg.split("=", 1)[1].replace("\\", "\\\\").replace("'", "\\'"))
-        else:
-            out.append(arg)
-    if bare:
-        out.append("data.shards=[" + ",".join(f"'{v}'" for v in bare) + "]")
-    return out
-
-
-def main(argv: list[str]) -> int:
-    from mmdit.config.loader import load_config
-    from mmdit.producer.encoders import Encoders, EncodersNotFoundError
-
-    cfg = load_config(shards_override(argv))
-    if not cfg.encoders.dir:
-        print("mmdit produce: set encoders.dir=DIR (a Qwen-Image-layout directory; `mmdit make-tiny-encoders DIR` writes a tiny one)", file=sys.stderr)
-        return 2
-    if not cfg.data.shards:
-        print("mmdit produce: set data.shards=PATTERN (paths, globs or brace patterns of .tar shards)", file=sys.stderr)
-        return 2
-    if not expand_shards(cfg.data.shards):
-        print(f"mmdit produce: data.shards={cfg.data.shards} matches no shard", file=sys.stderr)
-        return 2
-    try:
-        encoders = Encoders.load(cfg.encoders)
-    except EncodersNotFoundError as e:
-        print(f"mmdit produce: {e}", file=sys.stderr)
-        return 2
-    report = produce(cfg.data, cfg.cache, encoders)
-    print(json.dumps(report, indent=2, ensure_ascii=False))
-    failed = report["errors"].get("encode_failed", 0)
-    if failed:
-        print(f"mmdit produce: {failed} accepted samples could not be encoded (first: "
-              f"{report['first_encode_error']}); the others are cached", file=sys.stderr)
-        return 1
-    return 0

@@ -1,7 +1,7 @@
 """Per-sample quality scores, computed once at ingest and stored in the manifest.
 
 Scores, not verdicts: the thresholds live in `FilterConfig` and are applied to the stored scores
-(producer/manifest.py), so a changed threshold takes effect without decoding anything again.
+(cache/manifest.py), so a changed threshold takes effect without decoding anything again.
 
 Image statistics are measured on a thumbnail whose longer side is `SCORE_SIDE` pixels, which
 keeps scoring cheap (a few ms) and makes blur comparable across resolutions; width, height and
@@ -99,8 +99,3 @@ def score_sample(sample: dict) -> dict:
     if sample.get("source_image") is not None:
         s["src_width"], s["src_height"] = sample["source_image"].size
     return s
-
-
-def hamming(a: int, b: int) -> int:
-    """Bits that differ between two phashes (for near-duplicate checks)."""
-    return bin((a ^ b) & 0xFFFFFFFFFFFFFFFF).count("1")

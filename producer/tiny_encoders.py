@@ -18,7 +18,6 @@ before anything is written).
 """
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -60,7 +59,7 @@ TEXT_HIDDEN = 64
 
 
 def _corpus() -> list[str]:
-    from mmdit.producer.synth import text_corpus
+    from mmdit.producer.synth.shards import text_corpus
 
     templates = [T2I_SYSTEM, EDIT_SYSTEM, "system\nuser\nassistant\n"] * 50
     return templates + text_corpus(n=400, seed=0)
@@ -174,13 +173,3 @@ def make_tiny_encoders(out_dir: str, seed: int = 0) -> Path:
     image_processor().save_pretrained(out / "processor")
     make_tiny_alignment(out / "alignment", seed)
     return out
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: mmdit make-tiny-encoders DIR", file=sys.stderr)
-        return 2
-    out = make_tiny_encoders(argv[0])
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"wrote tiny Qwen-Image encoders to {out} ({size / 2**20:.1f} MiB)")
-    return 0

@@ -3,7 +3,7 @@
 import torch
 
 from mmdit.config.model import MMDiTArgs
-from mmdit.model.convert_cli import verification_cases
+from mmdit.launch.convert import verification_cases
 from mmdit.model.mmdit import build_mmdit
 from mmdit.model.sharding import diffusers_full_shapes, load_full_state_dict, partition_dims, unshard
 from mmdit.parallel.compile import compile_blocks

@@ -14,13 +14,13 @@ from badfiles import encode, shapes, write_shard
 from jsonschema import Draft202012Validator
 from PIL import Image
 
-from mmdit.producer.annotate import VLAnnotator, annotate, annotated_row, batches, pending, vl_size
-from mmdit.producer.annotation import INVALID, KEYS, OK, PROMPT, SCHEMA, UNPARSEABLE, parse
-from mmdit.producer.categories import CATEGORIES
-from mmdit.config.produce import AnnotateConfig, SynthConfig
+from mmdit.cache.categories import CATEGORIES
+from mmdit.cache.manifest import SCHEMA as MANIFEST_SCHEMA
+from mmdit.cache.manifest import read_manifest
 from mmdit.config.data import DataConfig
-from mmdit.producer.manifest import SCHEMA as MANIFEST_SCHEMA
-from mmdit.producer.manifest import read_manifest
+from mmdit.config.produce import AnnotateConfig, SynthConfig
+from mmdit.producer.annotate.answers import INVALID, KEYS, OK, PROMPT, SCHEMA, UNPARSEABLE, parse
+from mmdit.producer.annotate.run import VLAnnotator, annotate, annotated_row, batches, pending, vl_size
 
 BASE = 64
 ANNOTATION_COLUMNS = {"alignment", "annotation_status", "annotation", "watermark", "qr_code", "mosaic",
@@ -134,7 +134,7 @@ def test_config_is_checked():
 
 @pytest.fixture(scope="module")
 def scorer(tiny_encoders_dir):
-    from mmdit.producer.alignment import AlignmentScorer
+    from mmdit.producer.annotate.alignment import AlignmentScorer
 
     return AlignmentScorer.load(str(Path(tiny_encoders_dir) / "alignment"))
 
@@ -167,7 +167,7 @@ def produced(tmp_path_factory, tiny_encoders_dir):
     from mmdit.config.produce import CacheConfig, EncodersConfig
     from mmdit.producer.encoders import Encoders
     from mmdit.producer.produce import produce
-    from mmdit.producer.synth import write_shards
+    from mmdit.producer.synth.shards import write_shards
 
     d = tmp_path_factory.mktemp("annotate")
     write_shards(str(d / "shards"), SynthConfig(num_samples=10, samples_per_shard=5, min_side=128, max_side=160))

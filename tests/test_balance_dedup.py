@@ -11,16 +11,16 @@ import pytest
 from badfiles import encode, shapes, write_shard
 from PIL import Image, ImageEnhance
 
+from mmdit.cache.categories import CategoryError, from_ingest, normalize
+from mmdit.cache.manifest import PhashIndex, hamming, read_manifest, select_mask
+from mmdit.cache.store import LatentCache
+from mmdit.config.data import DataConfig, FilterConfig
+from mmdit.config.produce import CacheConfig, EncodersConfig
 from mmdit.dataservice.plan import DataVersion
 from mmdit.dataservice.selection import build_selection, resolve_fingerprint, resolve_stages
-from mmdit.producer.cache import LatentCache
-from mmdit.producer.categories import CategoryError, from_ingest, normalize
-from mmdit.config.produce import CacheConfig, EncodersConfig
-from mmdit.config.data import DataConfig, FilterConfig
 from mmdit.producer.encoders import Encoders
-from mmdit.producer.manifest import PhashIndex, read_manifest, select_mask
 from mmdit.producer.produce import produce
-from mmdit.producer.scores import hamming, phash
+from mmdit.producer.scores import phash
 
 BASE = 64
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmdit.producer.buckets import BASE_RESOLUTIONS, assign_bucket, assign_buckets, bucket_set
+from mmdit.cache.buckets import BASE_RESOLUTIONS, assign_bucket, assign_buckets, bucket_set
 from mmdit.producer.encoders import preprocess_image
 
 NATIVE = [(1328, 1328), (928, 1664), (1104, 1472), (1056, 1584)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mmdit.producer.cache import LatentCache
+from mmdit.cache.store import LatentCache
 
 
 def make_record(key, fp="fpA", bucket=(256, 128), task="t2i", tokens=5, dim=8, cond=None, seed=0):
@@ -135,7 +135,7 @@ WRITER = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_cache import make_record
-    from mmdit.producer.cache import LatentCache
+    from mmdit.cache.store import LatentCache
     cache = LatentCache(sys.argv[1])
     name, n, per, big = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     for i in range(n):

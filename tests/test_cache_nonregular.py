@@ -19,8 +19,8 @@ import pytest
 import torch
 from badfiles import FifoWatch, make_char_device, make_socket_file
 
-from mmdit.producer.cache import LatentCache
-from mmdit.producer.cache_cli import main as cache_cli
+from mmdit.cache.store import LatentCache
+from mmdit.launch.cache import main as cache_cli
 
 FP = "fp_nonregular"
 BUCKETS = ((16, 16), (32, 16))
@@ -264,8 +264,8 @@ def test_a_repair_that_cannot_move_a_stray_does_not_exit_0(tmp_path, capsys):
 
 def test_readers_and_the_service_selection_never_open_a_fifo(tmp_path):
     """What `mmdit serve` reads at start-up: fingerprints, stages, the manifest, the selection."""
+    from mmdit.cache.manifest import ManifestWriter, read_manifest
     from mmdit.dataservice.selection import build_selection, resolve_fingerprint, resolve_stages
-    from mmdit.producer.manifest import ManifestWriter, read_manifest
 
     cache_dir = tmp_path / "cache"
     segments = fill(cache_dir)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from mmdit.launch import capacity
 from mmdit.config.loader import load_config
+from mmdit.launch import capacity
 from mmdit.model.flops import step_flops
 
 

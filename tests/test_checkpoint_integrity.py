@@ -87,8 +87,8 @@ class WithEMA:
 def saved_run(tmp_path_factory) -> Path:
     """A run directory with the checkpoints of steps 1 and 2 of a tiny model, written by
     `save_checkpoint` in one process."""
-    from mmdit.consumer.checkpoint import save_checkpoint
     from mmdit.config.loader import load_config
+    from mmdit.consumer.checkpoint import save_checkpoint
     from mmdit.model.init import init_weights
     from mmdit.model.mmdit import build_mmdit
     from mmdit.parallel.backend import build_backend

@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
-from mmdit.dataservice import dashboard
 from mmdit.config.service import ServiceConfig
+from mmdit.dataservice import dashboard
 from mmdit.dataservice.bounded_http import MAX_BODY
 from mmdit.dataservice.control import ControlServer
 from mmdit.dataservice.coordinator import Coordinator

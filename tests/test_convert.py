@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from mmdit.config.loader import load_config
 from mmdit.model.checkpoint import load_full_state_dict_from, read_index
-from mmdit.model.convert_cli import from_diffusers, to_diffusers
+from mmdit.launch.convert import from_diffusers, to_diffusers
 from mmdit.model.diffusers_io import read_diffusers, write_diffusers
 
 TINY = load_config([]).model

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdit.consumer.sample_log import read_samples
+from mmdit.cache.store import LatentCache
 from mmdit.config.service import ClientSettings
+from mmdit.consumer.sample_log import read_samples
 from mmdit.dataservice.plan import DataVersion, PlanSpec, SampleRef, Selection, plan_epoch
-from mmdit.utils.processes import ServeProcess
-from mmdit.utils.processes import free_port
-from mmdit.producer.cache import LatentCache
+from mmdit.utils.processes import ServeProcess, free_port
 
 pytestmark = pytest.mark.slow  # real processes
 

@@ -26,7 +26,7 @@ def test_demo_trains_from_synthetic_shards_through_the_data_service(tmp_path):
     report = json.loads((run / "cache" / "report.json").read_text())
     assert report["seen"] == 24 and report["encoded"] == report["accepted"] > 0
     assert report["categories"] == {"synthetic": report["accepted"]}  # synth's metadata names it
-    from mmdit.producer.manifest import read_manifest
+    from mmdit.cache.manifest import read_manifest
 
     rows = read_manifest(run / "cache" / "manifest").to_pylist()  # annotate filled the manifest
     assert len(rows) == 24 and all(r["annotation_status"] == "unparseable" and r["alignment"] is not None

@@ -18,13 +18,13 @@ import pytest
 import torch
 from paused import run_processes
 
-from mmdit.consumer.checkpoint import checkpoints, verify_checkpoint
+from mmdit.cache.segment import DamagedRecord
+from mmdit.cache.store import LatentCache
 from mmdit.config.service import ProducerSettings
+from mmdit.consumer.checkpoint import checkpoints, verify_checkpoint
 from mmdit.dataservice.plan import PlannedBatch
 from mmdit.dataservice.server import ProducerServer
-from mmdit.utils.processes import ServeProcess
-from mmdit.utils.processes import free_port
-from mmdit.producer.cache import DamagedRecord, LatentCache
+from mmdit.utils.processes import ServeProcess, free_port
 
 FP = "fp_faults"
 DIM = 64  # the tiny model's joint_attention_dim: these records train it

@@ -19,13 +19,12 @@ from collections import Counter
 import pytest
 from paused import paused, run_processes
 
-from mmdit.consumer.sample_log import read_samples
 from mmdit.config.service import ServiceConfig
+from mmdit.consumer.sample_log import read_samples
 from mmdit.dataservice.control import ControlServer
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
-from mmdit.utils.processes import ServeProcess
-from mmdit.utils.processes import free_port
+from mmdit.utils.processes import ServeProcess, free_port
 
 # ----------------------------------------------------------------------------- the endpoint
 
@@ -148,7 +147,7 @@ def sequence(run_dir) -> list[tuple]:
 def cache_dir(tmp_path_factory):
     from test_data_service import RECORDS
 
-    from mmdit.producer.cache import LatentCache
+    from mmdit.cache.store import LatentCache
 
     path = tmp_path_factory.mktemp("cache")
     LatentCache(path).write(RECORDS)
@@ -265,7 +264,7 @@ def test_a_loosened_threshold_is_encoded_on_demand_and_served_once(tiny_encoders
     for keys in full:
         counts = Counter(keys)
         assert len(counts) == kept + rejected and set(counts.values()) == {1}  # every sample, once
-    from mmdit.producer.cache import LatentCache
+    from mmdit.cache.store import LatentCache
 
     fp = report["fingerprint"]
     assert len(LatentCache(tmp_path / "cache").keys(fp)) == kept + rejected  # encoded and published

@@ -10,6 +10,7 @@ import pytest
 from badfiles import bomb_png, corrupt_jpeg, encode, good_t2i, gradient, raw_png, rgb16_png, shapes, write_shard
 from PIL import Image
 
+from mmdit.cache.manifest import ManifestWriter, hamming, read_manifest, rejection_reasons, select, select_mask
 from mmdit.config.data import FilterConfig
 from mmdit.producer.ingest import (
     ErrorLog,
@@ -21,8 +22,7 @@ from mmdit.producer.ingest import (
     source_name,
     tar_samples,
 )
-from mmdit.producer.manifest import ManifestWriter, read_manifest, rejection_reasons, select, select_mask
-from mmdit.producer.scores import hamming, phash, score_image
+from mmdit.producer.scores import phash, score_image
 
 
 def raw(key="k", url="/data/web-000001.tar", **members):

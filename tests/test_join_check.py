@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmdit.cache.store import LatentCache
 from mmdit.dataservice.protocol import JOIN_CHECKS, ServiceDescription, disagreements, expectation
-from mmdit.utils.processes import ServeProcess
-from mmdit.utils.processes import free_port
-from mmdit.producer.cache import LatentCache
+from mmdit.utils.processes import ServeProcess, free_port
 
 FP = "fp_join-b256"
 TEXT_WIDTH = 64  # the tiny model's joint_attention_dim (conf/model/tiny.yaml)
@@ -101,9 +100,9 @@ def test_the_expectation_reads_the_config_keys_of_the_table():
 
 
 def test_the_service_describes_its_cache(tmp_path):
+    from mmdit.config.data import DataConfig
     from mmdit.dataservice.coordinator import service_description
     from mmdit.dataservice.selection import build_selection, resolve_stages
-    from mmdit.config.data import DataConfig
 
     cache = LatentCache(tmp_path)
     cache.write(records(4) + records(4, fingerprint="fp_join-b640", side=96))

@@ -1,6 +1,6 @@
 """Sample keys: a tar member's name never becomes a key that could name a path outside its shard.
 
-The rule (producer/keys.py) is checked at ingest (counted as `bad_key`, named, never yielded),
+The rule (cache/keys.py) is checked at ingest (counted as `bad_key`, named, never yielded),
 and again wherever a key is stored: the cache, the manifest, a segment's header read back.
 """
 
@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from webdataset.tariterators import base_plus_ext
 
-from mmdit.producer.cache import LatentCache, _encode_segment
+from mmdit.cache.keys import BAD_KEY, key_problem
+from mmdit.cache.manifest import ManifestWriter
+from mmdit.cache.segment import encode_segment
+from mmdit.cache.store import LatentCache
 from mmdit.producer.ingest import ErrorLog, samples, tar_samples
-from mmdit.producer.keys import BAD_KEY, key_problem
-from mmdit.producer.manifest import ManifestWriter
 from mmdit.utils.atomic import atomic_write_bytes
 
 GOOD = ["shard/000001", "shard/./000001", "shard/a/b/c", "s/中文 键", "k003", "shard/x#reconstruction", "s/a.b"]
@@ -92,7 +93,7 @@ def test_a_key_that_arrives_by_another_route_is_refused_by_every_store(tmp_path)
     good = {**rec, "key": "web-000000/fine"}
     seg = tmp_path / "cache" / "fp" / "16x16" / "seg-foreign-000001.safetensors"
     seg.parent.mkdir(parents=True)
-    atomic_write_bytes(seg, _encode_segment("fp", (16, 16), [good, rec]))
+    atomic_write_bytes(seg, encode_segment("fp", (16, 16), [good, rec]))
     reader = LatentCache(tmp_path / "cache")
     assert reader.keys("fp") == [] and ".." in reader.damage[str(seg)]
     report = reader.verify(repair=True)
@@ -101,10 +102,10 @@ def test_a_key_that_arrives_by_another_route_is_refused_by_every_store(tmp_path)
 
 
 def test_produce_counts_bad_keys_and_stores_only_safe_ones(tmp_path, tiny_encoders_dir):
-    from mmdit.config.produce import CacheConfig, EncodersConfig
+    from mmdit.cache.manifest import read_manifest
     from mmdit.config.data import DataConfig
+    from mmdit.config.produce import CacheConfig, EncodersConfig
     from mmdit.producer.encoders import Encoders
-    from mmdit.producer.manifest import read_manifest
     from mmdit.producer.produce import produce
 
     shards = tmp_path / "shards"

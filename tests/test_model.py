@@ -10,8 +10,8 @@ from model_workers import forward_backward, random_full_state_dict
 
 from mmdit.config.loader import load_config
 from mmdit.model.attention import TextPadding, resolve_attention
-from mmdit.model.convert_cli import verification_cases
-from mmdit.model.info import model_info
+from mmdit.launch.convert import verification_cases
+from mmdit.launch.model_info import model_info
 from mmdit.model.init import init_weights
 from mmdit.model.mmdit import build_mmdit, pack_latents, unpack_latents
 from mmdit.model.qkv import diffusers_names, fuse, unfuse

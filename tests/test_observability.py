@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from mmdit.cache.store import LatentCache
 from mmdit.config.service import ServiceConfig
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
 from mmdit.dataservice.telemetry import PrometheusCollector
-from mmdit.utils.processes import ServeProcess
-from mmdit.utils.processes import free_port
-from mmdit.producer.cache import LatentCache
+from mmdit.utils.processes import ServeProcess, free_port
 
 # ----------------------------------------------------------------------------- in process
 

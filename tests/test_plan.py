@@ -294,10 +294,10 @@ def test_coordinator_hot_swap_applies_from_the_first_batch_no_producer_holds():
 def test_selection_from_cache_headers_and_manifest_thresholds(tmp_path):
     import torch
 
-    from mmdit.dataservice.selection import build_selection, resolve_fingerprint
-    from mmdit.producer.cache import LatentCache
+    from mmdit.cache.manifest import ManifestWriter
+    from mmdit.cache.store import LatentCache
     from mmdit.config.data import FilterConfig
-    from mmdit.producer.manifest import ManifestWriter
+    from mmdit.dataservice.selection import build_selection, resolve_fingerprint
 
     g = torch.Generator().manual_seed(0)
     records = []

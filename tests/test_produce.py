@@ -16,12 +16,13 @@ import torch
 from badfiles import bomb_png, corrupt_jpeg, encode, good_t2i, shapes, write_shard
 from PIL import Image
 
-from mmdit.producer.buckets import assign_bucket, bucket_set
-from mmdit.producer.cache import LatentCache, stage_fingerprint
-from mmdit.config.produce import CacheConfig, EncodersConfig
+from mmdit.cache.buckets import assign_bucket, bucket_set
+from mmdit.cache.manifest import read_manifest, select
+from mmdit.cache.segment import stage_fingerprint
+from mmdit.cache.store import LatentCache
 from mmdit.config.data import DataConfig
+from mmdit.config.produce import CacheConfig, EncodersConfig
 from mmdit.producer.encoders import Encoders, preprocess_image
-from mmdit.producer.manifest import read_manifest, select
 from mmdit.producer.produce import produce, to_pil
 
 BASE = 64  # a small bucket set keeps the tiny VAE fast on CPU; the code path is the same at 1328
@@ -221,7 +222,7 @@ def test_sigkilled_producer_leaves_a_clean_cache_and_the_rerun_finishes(tmp_path
 
 def test_bare_shard_patterns_on_the_command_line():
     from mmdit.config.loader import load_config
-    from mmdit.producer.produce import shards_override
+    from mmdit.launch.produce import shards_override
 
     # braces and globs pass through Hydra untouched; a shell-expanded list adds up
     cfg = load_config(shards_override(["data.shards=/d/web-{000000..000009}.tar", "data.shards=/e/*.tar", "seed=3"]))
@@ -231,7 +232,7 @@ def test_bare_shard_patterns_on_the_command_line():
 
 @pytest.mark.slow
 def test_reconstruction_records_condition_on_the_image_itself(tmp_path, shards, encoders):
-    from mmdit.producer.cache import RECONSTRUCTION
+    from mmdit.cache.segment import RECONSTRUCTION
     from mmdit.producer.produce import to_pil
 
     data = DataConfig(shards=[str(shards / "web-000000.tar")], base_resolution=BASE, reconstruction=True)

@@ -19,14 +19,13 @@ import pytest
 from paused import paused
 from test_faults import alive, wait_until
 
+from mmdit.cache.store import LatentCache
 from mmdit.config.service import ServiceConfig
 from mmdit.dataservice.control import ControlServer
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
-from mmdit.utils.processes import ServeProcess, signal_group
 from mmdit.launch.service_lock import ServiceLock, ServiceLockHeld
-from mmdit.utils.processes import free_port
-from mmdit.producer.cache import LatentCache
+from mmdit.utils.processes import ServeProcess, free_port, signal_group
 
 
 def coordinator() -> Coordinator:

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdit.utils.processes import ServeProcess
-from mmdit.utils.processes import free_port
-from mmdit.producer.cache import LatentCache
+from mmdit.cache.store import LatentCache
 from mmdit.utils.jsonl import read_jsonl
+from mmdit.utils.processes import ServeProcess, free_port
 
 
 def submit(*args: str, env=None) -> subprocess.CompletedProcess:

@@ -10,14 +10,12 @@ import pytest
 import torch
 from paused import paused
 
-from mmdit.config.data import preset_changes
+from mmdit.config import ConfigError
+from mmdit.config.data import FilterConfig, preset_changes
+from mmdit.config.loader import load_config, load_data_preset
 from mmdit.dataservice.data_config import ChangeError, apply_changes, describe, version_zero
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
-from mmdit.config import ConfigError
-from mmdit.config.loader import load_config, load_data_preset
-from mmdit.utils.processes import ServeProcess
-from mmdit.utils.processes import free_port
-from mmdit.config.data import FilterConfig
+from mmdit.utils.processes import ServeProcess, free_port
 
 STAGES = [f"stage{i}" for i in range(1, 8)]
 
@@ -118,7 +116,7 @@ def ctl(*args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def staged_cache(tmp_path_factory):
     """The same 48 samples cached at stages 256 and 640 (latents of the 640 stage are larger)."""
-    from mmdit.producer.cache import LatentCache
+    from mmdit.cache.store import LatentCache
 
     path = tmp_path_factory.mktemp("staged")
     g = torch.Generator().manual_seed(0)

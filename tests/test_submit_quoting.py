@@ -23,15 +23,15 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from mmdit.launch import slurm as submit
-from mmdit.launch.cli import main as cli_main
 from mmdit.config import ConfigError
 from mmdit.config.loader import load_config
+from mmdit.launch import slurm as submit
+from mmdit.launch.cli import main as cli_main
 from mmdit.launch.slurm import render
 
 # ----------------------------------------------------------------------------- readers

@@ -12,8 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from mmdit.config.produce import SynthConfig
-from mmdit.producer.fonts import DEFAULT_FONT_DIR, FONTS, FontMissingError, fit_text, load_font, require_fonts
-from mmdit.producer.synth import Layout, Scene, layout_scene, make_sample, render, write_shards
+from mmdit.producer.synth.fonts import DEFAULT_FONT_DIR, FONTS, FontMissingError, fit_text, load_font, require_fonts
+from mmdit.producer.synth.shards import Layout, Scene, layout_scene, make_sample, render, write_shards
 
 CJK_FONT = str(Path(DEFAULT_FONT_DIR) / FONTS[0].relpath)
 

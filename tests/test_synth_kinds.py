@@ -11,10 +11,11 @@ from PIL import Image, ImageDraw
 
 from mmdit.config import ConfigError
 from mmdit.config.loader import load_config
-from mmdit.producer import synth_scenes
 from mmdit.config.produce import SynthConfig
-from mmdit.producer.synth import make_sample, parse_args, pick_kind, write_shards
-from mmdit.producer.synth_scenes import BackgroundsError, homography, project
+from mmdit.producer.synth import scenes
+from mmdit.producer.synth.scenes import BackgroundsError, homography, project
+from mmdit.launch.synth import parse_args
+from mmdit.producer.synth.shards import make_sample, pick_kind, write_shards
 
 KINDS = ("pure", "compositional", "complex")
 SMALL = dict(min_side=192, max_side=320, edit_fraction=0.0)
@@ -63,7 +64,7 @@ def test_every_kind_makes_captioned_images_with_a_layout(kind):
             assert meta["template"] in ("slide", "app_screen", "web_page", "poster")
             assert all(_inside(_corners(s), *image.size) for s in meta["shapes"])
         if kind == "compositional":
-            assert meta["scene"] in synth_scenes.SCENES and meta["surface"] in synth_scenes.SURFACES
+            assert meta["scene"] in scenes.SCENES and meta["surface"] in scenes.SURFACES
             assert _inside(meta["surface_quad"], *image.size)
 
 
@@ -124,7 +125,7 @@ def _mask(size: tuple[int, int], quad: list, grow: int = 0) -> np.ndarray:
 def test_compositional_text_is_drawn_in_perspective_on_its_surface():
     cfg = _only("compositional")
     for seed in range(6):
-        sign = synth_scenes.sample(random.Random(seed), cfg)
+        sign = scenes.sample(random.Random(seed), cfg)
         quad = np.array(sign.text_quad)
         left, right = np.linalg.norm(quad[3] - quad[0]), np.linalg.norm(quad[2] - quad[1])
         top, bottom = quad[1] - quad[0], quad[2] - quad[3]
@@ -132,8 +133,8 @@ def test_compositional_text_is_drawn_in_perspective_on_its_surface():
         assert abs(left - right) / max(left, right) > 0.05
         cross = top[0] * bottom[1] - top[1] * bottom[0]
         assert abs(cross) / (np.linalg.norm(top) * np.linalg.norm(bottom)) > 1e-3
-        with_text = np.asarray(synth_scenes.render(sign, cfg.font_dir), np.int16)
-        without = np.asarray(synth_scenes.render(sign, cfg.font_dir, with_text=False), np.int16)
+        with_text = np.asarray(scenes.render(sign, cfg.font_dir), np.int16)
+        without = np.asarray(scenes.render(sign, cfg.font_dir, with_text=False), np.int16)
         diff = np.abs(with_text - without).max(axis=2)  # [h, w]
         inside = _mask((sign.width, sign.height), sign.text_quad)
         assert (diff[inside] > 40).mean() > 0.03, seed  # glyph strokes inside the text quad

@@ -245,8 +245,8 @@ def test_an_exported_checkpoint_generates_in_the_diffusers_pipeline(trained, tin
 def test_the_loss_covers_target_tokens_only():
     """Edit and reconstruction batches carry condition tokens; whatever the model says about
     them never enters the loss."""
-    from mmdit.consumer.trainer import micro_step
     from mmdit.config.loader import load_config
+    from mmdit.consumer.trainer import micro_step
 
     class Backend:
         def __init__(self, cond_value):
@@ -306,7 +306,7 @@ def test_a_curriculum_stage_change_is_planned_at_its_step_and_replayed_exactly()
 
 
 def test_text_padding_is_cut_to_the_longest_prompt_and_no_mask_is_passed_when_none_is_left():
-    from mmdit.consumer.trainer import StepInputs
+    from mmdit.consumer.batch import StepInputs
 
     def batch(lengths, width=9):
         mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]

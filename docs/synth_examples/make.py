@@ -1,7 +1,7 @@
 """Regenerate the example images of each `mmdit synth` kind in this folder (fixed seed).
 
 Run: `.venv/bin/python docs/synth_examples/make.py`. Each image is the first sample of its kind
-that `mmdit synth` writes as PNG (producer/synth.py `make_sample`; a JPEG would show its
+that `mmdit synth` writes as PNG (producer/synth/shards.py `make_sample`; a JPEG would show its
 artefacts), with sides kept within 320..512 pixels; captions.txt holds the captions.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from mmdit.config.produce import SynthConfig
-from mmdit.producer.synth import make_sample
+from mmdit.producer.synth.shards import make_sample
 
 HERE = Path(__file__).resolve().parent
 SEED = 11

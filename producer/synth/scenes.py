@@ -2,7 +2,7 @@
 "compositional rendering").
 
 A scene (a shop front, a brick wall, a park, a table, a roadside, a classroom) is drawn
-procedurally with numpy (producer/synth_textures.py), or is an image from `synth.backgrounds`.
+procedurally with numpy (producer/synth/textures.py), or is an image from `synth.backgrounds`.
 A surface (signboard, poster, wooden sign, cardboard box, billboard, chalkboard) is drawn flat with
 its text fitted inside, shaded, then warped onto a quadrilateral by a perspective transform whose
 coefficients are solved from the four corners, and composited through its alpha. The caption
@@ -22,19 +22,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from mmdit.config.produce import SynthConfig
-from mmdit.producer.fonts import TextFitError
-from mmdit.producer.synth_draw import Block, draw_block, fit_block, font_spec, fonts_for
-from mmdit.producer.synth_textures import (
-    brick,
-    grass,
-    plaster,
-    smooth_noise,
-    tint,
-    to_image,
-    vertical_gradient,
-    wood,
-)
-from mmdit.producer.synth_words import EN_SENTENCES, ZH_SENTENCES, readable_on, rgb, zh_name
+from mmdit.producer.synth.draw import Block, draw_block, fit_block, font_spec, fonts_for
+from mmdit.producer.synth.fonts import TextFitError
+from mmdit.producer.synth.textures import brick, grass, plaster, smooth_noise, tint, to_image, vertical_gradient, wood
+from mmdit.producer.synth.words import EN_SENTENCES, ZH_SENTENCES, readable_on, rgb, zh_name
 
 
 @dataclass(frozen=True)

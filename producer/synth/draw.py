@@ -1,6 +1,6 @@
 """A block of text fitted into a box and drawn there: the step every `mmdit synth` kind shares.
 
-`fit_block` chooses the font size and line breaks (producer/fonts.py); `draw_block` draws the lines
+`fit_block` chooses the font size and line breaks (producer/synth/fonts.py); `draw_block` draws the lines
 aligned in their box and returns the pixel rectangle the text covers, which the metadata records.
 """
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import ImageDraw
 
-from mmdit.producer.fonts import FONTS, FontSpec, fit_text, line_height, load_font, wrap_text
+from mmdit.producer.synth.fonts import FONTS, FontSpec, fit_text, line_height, load_font, wrap_text
 
 LINE_SPACING = 1.15
 

@@ -11,8 +11,8 @@ null). Loosen data.filters on the command line to annotate more.
 
 What it does: walks data.shards (only the shards holding pending samples), decodes those samples,
 asks Qwen2.5-VL `annotation.PROMPT` about each image (greedy, batched, left padding; the image
-resized to about annotate.image_area pixels), parses the answer (producer/annotation.py), scores
-the (image, caption) pair with the alignment model (producer/alignment.py), and writes a new
+resized to about annotate.image_area pixels), parses the answer (producer/annotate/answers.py), scores
+the (image, caption) pair with the alignment model (producer/annotate/alignment.py), and writes a new
 manifest row per sample: its current row plus the new columns. The annotation's category
 replaces the row's when the trust order allows (`categories.overrides`); text_chars becomes the
 larger of the row's and the visible text's length.
@@ -39,12 +39,12 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from mmdit.producer.annotation import OK, PROMPT, STATUSES, Parsed, parse
-from mmdit.producer.categories import FROM_ANNOTATION, overrides
-from mmdit.config.produce import AnnotateConfig
+from mmdit.cache import ManifestWriter, ingest_filters, read_manifest, select_mask
+from mmdit.cache.categories import FROM_ANNOTATION, overrides
 from mmdit.config.data import DataConfig
+from mmdit.config.produce import AnnotateConfig
+from mmdit.producer.annotate.answers import OK, PROMPT, STATUSES, Parsed, parse
 from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
-from mmdit.producer.manifest import ManifestWriter, ingest_filters, read_manifest, select_mask
 from mmdit.producer.prompts import IMAGE_PAD
 from mmdit.utils.atomic import atomic_write_json
 
@@ -297,30 +297,3 @@ def resolve_models(cfg) -> tuple[str | None, str | None]:
     if model is None and align is None:
         raise ModelNotFoundError("annotate: nothing to do: annotate.model=none and no annotate.alignment_model")
     return model, align
-
-
-def main(argv: list[str]) -> int:
-    from mmdit.config.loader import load_config
-    from mmdit.producer.alignment import AlignmentScorer
-    from mmdit.producer.encoders import resolve_device
-    from mmdit.producer.produce import shards_override
-
-    cfg = load_config(shards_override(argv))
-    if not read_manifest(Path(cfg.cache.dir) / MANIFEST_DIR).num_rows:
-        print(f"mmdit annotate: cache.dir={cfg.cache.dir} has no manifest (run `mmdit produce` first)", file=sys.stderr)
-        return 2
-    if not expand_shards(cfg.data.shards):
-        print(f"mmdit annotate: data.shards={cfg.data.shards} matches no shard (the shards produce read)", file=sys.stderr)
-        return 2
-    device, dtype = resolve_device(cfg.encoders)
-    try:
-        model, align = resolve_models(cfg)
-        vl = VLAnnotator.load(model, cfg.annotate, device, dtype) if model else None
-    except ModelNotFoundError as e:
-        print(f"mmdit annotate: {e}", file=sys.stderr)
-        return 2
-    scorer = AlignmentScorer.load(align, device, dtype) if align else None
-    report = annotate(cfg.data, cfg.cache.dir, cfg.annotate, vl, scorer)
-    print(json.dumps(report, indent=2, ensure_ascii=False))
-    return 0
-

@@ -4,7 +4,7 @@
 A template places simple shapes (header bars, rounded buttons, cards, image placeholders drawn as
 coloured blocks) and several text boxes with roles (title, subtitle, bullet, button, nav, item,
 price, date, footer...) on a page, in fractions of the page size. Each box takes a phrase of its
-role (producer/synth_words.py), fitted to the box; a box whose phrase does not fit is left out,
+role (producer/synth/words.py), fitted to the box; a box whose phrase does not fit is left out,
 except the title (then the design is drawn again). The caption names the layout type and colours
 and quotes every text verbatim, the title first.
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from mmdit.config.produce import SynthConfig
-from mmdit.producer.fonts import TextFitError
-from mmdit.producer.synth_draw import Block, draw_block, fit_block, fonts_for
-from mmdit.producer.synth_words import PHRASES, readable_on, rgb, zh_name
+from mmdit.producer.synth.draw import Block, draw_block, fit_block, fonts_for
+from mmdit.producer.synth.fonts import TextFitError
+from mmdit.producer.synth.words import PHRASES, readable_on, rgb, zh_name
 
 TEMPLATES = {
     # name: (English caption words, Chinese caption words, portrait page)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from mmdit.producer.categories import CATEGORIES, CategoryError, normalize
+from mmdit.cache.categories import CATEGORIES, CategoryError, normalize
 
 OK, UNPARSEABLE, INVALID = "ok", "unparseable", "invalid"
 STATUSES = (OK, UNPARSEABLE, INVALID)

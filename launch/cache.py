@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     verify.add_argument("--fingerprint", default=None, help="only this encoder fingerprint")
     verify.add_argument("--repair", action="store_true", help="rewrite intact records, quarantine damaged files")
     args = parser.parse_args(argv)
-    from mmdit.producer.cache import LatentCache
+    from mmdit.cache import LatentCache
 
     if not Path(args.cache_dir).is_dir():
         print(f"mmdit cache: {args.cache_dir} is not a directory", file=sys.stderr)

@@ -4,12 +4,8 @@ Layout::
 
     <cache dir>/<fingerprint>/<H>x<W>/seg-<writer id>-<seq>.safetensors
 
-A *segment* is an immutable safetensors file holding the records of one `write` call for one
-bucket: `latents` [N,16,H/8,W/8] stacked (all records of a bucket share that shape), the
-variable-length `prompt_embeds` concatenated along tokens [sum L_i, D], and, when any record
-has one, `cond_latents` flattened and concatenated (a source image has its own bucket, so its
-shape varies). Per-record metadata (key, task, caption, source, token count, cond shape) sits in
-the safetensors header, so a segment describes itself and any safetensors reader can mmap it.
+A *segment* (segment.py) is an immutable safetensors file holding the records of one `write`
+call for one bucket, with every record's metadata and checksum in its header.
 
 Why this shape:
 - Publication is atomic (`utils/atomic.py`): a writer streams to a hidden `.tmp-...` file,
@@ -30,7 +26,7 @@ are equivalent; readers keep the first segment in name order.
 Integrity: each record carries a CRC-32 of its tensor bytes in the header, checked on every read
 (with a check that its values are finite). A record that fails, a segment whose header does not
 parse, does not match its data or its directory, or whose data is cut short, and stray entries
-(`cache_layout.py`: anything in a bucket directory that is not a segment, FIFOs, sockets,
+(`layout.py`: anything in a bucket directory that is not a segment, FIFOs, sockets,
 symlinks and directories included, which are never opened) are *damage*: named (file and key),
 counted in `LatentCache.damage`, skipped, never fatal; the index then treats the record as
 missing, so a producer with encoders re-encodes it. Files are opened only through
@@ -44,226 +40,28 @@ unrepaired, so a repair that leaves nothing unrepaired leaves a cache that verif
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import struct
 import threading
-import uuid
-import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_save
 
-from mmdit.producer.cache_layout import FINGERPRINT_RE, fingerprint_dirs, list_fingerprint, quarantine
-from mmdit.producer.keys import key_problem
-from mmdit.utils.atomic import TMP_PREFIX, atomic_write_bytes, host_id, remove_stale_tmp
-from mmdit.utils.regular_files import open_regular, open_regular_file
-from mmdit.utils.safetensors_header import read_header
+from mmdit.cache.layout import FINGERPRINT_RE, fingerprint_dirs, list_fingerprint, quarantine
+from mmdit.cache.segment import (
+    DamagedRecord,
+    Segment,
+    encode_segment,
+    read_segment_header,
+    tensor_crc,
+    validate_record,
+    writer_id,
+)
+from mmdit.utils.atomic import TMP_PREFIX, atomic_write_bytes, remove_stale_tmp
+from mmdit.utils.regular_files import open_regular
 
 log = logging.getLogger("mmdit.cache")
-
-# ----------------------------------------------------------------------------- record schema
-
-SCHEMA_VERSION = 2
-"""2: records carry `crc` (CRC-32 of latents, prompt_embeds and cond_latents bytes, in order)."""
-TASKS = ("t2i", "edit", "reconstruction")
-RECONSTRUCTION = "#reconstruction"
-"""Suffix of the key of a sample's reconstruction record (task "reconstruction"): the image is
-both the condition (cond_latents, and vision tokens of its prompt) and the target."""
-LATENT_CHANNELS = 16
-VAE_SCALE = 8
-META_FIELDS = ("key", "fingerprint", "bucket", "task", "caption", "source")
-"""Per-record metadata; with the tensors `latents`, `prompt_embeds` and optional `cond_latents`
-this is the whole record (design brief, "Cache record per sample")."""
-
-DATA_ALIGN = 4096
-"""Tensor data starts at a multiple of this file offset."""
-
-
-def stage_fingerprint(encoders_fingerprint: str, base_resolution: int) -> str:
-    """The fingerprint records are cached under: the encoders' (weights, templates, resize
-    filter) plus the bucket set, since a sample's latents at the 256 stage are not its latents
-    at the 640 stage. Producers write and trainers read with this."""
-    return f"{encoders_fingerprint}-b{base_resolution}"
-
-
-def validate_record(rec: dict) -> None:
-    """Raise ValueError naming the key and the field when a record breaks the schema."""
-    key = rec.get("key", "<no key>")
-    for f in META_FIELDS + ("latents", "prompt_embeds"):
-        if f not in rec:
-            raise ValueError(f"cache record {key!r}: missing field {f!r}")
-    if (why := key_problem(rec["key"])) is not None:  # producer/keys.py: one rule for every store
-        raise ValueError(f"cache record {key!r}: bad key ({why})")
-    if not FINGERPRINT_RE.match(rec["fingerprint"]):
-        raise ValueError(f"cache record {key!r}: fingerprint {rec['fingerprint']!r} must match {FINGERPRINT_RE.pattern}")
-    if rec["task"] not in TASKS:
-        raise ValueError(f"cache record {key!r}: task {rec['task']!r} not in {TASKS}")
-    h, w = (int(v) for v in rec["bucket"])
-    if h % 16 or w % 16 or h <= 0 or w <= 0:
-        raise ValueError(f"cache record {key!r}: bucket {(h, w)} sides must be positive multiples of 16")
-    want = (LATENT_CHANNELS, h // VAE_SCALE, w // VAE_SCALE)
-    if tuple(rec["latents"].shape) != want:
-        raise ValueError(f"cache record {key!r}: latents shape {tuple(rec['latents'].shape)} != {want} for bucket {(h, w)}")
-    if rec["prompt_embeds"].dim() != 2:
-        raise ValueError(f"cache record {key!r}: prompt_embeds must be [L, D], got {tuple(rec['prompt_embeds'].shape)}")
-    cond = rec.get("cond_latents")
-    if cond is not None and (cond.dim() != 3 or cond.shape[0] != LATENT_CHANNELS):
-        raise ValueError(f"cache record {key!r}: cond_latents must be [16, h, w], got {tuple(cond.shape)}")
-    for name in ("latents", "prompt_embeds", "cond_latents"):
-        t = rec.get(name)
-        if t is not None and not bool(t.isfinite().all()):
-            raise ValueError(f"cache record {key!r}: {name} holds non-finite values")
-
-
-# ----------------------------------------------------------------------------- segment format
-
-_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
-}
-
-
-@dataclass
-class _Segment:
-    """A published segment's parsed header: where each tensor lies and each record's metadata."""
-
-    path: str
-    fingerprint: str
-    bucket: tuple[int, int]
-    records: list[dict]
-    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int]]
-    """name -> (dtype, shape, absolute byte offset in the file)."""
-    token_offsets: list[int]
-    cond_offsets: list[int]
-
-
-class DamagedRecord(ValueError):
-    """A cached record (or its segment) that cannot be read back intact; names file and key."""
-
-    def __init__(self, path: str, key: str | None, reason: str):
-        super().__init__(f"{path}" + (f" record {key!r}" if key else "") + f": {reason}")
-        self.path, self.key, self.reason = path, key, reason
-
-
-def _crc(*tensors) -> int:
-    crc = 0
-    for t in tensors:
-        if t is not None and t.numel():
-            crc = zlib.crc32(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()), crc)
-    return crc
-
-
-def _read_segment_header(path: str) -> _Segment:
-    """Parse a segment's header; DamagedRecord (naming the file) unless it is a whole segment
-    whose header agrees with its data and its directory, so any record it lists can be read."""
-    try:
-        with open_regular_file(path) as f:  # never blocks: a FIFO swapped in is refused
-            header, base, size = read_header(f)
-        return _parse_header(path, header, base, size)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
-        raise DamagedRecord(path, None, f"unreadable segment ({type(e).__name__}: {e})") from None
-
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _ints(value, n: int | None = None) -> tuple[int, ...]:
-    """`value` as a tuple of non-negative ints (of length `n`); TypeError/ValueError otherwise."""
-    if not isinstance(value, list) or (n is not None and len(value) != n):
-        raise TypeError(f"expected a list of {n or 'some'} ints, got {value!r}")
-    if not all(type(v) is int and v >= 0 for v in value):
-        raise ValueError(f"expected non-negative ints, got {value!r}")
-    return tuple(value)
-
-
-def _parse_header(path: str, header: dict, base: int, size: int) -> _Segment:
-    """Check everything a reader relies on: a bit flipped in a header that still parses as JSON
-    must make the segment damaged, never an exception or a wrong read later."""
-    meta = json.loads(header.pop("__metadata__")["mmdit"])
-    tensors = {}
-    for name, t in header.items():
-        dtype, shape, (begin, end) = _DTYPES[t["dtype"]], _ints(t["shape"]), _ints(t["data_offsets"], 2)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize:
-            raise ValueError(f"tensor {name}: {end - begin} bytes for shape {shape}")
-        if base + end > size:
-            raise ValueError(f"data cut short: {size} of {base + end} bytes")
-        tensors[name] = (dtype, shape, base + begin)
-    records, bucket = meta["records"], _ints(meta["bucket"], 2)
-    if bucket[0] % 16 or bucket[1] % 16 or 0 in bucket:
-        raise ValueError(f"bucket {bucket}")
-    where = (Path(path).parent.parent.name, Path(path).parent.name)
-    if (meta["fingerprint"], f"{bucket[0]}x{bucket[1]}") != where:
-        raise ValueError(f"header says {meta['fingerprint']!r} {bucket}, the file lies in {'/'.join(where)}")
-    tokens, conds = [], []
-    for r in records:
-        if (why := key_problem(r["key"])) is not None:
-            raise ValueError(f"record key {r['key']!r}: {why}")
-        if r["task"] not in TASKS or not isinstance(r["caption"], str) or not isinstance(r["source"], str):
-            raise ValueError(f"record {r['key']!r}: bad task, caption or source")
-        tokens.append(_ints([r["tokens"]], 1)[0])
-        cond = r["cond_shape"]
-        if cond is not None and (_ints(cond, 3)[0] != LATENT_CHANNELS or 0 in cond):
-            raise ValueError(f"record {r['key']!r}: cond_shape {cond}")
-        conds.append(cond[0] * cond[1] * cond[2] if cond else 0)
-    lat, emb = tensors["latents"], tensors["prompt_embeds"]
-    if lat[0] not in _FLOATS or lat[1] != (len(records), LATENT_CHANNELS, bucket[0] // VAE_SCALE, bucket[1] // VAE_SCALE):
-        raise ValueError(f"latents {lat[0]} {lat[1]} for {len(records)} records of bucket {bucket}")
-    if emb[0] not in _FLOATS or len(emb[1]) != 2 or emb[1][0] != sum(tokens):
-        raise ValueError(f"prompt_embeds {emb[0]} {emb[1]} for {sum(tokens)} tokens")
-    cond = tensors.get("cond_latents")
-    if sum(conds) and (cond is None or cond[0] != lat[0] or cond[1] != (sum(conds),)):
-        raise ValueError(f"cond_latents {cond and cond[:2]} for {sum(conds)} values")
-    token_offsets, cond_offsets = [0], [0]
-    for n, c in zip(tokens, conds):
-        token_offsets.append(token_offsets[-1] + n)
-        cond_offsets.append(cond_offsets[-1] + c)
-    return _Segment(path, meta["fingerprint"], bucket, records, tensors, token_offsets, cond_offsets)
-
-
-def _encode_segment(fingerprint: str, bucket: tuple[int, int], records: list[dict]) -> list:
-    """The segment file's bytes, as chunks to write in order."""
-    latents = torch.stack([r["latents"].contiguous() for r in records])
-    embeds = torch.cat([r["prompt_embeds"].contiguous() for r in records])
-    tensors = {"latents": latents, "prompt_embeds": embeds}
-    conds = [r["cond_latents"].reshape(-1) for r in records if r.get("cond_latents") is not None]
-    if conds:
-        tensors["cond_latents"] = torch.cat(conds).to(latents.dtype)
-    meta = {
-        "schema_version": SCHEMA_VERSION,
-        "fingerprint": fingerprint,
-        "bucket": list(bucket),
-        "records": [
-            {
-                "key": r["key"], "task": r["task"], "caption": r["caption"], "source": r["source"],
-                "tokens": int(r["prompt_embeds"].shape[0]),
-                "cond_shape": list(r["cond_latents"].shape) if r.get("cond_latents") is not None else None,
-                "crc": _crc(r["latents"].to(latents.dtype), r["prompt_embeds"],
-                            r["cond_latents"].to(latents.dtype) if r.get("cond_latents") is not None else None),
-            }
-            for r in records
-        ],
-    }
-    raw = safetensors_save(tensors, metadata={"mmdit": json.dumps(meta, ensure_ascii=False)})
-    # Pad the header (safetensors allows trailing spaces) so tensor data starts on a page: reads
-    # whose file offset is not 64-byte aligned copy about 30% slower, and mmap wants pages.
-    n = struct.unpack("<Q", raw[:8])[0]
-    padded = -(-(8 + n) // DATA_ALIGN) * DATA_ALIGN - 8
-    return [struct.pack("<Q", padded), raw[8:8 + n], b" " * (padded - n), memoryview(raw)[8 + n:]]
-
-
-def _writer_id() -> str:
-    return f"{host_id()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-# ----------------------------------------------------------------------------- the cache
 
 
 class LatentCache:
@@ -279,11 +77,11 @@ class LatentCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._writer = _writer_id()
+        self._writer = writer_id()
         self._seq = 0
         self._lock = threading.Lock()
         self._seen: set[str] = set()
-        self._index: dict[str, dict[str, tuple[_Segment, int]]] = {}
+        self._index: dict[str, dict[str, tuple[Segment, int]]] = {}
         self._by_bucket: dict[str, dict[tuple[int, int], list[str]]] = {}
         self._fds: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, readers]
         self._damaged: dict[tuple[str, str], DamagedRecord] = {}
@@ -300,7 +98,7 @@ class LatentCache:
             bucket = (int(rec["bucket"][0]), int(rec["bucket"][1]))
             groups.setdefault((rec["fingerprint"], bucket), []).append(rec)
         for (fp, bucket), recs in groups.items():
-            self._publish(fp, bucket, _encode_segment(fp, bucket, recs))
+            self._publish(fp, bucket, encode_segment(fp, bucket, recs))
 
     def _publish(self, fingerprint: str, bucket: tuple[int, int], payload: list) -> None:
         d = self.path / fingerprint / f"{bucket[0]}x{bucket[1]}"
@@ -362,10 +160,10 @@ class LatentCache:
         return found, problems
 
     @staticmethod
-    def _check(seg: _Segment, i: int, rec: dict) -> DamagedRecord | None:
+    def _check(seg: Segment, i: int, rec: dict) -> DamagedRecord | None:
         meta = seg.records[i]
         tensors = (rec["latents"], rec["prompt_embeds"], rec.get("cond_latents"))
-        if "crc" in meta and _crc(*tensors) != meta["crc"]:
+        if "crc" in meta and tensor_crc(*tensors) != meta["crc"]:
             return DamagedRecord(seg.path, meta["key"], "checksum mismatch")
         if not all(bool(t.isfinite().all()) for t in tensors if t is not None):
             return DamagedRecord(seg.path, meta["key"], "non-finite values")
@@ -441,7 +239,7 @@ class LatentCache:
                             cond[j] = cond[where[i][0]]
         for j, (seg, m) in enumerate(metas):  # the same checks as read_available
             c = cond[j] if cond is not None else None
-            if "crc" in m and _crc(latents[j], embeds[j, :lengths[j]], c) != m["crc"]:
+            if "crc" in m and tensor_crc(latents[j], embeds[j, :lengths[j]], c) != m["crc"]:
                 raise self._mark_damaged(fingerprint, m["key"], DamagedRecord(seg.path, m["key"], "checksum mismatch"))
         for j, n in enumerate(lengths):
             if n < lmax:
@@ -513,7 +311,7 @@ class LatentCache:
             for path in listing.segments:
                 report["segments"] += 1
                 try:
-                    seg = _read_segment_header(path)
+                    seg = read_segment_header(path)
                 except DamagedRecord as e:
                     report["damaged_segments"][path] = e.reason
                     if repair:
@@ -528,7 +326,7 @@ class LatentCache:
         self._forget_scans()
         return report
 
-    def _verify_segment(self, fingerprint: str, seg: _Segment) -> tuple[list[dict], dict[str, str]]:
+    def _verify_segment(self, fingerprint: str, seg: Segment) -> tuple[list[dict], dict[str, str]]:
         """A parsed segment's intact records, and the others' keys -> why."""
         keys = [r["key"] for r in seg.records]
         try:
@@ -583,7 +381,7 @@ class LatentCache:
 
     # ---- internals
 
-    def _locate(self, key: str, fingerprint: str) -> tuple[_Segment, int]:
+    def _locate(self, key: str, fingerprint: str) -> tuple[Segment, int]:
         with self._lock:
             hit = self._index.get(fingerprint, {}).get(key)
         if hit is None:
@@ -608,7 +406,7 @@ class LatentCache:
         parsed = []
         for p in new:
             try:
-                parsed.append(_read_segment_header(p))
+                parsed.append(read_segment_header(p))
             except DamagedRecord as e:
                 with self._lock:
                     self._seen.add(p)
@@ -652,14 +450,14 @@ class LatentCache:
                 if entry[1] == 0 and self._fds.get(path) is not entry:
                     os.close(entry[0])
 
-    def _runs(self, keys: list[str], fingerprint: str) -> list[tuple[_Segment, int, int, dict[int, list[int]]]]:
+    def _runs(self, keys: list[str], fingerprint: str) -> list[tuple[Segment, int, int, dict[int, list[int]]]]:
         """Group `keys` into runs of consecutive records per segment: (segment, i0, i1, record
         index -> positions in `keys`)."""
         return self._group_runs([(key, self._locate(key, fingerprint)) for key in keys])
 
     @staticmethod
-    def _group_runs(located: list) -> list[tuple[_Segment, int, int, dict[int, list[int]]]]:
-        by_segment: dict[str, tuple[_Segment, dict[int, list[int]]]] = {}
+    def _group_runs(located: list) -> list[tuple[Segment, int, int, dict[int, list[int]]]]:
+        by_segment: dict[str, tuple[Segment, dict[int, list[int]]]] = {}
         for j, (_, (seg, i)) in enumerate(located):
             by_segment.setdefault(seg.path, (seg, {}))[1].setdefault(i, []).append(j)
         runs = []
@@ -674,7 +472,7 @@ class LatentCache:
                 start = end + 1
         return runs
 
-    def _read_span(self, seg: _Segment, i0: int, i1: int):
+    def _read_span(self, seg: Segment, i0: int, i1: int):
         """Records i0..i1-1's tensors: latents [n,16,h,w], prompt_embeds [sum L, D], flat
         cond_latents or None. One positional read when the run's bytes of every tensor lie in
         one span (the run is most of its segment), else one read per tensor."""
@@ -685,7 +483,7 @@ class LatentCache:
             raise DamagedRecord(seg.path, None, f"unreadable data ({e})") from None
 
     @staticmethod
-    def _read_span_from(fd: int, seg: _Segment, i0: int, i1: int):
+    def _read_span_from(fd: int, seg: Segment, i0: int, i1: int):
         tok, co = seg.token_offsets, seg.cond_offsets
         want = {}  # name -> (dtype, shape, byte offset, byte length)
         dtype, shape, off = seg.tensors["latents"]
@@ -707,7 +505,7 @@ class LatentCache:
         return got["latents"], got["prompt_embeds"], got.get("cond_latents")
 
     @staticmethod
-    def _records(seg: _Segment, i0: int, i1: int, latents, embeds, cond) -> list[dict]:
+    def _records(seg: Segment, i0: int, i1: int, latents, embeds, cond) -> list[dict]:
         """Per-record dicts whose tensors are views of a span read."""
         tok, co = seg.token_offsets, seg.cond_offsets
         lat = latents.unbind(0)  # one call for all views: per-record indexing costs more than the copy

@@ -24,10 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmdit.producer.categories import FROM_ANNOTATION, overrides
+from mmdit.cache.categories import FROM_ANNOTATION, overrides
+from mmdit.cache.keys import check_key
 from mmdit.config.data import FilterConfig
-from mmdit.producer.keys import check_key
-from mmdit.producer.scores import hamming
 from mmdit.utils.atomic import atomic_path
 from mmdit.utils.regular_files import kind_of, open_regular_file
 
@@ -58,9 +57,9 @@ SCHEMA = pa.schema([
     ("src_bucket_h", pa.int32()),    # edit: the source image's bucket (cond_latents shape x 8)
     ("src_bucket_w", pa.int32()),
     ("text_chars", pa.int32()),      # characters of rendered text the sample shows (metadata), 0: none
-    ("category", pa.string()),       # producer/categories.py; '' unknown
+    ("category", pa.string()),       # cache/categories.py; '' unknown
     ("category_source", pa.string()),  # metadata | annotation | source
-    # `mmdit annotate` (producer/annotate.py); null: not annotated / not scored
+    # `mmdit annotate` (producer/annotate/run.py); null: not annotated / not scored
     ("alignment", pa.float32()),     # image-caption similarity of the alignment model (cosine, -1..1)
     ("annotation_status", pa.string()),  # ok | unparseable | invalid
     ("annotation", pa.string()),     # the validated JSON object, or the model's raw output when it failed
@@ -142,6 +141,11 @@ def rejection_reasons(cols, filters: FilterConfig) -> np.ndarray:
         hit = ok & bad & (out == "")
         out[hit] = reason
     return out
+
+
+def hamming(a: int, b: int) -> int:
+    """Bits that differ between two 64-bit perceptual hashes (for near-duplicate checks)."""
+    return bin((a ^ b) & 0xFFFFFFFFFFFFFFFF).count("1")
 
 
 class PhashIndex:
@@ -242,7 +246,7 @@ class ManifestWriter:
         self.parts: list[Path] = []
 
     def add(self, row: dict) -> None:
-        check_key(row["key"])  # producer/keys.py: a key that could name a path is never stored
+        check_key(row["key"])  # cache/keys.py: a key that could name a path is never stored
         self._rows.append(row)
         if len(self._rows) >= self.flush_rows:
             self.flush()
@@ -307,3 +311,12 @@ def read_manifest(directory: str | os.PathLike) -> pa.Table:
     if len(keep) == len(keys):
         return table
     return table.take(pa.array(keep))
+
+
+def read_manifest_table(cache_dir: Path):
+    """The cache's manifest (its `manifest/` directory), or None when it has none."""
+    manifest_dir = Path(cache_dir) / "manifest"
+    if not manifest_dir.is_dir():
+        return None
+    table = read_manifest(manifest_dir)
+    return table if table.num_rows else None

@@ -9,9 +9,9 @@ Three kinds, weighed by `synth.kinds`:
   compositional  a sentence on a surface (signboard, poster, wooden sign, box, billboard,
                  chalkboard) placed in perspective in a procedurally drawn scene or an image of
                  `synth.backgrounds`; the caption names the scene and the surface
-                 (producer/synth_scenes.py).
+                 (producer/synth/scenes.py).
   complex        slides, app screens, web pages and posters: shapes and several text boxes with
-                 roles, filled from phrase banks (producer/synth_layouts.py).
+                 roles, filled from phrase banks (producer/synth/layouts.py).
 Edit triplets are pure only. Every sample is a pure function of (seed, index) (its kind too), so a
 shard can be regenerated bit-for-bit and two runs with one seed agree (with `synth.backgrounds`,
 as long as that directory holds the same files).
@@ -60,7 +60,6 @@ import io
 import json
 import math
 import random
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -68,10 +67,10 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from mmdit.producer import synth_layouts, synth_scenes
 from mmdit.config.produce import SynthConfig
-from mmdit.producer.fonts import FONTS, FontSpec, TextFitError, fit_text, line_height, load_font, require_fonts
-from mmdit.producer.synth_words import COLORS, EN_SENTENCES, PALETTE, ZH_SENTENCES, luminance, readable_on
+from mmdit.producer.synth import layouts, scenes
+from mmdit.producer.synth.fonts import FONTS, FontSpec, TextFitError, fit_text, line_height, load_font, require_fonts
+from mmdit.producer.synth.words import COLORS, EN_SENTENCES, PALETTE, ZH_SENTENCES, luminance, readable_on
 from mmdit.utils.atomic import atomic_path
 
 GRADIENT_DIRECTIONS = {"vertical": "垂直", "horizontal": "水平", "diagonal": "对角"}
@@ -310,7 +309,7 @@ def _fitting_edit(rng: random.Random, source: Scene, cfg: SynthConfig) -> tuple[
     raise TextFitError(f"no edited text fitted in {MAX_TRIES} tries: synth.min_side={cfg.min_side} is too small")
 
 
-KINDS = {"compositional": synth_scenes, "complex": synth_layouts}
+KINDS = {"compositional": scenes, "complex": layouts}
 """The kinds besides pure; each module has sample(rng, cfg), render(drawing, font_dir),
 caption(drawing, zh) and metadata(drawing)."""
 
@@ -381,7 +380,7 @@ def write_shards(out_dir: str, cfg: SynthConfig) -> list[str]:
     """Render `cfg.num_samples` samples into `out_dir/synth-%06d.tar`; returns the shard paths."""
     require_fonts(cfg.font_dir)
     if cfg.backgrounds and cfg.kinds.get("compositional"):
-        synth_scenes.background_files(cfg.backgrounds)  # no images: fail before writing anything
+        scenes.background_files(cfg.backgrounds)  # no images: fail before writing anything
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -409,33 +408,3 @@ def text_corpus(n: int = 400, seed: int = 0) -> list[str]:
         texts.append(caption(scene, rng.randint(1, 4), rng.random() < 0.3))
         texts.append(_edit(rng, scene)[2])
     return texts
-
-
-SYNTH_FIELDS = ("num_samples", "kinds", "edit_fraction", "samples_per_shard", "seed", "min_side", "max_side",
-                "zh_fraction", "zh_caption_fraction", "font_dir", "backgrounds")
-
-
-def parse_args(argv: list[str]) -> tuple[str, list[str]]:
-    """`OUT [name=value ...]`: bare SynthConfig field names become `synth.<name>` overrides."""
-    if not argv or "=" in argv[0] or argv[0].startswith("-"):
-        raise SystemExit("usage: mmdit synth OUT [num_samples=N] [synth.<field>=value ...]")
-    overrides = []
-    for arg in argv[1:]:
-        name = arg.split("=", 1)[0].lstrip("+~").split(".", 1)[0]  # kinds.complex=1 -> kinds
-        overrides.append(f"synth.{arg}" if name in SYNTH_FIELDS else arg)
-    return argv[0], overrides
-
-
-def main(argv: list[str]) -> int:
-    from mmdit.config.loader import load_config
-    from mmdit.producer.fonts import FontMissingError
-
-    out, overrides = parse_args(argv)
-    cfg = load_config(overrides).synth
-    try:
-        paths = write_shards(out, cfg)
-    except (FontMissingError, TextFitError, synth_scenes.BackgroundsError) as e:
-        print(f"mmdit synth: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {cfg.num_samples} samples in {len(paths)} shard(s) to {out}")
-    return 0

@@ -9,7 +9,8 @@ and `mmdit produce` reports how many accepted samples each category holds.
 
 from __future__ import annotations
 
-from mmdit.config.data import CATEGORIES, UNKNOWN, CategoryError, normalize_category as normalize
+from mmdit.config.data import CATEGORIES, UNKNOWN, CategoryError
+from mmdit.config.data import normalize_category as normalize
 
 __all__ = ["CATEGORIES", "UNKNOWN", "CategoryError", "normalize", "from_ingest", "overrides"]
 
