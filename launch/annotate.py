@@ -7,17 +7,20 @@ import sys
 from pathlib import Path
 
 from mmdit.cache import read_manifest
+from mmdit.launch.args import Action, Command, parse
 from mmdit.producer.annotate.run import MANIFEST_DIR, ModelNotFoundError, VLAnnotator, annotate, resolve_models
 from mmdit.producer.ingest import expand_shards
+
+COMMAND = Command("annotate", __doc__, sections=("data", "cache", "encoders", "annotate"), actions=(Action(
+    help="data.shards=PATTERN: the shards `mmdit produce` read (bare globs and braces, repeatable)"),))
 
 
 def main(argv: list[str]) -> int:
     from mmdit.config.loader import load_config
     from mmdit.producer.annotate.alignment import AlignmentScorer
     from mmdit.producer.encoders import resolve_device
-    from mmdit.launch.produce import shards_override
 
-    cfg = load_config(shards_override(argv))
+    cfg = load_config(parse(COMMAND, argv).overrides)
     if not read_manifest(Path(cfg.cache.dir) / MANIFEST_DIR).num_rows:
         print(f"mmdit annotate: cache.dir={cfg.cache.dir} has no manifest (run `mmdit produce` first)", file=sys.stderr)
         return 2

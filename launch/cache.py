@@ -11,32 +11,35 @@ to `CACHE_DIR/quarantine/`; `mmdit produce` over the shards then re-encodes what
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from mmdit.launch.args import Action, Command, Flag, parse
+
+COMMAND = Command("cache", __doc__, actions=(Action(
+    "verify", "read and check every record",
+    paths={"CACHE_DIR": "the latent cache (a job's cache.dir)"},
+    flags=(Flag("fingerprint", "only this encoder fingerprint", str, metavar="FP"),
+           Flag("repair", "rewrite intact records, quarantine damaged files and strays")),
+    overrides=None),))
+
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmdit cache", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="action", required=True)
-    verify = sub.add_parser("verify", help="read and check every record")
-    verify.add_argument("cache_dir")
-    verify.add_argument("--fingerprint", default=None, help="only this encoder fingerprint")
-    verify.add_argument("--repair", action="store_true", help="rewrite intact records, quarantine damaged files")
-    args = parser.parse_args(argv)
     from mmdit.cache import LatentCache
 
-    if not Path(args.cache_dir).is_dir():
-        print(f"mmdit cache: {args.cache_dir} is not a directory", file=sys.stderr)
+    args = parse(COMMAND, argv)
+    cache_dir, fingerprint, repair = args.paths[0], args.flags.fingerprint, args.flags.repair
+    if not Path(cache_dir).is_dir():
+        print(f"mmdit cache: {cache_dir} is not a directory", file=sys.stderr)
         return 2
     try:
-        report = LatentCache(args.cache_dir).verify(args.fingerprint, repair=args.repair)
+        report = LatentCache(cache_dir).verify(fingerprint, repair=repair)
     except ValueError as e:  # a --fingerprint that cannot name a directory
         print(f"mmdit cache: --fingerprint: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))  # ASCII: a file name that is not UTF-8 prints escaped
-    if args.repair:
+    if repair:
         left = report["unrepaired"]
         if left:
             print(f"mmdit cache: {len(left)} damaged entries could not be repaired (first: "

@@ -18,10 +18,11 @@ Every assumption is a flag and is printed with the result: replace them with GPU
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+
+from mmdit.launch.args import Action, Command, Flag, flags_of, parse
 
 STAGES = (256, 640, 1328)
 MLLM_PARAMS = 7.07e9
@@ -35,12 +36,18 @@ TEMPLATE_TOKENS = (34, 64)
 
 @dataclass
 class Assumptions:
+    """What the figures assume; each field is a flag (`trainer_gpus` is `--trainer-gpus`)."""
+
     trainer_gpus: int = 512
+    """Trainer GPUs of the job (for the coordinator's load)."""
     tp: int = 8
+    """Tensor-parallel size: DP = trainer_gpus / tp ranks fetch batches."""
     global_batch: int = 2048
+    """Samples per optimizer step."""
     peak_tflops: float = 989.0
     """Dense bf16 peak of one GPU (H100/H200 SXM)."""
     trainer_mfu: float = 0.40
+    """The trainers' model FLOPs utilization."""
     vae_mfu: float = 0.20
     """VAE encoder (3-D convolutions, memory bound) utilization on a producer GPU."""
     mllm_mfu: float = 0.30
@@ -118,18 +125,18 @@ def markdown(result: dict) -> str:
     return "\n".join(rows)
 
 
+COMMAND = Command("capacity", __doc__, sections=("model",), actions=(Action(
+    flags=(*flags_of(Assumptions), Flag("markdown", "a table instead of JSON"))),))
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmdit capacity", description=__doc__.splitlines()[0])
-    for name, value in asdict(Assumptions()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--markdown", action="store_true", help="a table instead of JSON")
-    ns, overrides = parser.parse_known_args(argv)
     from mmdit.config.loader import load_config
 
-    cfg = load_config(overrides or ["model=qwen_image_20b"])
-    a = Assumptions(**{k: getattr(ns, k) for k in asdict(Assumptions())})
+    args = parse(COMMAND, argv)
+    cfg = load_config(args.overrides or ["model=qwen_image_20b"])
+    a = Assumptions(**{f.name: getattr(args.flags, f.name) for f in fields(Assumptions)})
     result = compute(cfg.model, a)
-    print(markdown(result) if ns.markdown else json.dumps(result, indent=1))
+    print(markdown(result) if args.flags.markdown else json.dumps(result, indent=1))
     return 0
 
 

@@ -10,13 +10,19 @@ directory nor a checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from mmdit.launch.args import Action, Command, Flag, parse
+
+COMMAND = Command("checkpoint", __doc__, actions=(Action(
+    "verify", "check every file of a run's checkpoints (or of one) against the save",
+    paths={"RUN_OR_CKPT_DIR": "a run directory (all its checkpoints) or one checkpoint"},
+    flags=(Flag("jobs", "files checked at once", int, min(8, os.cpu_count() or 1), "N"),), overrides=None),))
 
 
 def _targets(path: Path) -> list[Path] | None:
@@ -53,18 +59,13 @@ def verify(ckpt: Path, jobs: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmdit checkpoint", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="action", required=True)
-    check = sub.add_parser("verify", help="check every file of a run's checkpoints (or of one) against the save")
-    check.add_argument("path", metavar="RUN_OR_CKPT_DIR")
-    check.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="files checked at once")
-    args = parser.parse_args(argv)
-    path = Path(args.path)
+    args = parse(COMMAND, argv)
+    path = Path(args.paths[0])
     targets = _targets(path)
     if targets is None:
         print(f"mmdit checkpoint: {path} is neither a run directory nor a checkpoint", file=sys.stderr)
         return 2
-    report = {ckpt.name: verify(ckpt, max(1, args.jobs)) for ckpt in targets}
+    report = {ckpt.name: verify(ckpt, max(1, args.flags.jobs)) for ckpt in targets}
     resume_from = next((name for name, entry in report.items() if entry["status"] == "ok"), None)
     print(json.dumps({"path": str(path), "checkpoints": report, "resume_from": resume_from}, indent=2))
     damaged = [f"{name} ({', '.join(entry['damaged'])})" for name, entry in report.items()

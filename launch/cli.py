@@ -1,7 +1,8 @@
-"""The `mmdit` command: `mmdit <command> [key=value ...]`.
+"""The `mmdit` command: `mmdit <command> [action] [paths] [--flags] [key=value ...]`.
 
-Each command lives in the module that owns its concept; this file only dispatches, importing
-the command's module lazily so `mmdit --help` and light commands start fast.
+Each command is a module of launch/ with a `main(argv)` and a `COMMAND` declaring its command line
+(launch/args.py: one grammar for all, `mmdit <command> --help` for each); this file only
+dispatches, importing the command's module lazily so `mmdit --help` and light commands start fast.
 """
 
 import importlib
@@ -29,12 +30,15 @@ COMMANDS = {
     "producer": ("mmdit.launch.producer", "one more producer for a running service (`mmdit serve`)"),
     "ctl": ("mmdit.launch.ctl", "change a running job's data config (`ctl get|set|history RUN_DIR`)"),
     "consume": ("mmdit.launch.consume", "pull batches like a trainer, without a model"),
+    "config": ("mmdit.launch.config", "the resolved config (`config show`), what a key means (`config explain KEY`)"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: mmdit <command> [key=value ...]", "", "commands:"]
+    lines = ["usage: mmdit <command> [action] [paths] [--flags] [key=value ...]", "", "commands:"]
     lines += [f"  {name:<20} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`mmdit <command> --help` lists a command's keys and flags; `mmdit config explain KEY` what a "
+              "config key does."]
     return "\n".join(lines)
 
 
@@ -59,7 +63,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         module = importlib.import_module(COMMANDS[name][0])
+        from mmdit.launch.args import wants_help
+
+        if wants_help(args):
+            print(_help(name, module))
+            return 0
         return module.main(args) or 0
+    except SystemExit as e:  # --help, or a command's own exit: the code, as the interpreter would
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        return e.code or 0
     except ConfigError as e:
         print(f"mmdit {name}: {e}", file=sys.stderr)
         return 2
@@ -71,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"mmdit {name}: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
         return 1
+
+
+def _help(name: str, module) -> str:
+    """The command's help; a module without a `COMMAND` declaration takes `key=value` overrides
+    of every config section (as `load_config(argv)` does)."""
+    from mmdit.config.explain import sections
+    from mmdit.launch.args import Command, help_text
+
+    return help_text(getattr(module, "COMMAND", None)
+                     or Command(name, module.__doc__ or COMMANDS[name][1], sections=tuple(sections())))
 
 
 def _first_line(e: BaseException) -> str:

@@ -13,6 +13,10 @@ import torch.distributed as dist
 from mmdit.config import ConfigError
 from mmdit.config.loader import load_config
 from mmdit.consumer.consume import run_rank
+from mmdit.launch.args import Command, parse
+
+COMMAND = Command("consume", __doc__, sections=("service", "train", "checkpoint", "parallel", "data", "model", "run",
+                                                "launch"))
 
 
 def _brief(summary: dict) -> str:
@@ -24,7 +28,7 @@ def main(argv: list[str]) -> int:
     from mmdit.dataservice.rpc import check_reachable
     from mmdit.launch.local import is_rank, main_or_launch
 
-    cfg = load_config(argv)
+    cfg = load_config(parse(COMMAND, argv).overrides)
     svc, tp = cfg.service, cfg.parallel.tp
     if tp > 1 and svc.dp_rank >= 0:
         raise ConfigError("service.dp_rank selects one rank with parallel.tp=1 only; with TP, start all ranks")

@@ -5,16 +5,27 @@
     mmdit convert verify SRC [--tp N] [--seed S]     run diffusers and mmdit on the same inputs
 """
 
-import argparse
 import json
 
 import torch
 
 from mmdit.config.model import MMDiTArgs
+from mmdit.launch.args import Action, Command, Flag, parse
 from mmdit.model.checkpoint import checkpoint_args, load_full_state_dict_from, save_full_state_dict
 from mmdit.model.diffusers_io import read_diffusers, transformer_dir, write_diffusers
 from mmdit.model.mmdit import build_mmdit, pack_latents, packed_shape
 from mmdit.model.sharding import diffusers_partition_dims
+
+TP = Flag("tp", "tensor-parallel ranks: shards written (from-diffusers), gloo ranks run (verify)", int, 1, "N")
+COMMAND = Command("convert", __doc__, actions=(
+    Action("from-diffusers", "diffusers -> mmdit", flags=(TP,), overrides=None,
+           paths={"SRC": "a diffusers QwenImageTransformer2DModel dir, or a Qwen-Image repo (its transformer/)",
+                  "DST": "the mmdit checkpoint to write"}),
+    Action("to-diffusers", "mmdit -> diffusers", overrides=None,
+           paths={"SRC": "an mmdit checkpoint", "DST": "the diffusers dir to write (from_pretrained loads it)"}),
+    Action("verify", "diffusers and mmdit on the same inputs: max_abs_diff per case", overrides=None,
+           paths={"SRC": "a diffusers transformer dir"}, flags=(TP, Flag("seed", "seed of the inputs", int, 0, "S"))),
+))
 
 
 def meta_partition_dims(args: MMDiTArgs) -> dict:
@@ -93,22 +104,14 @@ def verify(src: str, tp: int = 1, seed: int = 0) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmdit convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("from-diffusers")
-    p.add_argument("src"), p.add_argument("dst"), p.add_argument("--tp", type=int, default=1)
-    p = sub.add_parser("to-diffusers")
-    p.add_argument("src"), p.add_argument("dst")
-    p = sub.add_parser("verify")
-    p.add_argument("src"), p.add_argument("--tp", type=int, default=1), p.add_argument("--seed", type=int, default=0)
-    ns = parser.parse_args(argv)
-    if ns.action == "from-diffusers":
-        from_diffusers(ns.src, ns.dst, ns.tp)
-        print(json.dumps({"converted": ns.src, "to": ns.dst, "tp": ns.tp}))
-    elif ns.action == "to-diffusers":
-        to_diffusers(ns.src, ns.dst)
-        print(json.dumps({"converted": ns.src, "to": ns.dst}))
+    args = parse(COMMAND, argv)
+    src, flags = args.paths[0], args.flags
+    if args.action == "from-diffusers":
+        from_diffusers(src, args.paths[1], flags.tp)
+        print(json.dumps({"converted": src, "to": args.paths[1], "tp": flags.tp}))
+    elif args.action == "to-diffusers":
+        to_diffusers(src, args.paths[1])
+        print(json.dumps({"converted": src, "to": args.paths[1]}))
     else:
-        print(json.dumps(verify(ns.src, ns.tp, ns.seed)))
+        print(json.dumps(verify(src, flags.tp, flags.seed)))
     return 0

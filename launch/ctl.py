@@ -13,7 +13,6 @@ done, 2 the change was rejected (the reason on stderr), 1 the endpoint cannot be
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import urllib.error
@@ -23,6 +22,17 @@ from pathlib import Path
 import yaml
 
 from mmdit.dataservice.control import CONTROL_JSON, CONTROL_TOKEN
+from mmdit.launch.args import DATA_CHANGES, Action, Command, Flag, parse
+
+RUN_DIR = {"RUN_DIR": "the service's run directory (control.json, control.token), or the demo's"}
+COMMAND = Command("ctl", __doc__, actions=(
+    Action("get", "the data config in force and its version", paths=RUN_DIR, overrides=None),
+    Action("set", "a change, from the first batch no producer holds", paths=RUN_DIR, overrides=DATA_CHANGES, flags=(
+        Flag("preset", "a data config of conf/data (stage1..stage7, quality, ...): every weight table, threshold "
+                       "and the stage, as a whole; KEY=VALUE pairs apply on top", str, metavar="NAME"),
+        Flag("why", "recorded in the history with the change", str, "", "TEXT"))),
+    Action("history", "every version: when, from which step, what, why", paths=RUN_DIR, overrides=None),
+))
 
 
 class Unreachable(RuntimeError):
@@ -75,32 +85,23 @@ def preset(name: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmdit ctl", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("get").add_argument("run_dir")
-    sub.add_parser("history").add_argument("run_dir")
-    p = sub.add_parser("set")
-    p.add_argument("run_dir")
-    p.add_argument("changes", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--preset", help="a data config of conf/data (stage1..stage7, quality, ...): every weight "
-                                    "table, threshold and the stage, as a whole; KEY=VALUE pairs apply on top")
-    p.add_argument("--why", default="", help="recorded in the history with the change")
-    args = parser.parse_args(argv)
+    args = parse(COMMAND, argv)
+    run_dir, flags = args.paths[0], args.flags
     try:
         if args.action == "set":
             try:
-                changes = preset(args.preset) if args.preset else {}
-                changes.update(parse_assignment(a) for a in args.changes)
+                changes = preset(flags.preset) if flags.preset else {}
+                changes.update(parse_assignment(a) for a in args.overrides)
             except ValueError as e:
                 print(f"mmdit ctl: {e}", file=sys.stderr)
                 return 2
             if not changes:
                 print("mmdit ctl: set needs KEY=VALUE pairs or --preset NAME", file=sys.stderr)
                 return 2
-            why = args.why or (f"preset {args.preset}" if args.preset else "")
-            status, reply = request(args.run_dir, "POST", "/config", {"changes": changes, "why": why})
+            why = flags.why or (f"preset {flags.preset}" if flags.preset else "")
+            status, reply = request(run_dir, "POST", "/config", {"changes": changes, "why": why})
         else:
-            status, reply = request(args.run_dir, "GET", "/config" if args.action == "get" else "/history")
+            status, reply = request(run_dir, "GET", "/config" if args.action == "get" else "/history")
     except Unreachable as e:
         print(f"mmdit ctl: {e}", file=sys.stderr)
         return 1

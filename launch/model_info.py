@@ -5,9 +5,12 @@ import json
 import math
 
 from mmdit.config.loader import load_config
+from mmdit.launch.args import Command, parse
 from mmdit.model.mmdit import build_mmdit
 from mmdit.model.sharding import full_shapes, partition_dims
 from mmdit.parallel.state import destroy_parallel, init_fake_parallel, tp_group
+
+COMMAND = Command("model-info", __doc__, sections=("model", "parallel"))
 
 
 def model_info(args, tp: int) -> dict:
@@ -32,6 +35,6 @@ def model_info(args, tp: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    cfg = load_config(argv)
+    cfg = load_config(parse(COMMAND, argv).overrides)
     print(json.dumps(model_info(cfg.model, cfg.parallel.tp)))
     return 0

@@ -5,31 +5,19 @@ from __future__ import annotations
 import json
 import sys
 
+from mmdit.launch.args import Action, Command, parse
 from mmdit.producer.ingest import expand_shards
 from mmdit.producer.produce import produce
 
-
-def shards_override(argv: list[str]) -> list[str]:
-    """Let `data.shards=PATTERN` be written bare: Hydra's grammar would read braces as a dict and
-    commas as a sweep, and the field is a list, so values that are not list literals are quoted
-    into one list; repeated bare `data.shards=` arguments (a shell-expanded glob or brace
-    pattern) add up instead of overriding each other."""
-    out, bare = [], []
-    for arg in argv:
-        if arg.startswith("data.shards=") and not arg.split("=", 1)[1].lstrip().startswith("["):
-            bare.append(arg.split("=", 1)[1].replace("\\", "\\\\").replace("'", "\\'"))
-        else:
-            out.append(arg)
-    if bare:
-        out.append("data.shards=[" + ",".join(f"'{v}'" for v in bare) + "]")
-    return out
+COMMAND = Command("produce", __doc__, sections=("data", "cache", "encoders"), actions=(Action(
+    help="data.shards=PATTERN may be repeated (a shell-expanded glob) and holds braces and globs as they are"),))
 
 
 def main(argv: list[str]) -> int:
     from mmdit.config.loader import load_config
     from mmdit.producer.encoders import Encoders, EncodersNotFoundError
 
-    cfg = load_config(shards_override(argv))
+    cfg = load_config(parse(COMMAND, argv).overrides)
     if not cfg.encoders.dir:
         print("mmdit produce: set encoders.dir=DIR (a Qwen-Image-layout directory; `mmdit make-tiny-encoders DIR` writes a tiny one)", file=sys.stderr)
         return 2

@@ -1,57 +1,63 @@
-"""`mmdit sample RUN_OR_CKPT prompt=... out=DIR`: generate images from a checkpoint (consumer/sample.py)."""
+"""`mmdit sample RUN_OR_CKPT prompt=... out=DIR`: generate images from a checkpoint (consumer/sample.py).
+
+One image per prompt (00.png, 01.png, ...) and, for several, a grid; `image=SRC` makes each prompt
+an edit instruction for SRC. Prints what it wrote, with the settings, as one JSON line.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from mmdit.consumer.sample import SampleConfig, grid, load_sampler
+from mmdit.launch.args import Action, Command, parse
 
 
-def _parse(argv: list[str]) -> tuple[str, dict]:
-    if not argv or "=" in argv[0]:
-        raise ValueError("usage: mmdit sample CKPT_OR_RUN_DIR prompt=... [image=SRC width= height= seed= steps= "
-                         "true_cfg_scale= negative_prompt= encoders=DIR] out=DIR")
-    args: dict = {"prompt": []}
-    for arg in argv[1:]:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ValueError(f"expected key=value, got {arg!r}")
-        if key == "prompt":
-            args["prompt"].append(value)
-        else:
-            args[key] = value
-    if not args["prompt"]:
-        raise ValueError("give at least one prompt=...")
-    return argv[0], args
+@dataclass
+class SampleArgs(SampleConfig):
+    """`mmdit sample`'s keys: the sampling settings (SampleConfig) and what to sample."""
+
+    prompt: list[str] = field(default_factory=list)
+    """A prompt; give several (`prompt=a prompt=b`) for one image each and a grid."""
+    out: str = "samples"
+    """Directory the images are written to."""
+    image: str = ""
+    """A source image: each prompt is then an edit instruction for it."""
+    encoders: str = ""
+    """The VAE and Qwen2.5-VL (a Qwen-Image-layout directory); default: the run's encoders.dir."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.prompt:
+            raise ValueError("give at least one prompt=...")
+
+    def sampling(self) -> SampleConfig:
+        return SampleConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SampleConfig)})
+
+
+COMMAND = Command("sample", __doc__, actions=(Action(
+    paths={"RUN_OR_CKPT": "a run directory (its newest checkpoint) or a checkpoint"}, keys=SampleArgs,
+    overrides=None),))
 
 
 def main(argv: list[str]) -> int:
+    from PIL import Image
     from tqdm import tqdm
 
-    from mmdit.config import ConfigError
-
-    try:
-        source, args = _parse(argv)
-        cfg = SampleConfig(**{k: type(getattr(SampleConfig, k))(args.pop(k)) for k in list(args)
-                              if k in SampleConfig.__dataclass_fields__})
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
-    out = Path(args.pop("out", "samples"))
-    image = Image.open(args.pop("image")) if "image" in args else None
-    encoders = args.pop("encoders", None)
-    prompts = args.pop("prompt")
-    if args:
-        raise ConfigError(f"unknown arguments: {sorted(args)}")
-    sampler = load_sampler(source, encoders)
+    args = parse(COMMAND, argv)
+    keys: SampleArgs = args.keys
+    cfg = keys.sampling()
+    image = Image.open(keys.image) if keys.image else None
+    sampler = load_sampler(args.paths[0], keys.encoders or None)
+    out = Path(keys.out)
     out.mkdir(parents=True, exist_ok=True)
     images, written = [], []
     guided = 2 if cfg.true_cfg_scale > 1 and cfg.negative_prompt else 1
-    with tqdm(total=len(prompts) * cfg.steps * guided, desc="sample", disable=not sys.stderr.isatty()) as bar:
-        for i, prompt in enumerate(prompts):
+    with tqdm(total=len(keys.prompt) * cfg.steps * guided, desc="sample", disable=not sys.stderr.isatty()) as bar:
+        for i, prompt in enumerate(keys.prompt):
             img = sampler.generate(prompt, cfg, image, progress=bar)
             path = out / f"{i:02d}.png"
             img.save(path)
@@ -60,5 +66,5 @@ def main(argv: list[str]) -> int:
     if len(images) > 1:
         grid(images).save(out / "grid.png")
         written.append(str(out / "grid.png"))
-    print(json.dumps({"images": written, "prompts": prompts, **cfg.__dict__}, ensure_ascii=False))
+    print(json.dumps({"images": written, "prompts": keys.prompt, **cfg.__dict__}, ensure_ascii=False))
     return 0

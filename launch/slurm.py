@@ -27,7 +27,6 @@ run.dir / cache.dir reach the processes as Hydra overrides (Hydra-quoted, then s
 
 from __future__ import annotations
 
-import argparse
 import re
 import shlex
 import subprocess
@@ -37,8 +36,12 @@ import unicodedata
 from pathlib import Path
 
 from mmdit.config import ConfigError
+from mmdit.config.explain import sections as config_sections
+from mmdit.launch.args import Action, Command, Flag, parse
 
 RDZV_PORT = 29400
+COMMAND = Command("submit", __doc__, sections=tuple(config_sections()), actions=(Action(
+    help="its overrides reach every process of the job", flags=(Flag("dry-run", "print the script, submit nothing"),)),))
 
 
 class LayoutError(ValueError):
@@ -211,15 +214,13 @@ def _override(key: str, value) -> str:
 def main(argv: list[str]) -> int:
     from mmdit.config.loader import config_yaml, load_config
 
-    parser = argparse.ArgumentParser(prog="mmdit submit", description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
-    ns, overrides = parser.parse_known_args(argv)
-    cfg = load_config(overrides)
+    args = parse(COMMAND, argv)
+    cfg = load_config(args.overrides)
     try:
-        script = render(cfg, overrides)
+        script = render(cfg, args.overrides)
     except LayoutError as e:
         raise ConfigError(f"invalid layout: {e}") from None
-    if ns.dry_run:
+    if args.flags.dry_run:
         print(script, end="")
         return 0
     submit = Path(cfg.run.dir) / "submit"

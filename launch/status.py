@@ -8,10 +8,15 @@ and the checkpoints.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
+
+from mmdit.launch.args import Action, Command, Flag, parse
+
+COMMAND = Command("status", __doc__, actions=(Action(
+    paths={"RUN_DIR": "a run directory (live or finished)"},
+    flags=(Flag("json", "everything as one JSON object"),), overrides=None),))
 
 
 def _last_line(path: Path) -> dict | None:
@@ -81,14 +86,11 @@ def render(info: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmdit status", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir")
-    parser.add_argument("--json", action="store_true", help="everything as one JSON object")
-    args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
+    args = parse(COMMAND, argv)
+    run_dir = Path(args.paths[0])
     if not run_dir.is_dir():
         print(f"mmdit status: {run_dir} is not a directory", flush=True)
         return 2
     info = gather(run_dir)
-    print(json.dumps(info, indent=1) if args.json else render(info))
+    print(json.dumps(info, indent=1) if args.flags.json else render(info))
     return 0

@@ -1,32 +1,27 @@
-"""`mmdit synth OUT [num_samples=N ...]`: synthetic text-rendering shards (producer/synth/)."""
+"""`mmdit synth OUT [num_samples=N ...]`: synthetic text-rendering shards (producer/synth/).
+
+The `synth` section's fields may be written bare: `num_samples=8 kinds.complex=1` is
+`synth.num_samples=8 synth.kinds.complex=1`.
+"""
 
 import sys
 
+from mmdit.launch.args import Action, Command, parse
 from mmdit.producer.synth import scenes
 from mmdit.producer.synth.fonts import TextFitError
 from mmdit.producer.synth.shards import write_shards
 
-SYNTH_FIELDS = ("num_samples", "kinds", "edit_fraction", "samples_per_shard", "seed", "min_side", "max_side",
-                "zh_fraction", "zh_caption_fraction", "font_dir", "backgrounds")
-
-
-def parse_args(argv: list[str]) -> tuple[str, list[str]]:
-    """`OUT [name=value ...]`: bare SynthConfig field names become `synth.<name>` overrides."""
-    if not argv or "=" in argv[0] or argv[0].startswith("-"):
-        raise SystemExit("usage: mmdit synth OUT [num_samples=N] [synth.<field>=value ...]")
-    overrides = []
-    for arg in argv[1:]:
-        name = arg.split("=", 1)[0].lstrip("+~").split(".", 1)[0]  # kinds.complex=1 -> kinds
-        overrides.append(f"synth.{arg}" if name in SYNTH_FIELDS else arg)
-    return argv[0], overrides
+COMMAND = Command("synth", __doc__, sections=("synth",), actions=(Action(
+    paths={"OUT": "directory the webdataset shards are written to"}, section="synth"),))
 
 
 def main(argv: list[str]) -> int:
     from mmdit.config.loader import load_config
     from mmdit.producer.synth.fonts import FontMissingError
 
-    out, overrides = parse_args(argv)
-    cfg = load_config(overrides).synth
+    args = parse(COMMAND, argv)
+    out = args.paths[0]
+    cfg = load_config(args.overrides).synth
     try:
         paths = write_shards(out, cfg)
     except (FontMissingError, TextFitError, scenes.BackgroundsError) as e:

@@ -1,15 +1,16 @@
 """`mmdit make-tiny-encoders DIR`: write tiny random-weight Qwen-Image encoders (producer/tiny_encoders.py)."""
 
-import sys
+from mmdit.launch.args import Action, Command, parse
 
-from mmdit.producer.tiny_encoders import make_tiny_encoders
+COMMAND = Command("make-tiny-encoders", __doc__, actions=(Action(
+    paths={"DIR": "where to write vae/, text_encoder/, tokenizer/, processor/ (the Qwen-Image layout)"},
+    overrides=None),))
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: mmdit make-tiny-encoders DIR", file=sys.stderr)
-        return 2
-    out = make_tiny_encoders(argv[0])
+    from mmdit.producer.tiny_encoders import make_tiny_encoders
+
+    out = make_tiny_encoders(parse(COMMAND, argv).paths[0])
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote tiny Qwen-Image encoders to {out} ({size / 2**20:.1f} MiB)")
     return 0

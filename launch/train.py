@@ -15,6 +15,10 @@ from pathlib import Path
 from mmdit.config import ConfigError
 from mmdit.config.job import JobConfig
 from mmdit.config.loader import load_config
+from mmdit.launch.args import Command, parse
+
+COMMAND = Command("train", __doc__, sections=("train", "optimizer", "checkpoint", "eval", "model", "parallel", "data",
+                                              "service", "encoders", "run", "launch", "seed"))
 
 
 def check_inputs(cfg: JobConfig) -> None:
@@ -33,7 +37,7 @@ def check_inputs(cfg: JobConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    cfg = load_config(argv)
+    cfg = load_config(parse(COMMAND, argv).overrides)
     check_inputs(cfg)
     from mmdit.launch.local import is_rank, main_or_launch
     from mmdit.utils.processes import ProcessTable
