@@ -222,12 +222,16 @@ def test_sigkilled_producer_leaves_a_clean_cache_and_the_rerun_finishes(tmp_path
 
 def test_bare_shard_patterns_on_the_command_line():
     from mmdit.config.loader import load_config
-    from mmdit.launch.produce import shards_override
+    from mmdit.launch.args import parse
+    from mmdit.launch.produce import COMMAND
+
+    def overrides(*argv):
+        return parse(COMMAND, list(argv)).overrides
 
     # braces and globs pass through Hydra untouched; a shell-expanded list adds up
-    cfg = load_config(shards_override(["data.shards=/d/web-{000000..000009}.tar", "data.shards=/e/*.tar", "seed=3"]))
+    cfg = load_config(overrides("data.shards=/d/web-{000000..000009}.tar", "data.shards=/e/*.tar", "seed=3"))
     assert cfg.data.shards == ["/d/web-{000000..000009}.tar", "/e/*.tar"] and cfg.seed == 3
-    assert load_config(shards_override(["data.shards=[a.tar,b.tar]"])).data.shards == ["a.tar", "b.tar"]
+    assert load_config(overrides("data.shards=[a.tar,b.tar]")).data.shards == ["a.tar", "b.tar"]
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ from mmdit.config.loader import load_config
 from mmdit.config.produce import SynthConfig
 from mmdit.producer.synth import scenes
 from mmdit.producer.synth.scenes import BackgroundsError, homography, project
-from mmdit.launch.synth import parse_args
+from mmdit.launch.args import parse
+from mmdit.launch.synth import COMMAND as SYNTH
 from mmdit.producer.synth.shards import make_sample, pick_kind, write_shards
 
 KINDS = ("pure", "compositional", "complex")
@@ -102,7 +103,7 @@ def test_bad_kind_weights_are_refused_by_name(kinds, field):
 
 
 def test_kind_weights_from_the_command_line():
-    out, overrides = parse_args(["out", "kinds.complex=2", "kinds.pure=0", "backgrounds=/x"])
+    overrides = parse(SYNTH, ["out", "kinds.complex=2", "kinds.pure=0", "backgrounds=/x"]).overrides
     assert overrides == ["synth.kinds.complex=2", "synth.kinds.pure=0", "synth.backgrounds=/x"]
     assert load_config(overrides[:2]).synth.kinds == {"pure": 0.0, "compositional": 0.25, "complex": 2.0}
     with pytest.raises(ConfigError, match=r"synth\.kinds\.pure must be a finite weight >= 0"):
