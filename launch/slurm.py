@@ -41,7 +41,8 @@ from mmdit.launch.args import Action, Command, Flag, parse
 
 RDZV_PORT = 29400
 COMMAND = Command("submit", __doc__, sections=tuple(config_sections()), actions=(Action(
-    help="its overrides reach every process of the job", flags=(Flag("dry-run", "print the script, submit nothing"),)),))
+    help="its overrides reach every process of the job",
+    flags=(Flag("dry-run", "print the script, submit nothing"),)),))
 
 
 class LayoutError(ValueError):
