@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from mmdit.config.model import MMDiTArgs
-from mmdit.model.init import ZERO_INIT, init_weights
-from mmdit.model.layers import transformer_engine_available
-from mmdit.model.mmdit import MMDiT, build_mmdit, pack_latents, packed_shape
-from mmdit.parallel.state import init_parallel, tp_group
+from mmdit.config.parallel import ParallelConfig
+from mmdit.model.init import ZERO_INIT
+from mmdit.model.mmdit import MMDiT, pack_latents, packed_shape
+from mmdit.parallel.parallelize import Parallelized, parallelize
+from mmdit.parallel.state import init_parallel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -31,26 +32,23 @@ def rope_axes(head_dim: int) -> list[int]:
     return [head_dim - 2 * side, side, side]
 
 
-def build_model(args: MMDiTArgs, device: str, dtype: torch.dtype, layers: str = "auto", seed: int = 0,
-                attention: str = "sdpa", tp: int = 1, sequence_parallel: bool = False) -> MMDiT:
-    """The real model (this rank's shard at TP=tp) with real weights: init_weights, then the
-    zero-initialized AdaLN modulation and output head drawn small random, so no matmul multiplies
-    zeros (zeros draw less power on a GPU and would flatter its clocks) and every gradient is
-    non-trivial. The weights are the same at every TP size."""
-    init_parallel(tp, backend="gloo" if tp == 1 else None)  # TP=1 issues no collectives: no GPU setup
-    use_te = layers == "te" or (layers == "auto" and device.startswith("cuda") and transformer_engine_available()
-                                and not sequence_parallel)
-    model = build_mmdit(args, tp_group(), device=device, use_te=use_te, params_dtype=dtype, attention=attention,
-                        sequence_parallel=sequence_parallel)
-    init_weights(model, seed=seed)
+def build_model(args: MMDiTArgs, device: str, dtype: str, parallel: ParallelConfig | None = None,
+                seed: int = 0) -> Parallelized:
+    """The real model (this rank's shard at TP=parallel.tp), built by `parallelize` as the trainer's
+    is (`dtype` fp32 | bf16: parameters and compute, no optimizer), with real weights:
+    init_weights, then the zero-initialized AdaLN modulation and output head drawn small random,
+    so no matmul multiplies zeros (zeros draw less power on a GPU and would flatter its clocks)
+    and every gradient is non-trivial. The weights are the same at every TP size."""
+    parallel = parallel or ParallelConfig()
+    init_parallel(parallel.tp, backend="gloo" if parallel.tp == 1 else None)  # TP=1: no collectives, no GPU setup
+    built = parallelize(args, parallel, dtype=dtype, device=device, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in built.model.named_parameters():
             if any(tag in name for tag in ZERO_INIT):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-    model.to(dtype)  # as the trainer does: layers outside the parallel linears are built in fp32
-    model.train()
-    return model
+    built.model.train()
+    return built
 
 
 @dataclass(frozen=True)

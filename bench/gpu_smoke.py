@@ -48,12 +48,17 @@ def mmdit_train(run: Path, *overrides: str) -> list[dict]:
 
 def adam_steps(run: Path) -> list[float]:
     """Every Adam state's step after resuming the run's latest checkpoint, in this process."""
+    import torch
+
     from mmdit.config.loader import load_config
     from mmdit.consumer.trainer import Trainer
     from mmdit.parallel.state import destroy_parallel
 
     trainer = Trainer(load_config([f"run.dir={run}", *TRAIN, "parallel.backend=megatron", "train.dtype=bf16"]))
     try:
+        plan = trainer.plan  # parallel/parallelize.py: what the megatron run was built with
+        check(plan.backend == "megatron" and plan.params_dtype == torch.bfloat16 and not plan.autocast,
+              f"megatron bf16 run planned as: {plan.describe()}")
         chained = getattr(trainer.backend.optimizer, "chained_optimizers", [trainer.backend.optimizer])
         states = [s for o in chained for s in getattr(o, "optimizer", o).state.values()]
         steps = [s["step"] for s in states if "step" in s]
@@ -139,7 +144,7 @@ def main() -> int:
     out = Path(args.out)
     if args.dry_run:
         import mmdit.consumer.trainer  # noqa: F401 - the imports a GPU run needs
-        import mmdit.parallel.backend  # noqa: F401
+        import mmdit.parallel.parallelize  # noqa: F401
 
         print(json.dumps({"plan": ["megatron bf16 train + checkpoint + resume (Adam steps)",
                                    "step-1 loss/grad-norm vs torch backend", "slice: recompute none",

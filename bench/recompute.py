@@ -43,9 +43,8 @@ from common import (  # bench/ is a scripts folder: run as `python bench/recompu
 )
 
 from mmdit.config.model import MMDiTArgs
-from mmdit.config.parallel import RECOMPUTE_POLICIES
+from mmdit.config.parallel import RECOMPUTE_POLICIES, ParallelConfig
 from mmdit.model.flops import mfu, model_params, peak_flops, recompute_extra_flops, step_flops
-from mmdit.parallel.compile import compile_blocks
 from mmdit.parallel.recompute import apply_recompute
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,9 +119,9 @@ def default_out(ns: argparse.Namespace) -> Path:
 
 def measure(ns: argparse.Namespace, args: MMDiTArgs, shape: BatchShape):
     """Memory (one step each) and step times (round-robin) of every policy on one model."""
-    model = build_model(args, ns.device, DTYPES[ns.dtype], ns.linear_layers, seed=ns.seed, attention=ns.attention)
-    if ns.compile:  # as the trainer does with parallel.compile=true
-        compile_blocks(model)
+    # compiled as the trainer's with parallel.compile=true; each policy is applied below, in turn
+    parallel = ParallelConfig(layers=ns.linear_layers, attention=ns.attention, compile=ns.compile)
+    model = build_model(args, ns.device, ns.dtype, parallel, seed=ns.seed).model
     batch = make_batch(args, shape, ns.device, DTYPES[ns.dtype], seed=ns.seed, text_valid=ns.text_valid)
 
     apply_recompute(model, ns.policies[0], ns.every)  # warm-up: kernels, caches, compile, .grad

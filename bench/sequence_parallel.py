@@ -31,6 +31,7 @@ from common import (  # bench/ is a scripts folder: run as `python bench/sequenc
 )
 
 from mmdit.config.model import MMDiTArgs
+from mmdit.config.parallel import ParallelConfig
 from mmdit.parallel.spawn import spawn
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,9 +54,9 @@ def rank_step(rank: int, args: MMDiTArgs, shape: BatchShape, tp: int, sequence_p
     if device == "cuda":  # spawn's ranks join with NCCL, each on the GPU of its local rank
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
-    dtype = DTYPES[dtype_name]
-    model = build_model(args, device, dtype, layers="local", tp=tp, sequence_parallel=sequence_parallel)
-    batch = make_batch(args, shape, device, dtype)
+    parallel = ParallelConfig(tp=tp, layers="local", sequence_parallel=sequence_parallel)
+    model = build_model(args, device, dtype_name, parallel).model
+    batch = make_batch(args, shape, device, DTYPES[dtype_name])
     time_step(model, batch, device)  # warm-up: allocates .grad, so memory below is activations
     memory = measure_memory(model, batch, device)
     times = [time_step(model, batch, device).wall_s for _ in range(repeats)]

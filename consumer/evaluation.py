@@ -32,9 +32,11 @@ class Evaluator:
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
 
     @torch.no_grad()
-    def run(self, model, device, dtype) -> dict:
+    def run(self, model, plan) -> dict:
+        """Score this rank's share with `model` as `plan` (parallel/parallelize.py) runs it."""
         from mmdit.consumer.batch import StepInputs
 
+        device, dtype = plan.device, plan.compute_dtype
         totals = torch.zeros(len(self.sigmas) + 1, dtype=torch.float64)  # per-sigma sums, then a count
         model.eval()
         for sample in self.samples[self.dp_rank::self.dp_size]:
@@ -47,7 +49,7 @@ class Evaluator:
                 sigma = torch.full((1,), s, dtype=torch.float32, device=device)
                 x_s = noisy_input(x0, noise, sigma).to(dtype)
                 tokens = x_s if inputs.cond_tokens is None else torch.cat([x_s, inputs.cond_tokens], dim=1)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                with torch.autocast(device.type, dtype=dtype, enabled=plan.autocast):
                     pred = model(tokens, inputs.txt, inputs.txt_mask, sigma, inputs.image_shapes)
                 totals[k] += float(flow_matching_loss(pred[:, :n].float(), velocity_target(x0, noise)))
             totals[-1] += 1

@@ -3,7 +3,7 @@
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("mmdit.train")
@@ -30,6 +30,8 @@ class StepMetrics:
     global_batch_size: int
     skipped: bool = False
     """The loss or gradient was not finite: no optimizer update was made."""
+    objective: dict[str, float] = field(default_factory=dict)
+    """Figures the objective reports beside its loss (consumer/objectives.py); none for flow."""
 
     def telemetry(self) -> dict:
         """What a trainer reports to the coordinator (dataservice/telemetry.py TRAINER_FIELDS)."""
@@ -62,8 +64,11 @@ class MetricsWriter:
     def write(self, metrics: StepMetrics) -> None:
         self.records.append(metrics)
         if self.enabled:
+            record = asdict(metrics)
+            if not record["objective"]:
+                del record["objective"]
             with self.path.open("a") as f:
-                f.write(json.dumps(asdict(metrics)) + "\n")
+                f.write(json.dumps(record) + "\n")
             if metrics.step % self.log_every == 0 or metrics.step == 1:
                 log.info(metrics.log_line())
             if self.board is not None:
@@ -71,6 +76,8 @@ class MetricsWriter:
                     value = getattr(metrics, name)
                     if value is not None:
                         self.board.add_scalar(f"train/{name}", value, metrics.step)
+                for name, value in metrics.objective.items():
+                    self.board.add_scalar(f"objective/{name}", value, metrics.step)
 
     def write_eval(self, step: int, result: dict) -> None:
         """An evaluation record (consumer/evaluation.py) in metrics.jsonl, TensorBoard and the log."""

@@ -20,10 +20,10 @@ def preview_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "samples" / f"step_{step:08d}"
 
 
-def write_previews(model, encoders, evals, out: Path, write: bool = True) -> list[Path]:
-    """Generate `eval.sample_prompts` with `model`; PNGs under `out` when `write` (one writer per
-    TP group). The model is left in training mode."""
-    sampler = Sampler(model, encoders)
+def write_previews(model, plan, encoders, evals, out: Path, write: bool = True) -> list[Path]:
+    """Generate `eval.sample_prompts` with `model`, run as the trainer's `plan` says; PNGs under
+    `out` when `write` (one writer per TP group). The model is left in training mode."""
+    sampler = Sampler(model, plan, encoders)
     try:
         images = [sampler.generate(prompt, SampleConfig(evals.sample_size, evals.sample_size, evals.sample_steps,
                                                         evals.sample_cfg_scale, seed=i))

@@ -42,17 +42,19 @@ class SampleConfig:
 
 
 class Sampler:
-    """A model (this process, TP=1) with its encoders: prompts in, PIL images out."""
+    """A model with its encoders: prompts in, PIL images out. `plan` (parallel/parallelize.py)
+    says where and in which dtype the model runs: `load_sampler`'s own, or the trainer's for
+    previews (its TP ranks sample together)."""
 
-    def __init__(self, model, encoders):
-        self.model, self.enc = model.eval(), encoders
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+    def __init__(self, model, plan, encoders):
+        self.model, self.plan, self.enc = model.eval(), plan, encoders
 
     def _velocity(self, x, sigma, txt, cond_tokens, shapes):
+        device, dtype = self.plan.device, self.plan.compute_dtype
         tokens = x if cond_tokens is None else torch.cat([x, cond_tokens], dim=1)
-        out = self.model(tokens.to(self.device, self.dtype), txt.unsqueeze(0).to(self.device, self.dtype), None,
-                         sigma.to(self.device) if torch.is_tensor(sigma) else sigma, shapes)
+        with torch.autocast(device.type, dtype=dtype, enabled=self.plan.autocast):
+            out = self.model(tokens.to(device, dtype), txt.unsqueeze(0).to(device, dtype), None,
+                             sigma.to(device) if torch.is_tensor(sigma) else sigma, shapes)
         return out[:, :x.shape[1]].float().to(x.device)
 
     @torch.no_grad()
@@ -112,11 +114,11 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
 
 def load_sampler(source: str | Path, encoders_dir: str | None = None) -> Sampler:
     """The model of a run directory's newest checkpoint (or of a checkpoint), with its encoders."""
+    from mmdit.config.parallel import ParallelConfig
     from mmdit.config.produce import EncodersConfig
     from mmdit.consumer.checkpoint import resume_checkpoint
-    from mmdit.model.checkpoint import checkpoint_args, is_checkpoint, load_model
-    from mmdit.model.mmdit import build_mmdit
-    from mmdit.parallel.state import init_parallel, tp_group
+    from mmdit.model.checkpoint import checkpoint_args, is_checkpoint
+    from mmdit.parallel.parallelize import parallelize
     from mmdit.producer.encoders import Encoders
 
     source = Path(source)
@@ -135,7 +137,5 @@ def load_sampler(source: str | Path, encoders_dir: str | None = None) -> Sampler
         raise FileNotFoundError(f"{source}: neither a run directory nor an mmdit checkpoint")
     if not encoders_dir:
         raise ValueError("no encoders: give encoders=DIR (a Qwen-Image-layout directory)")
-    init_parallel(1)
-    model = build_mmdit(checkpoint_args(model_dir), tp_group())
-    load_model(model, model_dir)
-    return Sampler(model, Encoders.load(EncodersConfig(dir=str(encoders_dir))))
+    built = parallelize(checkpoint_args(model_dir), ParallelConfig(), weights=model_dir)  # this process, TP=1
+    return Sampler(built.model, built.plan, Encoders.load(EncodersConfig(dir=str(encoders_dir))))

@@ -1,8 +1,10 @@
-"""Flow-matching training of the MMDiT with TP x DP: what one rank of `mmdit train` runs.
+"""Training of the MMDiT with TP x DP: what one rank of `mmdit train` runs.
 
-Three layers, as in torchtitan: a batch source whose fetches are timed, `train_step`, and the
-outer loop (`Trainer`) with logging and checkpoints. The command itself (consumer/train.py)
-checks the config and launches ranks without importing this module's model stack.
+Three layers, as in torchtitan: a batch source whose fetches are timed, `micro_step`, and the
+outer loop (`Trainer`) with logging and checkpoints. The model comes from `parallelize()`
+(parallel/parallelize.py) and the loss from the objective slot (consumer/objectives.py), so the
+loop knows neither how the model is parallelized nor what it minimizes. The command itself
+(launch/train.py) checks the config and launches ranks without importing this module's model stack.
 """
 
 import contextlib
@@ -18,7 +20,7 @@ import torch.distributed as dist
 from mmdit.config import ConfigError
 from mmdit.config.job import JobConfig
 from mmdit.config.loader import config_yaml
-from mmdit.consumer.batch import StepInputs
+from mmdit.config.train import check_batch_sizes
 from mmdit.consumer.checkpoint import (
     checkpoint_dir,
     load_checkpoint,
@@ -27,28 +29,17 @@ from mmdit.consumer.checkpoint import (
     save_checkpoint,
 )
 from mmdit.consumer.metrics import METRICS, MetricsWriter, StepMetrics, truncate_after
+from mmdit.consumer.objectives import Objective, build_objective
 from mmdit.consumer.random_data import RandomBatches
 from mmdit.consumer.sample_log import SAMPLES, SampleLog
 from mmdit.consumer.schedule import lr_at as schedule_lr
-from mmdit.model.attention import resolve_attention
 from mmdit.model.flops import mfu, peak_flops, step_flops
-from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
-from mmdit.model.init import init_weights
-from mmdit.model.layers import transformer_engine_available
-from mmdit.model.mmdit import build_mmdit
-from mmdit.parallel.backend import build_backend, resolve_backend
-from mmdit.parallel.compile import compile_blocks
-from mmdit.parallel.recompute import apply_recompute_config
-from mmdit.parallel.state import ParallelDims, any_rank_true, dp_group, init_parallel, tp_group
+from mmdit.parallel.parallelize import parallelize
+from mmdit.parallel.state import any_rank_true, dp_group
 from mmdit.utils.atomic import atomic_write_json, atomic_write_text
-from mmdit.utils.dtypes import resolve_dtype
 from mmdit.utils.processes import ignore_repeated_sigterm
 
 log = logging.getLogger("mmdit.train")
-
-
-def compute_dtype(cfg: JobConfig) -> torch.dtype:
-    return resolve_dtype(cfg.train.dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def lr_at(step: int, cfg: JobConfig) -> float:
@@ -56,44 +47,13 @@ def lr_at(step: int, cfg: JobConfig) -> float:
     return schedule_lr(step, o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps, o.lr_schedule)
 
 
-def sample_noise(cfg: JobConfig, step: int, first_index: int, x0: torch.Tensor, num_target: int):
-    """Noise level and noise of each sample, drawn from a generator keyed by (seed, step, the
-    sample's index in the global batch): the same whatever the DP size or micro-batch split."""
-    sigmas, noise = [], []
-    for i in range(x0.shape[0]):
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 100_003 + first_index + i)
-        sigmas.append(sample_training_sigmas(
-            1, sampling=cfg.train.sigma_sampling, logit_mean=cfg.train.logit_mean, logit_std=cfg.train.logit_std,
-            image_seq_len=num_target if cfg.train.shift_sigmas else None, generator=g))
-        noise.append(torch.randn(x0.shape[1:], generator=g))
-    return torch.cat(sigmas).to(x0.device), torch.stack(noise).to(x0.device)
-
-
-def micro_step(backend, batch: dict, cfg: JobConfig, step: int, first_index: int, device, dtype,
-               scale: float = 1.0, autocast: bool | None = None) -> torch.Tensor:
+def micro_step(backend, objective: Objective, batch: dict, step: int, first_index: int,
+               scale: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Forward and backward of one micro-batch; gradients add up (`scale` weighs this micro-batch's
-    mean loss within the optimizer step). Returns the unscaled loss. `autocast`: run the forward
-    under autocast to `dtype` (fp32 parameters); with parameters already in `dtype` (megatron's
-    bf16 model) it stays off: autocast would bring norm outputs back as fp32 and recast them at
-    every linear."""
-    autocast = dtype != torch.float32 if autocast is None else autocast
-    inputs = StepInputs.from_batch(batch, device, dtype)
-    x0, num_target = inputs.x0, inputs.x0.shape[1]
-    sigmas, noise = sample_noise(cfg, step, first_index, x0, num_target)
-    x_s = noisy_input(x0, noise, sigmas).to(dtype)
-    tokens = x_s if inputs.cond_tokens is None else torch.cat([x_s, inputs.cond_tokens], dim=1)
-    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-        pred = backend.model(tokens, inputs.txt, inputs.txt_mask, sigmas, inputs.image_shapes)
-    # The loss covers target tokens only: condition-image tokens are inputs, not predictions.
-    loss = flow_matching_loss(pred[:, :num_target].float(), velocity_target(x0, noise))
+    mean loss within the optimizer step). Returns the unscaled loss and the objective's figures."""
+    loss, figures = objective.loss(backend.model, batch, step, first_index)
     (loss * scale).backward()
-    return loss.detach()
-
-
-def train_step(backend, batch: dict, cfg: JobConfig, step: int, first_index: int, device, dtype) -> torch.Tensor:
-    """One optimizer step's forward and backward on one micro-batch (no accumulation)."""
-    backend.zero_grad()
-    return micro_step(backend, batch, cfg, step, first_index, device, dtype)
+    return loss.detach(), figures
 
 
 class TrainingError(RuntimeError):
@@ -104,31 +64,12 @@ class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
-        self.dims: ParallelDims = init_parallel(cfg.parallel.tp)
+        built = parallelize(cfg.model, cfg.parallel, dtype=cfg.train.dtype, optimizer=cfg.optimizer, seed=cfg.seed,
+                            weights=cfg.checkpoint.init_from or None)
+        self.model, self.backend, self.plan, self.dims = built.model, built.backend, built.plan, built.dims
         self.rank0 = dist.get_rank() == 0
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        self.dtype = compute_dtype(cfg)
-        use_te = cfg.parallel.layers == "te" or (cfg.parallel.layers == "auto" and transformer_engine_available()
-                                                 and not cfg.parallel.sequence_parallel)
-        on_gpu = self.device.type == "cuda"
-        backend_name = resolve_backend(cfg.parallel)
-        # megatron's optimizer keeps fp32 main weights itself, so its model holds bf16 params.
-        params_dtype = self.dtype if backend_name == "megatron" else torch.float32
-        self.model = build_mmdit(cfg.model, tp_group(), device=self.device, use_te=use_te, params_dtype=params_dtype,
-                                 attention=resolve_attention(cfg.parallel.attention),
-                                 sequence_parallel=cfg.parallel.sequence_parallel)
-        if cfg.checkpoint.init_from:
-            from mmdit.model.checkpoint import load_weights
-
-            load_weights(self.model, cfg.checkpoint.init_from)
-        else:
-            init_weights(self.model, cfg.seed)
-        self.model.to(params_dtype)
-        self.autocast = self.dtype != torch.float32 and params_dtype == torch.float32
-        apply_recompute_config(self.model, cfg.parallel)
-        if cfg.parallel.compile:
-            compile_blocks(self.model)
-        self.backend = build_backend(self.model, cfg.parallel, cfg.optimizer, tp_group(), dp_group(), self.model.config)
+        self.objective = build_objective(cfg, self.plan)
+        self.objective.setup(built)
         self.step, self.bad_steps = 0, 0
         self._encoders = None  # loaded for the first preview
         self.data_state: dict = {}
@@ -143,20 +84,16 @@ class Trainer:
             for name in (METRICS, SAMPLES):
                 truncate_after(self.run_dir / name, self.step)
             prune_checkpoints(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every, resumed_from=resume)
-        per_round = cfg.train.micro_batch_size * self.dims.dp
-        if cfg.train.global_batch_size % per_round:
-            raise ConfigError(f"invalid config: train.global_batch_size={cfg.train.global_batch_size} must be a "
-                              f"multiple of train.micro_batch_size x DP = {per_round}")
-        self.accumulation = max(1, cfg.train.global_batch_size // per_round)
+        try:  # the DP size is known only now (under torchrun, launch.nproc need not say it)
+            self.accumulation = check_batch_sizes(cfg.train, self.dims.dp)
+        except ValueError as e:
+            raise ConfigError(f"invalid config: {e}") from None
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank0, log_every=cfg.train.log_every,
                                      tensorboard=cfg.train.tensorboard)
+        on_gpu = self.plan.device.type == "cuda"
         self.peak = cfg.train.peak_tflops * 1e12 or (peak_flops(torch.cuda.get_device_name()) if on_gpu else None)
         self.stop_requested = False
         self.evaluator = self._evaluator() if cfg.eval.every else None
-        log.info("backend %s | layers %s | attention %s | tp %d%s x dp %d | dtype %s | recompute %s | device %s",
-                 self.backend.name, "transformer-engine" if use_te else "megatron-local", self.model.attention,
-                 self.dims.tp, " (sequence parallel)" if self.model.sequence_parallel_group else "", self.dims.dp,
-                 str(self.dtype).removeprefix("torch."), cfg.parallel.recompute, self.device)
 
     def _evaluator(self):
         from mmdit.consumer.evaluation import Evaluator, held_out_records, random_held_out
@@ -176,7 +113,7 @@ class Trainer:
         return Evaluator(samples, e.sigmas, self.dims.dp_rank, self.dims.dp, dp_group())
 
     def evaluate(self) -> None:
-        result = self.evaluator.run(self.backend.module, self.device, self.dtype)
+        result = self.evaluator.run(self.backend.module, self.plan)
         self.metrics.write_eval(self.step, result)
 
     def preview(self) -> None:
@@ -189,7 +126,7 @@ class Trainer:
             from mmdit.producer.encoders import Encoders
 
             self._encoders = Encoders.load(self.cfg.encoders)
-        paths = write_previews(self.backend.module, self._encoders, self.cfg.eval,
+        paths = write_previews(self.backend.module, self.plan, self._encoders, self.cfg.eval,
                                preview_dir(self.run_dir, self.step), write=self.dims.tp_rank == 0)
         if paths:
             log.info("step %d: samples in %s", self.step, paths[-1].parent)
@@ -250,7 +187,7 @@ class Trainer:
             lr = lr_at(self.step, cfg)
             self.backend.set_lr(lr)
             self.backend.zero_grad()
-            data_wait, losses, micro_batches = 0.0, [], []
+            data_wait, losses, figures, micro_batches = 0.0, [], [], []
             for micro in range(accum):
                 fetch = time.perf_counter()
                 batch = next(data_iter)
@@ -259,16 +196,19 @@ class Trainer:
                 # index in the optimizer step's global batch: noise follows the sample, not the split
                 first_index = (micro * self.dims.dp + self.dims.dp_rank) * batch["latents"].shape[0]
                 with self.backend.no_sync() if micro < accum - 1 else contextlib.nullcontext():
-                    losses.append(micro_step(self.backend, batch, cfg, self.step, first_index, self.device,
-                                             self.dtype, scale=1.0 / accum, autocast=self.autocast))
-            loss_value = self._mean_over_dp(torch.stack(losses).mean())
+                    loss, figs = micro_step(self.backend, self.objective, batch, self.step, first_index,
+                                            scale=1.0 / accum)
+                losses.append(loss)
+                figures.append(figs)
+            loss_value, objective_figures = self._mean_over_dp(losses, figures)
             grad_norm, stepped = self.backend.step(skip=not math.isfinite(loss_value))
             step_time, started = time.perf_counter() - started, time.perf_counter()
             self.step += 1
             if sample_log is not None:
                 for batch in micro_batches:
                     sample_log.write(self.step, batch)
-            m = self._record(micro_batches, loss_value, lr, grad_norm, step_time, data_wait, skipped=not stepped)
+            m = self._record(micro_batches, loss_value, lr, grad_norm, step_time, data_wait, skipped=not stepped,
+                             objective=objective_figures)
             if cfg.train.telemetry and hasattr(batches, "report"):  # to /metrics and the dashboard, with the acks
                 batches.report(m.telemetry())
             self._count_bad_steps(stepped, loss_value, grad_norm)
@@ -301,14 +241,22 @@ class Trainer:
                                 f"{self.step}, loss {loss}, grad norm {grad_norm}); the last checkpoint holds "
                                 "finite weights (train.max_bad_steps)")
 
-    def _mean_over_dp(self, loss: torch.Tensor) -> float:
-        loss = loss.float().cpu() if self.device.type == "cpu" else loss.float()
+    def _mean_over_dp(self, losses: list, figures: list[dict]) -> tuple[float, dict]:
+        """The step's loss and the objective's figures, each the mean over micro-batches and DP
+        ranks: one all-reduce and one host sync for all of them."""
+        loss = torch.stack(losses).mean().float()
+        names = sorted(figures[0])
+        values = torch.stack([loss, *(torch.stack([torch.as_tensor(f[n]).to(loss.device, torch.float32)
+                                                   for f in figures]).mean() for n in names)])
+        values = values.cpu() if self.plan.device.type == "cpu" else values
         if self.dims.dp > 1:
-            dist.all_reduce(loss, group=dp_group())
-            loss = loss / self.dims.dp
-        return loss.item()
+            dist.all_reduce(values, group=dp_group())
+            values = values / self.dims.dp
+        loss, *rest = values.tolist()
+        return loss, dict(zip(names, rest))
 
-    def _record(self, micro_batches, loss, lr, grad_norm, step_time, data_wait, skipped: bool) -> StepMetrics:
+    def _record(self, micro_batches, loss, lr, grad_norm, step_time, data_wait, skipped: bool,
+                objective: dict) -> StepMetrics:
         flops = global_batch = tokens = 0
         for batch in micro_batches:
             latents = batch["latents"]
@@ -324,6 +272,6 @@ class Trainer:
             image_tokens_per_second=tokens / step_time, tflops_per_gpu=per_device / 1e12,
             mfu=mfu(flops, step_time, self.dims.world_size, self.peak) if self.peak else None,
             data_wait_fraction=data_wait / step_time, config_version=int(micro_batches[-1].get("config_version", 0)),
-            step_time_s=step_time, global_batch_size=global_batch, skipped=skipped)
+            step_time_s=step_time, global_batch_size=global_batch, skipped=skipped, objective=objective)
         self.metrics.write(m)
         return m

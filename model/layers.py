@@ -130,7 +130,9 @@ class LinearProvider:
 
     With `sequence_parallel`, a `column` layer is applied through `SequenceShards.column` (which
     gathers its input over the sequence and reduce-scatters the input gradient, so the layer has
-    no all-reduce of its own) and `row` reduce-scatters its output over the sequence.
+    no all-reduce of its own) and `row` reduce-scatters its output over the sequence. Both are
+    megatron-local layers whatever `use_te` says: TE's split dim 0 of [S, B, D], the MMDiT's
+    tokens are dim 1 (the plan never pairs them: parallel/parallelize.py).
     """
 
     config: TransformerConfig
@@ -168,10 +170,6 @@ class LinearProvider:
 def make_linear_provider(args: MMDiTArgs, tp_size: int, tp_group, *, use_te: bool = False,
                          params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False) -> LinearProvider:
     check_heads_divisible(args.num_attention_heads, tp_size)
-    if sequence_parallel and use_te:
-        # TE's linears split the sequence along dim 0 ([S, B, D]) and always all-reduce a column
-        # layer's input gradient; the MMDiT's tokens are dim 1.
-        raise ValueError("parallel.sequence_parallel=true needs parallel.layers=local (or auto), not te")
     config = TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -187,8 +185,7 @@ def make_linear_provider(args: MMDiTArgs, tp_size: int, tp_group, *, use_te: boo
         gradient_accumulation_fusion=False,
         sequence_parallel=False,
     )
-    return LinearProvider(config=config, tp_group=tp_group, use_te=use_te,
-                          sequence_parallel=sequence_parallel and tp_size > 1)
+    return LinearProvider(config=config, tp_group=tp_group, use_te=use_te, sequence_parallel=sequence_parallel)
 
 
 class RMSNorm(nn.Module):

@@ -63,14 +63,15 @@ class AdaNormOut(nn.Module):
 
 
 class MMDiT(nn.Module):
-    def __init__(self, args: MMDiTArgs, linears: LinearProvider, tp_rank: int = 0, attention=None):
+    def __init__(self, args: MMDiTArgs, linears: LinearProvider, tp_rank: int = 0, attention=None,
+                 sequence_parallel_group=None):
         super().__init__()
         self.args = args
         self.kernel = attention or SDPAAttention()  # model/attention.py, shared by every block
         self.attention = self.kernel.name
         self.tp_size, self.tp_rank = linears.tp_size, tp_rank
-        # model/sequence_parallel.py: the blocks' activations split over the TP group
-        self.sequence_parallel_group = linears.tp_group if linears.sequence_parallel else None
+        # model/sequence_parallel.py: the blocks' activations split over this group (the TP group)
+        self.sequence_parallel_group = sequence_parallel_group
         self.config = linears.config  # megatron's TransformerConfig: its DDP reads it
         dim = args.hidden_size
         self.time_text_embed = TimeTextEmbed(dim)
@@ -137,6 +138,8 @@ def build_mmdit(args: MMDiTArgs, tp_group=None, *, device: str | torch.device = 
     """Build this rank's shard of the MMDiT with uninitialized weights on `device` ("meta" too).
 
     Call `init_weights` (model/init.py) or load a checkpoint afterwards. tp_group None means TP=1.
+    The choices come resolved (parallel/parallelize.py's plan): `sequence_parallel` is taken as
+    given, and reaches the linears and the model from here.
     """
     tp_size = tp_group.size() if tp_group is not None else 1
     tp_rank = tp_group.rank() if tp_group is not None else 0
@@ -144,7 +147,8 @@ def build_mmdit(args: MMDiTArgs, tp_group=None, *, device: str | torch.device = 
                                    sequence_parallel=sequence_parallel)
     kernel = make_attention(attention, args.num_attention_heads // tp_size, args.attention_head_dim)
     with torch.device("meta"):
-        model = MMDiT(args, linears, tp_rank=tp_rank, attention=kernel)
+        model = MMDiT(args, linears, tp_rank=tp_rank, attention=kernel,
+                      sequence_parallel_group=tp_group if sequence_parallel else None)
     if str(device) != "meta":
         model.to_empty(device=device)
     mark_tensor_parallel_params(model)

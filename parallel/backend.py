@@ -7,8 +7,8 @@
   which also shards optimizer state over DP. Megatron's DDP and optimizer allocate on CUDA, so
   this is the path a CPU run takes.
 
-`auto` picks megatron on GPU and torch on CPU; the chosen backend is named in the log, and asking
-for megatron without a GPU is an error rather than a silent fallback.
+Which one runs is the plan's choice (parallel/parallelize.py: `auto` picks megatron on GPU and
+torch on CPU; megatron without a GPU is an error rather than a silent fallback).
 """
 
 import contextlib
@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmdit.config.parallel import ParallelConfig
 from mmdit.config.train import OptimizerConfig
 from mmdit.parallel.optimizer_state import OwnedRange, StateReader, state_file, write_rank_state
 from mmdit.utils.atomic import atomic_torch_save
@@ -29,15 +28,6 @@ log = logging.getLogger(__name__)
 
 MEGATRON_GROUPS = "groups.pt"
 """megatron's param-group state (hyperparameters, Adam step), next to the per-rank state files."""
-
-
-def resolve_backend(cfg: ParallelConfig) -> str:
-    if cfg.backend == "auto":
-        return "megatron" if torch.cuda.is_available() else "torch"
-    if cfg.backend == "megatron" and not torch.cuda.is_available():
-        raise RuntimeError("parallel.backend=megatron needs a GPU (megatron DDP/DistributedOptimizer "
-                           "allocate on CUDA); use parallel.backend=torch or auto on CPU")
-    return cfg.backend
 
 
 def grad_norm_tp(params: list[torch.nn.Parameter], tp_group) -> torch.Tensor:
@@ -212,10 +202,13 @@ def weight_decay_groups(model) -> tuple[list, list]:
     return decay, no_decay
 
 
-def build_backend(model, parallel: ParallelConfig, optim: OptimizerConfig, tp_group, dp_group, linear_config):
-    backend = resolve_backend(parallel)
-    if backend == "megatron":
-        return _build_megatron(model, optim, linear_config)
+def build_backend(model, name: str, optim: OptimizerConfig, tp_group, dp_group):
+    """Wrap `model` for data parallelism and build its optimizer: `name` is the plan's backend
+    (megatron | torch), resolved by parallel/parallelize.py."""
+    if name == "megatron":
+        return _build_megatron(model, optim)
+    if name != "torch":
+        raise ValueError(f"unknown backend {name!r}: megatron or torch")
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
@@ -229,7 +222,7 @@ def build_backend(model, parallel: ParallelConfig, optim: OptimizerConfig, tp_gr
     return TorchBackend(model=ddp, module=model, optimizer=optimizer, tp_group=tp_group, grad_clip=optim.grad_clip)
 
 
-def _build_megatron(model, optim: OptimizerConfig, linear_config):
+def _build_megatron(model, optim: OptimizerConfig):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import distrib_optimizer, get_megatron_optimizer
@@ -243,7 +236,7 @@ def _build_megatron(model, optim: OptimizerConfig, linear_config):
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
                                                use_distributed_optimizer=True, check_for_nan_in_grad=True)
-    ddp = DistributedDataParallel(config=linear_config, ddp_config=ddp_config, module=model)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     optimizer = get_megatron_optimizer(
         MegatronOptimizerConfig(

@@ -89,23 +89,19 @@ def saved_run(tmp_path_factory) -> Path:
     `save_checkpoint` in one process."""
     from mmdit.config.loader import load_config
     from mmdit.consumer.checkpoint import save_checkpoint
-    from mmdit.model.init import init_weights
-    from mmdit.model.mmdit import build_mmdit
-    from mmdit.parallel.backend import build_backend
-    from mmdit.parallel.state import destroy_parallel, dp_group, init_parallel, tp_group
+    from mmdit.parallel.parallelize import parallelize
+    from mmdit.parallel.state import destroy_parallel
 
     run = tmp_path_factory.mktemp("saved_run")
     cfg = load_config(["parallel.backend=torch"])
-    dims = init_parallel(1)
     try:
-        model = build_mmdit(cfg.model, tp_group())
-        init_weights(model, 0)
-        backend = build_backend(model, cfg.parallel, cfg.optimizer, tp_group(), dp_group(), model.config)
+        built = parallelize(cfg.model, cfg.parallel, optimizer=cfg.optimizer, seed=0)
+        model, backend = built.model, built.backend
         for step in (1, 2):
             for p in model.parameters():
                 p.grad = torch.full_like(p, 1e-3)
             assert backend.step()[1]
-            save_checkpoint(run, step, model, WithEMA(backend), dims, {"cursor": step}, {"seed": 0})
+            save_checkpoint(run, step, model, WithEMA(backend), built.dims, {"cursor": step}, {"seed": 0})
     finally:
         destroy_parallel()
     return run

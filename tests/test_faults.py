@@ -130,17 +130,13 @@ def test_a_producer_serves_the_batch_without_a_damaged_record(tmp_path):
 
 def test_a_non_finite_gradient_skips_the_update(tmp_path):
     from mmdit.config.loader import load_config
-    from mmdit.model.init import init_weights
-    from mmdit.model.mmdit import build_mmdit
-    from mmdit.parallel.backend import build_backend
-    from mmdit.parallel.state import destroy_parallel, dp_group, init_parallel, tp_group
+    from mmdit.parallel.parallelize import parallelize
+    from mmdit.parallel.state import destroy_parallel
 
     cfg = load_config(["parallel.backend=torch"])
-    init_parallel(1)
     try:
-        model = build_mmdit(cfg.model, tp_group())
-        init_weights(model, 0)
-        backend = build_backend(model, cfg.parallel, cfg.optimizer, tp_group(), dp_group(), model.config)
+        built = parallelize(cfg.model, cfg.parallel, optimizer=cfg.optimizer, seed=0)
+        model, backend = built.model, built.backend
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         for p in model.parameters():
             p.grad = torch.ones_like(p)

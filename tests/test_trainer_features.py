@@ -30,15 +30,13 @@ def test_schedules_warm_up_then_decay_to_min_lr():
 
 def test_weight_decay_only_on_matrices():
     from mmdit.config.loader import load_config
-    from mmdit.model.mmdit import build_mmdit
-    from mmdit.parallel.backend import build_backend
-    from mmdit.parallel.state import destroy_parallel, dp_group, init_parallel, tp_group
+    from mmdit.parallel.parallelize import parallelize
+    from mmdit.parallel.state import destroy_parallel
 
     cfg = load_config(["optimizer.weight_decay=0.1"])
-    init_parallel(1)
     try:
-        model = build_mmdit(cfg.model, tp_group())
-        backend = build_backend(model, cfg.parallel, cfg.optimizer, tp_group(), dp_group(), model.config)
+        built = parallelize(cfg.model, cfg.parallel, optimizer=cfg.optimizer, seed=0)
+        model, backend = built.model, built.backend
         groups = backend.optimizer.param_groups
         decay = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
         no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
@@ -245,25 +243,27 @@ def test_an_exported_checkpoint_generates_in_the_diffusers_pipeline(trained, tin
 def test_the_loss_covers_target_tokens_only():
     """Edit and reconstruction batches carry condition tokens; whatever the model says about
     them never enters the loss."""
-    from mmdit.config.loader import load_config
-    from mmdit.consumer.trainer import micro_step
+    from mmdit.config.parallel import ParallelConfig
+    from mmdit.config.train import TrainConfig
+    from mmdit.consumer.objectives import FlowObjective
+    from mmdit.parallel.parallelize import resolve
 
-    class Backend:
+    class Model:
         def __init__(self, cond_value):
             self.cond_value = cond_value
             self.weight = torch.nn.Parameter(torch.zeros(()))
 
-        def model(self, tokens, txt, mask, sigmas, shapes):
+        def __call__(self, tokens, txt, mask, sigmas, shapes):
             out = torch.zeros_like(tokens) + self.weight
             n = shapes[0][1] * shapes[0][2]
             out[:, n:] = self.cond_value  # the condition image's tokens
             return out
 
-    cfg = load_config([])
+    flow = FlowObjective(TrainConfig(), seed=0, plan=resolve(ParallelConfig(), device="cpu"))
     g = torch.Generator().manual_seed(0)
     batch = {"latents": torch.randn(2, 16, 8, 8, generator=g), "cond_latents": torch.randn(2, 16, 8, 8, generator=g),
              "prompt_embeds": torch.randn(2, 5, 64, generator=g), "prompt_mask": torch.ones(2, 5, dtype=torch.bool)}
-    losses = [float(micro_step(Backend(v), batch, cfg, 0, 0, torch.device("cpu"), torch.float32)) for v in (0.0, 1e6)]
+    losses = [float(flow.loss(Model(v), batch, step=0, first_index=0)[0]) for v in (0.0, 1e6)]
     assert losses[0] == losses[1] and math.isfinite(losses[0])
 
 
