@@ -58,7 +58,7 @@ def _own_field_docs(cls: type) -> dict[str, str]:
 
 
 def first_line(doc: str) -> str:
-    """The doc's first sentence-bearing line (for listings)."""
+    """The doc's first paragraph, on one line (for listings)."""
     return " ".join(doc.split("\n\n", 1)[0].split())
 
 
@@ -86,7 +86,7 @@ class KeyInfo:
 
     key: str
     owner: type
-    """The dataclass that declares the field."""
+    """The class that declares the field (a base class, for an inherited one)."""
     field: str
     type: object
     doc: str
@@ -115,7 +115,8 @@ def lookup(key: str) -> KeyInfo:
             raise unknown_key(key)
         f, tp = fields[name], typing.get_type_hints(cls)[name]
         rest = parts[i + 1:]
-        info = KeyInfo(".".join(parts[:i + 1]), cls, name, tp, field_docs(cls).get(name, ""), _default(f))
+        declared_in = next(k for k in cls.__mro__ if name in k.__dict__.get("__annotations__", {}))
+        info = KeyInfo(".".join(parts[:i + 1]), declared_in, name, tp, field_docs(cls).get(name, ""), _default(f))
         if dataclasses.is_dataclass(tp):
             if not rest:
                 info.section, info.doc = tp, info.doc or inspect.cleandoc(tp.__doc__ or "")
@@ -127,7 +128,7 @@ def lookup(key: str) -> KeyInfo:
         if typing.get_origin(tp) is dict and len(rest) == 1:  # one entry of a table
             value_type = typing.get_args(tp)[1] if typing.get_args(tp) else object
             default = info.default.get(rest[0], UNSET) if isinstance(info.default, dict) else UNSET
-            return KeyInfo(key, cls, name, value_type, info.doc, default)
+            return KeyInfo(key, declared_in, name, value_type, info.doc, default)
         raise unknown_key(key)
     raise unknown_key(key)
 
