@@ -108,11 +108,13 @@ class FilterConfig:
     min_aspect: float = 0.25
     """Aspect range W/H kept (outside it, a centre crop to any bucket would lose too much)."""
     max_aspect: float = 4.0
+    """Upper end of the aspect range W/H kept."""
     min_blur: float = 0.0
     """Minimum Laplacian variance (sharpness) of the 256-pixel thumbnail's grey levels (0..255)."""
     min_brightness: float = 0.0
     """Mean grey level range kept, in 0..1."""
     max_brightness: float = 1.0
+    """Upper end of the mean grey level kept, in 0..1."""
     max_saturation: float = 1.0
     """Maximum mean HSV saturation, in 0..1 (over-saturated, garish images)."""
     min_contrast: float = 0.0
@@ -120,7 +122,9 @@ class FilterConfig:
     min_entropy: float = 0.0
     """Minimum grey-histogram entropy in bits (0..8); flat images score 0."""
     min_caption_chars: int = 1
+    """Shortest caption kept, in characters."""
     max_caption_chars: int = 4000
+    """Longest caption kept, in characters."""
     drop_duplicates: bool = True
     """Keep only the first sample of each perceptual hash (or of each near-duplicate cluster)."""
     duplicate_distance: int = 0
@@ -132,7 +136,9 @@ class FilterConfig:
     drop_watermark: bool = False
     """Drop samples the annotation model flags as watermarked (unannotated samples pass)."""
     drop_qr_code: bool = False
+    """Drop samples the annotation model flags as holding a QR code (unannotated samples pass)."""
     drop_mosaic: bool = False
+    """Drop samples the annotation model flags as mosaicked or pixelated (unannotated samples pass)."""
     max_text_chars: int = -1
     """The text stage: longest rendered text kept, in characters (0: images without text only; a
     few dozen: short text; -1: any). From the samples' metadata (synthetic renderings record it)."""

@@ -36,6 +36,7 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     seed: int = 0
+    """The job's seed: weights' init, noise per sample, the batch plan; a run is a function of it."""
 
 
 ConfigStore.instance().store(name="job_schema", node=JobConfig)

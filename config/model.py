@@ -16,14 +16,19 @@ class MMDiTArgs:
     num_layers: int = 60
     """Dual-stream blocks."""
     num_attention_heads: int = 24
+    """Attention heads per stream; parallel.tp must divide it (each TP rank owns whole heads)."""
     attention_head_dim: int = 128
+    """Width of one head; hidden size = num_attention_heads * attention_head_dim."""
     joint_attention_dim: int = 3584
     """Width of the condition encoder's (Qwen2.5-VL) hidden states."""
     mlp_ratio: float = 4.0
+    """MLP hidden width / hidden size (GELU-tanh MLP in both streams)."""
     axes_dims_rope: list[int] = field(default_factory=lambda: [16, 56, 56])
     """MSRoPE dims per axis (frame, row, col); they sum to attention_head_dim."""
     rope_theta: int = 10000
+    """MSRoPE base frequency."""
     eps: float = 1e-6
+    """Epsilon of the LayerNorms (no affine) and the q/k RMSNorms."""
 
     def __post_init__(self):
         for name in ("patch_size", "in_channels", "out_channels", "num_layers", "num_attention_heads",

@@ -64,6 +64,7 @@ class AnnotateConfig:
     """A local CLIP or SigLIP directory (AutoModel + AutoProcessor) that scores image-caption
     alignment; auto: <encoders.dir>/alignment if it exists, else skip; none or '': skip."""
     batch_size: int = 8
+    """Samples per VL-model generate call."""
     max_new_tokens: int = 256
     """Longest answer generated; a JSON object cut off here counts as unparseable."""
     image_area: int = 448 * 448
@@ -88,6 +89,7 @@ class SynthConfig:
     KINDS = ("pure", "compositional", "complex")  # not a field: the kind names `kinds` may weigh
 
     num_samples: int = 64
+    """Samples to render in all."""
     kinds: dict[str, float] = field(default_factory=lambda: {"pure": 0.5, "compositional": 0.25, "complex": 0.25})
     """Relative weight of each kind: pure (text on a plain or gradient background), compositional
     (text in perspective on a surface in a scene), complex (slides, app/web screens, posters)."""
@@ -95,9 +97,11 @@ class SynthConfig:
     """Fraction of pure samples that are edit triplets (source, instruction, target); the other
     kinds are text-to-image only, so edits are edit_fraction x the pure share of all samples."""
     samples_per_shard: int = 32
+    """Samples per webdataset shard (synth-%06d.tar)."""
     seed: int = 0
     """Sample i is a pure function of (seed, i)."""
     min_side: int = 256
+    """Smallest image width or height drawn, in pixels."""
     max_side: int = 768
     """Image width and height are drawn independently from [min_side, max_side]."""
     zh_fraction: float = 0.5

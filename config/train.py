@@ -31,7 +31,9 @@ class TrainConfig:
     sigma_sampling: str = "logit_normal"
     """How training noise levels are drawn: uniform | logit_normal."""
     logit_mean: float = 0.0
+    """Mean of the normal whose sigmoid gives the noise level (sigma_sampling=logit_normal)."""
     logit_std: float = 1.0
+    """Its standard deviation."""
     shift_sigmas: bool = True
     """Apply Qwen-Image's resolution-dependent shift to sampled sigmas."""
     data_source: str = "random"
@@ -39,10 +41,13 @@ class TrainConfig:
     random_height: int = 256
     """Image height in pixels for data_source=random."""
     random_width: int = 256
+    """Image width in pixels for data_source=random."""
     random_text_len: int = 24
+    """Prompt tokens per random sample."""
     random_pool_size: int = 16
     """Distinct random samples cycled through with data_source=random."""
     log_every: int = 1
+    """Print a log line every N steps (metrics.jsonl gets every step)."""
     max_bad_steps: int = 5
     """A step whose loss or gradient is not finite is skipped (no optimizer update, counted in
     metrics.jsonl); this many in a row stop the run with an error."""
@@ -94,12 +99,15 @@ class OptimizerConfig:
     lr_schedule: str = "cosine"
     """Decay after warmup: cosine | linear | constant."""
     warmup_steps: int = 5
+    """Steps of linear warmup from 0 to lr."""
     decay_steps: int = 0
     """Steps (warmup included) over which the rate decays to min_lr; 0: train.steps."""
     weight_decay: float = 0.0
     """AdamW weight decay, applied to weight matrices only (not to biases and norm weights)."""
     adam_beta1: float = 0.9
+    """AdamW's first-moment decay."""
     adam_beta2: float = 0.999
+    """AdamW's second-moment decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
 
@@ -151,9 +159,11 @@ class EvalConfig:
     """Generate `sample_prompts` every N steps into run.dir/samples/step_N/ (0: never); needs
     encoders.dir. Same prompts and seeds every time, so the images show what training changes."""
     sample_prompts: list[str] = field(default_factory=lambda: list(PREVIEW_PROMPTS))
+    """The prompts sampled every sample_every steps (English and Chinese text rendering by default)."""
     sample_size: int = 256
     """Width and height of the sampled images (a multiple of 16)."""
     sample_steps: int = 20
+    """Euler steps of the flow sampler per image."""
     sample_cfg_scale: float = 4.0
     """True classifier-free guidance scale (1: none) of the samples."""
 
