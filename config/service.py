@@ -24,7 +24,12 @@ class RpcSettings:
     host: str = "127.0.0.1"
     """Address of the coordinator's RPC store (TensorPipe rank 0)."""
     port: int = 29600
-    """Coordinator RPC store port."""
+    """Coordinator RPC store port. 0: any free one, which `mmdit serve` publishes in
+    run.dir/address.json; clients then find it with service.address_from."""
+    address_from: str = ""
+    """A `mmdit serve` run dir (or its address.json): join the service at the address it published
+    there, in place of service.host/service.port (a client waits for it as long as it would wait
+    to join). `mmdit serve` itself ignores it."""
     rpc_timeout_s: float = 60.0
     """Default timeout of one RPC (a batch transfer included)."""
     join_timeout_s: float = 60.0
@@ -122,8 +127,8 @@ class ServiceConfig(CoordinatorSettings, ProducerSettings, ClientSettings):
         for name in ("simulate_encode_s", "step_time_s", "max_runtime_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"service.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"service.port must be in 1..65535, got {self.port}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"service.port must be in 1..65535, or 0 for any free one, got {self.port}")
         if not 0 <= self.control_port < 65536:
             raise ValueError(f"service.control_port must be in 0..65535, got {self.control_port}")
         if self.heartbeat_s >= self.lease_timeout_s:

@@ -39,6 +39,7 @@ import torch.distributed.rpc as torch_rpc
 
 from mmdit.config.service import ClientSettings
 from mmdit.dataservice import protocol, rpc
+from mmdit.dataservice.address import resolve
 from mmdit.dataservice.plan import Cursor
 from mmdit.dataservice.protocol import Location
 
@@ -63,9 +64,12 @@ class ServiceClient:
         self.cfg, self.dp_rank, self.dp_size, self.micro_batch_size = settings, dp_rank, dp_size, micro_batch_size
         self.name = name or rpc.incarnation_name("trainer")
         self._own_rpc = not torch_rpc.is_available() or not _rpc_initialized()
+        self.address = None  # where the service is, once joined here (not when this process joined already)
         if self._own_rpc:
-            self.rank = rpc.join(self.name, settings.host, settings.port, rpc_timeout_s=settings.rpc_timeout_s,
-                                 join_timeout_s=settings.join_timeout_s, num_worker_threads=settings.rpc_threads)
+            self.address = resolve(settings, settings.join_timeout_s)
+            self.rank = rpc.join(self.name, self.address.host, self.address.port, service_id=self.address.service_id,
+                                 rpc_timeout_s=settings.rpc_timeout_s, join_timeout_s=settings.join_timeout_s,
+                                 num_worker_threads=settings.rpc_threads)
         else:
             self.name = torch_rpc.get_worker_info().name
             self.rank = torch_rpc.get_worker_info().id
@@ -114,7 +118,7 @@ class ServiceClient:
         service = rpc.call(rpc.COORDINATOR, protocol.describe_service, timeout_s=self.cfg.rpc_timeout_s, retries=2)
         problems = protocol.disagreements(expect, service) if service is not None else []
         if problems:
-            raise ConfigError(f"this trainer does not match the data service at {self.cfg.host}:{self.cfg.port}: "
+            raise ConfigError(f"this trainer does not match the data service at {self.address or 'this RPC group'}: "
                               + "; ".join(problems))
 
     def _register(self) -> None:

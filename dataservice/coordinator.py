@@ -31,6 +31,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from torch.futures import Future
 
 from mmdit.config.service import CoordinatorSettings, ServiceConfig
 from mmdit.dataservice import protocol, rpc
+from mmdit.dataservice.address import ServiceAddress, publish, withdraw
 from mmdit.dataservice.plan import Cursor, DataVersion, PlannedBatch, Planner, PlanSpec, Selection, validate_history
 from mmdit.dataservice.protocol import Lease, Location, Registration, ServiceDescription
 from mmdit.dataservice.telemetry import Telemetry
@@ -660,23 +662,28 @@ class CoordinatorService:
         self.status_path = Path(run_dir) / "service.json"
         self.status_path.parent.mkdir(parents=True, exist_ok=True)
         protocol.serve(protocol.COORDINATOR, self.coordinator)
+        service_id = uuid.uuid4().hex
         try:
-            rpc.join(rpc.COORDINATOR, settings.host, settings.port, rank=0, rpc_timeout_s=settings.rpc_timeout_s,
-                     join_timeout_s=settings.join_timeout_s, num_worker_threads=settings.rpc_threads)
+            rpc.join(rpc.COORDINATOR, settings.host, settings.port, rank=0, service_id=service_id,
+                     rpc_timeout_s=settings.rpc_timeout_s, join_timeout_s=settings.join_timeout_s,
+                     num_worker_threads=settings.rpc_threads)
         except BaseException:
             protocol.stop_serving(protocol.COORDINATOR)
             raise
+        self.address = ServiceAddress(settings.host, rpc.hosted_port(), service_id)
         from mmdit.dataservice import dashboard
         from mmdit.dataservice.control import ControlServer
 
+        self.run_dir = Path(run_dir)
         self.control = ControlServer(self.coordinator, settings.control_host, settings.control_port, run_dir)
         dashboard.install(self.control, self.coordinator, self.coordinator.telemetry, run_dir)
         self.dashboard_url = f"{self.control.url}/dashboard"
-        log.info("coordinator up on %s:%d: %d samples in the universe (%s), fingerprint %s", settings.host,
-                 settings.port, len(selection), self.selection_counts, self.fingerprint)
+        log.info("coordinator up on %s: %d samples in the universe (%s), fingerprint %s", self.address,
+                 len(selection), self.selection_counts, self.fingerprint)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._tick, name="coordinator-reaper", daemon=True)
         self._thread.start()
+        self.address_path = publish(run_dir, self.address, self.control.url)  # last: the service is up
 
     def _tick(self) -> None:
         last_status = 0.0
@@ -707,6 +714,7 @@ class CoordinatorService:
         """Stop the reaper and leave RPC; the store host leaves last, so never gracefully."""
         self._stop.set()
         self._thread.join(timeout=5)
+        withdraw(self.run_dir, self.address.service_id)  # first: no new client finds a stopping service
         self.write_status()
         self.control.close()
         rpc.leave(graceful=False)

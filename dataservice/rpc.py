@@ -51,6 +51,7 @@ BACKEND_NAME = "MMDIT_TENSORPIPE"
 _TOKEN_KEY = "RpcGroupManagementToken"  # torch's key: its own tools see the same critical section
 _MEMBERS_KEY = "_ALL_WORKER_INFOS"  # torch's member list "name-rank,name-rank,"
 _RANK_COUNTER = "mmdit_rank_counter"
+_SERVICE_ID = "mmdit_service_id"  # the coordinator's id, as published with its address (address.py)
 _incarnations = itertools.count()
 
 
@@ -82,9 +83,29 @@ def _connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def allocate_rank(host: str, port: int, timeout_s: float) -> int:
-    """A rank never used before in this group (1, 2, ...): ranks must be unique per incarnation."""
-    return int(_connect_store(host, port, timeout_s).add(_RANK_COUNTER, 1))
+def allocate_rank(host: str, port: int, timeout_s: float, service_id: str = "") -> int:
+    """A rank never used before in this group (1, 2, ...): ranks must be unique per incarnation.
+    With `service_id` (from a published address), only in the group of the service that has it."""
+    store = _connect_store(host, port, timeout_s)
+    if service_id:
+        theirs = store.get(_SERVICE_ID).decode() if store.check([_SERVICE_ID]) else ""
+        if theirs != service_id:
+            raise RpcError(f"the service at {host}:{port} is not the one whose address was published (service id "
+                           f"{theirs or 'none'}, published {service_id}): that service is gone and another took its port")
+    return int(store.add(_RANK_COUNTER, 1))
+
+
+def _hosted_store() -> dist.TCPStore:
+    """The store this process hosts (rank 0), under the prefix stores torch's init_rpc wraps it in."""
+    store = rpc_api._get_current_rpc_agent().store
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return store
+
+
+def hosted_port() -> int:
+    """The port of the store this process hosts (rank 0): the one the kernel gave it for port 0."""
+    return int(_hosted_store().port)
 
 
 # ----------------------------------------------------------------------------- membership
@@ -201,9 +222,12 @@ def _backend():
     return backend_registry.BackendType[BACKEND_NAME]
 
 
-def join(name: str, host: str, port: int, *, rank: int | None = None, rpc_timeout_s: float = 60.0,
-         join_timeout_s: float = 60.0, notify_timeout_s: float = 10.0, num_worker_threads: int = 16) -> int:
-    """Join the group whose store is at host:port as `name`; rank 0 creates it. Returns the rank.
+def join(name: str, host: str, port: int, *, rank: int | None = None, service_id: str = "",
+         rpc_timeout_s: float = 60.0, join_timeout_s: float = 60.0, notify_timeout_s: float = 10.0,
+         num_worker_threads: int = 16) -> int:
+    """Join the group whose store is at host:port as `name`; rank 0 creates it (port 0: on any
+    free port, see `hosted_port`) and records `service_id` in it; other ranks with a
+    `service_id` join only a group that has it. Returns the rank.
 
     Peers on loopback talk over loopback (TP_SOCKET_IFNAME=lo unless set), so tests never depend
     on how this machine's hostname resolves.
@@ -216,32 +240,19 @@ def join(name: str, host: str, port: int, *, rank: int | None = None, rpc_timeou
                      stale_token_s=max(2 * notify_timeout_s + 5.0, 10.0))
     try:
         if rank is None:
-            rank = allocate_rank(host, port, join_timeout_s)
+            rank = allocate_rank(host, port, join_timeout_s, service_id)
         # TCP (uv) only: TensorPipe's shared-memory transport, its default between processes of one
         # host, busy-polls a reactor thread at 100% of a core in every process, idle or not.
         opts = rpc.TensorPipeRpcBackendOptions(init_method=rendezvous_url(host, port), rpc_timeout=rpc_timeout_s,
                                                num_worker_threads=num_worker_threads, _transports=["uv"])
         rpc.init_rpc(name, backend=_backend(), rank=rank, rpc_backend_options=opts)
+        if rank == 0 and service_id:
+            _hosted_store().set(_SERVICE_ID, service_id)
     except (RuntimeError, ValueError, OSError) as e:  # c10d raises DistNetworkError/DistStoreError (RuntimeErrors)
         where = "host" if rank == 0 else "reach"
         raise RpcError(f"{name}: cannot {where} the data service's RPC group at {host}:{port} "
-                       f"(service.host/service.port; is `mmdit serve` running?): {str(e).splitlines()[0][:300]}") from e
+                       f"(service.host/service.port or service.address_from; is `mmdit serve` running?): {str(e).splitlines()[0][:300]}") from e
     return rank
-
-
-def check_reachable(host: str, port: int, timeout_s: float = 10.0) -> None:
-    """Raise RpcError unless something accepts connections at host:port within `timeout_s`
-    (a launcher checks this before it starts any rank)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return
-        except OSError as e:
-            if time.monotonic() > deadline:
-                raise RpcError(f"no data service at {host}:{port} ({e.strerror or e}): start `mmdit serve` first, "
-                               "or check service.host and service.port") from None
-            time.sleep(0.2)
 
 
 def _drain(agent, timeout_s: float) -> bool:

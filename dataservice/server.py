@@ -34,6 +34,7 @@ from torch.futures import Future
 from mmdit.cache import DamagedRecord
 from mmdit.config.service import ProducerSettings
 from mmdit.dataservice import protocol, rpc
+from mmdit.dataservice.address import ServiceUnreachable, resolve
 from mmdit.dataservice.plan import PlanError, PlannedBatch, shard_bounds
 from mmdit.dataservice.protocol import Lease, Shard
 
@@ -325,9 +326,11 @@ def run_producer(cfg) -> int:
     stages = resolve_stages(cache, fingerprint)
     encode_hook = _on_demand_encoder(cfg, cache, stages)
     try:
-        rank = rpc.join(name, settings.host, settings.port, rpc_timeout_s=settings.rpc_timeout_s,
-                        join_timeout_s=settings.join_timeout_s, num_worker_threads=settings.rpc_threads)
-    except rpc.RpcError as e:
+        address = resolve(settings, settings.join_timeout_s)
+        rank = rpc.join(name, address.host, address.port, service_id=address.service_id,
+                        rpc_timeout_s=settings.rpc_timeout_s, join_timeout_s=settings.join_timeout_s,
+                        num_worker_threads=settings.rpc_threads)
+    except (rpc.RpcError, ServiceUnreachable) as e:
         print(f"mmdit producer: {e}", file=sys.stderr)
         return 1
     server = ProducerServer(settings, cache, stages, name, rank, encode_hook)

@@ -29,7 +29,6 @@ from mmdit.utils.processes import (
     ProcessTable,
     ServeProcess,
     child_env,
-    free_port,
     ignore_repeated_sigterm,
     signal_group,
 )
@@ -171,15 +170,17 @@ def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
     print(f"   {notes['done']} annotated ({notes['annotated']}; the tiny random VL writes no JSON), "
           f"{notes['alignment_scored']} alignment scores", flush=True)
     dp = cfg.launch.nproc // cfg.parallel.tp
-    service = [f"service.port={free_port()}", f"service.dp_size={dp}"]
+    service = [f"service.dp_size={dp}"]
     print("== serve", flush=True)
+    # any free port (service.port=0 unless overridden), which the trainer reads where serve published it
     serve = ServeProcess([*common, f"run.dir={run / 'service'}", "service.producers=2", *service])
     table.add("serve", "demo_serve", serve.proc.pid)
     print(f"   dashboard {serve.info['dashboard']}  (live while the demo trains; also `mmdit status {run}`)",
           flush=True)
     bar = TrainingBar(run / "metrics.jsonl", cfg.train.steps)
     try:
-        stages.run("train", mmdit("train", *common, "train.data_source=service", *service), while_running=bar)
+        stages.run("train", mmdit("train", *common, "train.data_source=service", *service, *serve.client_overrides),
+                   while_running=bar)
     finally:
         bar.close()
         serve.stop(timeout=2 * cfg.service.shutdown_timeout_s)

@@ -1,9 +1,11 @@
 """`mmdit serve`: the data service on this machine, as real processes.
 
 This process is the coordinator (RPC rank 0, the store host); it starts `service.producers`
-producer processes (`mmdit producer`, same overrides), records every process
-in run.dir/processes.json, logs producers to run.dir/logs/, and keeps run.dir/service.json
-current. It runs until SIGTERM/SIGINT (or `service.max_runtime_s`), then stops the producers
+producer processes (`mmdit producer`, same overrides, joined to the port the store got), records
+every process in run.dir/processes.json, logs producers to run.dir/logs/, and keeps
+run.dir/service.json current. Once it serves, its address is in run.dir/address.json (with
+service.port=0 the store takes any free port: clients join with service.address_from=run.dir)
+and in its `serving` line on stdout; it removes the file when it stops. It runs until SIGTERM/SIGINT (or `service.max_runtime_s`), then stops the producers
 (SIGTERM: they hand their leases back and leave the group) and leaves last.
 
 One service per run dir: it locks run.dir/service.lock before it writes anything (a second
@@ -38,7 +40,7 @@ def main(argv: list[str]) -> int:
     stop = SignalStop()
     try:
         with stop.interrupting():
-            lock = ServiceLock.acquire(run_dir, rpc=f"{svc.host}:{svc.port}")
+            lock = ServiceLock.acquire(run_dir)  # the addresses once bound (service.port may be 0)
     except ServiceLockHeld as e:
         print(f"mmdit serve: {e}", file=sys.stderr)
         stop.restore()
@@ -72,14 +74,19 @@ def _serve(cfg, argv: list[str], run_dir: Path, stop: SignalStop, lock: ServiceL
                 print(f"mmdit serve: {e}", file=sys.stderr)
                 code = 2
                 return code
-            lock.record(control=service.control.url)
+            where = service.address
+            lock.record(rpc=f"{where.host}:{where.port}", control=service.control.url)
+            # the port it got, not service.port (maybe 0), nor another service's address_from
+            producer_argv = ["producer", *argv, f"service.host={where.host}", f"service.port={where.port}",
+                             "service.address_from="]
             for n in range(svc.producers):
                 procs.append(start(
-                    python_command("mmdit.launch.cli", ["producer", *argv]), table, "producer",
+                    python_command("mmdit.launch.cli", producer_argv), table, "producer",
                     lambda pid, n=n: rpc.incarnation_name("producer", n=n, pid=pid),
                     env={"MMDIT_INCARNATION": str(n)}, log_path=run_dir / "logs" / f"producer-{n}.log"))
         print(f"dashboard: {service.dashboard_url}", file=sys.stderr, flush=True)
-        print(json.dumps({"event": "serving", "host": svc.host, "port": svc.port, "control": service.control.url,
+        print(json.dumps({"event": "serving", "host": where.host, "port": where.port,
+                          "address_file": str(service.address_path), "control": service.control.url,
                           "dashboard": service.dashboard_url,
                           "selected": service.selection_counts,
                           "producers": [p.pid for p in procs]}), flush=True)
@@ -115,13 +122,14 @@ def _serve(cfg, argv: list[str], run_dir: Path, stop: SignalStop, lock: ServiceL
 
 def _abandon_start_up(run_dir: Path, rpc) -> None:
     """Undo what a start-up cut short may have done: joined RPC (`rpc`: the module, None if its
-    import never finished), written the control files (this process holds the run dir's lock:
-    any there are its own, or a dead service's)."""
+    import never finished), written the control files or published its address (this process
+    holds the run dir's lock: any there are its own, or a dead service's)."""
     if rpc is not None:
         rpc.leave(graceful=False)
+    from mmdit.dataservice.address import ADDRESS_JSON
     from mmdit.dataservice.control import CONTROL_JSON, CONTROL_TOKEN
 
-    for name in (CONTROL_JSON, CONTROL_TOKEN):
+    for name in (ADDRESS_JSON, CONTROL_JSON, CONTROL_TOKEN):
         (run_dir / name).unlink(missing_ok=True)
 
 

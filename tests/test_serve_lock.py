@@ -25,7 +25,7 @@ from mmdit.dataservice.control import ControlServer
 from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
 from mmdit.launch.service_lock import ServiceLock, ServiceLockHeld
-from mmdit.utils.processes import ServeProcess, free_port, signal_group
+from mmdit.utils.processes import ServeProcess, signal_group
 
 
 def coordinator() -> Coordinator:
@@ -71,7 +71,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def serve_args(cache_dir, run_dir, **extra) -> list[str]:
-    base = {"cache.dir": cache_dir, "run.dir": run_dir, "service.port": free_port(), "service.producers": 1,
+    base = {"cache.dir": cache_dir, "run.dir": run_dir, "service.port": 0, "service.producers": 1,
             "service.heartbeat_s": 0.5, "service.join_timeout_s": 120, "service.shutdown_timeout_s": 1}
     return [f"{k}={v}" for k, v in {**base, **extra}.items()]
 
@@ -111,16 +111,19 @@ def test_a_second_service_on_a_run_dir_exits_2_and_a_crashed_one_blocks_nothing(
             assert reply.status == 200
     finally:
         first.kill()  # SIGKILL to the service and its producer: a crash, nothing cleaned up
+    assert json.loads((run / "address.json").read_text())["port"] == first.info["port"]  # stale, left behind
 
     third = ServeProcess(serve_args(cache_dir, run))  # the kernel released the crashed one's lock
     try:
         assert third.info["control"] != first.info["control"]
+        assert json.loads((run / "address.json").read_text())["port"] == third.info["port"]  # its own now
         wait_until(lambda: producer_joined(run, third.info["producers"][0]), 300, "the producer to join", third.proc)
         code, stopped = third.stop(timeout=300)
     finally:
         third.kill()
     assert code == 0 and stopped["event"] == "stopped"
     assert not (run / "control.json").exists() and not (run / "control.token").exists()
+    assert not (run / "address.json").exists()
     # a producer that stopped gracefully is recorded as such, however long its interpreter took to
     # exit after that (longer than this 1-s stop timeout; before, SIGKILLed and recorded -9)
     log = (run / "logs" / "producer-0.log").read_text()
@@ -148,6 +151,7 @@ def test_sigterm_during_start_up_stops_serve_there_with_nothing_left(cache_dir, 
     assert proc.returncode == 130, err[-2000:]
     assert "SIGTERM during start-up" in err and '"serving"' not in out
     assert not (run / "control.json").exists() and not (run / "control.token").exists()
+    assert not (run / "address.json").exists()
     producers = rows(run, "producer") if (run / "processes.json").exists() else []
     deadline = time.monotonic() + 60
     while any(alive(r["pid"]) for r in producers):

@@ -193,7 +193,9 @@ def die_with_parent() -> None:
     """Called first thing by every mmdit process: when started by another one (`child_env`),
     ask the kernel to SIGKILL it when that parent dies, even by SIGKILL (Linux
     PR_SET_PDEATHSIG), so a killed launcher never leaves ranks or producers behind. (Set here,
-    not in a pre-exec hook, which is unsafe in a parent that runs threads.)"""
+    not in a pre-exec hook, which is unsafe in a parent that runs threads.) The kernel sends it
+    when the parent *thread* that started the child exits: start children from a thread that
+    lives as long as they should (not from a short-lived pool worker)."""
     parent = os.environ.get(PARENT_ENV)
     if not parent:
         return
@@ -303,26 +305,42 @@ def stop_all(procs: list[subprocess.Popen], table: ProcessTable | None, timeout_
 class ServeProcess:
     """`mmdit serve` as a child process, ready once it printed its `serving` line.
 
-    `info` is that line (port, selection counts, producer pids); `stop()` sends SIGTERM, which
-    makes the service stop its producers and leave, and returns (exit code, its `stopped` line).
+    It binds any free port (service.port=0, unless `overrides` set one) and publishes it;
+    `info` is the `serving` line (host, port, address_file, control URL, selection counts,
+    producer pids) and `client_overrides` point a trainer, consumer or producer at it. `stop()`
+    sends SIGTERM, which makes the service stop its producers and leave, and returns (exit code,
+    its `stopped` line). With `wait=False` it returns at once: `wait_serving()` then waits (start
+    several at once from one thread: a child dies with the thread that started it, see
+    `die_with_parent`).
     """
 
-    def __init__(self, overrides: list[str], timeout: float = 120):
+    def __init__(self, overrides: list[str], timeout: float = 120, wait: bool = True):
         # its own process group, holding its producers: kill() reaches them all
-        self.proc = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "serve", *overrides],
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "serve", "service.port=0", *overrides],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      start_new_session=True, env=child_env())
+        self.info: dict = {}
+        if wait:
+            self.wait_serving(timeout)
+
+    def wait_serving(self, timeout: float = 120) -> dict:
+        """The `serving` line, once printed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if select.select([self.proc.stdout], [], [], 0.5)[0]:
                 line = self.proc.stdout.readline()
                 if '"serving"' in line:
                     self.info = json.loads(line)
-                    return
+                    return self.info
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mmdit serve exited with {self.proc.returncode}")
         self.kill()
         raise TimeoutError(f"mmdit serve did not start within {timeout:.0f} s")
+
+    @property
+    def client_overrides(self) -> list[str]:
+        """The overrides that make a client join this service (by the address it published)."""
+        return [f"service.address_from={self.info['address_file']}"]
 
     def stop(self, timeout: float = 60) -> tuple[int, dict]:
         if self.proc.poll() is None:
