@@ -25,14 +25,14 @@ def _brief(summary: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from mmdit.dataservice.rpc import check_reachable
+    from mmdit.dataservice.address import reach
     from mmdit.launch.local import is_rank, main_or_launch
 
     cfg = load_config(parse(COMMAND, argv).overrides)
     svc, tp = cfg.service, cfg.parallel.tp
     if tp > 1 and svc.dp_rank >= 0:
         raise ConfigError("service.dp_rank selects one rank with parallel.tp=1 only; with TP, start all ranks")
-    check_reachable(svc.host, svc.port, min(10.0, svc.join_timeout_s))
+    reach(svc, min(10.0, svc.join_timeout_s))
     code = main_or_launch("consume", argv, cfg, role="consumer", nproc=svc.dp_size * tp if svc.dp_rank < 0 else 1)
     if code is not None:
         return code

@@ -26,14 +26,14 @@ def check_inputs(cfg: JobConfig) -> None:
     if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
         raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist")
     if cfg.train.data_source == "service":
-        from mmdit.dataservice.rpc import check_reachable
+        from mmdit.dataservice.address import reach
 
         # by hand, a missing service is a quick error; under a launcher (SLURM), the service may
         # still be starting on another node: wait as long as joining would
         from mmdit.utils.processes import is_rank
 
         timeout = cfg.service.join_timeout_s if is_rank() else min(10.0, cfg.service.join_timeout_s)
-        check_reachable(cfg.service.host, cfg.service.port, timeout)
+        reach(cfg.service, timeout)
 
 
 def main(argv: list[str]) -> int:
