@@ -2,7 +2,9 @@
 
 A segment stacks its records' `latents` [N,16,H/8,W/8], concatenates their variable-length
 `prompt_embeds` along tokens [sum L_i, D] and, when any record has one, their flattened
-`cond_latents`; per-record metadata (key, task, caption, source, token count, cond shape, the
+`cond_latents`, each in the dtype it was written in (latents fp32; prompt features bf16 by
+default, fp32 in caches written before cache.feature_dtype: readers return what is stored, so
+one cache may hold both); per-record metadata (key, task, caption, source, token count, cond shape, the
 CRC-32 of its tensor bytes) sits in the safetensors header, so a segment describes itself and
 any safetensors reader can mmap it. Tensor data starts on a page (the header is padded).
 """
@@ -189,7 +191,9 @@ def parse_header(path: str, header: dict, base: int, size: int) -> Segment:
 
 
 def encode_segment(fingerprint: str, bucket: tuple[int, int], records: list[dict]) -> list:
-    """The segment file's bytes, as chunks to write in order."""
+    """The segment file's bytes, as chunks to write in order. Tensors keep their records' dtype
+    (records of mixed dtypes are stored in the wider), and each record's CRC covers the bytes
+    as stored."""
     latents = torch.stack([r["latents"].contiguous() for r in records])
     embeds = torch.cat([r["prompt_embeds"].contiguous() for r in records])
     tensors = {"latents": latents, "prompt_embeds": embeds}
@@ -205,7 +209,7 @@ def encode_segment(fingerprint: str, bucket: tuple[int, int], records: list[dict
                 "key": r["key"], "task": r["task"], "caption": r["caption"], "source": r["source"],
                 "tokens": int(r["prompt_embeds"].shape[0]),
                 "cond_shape": list(r["cond_latents"].shape) if r.get("cond_latents") is not None else None,
-                "crc": tensor_crc(r["latents"].to(latents.dtype), r["prompt_embeds"],
+                "crc": tensor_crc(r["latents"].to(latents.dtype), r["prompt_embeds"].to(embeds.dtype),
                             r["cond_latents"].to(latents.dtype) if r.get("cond_latents") is not None else None),
             }
             for r in records

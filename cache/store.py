@@ -40,6 +40,7 @@ unrepaired, so a repair that leaves nothing unrepaired leaves a cache that verif
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -189,7 +190,9 @@ class LatentCache:
         """`keys` of one bucket as one batch, without per-record tensors: `latents` [B,16,h,w],
         `prompt_embeds` [B,Lmax,D] zero-padded, `prompt_mask` [B,Lmax] bool, `cond_latents`
         [B,16,h',w'] when every record has one (all of one shape), and the lists `keys`,
-        `task`, `caption`, `source`. ValueError if the records do not stack."""
+        `task`, `caption`, `source`. Tensors have the dtype their records are stored in (the
+        wider one when segments differ: bf16 and fp32 features give fp32). ValueError if the
+        records do not stack."""
         runs = self._runs(keys, fingerprint)
         metas = [None] * len(keys)
         for seg, i0, i1, where in runs:
@@ -206,31 +209,37 @@ class LatentCache:
         lengths = [m["tokens"] for _, m in metas]
         b, lmax = len(keys), max(lengths)
         seg0 = metas[0][0]
-        lat_dtype, lat_shape, _ = seg0.tensors["latents"]
-        emb_dtype, (_, d), _ = seg0.tensors["prompt_embeds"]
-        # read straight into the batch tensors: no intermediate copy, padding zeroed alone
+        segs = [seg for seg, *_ in runs]
+        lat_shape = seg0.tensors["latents"][1]
+        lat_dtype = _widest(seg.tensors["latents"][0] for seg in segs)
+        emb_dtype = _widest(seg.tensors["prompt_embeds"][0] for seg in segs)
+        d = seg0.tensors["prompt_embeds"][1][1]
+        # read straight into the batch tensors: no intermediate copy (unless a segment stores
+        # another dtype), padding zeroed alone
         latents = torch.empty((b, *lat_shape[1:]), dtype=lat_dtype)
         embeds = torch.empty((b, lmax, d), dtype=emb_dtype)
         cond = torch.empty((b, *cond_shape), dtype=lat_dtype) if cond_shape else None
+        stored: dict[int, tuple] = {}  # j -> its tensors as stored, what its CRC covers
         for seg, i0, i1, where in runs:
             with self._opened(seg.path) as fd:
                 dest = [where[i][0] for i in range(i0, i1)]
                 contiguous = dest == list(range(dest[0], dest[0] + len(dest)))
-                _, shape, off = seg.tensors["latents"]
-                per = shape[1] * shape[2] * shape[3] * lat_dtype.itemsize
-                if contiguous:  # the common case: a bucket's keys in listing order
-                    _pread_into(fd, latents[dest[0]:dest[0] + len(dest)], off + i0 * per)
+                seg_lat, shape, lat_off = seg.tensors["latents"]
+                seg_emb, _, emb_off = seg.tensors["prompt_embeds"]
+                per = shape[1] * shape[2] * shape[3] * seg_lat.itemsize
+                if contiguous and seg_lat == lat_dtype:  # the common case: a bucket's keys in listing order
+                    _pread_into(fd, latents[dest[0]:dest[0] + len(dest)], lat_off + i0 * per)
+                    lat_of = {j: latents[j] for j in dest}
                 else:
-                    for i, j in zip(range(i0, i1), dest):
-                        _pread_into(fd, latents[j], off + i * per)
-                _, _, off = seg.tensors["prompt_embeds"]
+                    lat_of = {j: _read_as(fd, latents[j], lat_off + i * per, seg_lat) for i, j in zip(range(i0, i1), dest)}
                 tok = seg.token_offsets
                 for i, j in zip(range(i0, i1), dest):
-                    _pread_into(fd, embeds[j, :lengths[j]], off + tok[i] * d * emb_dtype.itemsize)
-                if cond is not None:
-                    _, _, off = seg.tensors["cond_latents"]
-                    for i, j in zip(range(i0, i1), dest):
-                        _pread_into(fd, cond[j], off + seg.cond_offsets[i] * lat_dtype.itemsize)
+                    emb = _read_as(fd, embeds[j, :lengths[j]], emb_off + tok[i] * d * seg_emb.itemsize, seg_emb)
+                    c = None
+                    if cond is not None:
+                        _, _, off = seg.tensors["cond_latents"]
+                        c = _read_as(fd, cond[j], off + seg.cond_offsets[i] * seg_lat.itemsize, seg_lat)
+                    stored[j] = (lat_of[j], emb, c)
                 for i in range(i0, i1):  # a key asked for twice: copy the first read
                     for j in where[i][1:]:
                         latents[j] = latents[where[i][0]]
@@ -238,8 +247,7 @@ class LatentCache:
                         if cond is not None:
                             cond[j] = cond[where[i][0]]
         for j, (seg, m) in enumerate(metas):  # the same checks as read_available
-            c = cond[j] if cond is not None else None
-            if "crc" in m and tensor_crc(latents[j], embeds[j, :lengths[j]], c) != m["crc"]:
+            if j in stored and "crc" in m and tensor_crc(*stored[j]) != m["crc"]:
                 raise self._mark_damaged(fingerprint, m["key"], DamagedRecord(seg.path, m["key"], "checksum mismatch"))
         for j, n in enumerate(lengths):
             if n < lmax:
@@ -522,6 +530,21 @@ class LatentCache:
                 rec["cond_latents"] = cnd[n].view(meta["cond_shape"])
             out.append(rec)
         return out
+
+
+def _widest(dtypes) -> torch.dtype:
+    """The dtype every one of `dtypes` converts to without loss (bf16 and fp32: fp32)."""
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def _read_as(fd: int, out: torch.Tensor, offset: int, stored: torch.dtype) -> torch.Tensor:
+    """Fill `out` with the tensor stored at `offset` in dtype `stored` (converted when `out` has
+    another); returns the tensor as stored (`out` itself when the dtypes agree)."""
+    if stored == out.dtype:
+        return _pread_into(fd, out, offset)
+    got = _pread(fd, stored, tuple(out.shape), offset)
+    out.copy_(got)
+    return got
 
 
 def _pread(fd: int, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:

@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 from mmdit.utils.dtypes import check_dtype
 
+FEATURE_DTYPES = ("bf16", "fp32")
+"""What cache.feature_dtype may be: bf16 keeps fp32's range at half the bytes (fp16 does not)."""
+
 
 @dataclass
 class CacheConfig:
@@ -16,10 +19,15 @@ class CacheConfig:
     segment_seconds: float = 5.0
     """...or once its oldest unpublished record is this old: fewer, larger files read faster
     and index faster, while a killed producer loses at most this much work."""
+    feature_dtype: str = "bf16"
+    """How producers store prompt features (`prompt_embeds`): bf16 (half the bytes to store, read
+    and send; what the encoder computes on a GPU) or fp32. Readers take either, so a cache may
+    hold both; latents stay fp32. Not part of the fingerprint: changing it re-encodes nothing."""
 
     def __post_init__(self):
         if self.segment_records < 1 or self.segment_seconds < 0:
             raise ValueError("cache.segment_records must be >= 1 and cache.segment_seconds >= 0")
+        check_dtype("cache.feature_dtype", self.feature_dtype, FEATURE_DTYPES)
 
 
 @dataclass

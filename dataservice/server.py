@@ -19,6 +19,7 @@ Run as a process: `mmdit producer key=value ...` (what `mmdit serve` starts, onc
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import os
@@ -43,12 +44,14 @@ log = logging.getLogger("mmdit.producer")
 
 def collate(records: list[dict], batch: PlannedBatch, *, seq: int, gen: int, producer: str) -> dict:
     """One DP shard in the design brief's Batch layout; prompt embeddings zero-padded to the
-    longest prompt of the shard, `prompt_mask` marking real tokens."""
+    longest prompt of the shard, `prompt_mask` marking real tokens. Tensors keep the dtype the
+    cache stores (prompt features bf16 or fp32); a shard mixing both is fp32, whatever the order."""
     if not records:
         raise ValueError(f"batch {batch.batch_id}: empty shard")
     lengths = [r["prompt_embeds"].shape[0] for r in records]
     dim = records[0]["prompt_embeds"].shape[1]
-    embeds = torch.zeros(len(records), max(lengths), dim, dtype=records[0]["prompt_embeds"].dtype)
+    dtype = functools.reduce(torch.promote_types, (r["prompt_embeds"].dtype for r in records))
+    embeds = torch.zeros(len(records), max(lengths), dim, dtype=dtype)
     mask = torch.zeros(len(records), max(lengths), dtype=torch.bool)
     for i, (r, n) in enumerate(zip(records, lengths)):
         embeds[i, :n] = r["prompt_embeds"]

@@ -7,7 +7,10 @@ Outputs are float32 on the CPU whatever the compute dtype, ready for the latent 
 
 The fingerprint names everything that changes a cached feature (weights, tokenizer, templates,
 token limits, preprocessing, compute dtype), so a cache keyed by it misses instead of serving
-stale features. Weight identity is sampled, not a full hash: config, file names and sizes, every
+stale features. The dtype the cache *stores* features in (cache.feature_dtype) is not in it: a
+bf16 copy of a feature is the same feature at storage precision, readers take either, so a cache
+written in fp32 stays valid for a bf16 writer (the two mix) instead of being encoded again.
+Weight identity is sampled, not a full hash: config, file names and sizes, every
 safetensors header, and 3 x 4 KiB of every tensor. That costs milliseconds on 16 GB of weights and
 changes whenever a tensor is retrained; an edit confined to the middle of one tensor would not.
 

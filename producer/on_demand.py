@@ -65,7 +65,8 @@ class OnDemandEncoder:
         for it in items:
             groups[(it.row["task"], it.row["bucket_h"], it.row["bucket_w"], it.row.get("src_bucket_h"))].append(it)
         fingerprint = self.fingerprint(stage)
-        encode = Encoder(self.encoders, fingerprint, Report(fingerprint, self.encoders.fingerprint, 0))
+        encode = Encoder(self.encoders, fingerprint, Report(fingerprint, self.encoders.fingerprint, 0),
+                         feature_dtype=self.cfg.cache.feature_dtype)
         records = []
         with self._lock:
             for (_, h, w, _), group in groups.items():

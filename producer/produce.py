@@ -62,6 +62,7 @@ from mmdit.producer.encoders import preprocess_image
 from mmdit.producer.ingest import ErrorLog, SampleError, decode_sample, expand_shards, sample_key, tar_samples
 from mmdit.producer.scores import score_sample
 from mmdit.utils.atomic import atomic_write_json
+from mmdit.utils.dtypes import resolve_dtype
 
 log = logging.getLogger("mmdit.produce")
 
@@ -247,11 +248,17 @@ def _read_ahead(raws, pool: ThreadPoolExecutor, ctx: Context, known: dict, out: 
 
 
 class Encoder:
-    """Runs the encoders on one bucket batch and builds its cache records."""
+    """Runs the encoders on one bucket batch and builds its cache records: latents in fp32,
+    prompt features in `feature_dtype` (cache.feature_dtype)."""
 
-    def __init__(self, encoders, fingerprint: str, report: Report, batch_hook=None, reconstruction: bool = False):
+    def __init__(self, encoders, fingerprint: str, report: Report, batch_hook=None, reconstruction: bool = False,
+                 feature_dtype: str = CacheConfig.feature_dtype):
         self.enc, self.fp, self.report, self.batch_hook = encoders, fingerprint, report, batch_hook
         self.reconstruction = reconstruction
+        self.feature_dtype = resolve_dtype(feature_dtype, "cpu")
+
+    def _features(self, embeds: torch.Tensor) -> torch.Tensor:
+        return embeds.to(self.feature_dtype).contiguous()
 
     def __call__(self, items: list[Item], bucket: tuple[int, int]) -> list[dict]:
         t0 = time.perf_counter()
@@ -275,7 +282,7 @@ class Encoder:
             rec = {
                 "key": it.key, "fingerprint": self.fp, "bucket": bucket, "task": task, "caption": captions[i],
                 "source": it.row["source"], "latents": latents[i].float().contiguous(),
-                "prompt_embeds": embeds[i].float().contiguous(),
+                "prompt_embeds": self._features(embeds[i]),
             }
             if cond is not None:
                 rec["cond_latents"] = cond[i].float().contiguous()
@@ -294,7 +301,7 @@ class Encoder:
         self.report.reconstruction += len(items)
         return [{"key": it.key + RECONSTRUCTION, "fingerprint": self.fp, "bucket": bucket, "task": "reconstruction",
                  "caption": it.caption, "source": it.row["source"], "latents": latents[i].float().contiguous(),
-                 "cond_latents": latents[i].float().contiguous(), "prompt_embeds": embeds[i].float().contiguous()}
+                 "cond_latents": latents[i].float().contiguous(), "prompt_embeds": self._features(embeds[i])}
                 for i, it in enumerate(items)]
 
 
@@ -315,7 +322,7 @@ class CacheBuilder:
         self.ctx = Context(data, bucket_set(data.base_resolution), getattr(encoders, "preprocess_image", preprocess_image))
         self.report = Report(self.fp, encoders.fingerprint, len(self.urls))
         self.errors = ErrorLog()
-        self.encode = Encoder(encoders, self.fp, self.report, batch_hook, data.reconstruction)
+        self.encode = Encoder(encoders, self.fp, self.report, batch_hook, data.reconstruction, cache_cfg.feature_dtype)
         self.cached = set(self.cache.keys(self.fp))
         self.last_scan = time.monotonic()
         self.known = self._known_rows()
