@@ -231,7 +231,8 @@ class LatentCache:
                     _pread_into(fd, latents[dest[0]:dest[0] + len(dest)], lat_off + i0 * per)
                     lat_of = {j: latents[j] for j in dest}
                 else:
-                    lat_of = {j: _read_as(fd, latents[j], lat_off + i * per, seg_lat) for i, j in zip(range(i0, i1), dest)}
+                    lat_of = {j: _read_as(fd, latents[j], lat_off + i * per, seg_lat)
+                              for i, j in zip(range(i0, i1), dest)}
                 tok = seg.token_offsets
                 for i, j in zip(range(i0, i1), dest):
                     emb = _read_as(fd, embeds[j, :lengths[j]], emb_off + tok[i] * d * seg_emb.itemsize, seg_emb)

@@ -64,7 +64,7 @@ class ServiceClient:
         self.cfg, self.dp_rank, self.dp_size, self.micro_batch_size = settings, dp_rank, dp_size, micro_batch_size
         self.name = name or rpc.incarnation_name("trainer")
         self._own_rpc = not torch_rpc.is_available() or not _rpc_initialized()
-        self.address = None  # where the service is, once joined here (not when this process joined already)
+        self.address = None  # where it joined the service (None: this process was in the RPC group already)
         if self._own_rpc:
             self.address = resolve(settings, settings.join_timeout_s)
             self.rank = rpc.join(self.name, self.address.host, self.address.port, service_id=self.address.service_id,

@@ -91,7 +91,8 @@ def allocate_rank(host: str, port: int, timeout_s: float, service_id: str = "") 
         theirs = store.get(_SERVICE_ID).decode() if store.check([_SERVICE_ID]) else ""
         if theirs != service_id:
             raise RpcError(f"the service at {host}:{port} is not the one whose address was published (service id "
-                           f"{theirs or 'none'}, published {service_id}): that service is gone and another took its port")
+                           f"{theirs or 'none'}, published {service_id}): that service is gone and another took "
+                           "its port")
     return int(store.add(_RANK_COUNTER, 1))
 
 
@@ -250,8 +251,9 @@ def join(name: str, host: str, port: int, *, rank: int | None = None, service_id
             _hosted_store().set(_SERVICE_ID, service_id)
     except (RuntimeError, ValueError, OSError) as e:  # c10d raises DistNetworkError/DistStoreError (RuntimeErrors)
         where = "host" if rank == 0 else "reach"
-        raise RpcError(f"{name}: cannot {where} the data service's RPC group at {host}:{port} "
-                       f"(service.host/service.port or service.address_from; is `mmdit serve` running?): {str(e).splitlines()[0][:300]}") from e
+        raise RpcError(f"{name}: cannot {where} the data service's RPC group at {host}:{port} (service.host/"
+                       f"service.port or service.address_from; is `mmdit serve` running?): "
+                       f"{str(e).splitlines()[0][:300]}") from e
     return rank
 
 

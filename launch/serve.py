@@ -5,8 +5,9 @@ producer processes (`mmdit producer`, same overrides, joined to the port the sto
 every process in run.dir/processes.json, logs producers to run.dir/logs/, and keeps
 run.dir/service.json current. Once it serves, its address is in run.dir/address.json (with
 service.port=0 the store takes any free port: clients join with service.address_from=run.dir)
-and in its `serving` line on stdout; it removes the file when it stops. It runs until SIGTERM/SIGINT (or `service.max_runtime_s`), then stops the producers
-(SIGTERM: they hand their leases back and leave the group) and leaves last.
+and in its `serving` line on stdout; it removes the file when it stops. It runs until
+SIGTERM/SIGINT (or `service.max_runtime_s`), then stops the producers (SIGTERM: they hand their
+leases back and leave the group) and leaves last.
 
 One service per run dir: it locks run.dir/service.lock before it writes anything (a second
 `mmdit serve` there exits 2 naming the first; see launch/service_lock.py). A signal during

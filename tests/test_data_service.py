@@ -21,7 +21,7 @@ from mmdit.cache.store import LatentCache
 from mmdit.config.service import ClientSettings
 from mmdit.consumer.sample_log import read_samples
 from mmdit.dataservice.plan import DataVersion, PlanSpec, SampleRef, Selection, plan_epoch
-from mmdit.utils.processes import ServeProcess, free_port
+from mmdit.utils.processes import ServeProcess
 
 pytestmark = pytest.mark.slow  # real processes
 
@@ -70,11 +70,14 @@ def cache_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def overrides(cache_dir, run_dir, port, **extra) -> list[str]:
-    base = {"cache.dir": cache_dir, "run.dir": str(run_dir), "seed": SEED, "service.port": port,
+def overrides(cache_dir, run_dir, **extra) -> list[str]:
+    """For the service and its clients alike: it binds any free port and publishes it in run_dir,
+    where they find it (no port chosen beforehand that another test's service could take)."""
+    base = {"cache.dir": cache_dir, "run.dir": str(run_dir), "seed": SEED, "service.port": 0,
+            "service.address_from": str(run_dir),
             "service.dp_size": DP, "train.micro_batch_size": MBS, "service.heartbeat_s": 0.5,
             "service.lease_timeout_s": 5, "service.rpc_timeout_s": 60, "service.join_timeout_s": 120,
-            "service.consumer_timeout_s": 120, "service.shutdown_timeout_s": 20, "launch.master_port": free_port()}
+            "service.consumer_timeout_s": 120, "service.shutdown_timeout_s": 20}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -131,7 +134,7 @@ def service_status(run_dir, timeout: float = 300) -> dict:
 def churn_run(cache_dir, tmp_path_factory):
     """3 producers, 2 DP consumers, 2 epochs; one producer SIGKILLed mid-epoch 0."""
     run_dir = tmp_path_factory.mktemp("churn")
-    args = overrides(cache_dir, run_dir, free_port(), **{"service.producers": 3, "service.shutdown_timeout_s": 60})
+    args = overrides(cache_dir, run_dir, **{"service.producers": 3, "service.shutdown_timeout_s": 60})
     serve = ServeProcess(args)
     try:
         # all three producers serve: none may still be starting when the short run begins
@@ -195,7 +198,7 @@ def test_every_batch_has_one_bucket_shapes(churn_run):
 @pytest.fixture(scope="module")
 def single_run(cache_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
-    args = overrides(cache_dir, run_dir, free_port(), **{"service.producers": 1})
+    args = overrides(cache_dir, run_dir, **{"service.producers": 1})
     serve = ServeProcess(args)
     try:
         done = consume(args + [f"train.steps={STEPS}", "train.log_samples=true"])
@@ -218,7 +221,7 @@ def test_same_sequence_with_1_and_3_producers_equals_the_plan(churn_run, single_
 def test_resume_from_saved_cursor_across_a_service_restart(cache_dir, tmp_path, single_run):
     k = 9
     for part, steps in (("first", k), ("rest", STEPS)):
-        args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1})
+        args = overrides(cache_dir, tmp_path, **{"service.producers": 1})
         serve = ServeProcess(args)  # a fresh coordinator each time: the cursor comes from the consumers
         try:
             done = consume(args + [f"train.steps={steps}", "train.log_samples=true"])
@@ -239,7 +242,7 @@ def test_resume_from_saved_cursor_across_a_service_restart(cache_dir, tmp_path, 
 
 @pytest.mark.timeout(900)
 def test_tp_broadcast_gives_both_tp_ranks_the_same_tensors(cache_dir, tmp_path):
-    args = overrides(cache_dir, tmp_path, free_port(), **{"service.dp_size": 1})
+    args = overrides(cache_dir, tmp_path, **{"service.dp_size": 1})
     serve = ServeProcess(args)
     try:
         done = consume(args + ["parallel.tp=2", "train.steps=8", "train.log_samples=true"])
@@ -264,7 +267,7 @@ def test_tp_broadcast_gives_both_tp_ranks_the_same_tensors(cache_dir, tmp_path):
 def test_producer_joining_mid_run_gets_leases(cache_dir, tmp_path):
     """The only producer stops answering (SIGSTOP) mid-run, so the run can only finish through
     a producer that joins afterwards: no timing decides whether the joiner is needed."""
-    args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.prepare_depth": 2,
+    args = overrides(cache_dir, tmp_path, **{"service.producers": 1, "service.prepare_depth": 2,
                                                           "service.lease_timeout_s": 3})
     serve = ServeProcess(args)
     joiner, stopped = None, None
@@ -303,7 +306,7 @@ def test_lagging_rank_gets_batches_revoked_from_a_killed_producer(cache_dir, tmp
     """DP rank 0 runs ahead until every producer slot holds batches only it has acked; the
     producer holding the oldest batch is killed; DP rank 1 starts afterwards and must still get
     every batch (the stall of the capacity-only lease rule)."""
-    args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 3, "service.prepare_depth": 2})
+    args = overrides(cache_dir, tmp_path, **{"service.producers": 3, "service.prepare_depth": 2})
     serve = ServeProcess(args)
     try:
         steps = [f"train.steps={STEPS}", "train.log_samples=true"]
@@ -333,7 +336,7 @@ def test_lagging_rank_gets_batches_revoked_from_a_killed_producer(cache_dir, tmp
 def test_consumer_fails_clearly_when_all_producers_are_gone(cache_dir, tmp_path):
     # the coordinator declares a silent producer dead (lease_timeout_s=5) well before the consumer
     # gives up (consumer_timeout_s), and no RPC timeout can pass for either
-    args = overrides(cache_dir, tmp_path, free_port(), **{"service.producers": 1, "service.consumer_timeout_s": 12,
+    args = overrides(cache_dir, tmp_path, **{"service.producers": 1, "service.consumer_timeout_s": 12,
                                                           "service.rpc_timeout_s": 600,
                                                           "service.prepare_depth": 1, "service.prefetch": 1})
     serve = ServeProcess(args)

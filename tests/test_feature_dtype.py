@@ -26,7 +26,8 @@ BUCKET = (64, 64)
 def record(key: str, dtype: torch.dtype, tokens: int, dim: int = 8, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"key": key, "fingerprint": "fp_dtype", "bucket": BUCKET, "task": "t2i", "caption": key, "source": "s",
-            "latents": torch.randn(16, 8, 8, generator=g), "prompt_embeds": torch.randn(tokens, dim, generator=g).to(dtype)}
+            "latents": torch.randn(16, 8, 8, generator=g),
+            "prompt_embeds": torch.randn(tokens, dim, generator=g).to(dtype)}
 
 
 def test_the_default_is_bf16_and_only_bf16_or_fp32_are_accepted():

@@ -155,7 +155,8 @@ def cache_dir(tmp_path_factory):
 
 
 def service_args(cache_dir, run_dir, **extra):
-    base = {"cache.dir": cache_dir, "run.dir": run_dir, "seed": 5, "service.port": free_port(),
+    """A service on any free port, published in run_dir, where its consumers find it."""
+    base = {"cache.dir": cache_dir, "run.dir": run_dir, "seed": 5, "service.port": 0, "service.address_from": run_dir,
             "service.dp_size": 2, "train.micro_batch_size": 2, "service.producers": 2, "service.heartbeat_s": 0.5,
             "service.consumer_timeout_s": 120, "service.join_timeout_s": 120}
     base.update(extra)
@@ -210,7 +211,8 @@ def test_a_mixture_change_mid_run_is_exact_recorded_and_replayable(cache_dir, tm
         for steps in stops:
             again = ServeProcess(service_args(cache_dir, tmp_path / f"{name}-service"))
             try:
-                done = consume(service_args(cache_dir, out, **{"service.port": again.info["port"]}), out, steps)
+                done = consume(service_args(cache_dir, out, **{"service.address_from": again.info["address_file"]}),
+                               out, steps)
                 assert done.returncode == 0, done.stderr[-3000:]
             finally:
                 again.stop()
@@ -234,7 +236,7 @@ def test_a_loosened_threshold_is_encoded_on_demand_and_served_once(tiny_encoders
     kept, rejected = report["encoded"], report["rejected"].get("text_length", 0)
     assert kept >= 4 and rejected >= 4, report
     service = tmp_path / "service"
-    args = [*common, f"run.dir={service}", f"service.port={free_port()}", "service.producers=2",
+    args = [*common, f"run.dir={service}", "service.port=0", f"service.address_from={service}", "service.producers=2",
             "service.dp_size=1", "train.micro_batch_size=2", "service.consumer_timeout_s=300"]
     serve = ServeProcess(args)
     try:

@@ -120,14 +120,19 @@ def test_the_service_describes_its_cache(tmp_path):
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    """`mmdit serve` over a tiny cache at the 256 stage, text width 64 (the tiny model's)."""
+    """`mmdit serve` over a tiny cache at the 256 stage, text width 64 (the tiny model's), on any
+    free port; half its records have bf16 prompt features, half fp32 (a cache written before and
+    after cache.feature_dtype), in both buckets."""
     tmp = tmp_path_factory.mktemp("join")
-    LatentCache(tmp / "cache").write(records())
-    common = [f"cache.dir={tmp / 'cache'}", f"service.port={free_port()}", "service.producers=1",
-              "train.micro_batch_size=1", "service.heartbeat_s=0.5", "service.join_timeout_s=120",
-              "service.consumer_timeout_s=120", "train.tensorboard=false"]
+    cache = LatentCache(tmp / "cache")
+    recs = records()
+    cache.write([{**r, "prompt_embeds": r["prompt_embeds"].bfloat16()} for i, r in enumerate(recs) if i % 4 < 2])
+    cache.write([r for i, r in enumerate(recs) if i % 4 >= 2])
+    common = [f"cache.dir={tmp / 'cache'}", "service.producers=1", "train.micro_batch_size=1",
+              "service.heartbeat_s=0.5", "service.join_timeout_s=120", "service.consumer_timeout_s=120",
+              "train.tensorboard=false"]
     serve = ServeProcess([*common, f"run.dir={tmp / 'service'}"])
-    yield {"dir": tmp, "common": common, "serve": serve}
+    yield {"dir": tmp, "common": [*common, *serve.client_overrides], "serve": serve}
     serve.stop()
     serve.kill()
 

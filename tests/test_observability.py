@@ -83,11 +83,11 @@ def live_run(tmp_path_factory):
     """`mmdit serve` + `mmdit train` over it, training until the module's tests are done."""
     tmp = tmp_path_factory.mktemp("live")
     LatentCache(tmp / "cache").write(records())
-    common = [f"cache.dir={tmp / 'cache'}", f"service.port={free_port()}", "service.producers=2",
-              "train.micro_batch_size=2"]
+    common = [f"cache.dir={tmp / 'cache'}", "service.producers=2", "train.micro_batch_size=2"]
     serve = ServeProcess([*common, f"run.dir={tmp / 'service'}"])
     trainer = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={tmp / 'train'}",
-                                *common, "train.data_source=service", "train.steps=100000", "checkpoint.every=20"],
+                                *common, *serve.client_overrides, "train.data_source=service", "train.steps=100000",
+                                "checkpoint.every=20"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: (tmp / "train" / "metrics.jsonl").exists() and
                len((tmp / "train" / "metrics.jsonl").read_text().splitlines()) >= 3, 300, "three training steps")

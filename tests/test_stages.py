@@ -15,7 +15,7 @@ from mmdit.config.data import FilterConfig, preset_changes
 from mmdit.config.loader import load_config, load_data_preset
 from mmdit.dataservice.data_config import ChangeError, apply_changes, describe, version_zero
 from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
-from mmdit.utils.processes import ServeProcess, free_port
+from mmdit.utils.processes import ServeProcess
 
 STAGES = [f"stage{i}" for i in range(1, 8)]
 
@@ -138,7 +138,8 @@ def test_switching_stage_mid_run_through_the_hot_swap_path(staged_cache, tmp_pat
     from mmdit.consumer.sample_log import read_samples
 
     service = tmp_path / "service"
-    args = [f"cache.dir={staged_cache}", f"run.dir={service}", f"service.port={free_port()}", "service.dp_size=1",
+    args = [f"cache.dir={staged_cache}", f"run.dir={service}", "service.port=0", f"service.address_from={service}",
+            "service.dp_size=1",
             "train.micro_batch_size=2", "service.producers=1", "service.heartbeat_s=0.5",
             "service.consumer_timeout_s=120", "data.base_resolution=256"]
     serve = ServeProcess(args)
