@@ -78,7 +78,7 @@ def validate_record(rec: dict) -> None:
         raise ValueError(f"cache record {key!r}: cond_latents must be [16, h, w], got {tuple(cond.shape)}")
     for name in ("latents", "prompt_embeds", "cond_latents"):
         t = rec.get(name)
-        if t is not None and not bool(t.isfinite().all()):
+        if t is not None and not all_finite(t):
             raise ValueError(f"cache record {key!r}: {name} holds non-finite values")
 
 
@@ -110,6 +110,14 @@ class DamagedRecord(ValueError):
     def __init__(self, path: str, key: str | None, reason: str):
         super().__init__(f"{path}" + (f" record {key!r}" if key else "") + f": {reason}")
         self.path, self.key, self.reason = path, key, reason
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of `t` is finite. A sum is finite only if every value is (an inf or a
+    nan makes it inf or nan), and costs a small fraction of an element-wise check (about 1/40 on
+    a CPU, where that check dominated reading a record); an overflowing sum of finite values
+    falls back to the exact check."""
+    return bool(torch.isfinite(t.sum())) or bool(t.isfinite().all())
 
 
 def tensor_crc(*tensors) -> int:

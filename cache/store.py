@@ -53,6 +53,7 @@ from mmdit.cache.layout import FINGERPRINT_RE, fingerprint_dirs, list_fingerprin
 from mmdit.cache.segment import (
     DamagedRecord,
     Segment,
+    all_finite,
     encode_segment,
     read_segment_header,
     tensor_crc,
@@ -166,7 +167,7 @@ class LatentCache:
         tensors = (rec["latents"], rec["prompt_embeds"], rec.get("cond_latents"))
         if "crc" in meta and tensor_crc(*tensors) != meta["crc"]:
             return DamagedRecord(seg.path, meta["key"], "checksum mismatch")
-        if not all(bool(t.isfinite().all()) for t in tensors if t is not None):
+        if not all(all_finite(t) for t in tensors if t is not None):
             return DamagedRecord(seg.path, meta["key"], "non-finite values")
         return None
 
@@ -253,7 +254,7 @@ class LatentCache:
         for j, n in enumerate(lengths):
             if n < lmax:
                 embeds[j, n:].zero_()
-        if not (latents.isfinite().all() and embeds.isfinite().all() and (cond is None or cond.isfinite().all())):
+        if not (all_finite(latents) and all_finite(embeds) and (cond is None or all_finite(cond))):
             raise DamagedRecord(seg0.path, None, "non-finite values in the batch")
         lengths = torch.tensor(lengths)
         out = {

@@ -122,6 +122,22 @@ def test_bad_records_are_rejected_with_the_reason(tmp_path):
     assert cache.fingerprints() == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_finiteness_check_is_exact(dtype):
+    from mmdit.cache.segment import all_finite
+
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.randn(64, 8).to(dtype)) and all_finite(torch.empty(0, 8, dtype=dtype))
+    assert all_finite(torch.full((4,), big, dtype=dtype))  # finite values whose sum overflows
+    assert all_finite(torch.tensor([big, -big, big, big], dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 37, 511):
+            t = torch.randn(512).to(dtype)
+            t[where] = bad
+            assert not all_finite(t), (bad, where)
+            assert not all_finite(torch.cat([torch.full((4,), big, dtype=dtype), t]))
+
+
 def test_reader_sees_later_publications_on_miss(tmp_path):
     reader = LatentCache(tmp_path)
     assert not reader.contains("late", "fpA")
