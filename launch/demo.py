@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from mmdit.config.explain import sections
 from mmdit.config.loader import load_config
+from mmdit.launch.args import Command, parse
 from mmdit.config.train import PREVIEW_PROMPTS
 from mmdit.utils.jsonl import read_jsonl
 from mmdit.utils.processes import (
@@ -125,7 +127,11 @@ class Interrupt:
         raise KeyboardInterrupt
 
 
+COMMAND = Command("demo", __doc__, sections=tuple(sections()))
+
+
 def main(argv: list[str]) -> int:
+    argv = parse(COMMAND, argv).overrides
     given = {a.split("=", 1)[0] for a in argv}
     argv = [f"{k}={v}" for k, v in DEFAULTS.items() if k not in given] + list(argv)
     cfg = load_config(argv)  # validates the overrides once, before any stage runs

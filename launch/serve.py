@@ -28,14 +28,18 @@ import time
 from pathlib import Path
 
 from mmdit.config.loader import load_config
+from mmdit.launch.args import Command, parse
 from mmdit.launch.service_lock import ServiceLock, ServiceLockHeld
 from mmdit.utils.processes import ProcessTable, SignalStop, StopRequested, python_command, start, stop_all
 
 log = logging.getLogger("mmdit.serve")
 
 
+COMMAND = Command("serve", __doc__, sections=("service", "data", "cache", "encoders", "run", "launch", "seed"))
+
+
 def main(argv: list[str]) -> int:
-    cfg = load_config(argv)
+    cfg = load_config(parse(COMMAND, argv).overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     svc, run_dir = cfg.service, Path(cfg.run.dir)
     stop = SignalStop()
