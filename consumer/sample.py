@@ -1,7 +1,7 @@
 """Generating images: Qwen-Image's flow-matching Euler sampler with true classifier-free guidance.
 
     mmdit sample CKPT_OR_RUN_DIR prompt="..." [prompt="..." ...] [image=SRC.png] [width=W height=H]
-                 [seed=S steps=N true_cfg_scale=4 negative_prompt=" "] [encoders=DIR] out=DIR
+                 [seed=S steps=N true_cfg_scale=4 negative_prompt=TEXT] [encoders=DIR] out=DIR
 
 A run directory means its newest checkpoint and its config's `encoders.dir`; a checkpoint (a
 `step_N/` directory or an mmdit model checkpoint) needs `encoders=DIR`. Prompts are encoded with
@@ -23,6 +23,9 @@ from PIL import Image
 
 from mmdit.model.mmdit import pack_latents, packed_shape, unpack_latents
 
+DEFAULT_NEGATIVE_PROMPT = " "
+"""What an unset negative prompt means (QwenImagePipeline's examples pass " ")."""
+
 
 @dataclass
 class SampleConfig:
@@ -30,8 +33,11 @@ class SampleConfig:
     height: int = 256
     steps: int = 20
     true_cfg_scale: float = 4.0
-    """Guidance scale of true CFG; applied when > 1 and a negative prompt is given."""
-    negative_prompt: str = " "
+    """Guidance scale of true CFG; > 1 runs it (two model calls per step), <= 1 does not."""
+    negative_prompt: str | None = None
+    """The negative prompt of true CFG: None (unset) is " ", the default of QwenImagePipeline's
+    examples; "" is the empty prompt, run as QwenImagePipeline runs `negative_prompt=""`
+    (CFG on, against the empty prompt's features), never a switch that turns CFG off."""
     seed: int = 0
 
     def __post_init__(self):
@@ -39,6 +45,16 @@ class SampleConfig:
             raise ValueError(f"width and height must be positive multiples of 16, got {self.width}x{self.height}")
         if self.steps < 2:
             raise ValueError(f"steps must be >= 2, got {self.steps}")
+
+    @property
+    def guided(self) -> bool:
+        """Does sampling run true CFG (as QwenImagePipeline's `do_true_cfg` with a negative prompt)?"""
+        return self.true_cfg_scale > 1.0
+
+    @property
+    def negative(self) -> str:
+        """The negative prompt CFG runs with ("" stays ""; None is the default " ")."""
+        return DEFAULT_NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
 
 
 class Sampler:
@@ -66,15 +82,15 @@ class Sampler:
         cond_tokens = None
         if image is None:
             txt = self.enc.encode_prompts([prompt])[0]
-            neg = self.enc.encode_prompts([cfg.negative_prompt])[0] if cfg.negative_prompt else None
+            neg = self.enc.encode_prompts([cfg.negative])[0] if cfg.guided else None
         else:
             source = image.convert("RGB")
             pixels = self.enc.preprocess_image(source, (cfg.height, cfg.width))
             cond_tokens = pack_latents(self.enc.encode_images(pixels[None]))
             shapes.append(packed_shape(h, w))
             txt = self.enc.encode_edit_prompts([prompt], [source])[0]
-            neg = self.enc.encode_edit_prompts([cfg.negative_prompt], [source])[0] if cfg.negative_prompt else None
-        guided = neg is not None and cfg.true_cfg_scale > 1.0
+            neg = self.enc.encode_edit_prompts([cfg.negative], [source])[0] if cfg.guided else None
+        guided = neg is not None
         generator = torch.Generator().manual_seed(cfg.seed)
         noise = pack_latents(torch.randn(1, self.enc.latent_channels, h, w, generator=generator))
 

@@ -2,6 +2,9 @@
 
 One image per prompt (00.png, 01.png, ...) and, for several, a grid; `image=SRC` makes each prompt
 an edit instruction for SRC. Prints what it wrote, with the settings, as one JSON line.
+
+`negative_prompt=` (the shell's `negative_prompt=""`) runs true CFG against the empty prompt, as
+QwenImagePipeline does; unset, CFG runs against " ". `true_cfg_scale=1` turns CFG off.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class SampleArgs(SampleConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.negative_prompt in ('""', "''"):  # written without a shell to remove the quotes
+            self.negative_prompt = ""
         if not self.prompt:
             raise ValueError("give at least one prompt=...")
 
@@ -55,7 +60,7 @@ def main(argv: list[str]) -> int:
     out = Path(keys.out)
     out.mkdir(parents=True, exist_ok=True)
     images, written = [], []
-    guided = 2 if cfg.true_cfg_scale > 1 and cfg.negative_prompt else 1
+    guided = 2 if cfg.guided else 1
     with tqdm(total=len(keys.prompt) * cfg.steps * guided, desc="sample", disable=not sys.stderr.isatty()) as bar:
         for i, prompt in enumerate(keys.prompt):
             img = sampler.generate(prompt, cfg, image, progress=bar)
