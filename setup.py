@@ -3,7 +3,7 @@
 from setuptools import setup
 
 SUBPACKAGES = ["utils", "config", "model", "parallel", "cache", "producer", "producer.synth", "producer.annotate",
-               "dataservice", "consumer", "launch"]
+               "dataservice", "consumer", "consumer.text_eval", "launch"]
 
 setup(
     name="mmdit",
@@ -13,7 +13,8 @@ setup(
     package_dir={"mmdit": ".", **{f"mmdit.{p}": p.replace(".", "/") for p in SUBPACKAGES}},
     packages=["mmdit", *[f"mmdit.{p}" for p in SUBPACKAGES]],
     include_package_data=True,
-    package_data={"mmdit": ["conf/*.yaml", "conf/*/*.yaml"]},
+    package_data={"mmdit": ["conf/*.yaml", "conf/*/*.yaml"],
+                  "mmdit.consumer.text_eval": ["*.jsonl"]},  # the built-in text-rendering prompt set
     # torch is a range, never a pin: a GPU cluster brings its own CUDA build and installing
     # mmdit must not replace it. The CPU quickstart pins torch==2.13.0 before this (Makefile).
     install_requires=[
@@ -34,6 +35,10 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
         "jsonschema>=4.18",
+        # `mmdit eval`'s OCR engine: PP-OCR Chinese/English detection and recognition models ship
+        # in the wheel (offline), run by onnxruntime on the CPU
+        "rapidocr>=3",
+        "onnxruntime>=1.16",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],

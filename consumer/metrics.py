@@ -1,7 +1,18 @@
-"""One metrics record per optimizer step: metrics.jsonl, the log line, and the run summary."""
+"""One metrics record per optimizer step: metrics.jsonl, the log line, and the run summary.
+
+Evaluations add records of their own, told apart by their `eval` field:
+
+    {"step": 40, "eval": true, "eval_loss": 0.80, ...}                    held-out loss (consumer/evaluation.py)
+    {"step": 40, "eval": "text_rendering", "word_accuracy": 0.41,         OCR text rendering
+     "one_minus_ned": 0.38, "alignment": 0.27, "by_language": {...},     (consumer/text_eval/, `mmdit eval`)
+     "by_kind": {...}, "prompts": 100, "dir": "eval/step_00000040", ...}
+
+so a reader of training steps skips every record with a truthy `eval`.
+"""
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,15 +91,16 @@ class MetricsWriter:
                     self.board.add_scalar(f"objective/{name}", value, metrics.step)
 
     def write_eval(self, step: int, result: dict) -> None:
-        """An evaluation record (consumer/evaluation.py) in metrics.jsonl, TensorBoard and the log."""
+        """An evaluation record (the held-out loss of consumer/evaluation.py, or a text-rendering
+        summary of consumer/text_eval/) in metrics.jsonl, TensorBoard and the log."""
         self.evals.append({"step": step, **result})
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **result}) + "\n")
-        log.info("step %6d | eval loss %.4f over %d held-out samples", step, result["eval_loss"], result["eval_samples"])
+        append_record(self.path, {"step": step, **result})
+        log.info("step %6d | %s", step, eval_line(result))
         if self.board is not None:
-            self.board.add_scalar("eval/loss", result["eval_loss"], step)
+            for name, value in eval_scalars(result).items():
+                self.board.add_scalar(name, value, step)
 
     def close(self) -> None:
         if self.board is not None:
@@ -107,11 +119,48 @@ class MetricsWriter:
             "mean_tflops_per_gpu": mean("tflops_per_gpu"),
             "mean_mfu": None if any(m.mfu is None for m in steady) else mean("mfu"),
             "skipped_steps": sum(m.skipped for m in self.records),
-            "last_eval_loss": self.evals[-1]["eval_loss"] if self.evals else None,
+            "last_eval_loss": next((e["eval_loss"] for e in reversed(self.evals) if "eval_loss" in e), None),
             "mean_data_wait_fraction": mean("data_wait_fraction"),
             "wall_time_s": time.time() - self.started,
             **extra,
         }
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One JSON line, in one O_APPEND write: lines of several writers (a trainer and `mmdit
+    eval` on the same run) never interleave."""
+    data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def eval_line(result: dict) -> str:
+    """An evaluation record as the log shows it."""
+    if "eval_loss" in result:
+        return f"eval loss {result['eval_loss']:.4f} over {result['eval_samples']} held-out samples"
+    by = result.get("by_language", {})
+    per = ", ".join(f"{lang} {f['word_accuracy']:.3f}" for lang, f in by.items() if f.get("word_accuracy") is not None)
+    align = result.get("alignment")
+    return (f"text rendering: word accuracy {result['word_accuracy']:.3f} ({per}), 1-NED {result['one_minus_ned']:.3f}"
+            + (f", alignment {align:.3f}" if align is not None else "") + f" over {result['prompts']} prompts")
+
+
+def eval_scalars(result: dict) -> dict[str, float]:
+    """TensorBoard scalars of an evaluation record: eval/loss, or eval/text/* (overall, per
+    language and per kind)."""
+    if "eval_loss" in result:
+        return {"eval/loss": result["eval_loss"]}
+    out = {}
+    groups = [("", result)] + [(f"{name}/", f) for table in ("by_language", "by_kind")
+                               for name, f in result.get(table, {}).items()]
+    for prefix, figures in groups:
+        for metric in ("word_accuracy", "one_minus_ned", "alignment"):
+            if figures.get(metric) is not None:
+                out[f"eval/text/{prefix}{metric}"] = figures[metric]
+    return out
 
 
 def truncate_after(path: Path, step: int) -> None:

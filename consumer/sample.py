@@ -128,30 +128,57 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     return sheet
 
 
-def load_sampler(source: str | Path, encoders_dir: str | None = None) -> Sampler:
-    """The model of a run directory's newest checkpoint (or of a checkpoint), with its encoders."""
-    from mmdit.config.parallel import ParallelConfig
-    from mmdit.config.produce import EncodersConfig
-    from mmdit.consumer.checkpoint import resume_checkpoint
-    from mmdit.model.checkpoint import checkpoint_args, is_checkpoint
-    from mmdit.parallel.parallelize import parallelize
-    from mmdit.producer.encoders import Encoders
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model to sample comes from, and the run it belongs to (when it belongs to one)."""
+
+    model_dir: Path
+    """An mmdit model checkpoint (its index and shards)."""
+    encoders_dir: str | None
+    run_dir: Path | None
+    """The run directory of a run's checkpoint: where evaluations of it are written."""
+    step: int | None
+    """The training step of a run's checkpoint."""
+
+
+def locate_model(source: str | Path, encoders_dir: str | None = None) -> ModelSource:
+    """A run directory means its newest complete checkpoint, a run's `checkpoints/step_N` that
+    checkpoint, anything else an mmdit model checkpoint (or a directory holding one in `model/`).
+    `encoders_dir` None: the run's config's `encoders.dir`."""
+    from mmdit.consumer.checkpoint import CHECKPOINTS, resume_checkpoint, step_of
+    from mmdit.model.checkpoint import is_checkpoint
 
     source = Path(source)
-    if (source / "checkpoints").is_dir() or (source / "config.yaml").is_file():
+    run_dir = step = None
+    if (source / CHECKPOINTS).is_dir() or (source / "config.yaml").is_file():
         ckpt = resume_checkpoint(source)
         if ckpt is None:
             raise FileNotFoundError(f"{source} has no checkpoint yet")
-        model_dir = ckpt / "model"
-        if encoders_dir is None and (source / "config.yaml").is_file():
-            import yaml
-
-            encoders_dir = (yaml.safe_load((source / "config.yaml").read_text()).get("encoders") or {}).get("dir")
+        model_dir, run_dir, step = ckpt / "model", source, step_of(ckpt)
     else:
         model_dir = source / "model" if is_checkpoint(source / "model") else source
+        if source.parent.name == CHECKPOINTS and source.name.removeprefix("step_").isdigit():
+            run_dir, step = source.parent.parent, step_of(source)
     if not is_checkpoint(model_dir):
         raise FileNotFoundError(f"{source}: neither a run directory nor an mmdit checkpoint")
-    if not encoders_dir:
+    if encoders_dir is None and run_dir is not None and (run_dir / "config.yaml").is_file():
+        import yaml
+
+        encoders_dir = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("encoders") or {}).get("dir")
+    return ModelSource(model_dir, encoders_dir or None, run_dir, step)
+
+
+def load_sampler(source: str | Path | ModelSource, encoders_dir: str | None = None) -> Sampler:
+    """The model of a run directory's newest checkpoint (or of a checkpoint), with its encoders."""
+    from mmdit.config.parallel import ParallelConfig
+    from mmdit.config.produce import EncodersConfig
+    from mmdit.model.checkpoint import checkpoint_args
+    from mmdit.parallel.parallelize import parallelize
+    from mmdit.producer.encoders import Encoders
+
+    found = source if isinstance(source, ModelSource) else locate_model(source, encoders_dir)
+    if not found.encoders_dir:
         raise ValueError("no encoders: give encoders=DIR (a Qwen-Image-layout directory)")
+    model_dir = found.model_dir
     built = parallelize(checkpoint_args(model_dir), ParallelConfig(), weights=model_dir)  # this process, TP=1
-    return Sampler(built.model, built.plan, Encoders.load(EncodersConfig(dir=str(encoders_dir))))
+    return Sampler(built.model, built.plan, Encoders.load(EncodersConfig(dir=str(found.encoders_dir))))

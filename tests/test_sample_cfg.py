@@ -3,7 +3,6 @@ QwenImagePipeline does with `negative_prompt=""`; unset keeps the default " ".""
 
 import numpy as np
 import pytest
-
 from tiny_model import perturbed_tiny_model
 
 
