@@ -22,7 +22,14 @@ from typing import TypeVar
 @dataclass
 class RpcSettings:
     host: str = "127.0.0.1"
-    """Address of the coordinator's RPC store (TensorPipe rank 0)."""
+    """Address of the coordinator's RPC store (TensorPipe rank 0): where clients reach it, and
+    where the coordinator listens unless service.advertise_host says otherwise."""
+    advertise_host: str = ""
+    """The address this process listens on and gives its peers (the coordinator, producers,
+    trainers): an IPv4 address or host name of this host, an interface name (its first address),
+    or `route:HOST` (the local address of the route to HOST). Empty: the route to the
+    coordinator (service.host, or the published address); for the coordinator, service.host.
+    Never the host name's address, which is loopback on many cluster images."""
     port: int = 29600
     """Coordinator RPC store port. 0: any free one, which `mmdit serve` publishes in
     run.dir/address.json; clients then find it with service.address_from."""
@@ -58,8 +65,10 @@ class CoordinatorSettings(RpcSettings):
     """Encoder fingerprint whose cache entries are served; empty: the only one in the cache."""
     status_every_s: float = 1.0
     """The coordinator rewrites run.dir/service.json this often."""
-    control_host: str = "127.0.0.1"
-    """Address of the coordinator's HTTP control endpoint (hot-swap, metrics, dashboard)."""
+    control_host: str = ""
+    """Address of the coordinator's HTTP control endpoint (hot-swap, metrics, dashboard).
+    Empty: the address its RPC store listens on (127.0.0.1 by default; on a cluster the job
+    network's, so `mmdit ctl` works from every node of the job). Never a wildcard."""
     control_port: int = 0
     """Its port (0: any free one; the URL is in run.dir/control.json)."""
     control_max_connections: int = 32

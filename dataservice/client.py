@@ -66,10 +66,16 @@ class ServiceClient:
         self._own_rpc = not torch_rpc.is_available() or not _rpc_initialized()
         self.address = None  # where it joined the service (None: this process was in the RPC group already)
         if self._own_rpc:
+            from mmdit.config import ConfigError
+
             self.address = resolve(settings, settings.join_timeout_s)
-            self.rank = rpc.join(self.name, self.address.host, self.address.port, service_id=self.address.service_id,
-                                 rpc_timeout_s=settings.rpc_timeout_s, join_timeout_s=settings.join_timeout_s,
-                                 num_worker_threads=settings.rpc_threads)
+            try:
+                self.rank = rpc.join(self.name, self.address.host, self.address.port,
+                                     service_id=self.address.service_id, advertise_host=settings.advertise_host,
+                                     rpc_timeout_s=settings.rpc_timeout_s, join_timeout_s=settings.join_timeout_s,
+                                     num_worker_threads=settings.rpc_threads)
+            except rpc.JoinRejected as e:  # the address it advertises: a config error, exit 2
+                raise ConfigError(str(e)) from None
         else:
             self.name = torch_rpc.get_worker_info().name
             self.rank = torch_rpc.get_worker_info().id

@@ -665,17 +665,19 @@ class CoordinatorService:
         service_id = uuid.uuid4().hex
         try:
             rpc.join(rpc.COORDINATOR, settings.host, settings.port, rank=0, service_id=service_id,
-                     rpc_timeout_s=settings.rpc_timeout_s, join_timeout_s=settings.join_timeout_s,
-                     num_worker_threads=settings.rpc_threads)
+                     advertise_host=settings.advertise_host, rpc_timeout_s=settings.rpc_timeout_s,
+                     join_timeout_s=settings.join_timeout_s, num_worker_threads=settings.rpc_threads)
         except BaseException:
             protocol.stop_serving(protocol.COORDINATOR)
             raise
-        self.address = ServiceAddress(settings.host, rpc.hosted_port(), service_id)
+        # where the store listens: service.advertise_host, else service.host (as an address)
+        self.address = ServiceAddress(rpc.hosted_address(), rpc.hosted_port(), service_id)
         from mmdit.dataservice import dashboard
         from mmdit.dataservice.control import ControlServer
 
         self.run_dir = Path(run_dir)
-        self.control = ControlServer(self.coordinator, settings.control_host, settings.control_port, run_dir)
+        self.control = ControlServer(self.coordinator, settings.control_host or self.address.host,
+                                     settings.control_port, run_dir)
         dashboard.install(self.control, self.coordinator, self.coordinator.telemetry, run_dir)
         self.dashboard_url = f"{self.control.url}/dashboard"
         log.info("coordinator up on %s: %d samples in the universe (%s), fingerprint %s", self.address,

@@ -3,6 +3,13 @@
 The coordinator is rank 0 and hosts the group's TCPStore; producers and trainer clients join and
 leave while the job runs, each under a name unique to its incarnation.
 
+Addresses (utils/netaddr.py): every member listens on the one address it advertises:
+`service.advertise_host` (an address, an interface or `route:HOST`), by default the local
+address of the route to the coordinator; the coordinator on `service.advertise_host` or, by
+default, `service.host`, where its store listens too. Never what the host name resolves to
+(127.0.0.1 on many cluster images). TensorPipe is told the interface (TP_SOCKET_IFNAME) while
+the agent starts, and the URL it publishes is checked against the advertised address.
+
 Why not plain `rpc.init_rpc(name, rank=r)` without `world_size` (torch's dynamic membership)?
 Measured with torch 2.13 it breaks on the first crash in a long-running group:
 - a joiner sends `rpc_sync` to *every* member it finds in the store; a member that was
@@ -15,10 +22,11 @@ Measured with torch 2.13 it breaks on the first crash in a long-running group:
   (`producer_<host>_<pid>_<n>`), never dashes.
 
 So this module registers its own backend, `MMDIT_TENSORPIPE`: the same `TensorPipeAgent`, joined
-the same way, except that members are told of a join or leave concurrently with a short timeout,
-a member that does not answer is pruned from the store's member list (so later joiners never
-wait on it), and the membership token is always released, and broken if its holder died.
-Ranks are unique per incarnation, drawn from a counter in the store.
+under the membership protocol of dataservice/membership.py: a joiner calls nobody but the
+coordinator, which admits it only if it can call it back at the address it advertises; a
+process only ever adds or removes itself from the member list, so one misconfigured process
+cannot break a running job; the membership token is always released, and broken if its holder
+died. Ranks are unique per incarnation, drawn from a counter in the store.
 
 Transport errors (a dead peer: `eof`, connection refused) surface at once; a hung peer surfaces
 as a timeout. `call` retries only timeouts, and only for calls the caller declares idempotent.
@@ -41,15 +49,15 @@ from torch.distributed.rpc import api as rpc_api
 from torch.distributed.rpc import backend_registry
 from torch.distributed.rpc._utils import _update_group_membership
 
-from mmdit.utils.store import is_loopback, rendezvous_url
+from mmdit.dataservice import membership
+from mmdit.utils.netaddr import AddressError, Advertised, advertised
+from mmdit.utils.store import rendezvous_url
 
 log = logging.getLogger("mmdit.rpc")
 
 COORDINATOR = "coordinator"
 """The coordinator's RPC name: rank 0, the store host; one per job, so no incarnation suffix."""
 BACKEND_NAME = "MMDIT_TENSORPIPE"
-_TOKEN_KEY = "RpcGroupManagementToken"  # torch's key: its own tools see the same critical section
-_MEMBERS_KEY = "_ALL_WORKER_INFOS"  # torch's member list "name-rank,name-rank,"
 _RANK_COUNTER = "mmdit_rank_counter"
 _SERVICE_ID = "mmdit_service_id"  # the coordinator's id, as published with its address (address.py)
 _incarnations = itertools.count()
@@ -57,6 +65,11 @@ _incarnations = itertools.count()
 
 class RpcError(RuntimeError):
     """A data-service RPC that could not complete (peer dead, timeout, group unreachable)."""
+
+
+class JoinRejected(RpcError):
+    """This process cannot be a member as configured (the address it advertises): a config error;
+    the message names the address and the key to set. The member list is as it was."""
 
 
 # ----------------------------------------------------------------------------- names and ranks
@@ -104,6 +117,11 @@ def _hosted_store() -> dist.TCPStore:
     return store
 
 
+def hosted_address() -> str:
+    """The address the store this process hosts (rank 0) listens on: the one it advertises."""
+    return _self["advertised"].address
+
+
 def hosted_port() -> int:
     """The port of the store this process hosts (rank 0): the one the kernel gave it for port 0."""
     return int(_hosted_store().port)
@@ -111,109 +129,153 @@ def hosted_port() -> int:
 
 # ----------------------------------------------------------------------------- membership
 
-
-@contextlib.contextmanager
-def _membership_token(store, name: str, what: str, timeout_s: float, stale_s: float):
-    """Hold the group's join/leave critical section; always released, broken if held > stale_s.
-
-    A holder killed inside the section would otherwise block every later join forever.
-    """
-    mine = f"Token_for_{name}_{what}"
-    deadline = time.monotonic() + timeout_s
-    holder, held_since = None, time.monotonic()
-    while True:
-        current = store.compare_set(_TOKEN_KEY, "", mine).decode()
-        if current == mine:
-            break
-        if current != holder:
-            holder, held_since = current, time.monotonic()
-        if time.monotonic() - held_since > stale_s:
-            log.warning("%s: breaking membership token held by %s for %.1fs", name, holder, stale_s)
-            if store.compare_set(_TOKEN_KEY, holder, mine).decode() == mine:
-                break
-        if time.monotonic() > deadline:
-            raise RpcError(f"{name}: RPC group membership token held by {holder} for {timeout_s:.0f}s")
-        with contextlib.suppress(Exception):  # the holder sets its token key when it releases
-            store.wait([holder], datetime.timedelta(seconds=0.2))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            store.compare_set(_TOKEN_KEY, mine, "")
-            store.set(mine, "Done")
-
-
-def _prune_members(store, dead: list[rpc.WorkerInfo]) -> None:
-    """Remove dead members from torch's member list (under the membership token)."""
-    names = dist.PrefixStore("names", store)
-    members = names.get(_MEMBERS_KEY).decode()
-    for w in dead:
-        members = members.replace(f"{w.name}-{w.id},", "")
-    names.set(_MEMBERS_KEY, members)
-
-
-def _broadcast_membership(agent, is_join: bool, timeout_s: float) -> list[rpc.WorkerInfo]:
-    """Tell every other member that this one joins/leaves, concurrently; return the dead ones.
-
-    Dead means a transport failure (eof, connection refused or reset). A member that is only slow
-    (a timeout, e.g. on an overloaded host) is kept: it still answers calls; if it missed the
-    notice it learns of this member later through `ensure_known`.
-    """
-    me = agent.get_worker_info()
-    others = [w for w in agent.get_worker_infos() if w.name != me.name]
-    futures = []
-    for w in others:
-        try:
-            futures.append(rpc.rpc_async(w.name, _update_group_membership, args=(me, [], {}, is_join),
-                                         timeout=timeout_s))
-        except Exception:  # noqa: BLE001 - a member we cannot even send to is dead
-            futures.append(None)
-    failed = []
-    for w, fut in zip(others, futures):
-        try:
-            if fut is None:
-                raise RpcError("send failed")
-            fut.wait()
-        except Exception as e:  # noqa: BLE001 - classified below
-            dead = not is_timeout(e)
-            log.warning("%s: member %s did not take the %s notice (%s)%s", me.name, w.name,
-                        "join" if is_join else "leave", str(e).splitlines()[0][:160],
-                        "; it is gone" if dead else "; keeping it")
-            if dead:
-                failed.append(w)
-    return failed
-
-
-_settings = {"notify_timeout_s": 10.0, "token_timeout_s": 60.0, "stale_token_s": 30.0}
+_settings = {"notify_timeout_s": 10.0, "token_timeout_s": 60.0}
 # How long a leaving member waits for its own calls still out and for members to take its notice.
 # Both are courtesies: its calls are ones it abandoned (a fetch from a hung producer runs until
 # the RPC timeout), and a member that misses the notice only keeps a stale entry (a later call to
 # the departed member fails as a dead peer, which every caller handles). So a hung member delays
 # a leave by seconds, not by the RPC timeout.
 LEAVE_WAIT_S = 2.0
+_self: dict = {}  # this process as a member: name, rank, url, advertised (an Advertised)
+
+
+def _admit_timeout_s() -> float:
+    """A joiner's admission call: the coordinator calls it back within notify_timeout_s."""
+    return 2 * _settings["notify_timeout_s"] + 5.0
+
+
+def _stale_token_s() -> float:
+    """A token held longer than a join can take (its admission call included) is a dead holder's."""
+    return _admit_timeout_s() + 10.0
+
+
+class _Member:
+    """Runs dataservice/membership.py's operations for this process: the store, its agent."""
+
+    def __init__(self, store, name: str, rank: int, backend_options, where: Advertised):
+        self.store, self.name, self.rank, self.options, self.where = store, name, rank, backend_options, where
+        self.agent = None
+
+    def __call__(self, op: tuple):
+        return getattr(self, f"_{op[0]}")(*op[1:])
+
+    def _get(self, key: str) -> str | None:
+        return self.store.get(key).decode() if self.store.check([key]) else None
+
+    def _set(self, key: str, value: str) -> None:
+        self.store.set(key, value)
+
+    def _cas(self, key: str, expected: str, desired: str) -> str:
+        return self.store.compare_set(key, expected, desired).decode()
+
+    def _wait(self, key: str, timeout_s: float) -> None:
+        with contextlib.suppress(Exception):  # a timeout: the caller looks again
+            self.store.wait([key], datetime.timedelta(seconds=timeout_s))
+
+    def _now(self) -> float:
+        return time.monotonic()
+
+    def _agent(self) -> str:
+        """Build and start this process's agent (it lists itself and publishes its URL)."""
+        from torch.distributed.rpc import TensorPipeAgent
+
+        # CPU tensors only: batches cross the wire in host memory and the trainer moves them to its
+        # GPU, so members need no device maps.
+        with _listening_on(self.where.interface):
+            self.agent = TensorPipeAgent(self.store, self.name, self.rank, None, self.options, {}, [])
+            rpc_api._init_rpc_states(self.agent)
+        url = self._get(membership.addr_key(self.name)) or ""
+        if membership.url_host(url) != self.where.address:
+            raise JoinRejected(f"{self.name}: TensorPipe listens at {url}, not on the advertised {self.where.address} "
+                               f"({self.where.how}): set service.advertise_host to an interface's first address")
+        return url
+
+    def _admit(self, url: str) -> str | None:
+        coordinator_url = self._get(membership.addr_key(COORDINATOR)) or "?"
+        try:
+            return rpc.rpc_sync(COORDINATOR, _admit, args=(self.name, self.rank, url), timeout=_admit_timeout_s())
+        except Exception as e:  # noqa: BLE001 - any failure: the coordinator could not be asked
+            why = str(e).splitlines()[0][:200]
+            loopback = membership.is_loopback_url(coordinator_url) and not self.where.loopback
+            raise JoinRejected(
+                f"{self.name}: cannot reach the coordinator at {coordinator_url}, the address it advertises ({why})"
+                + ("; it advertises a loopback address: set service.host (or service.advertise_host) of `mmdit "
+                   "serve` to an address of its host that this host can reach" if loopback else "")) from None
+
+    def _notify_leave(self) -> None:
+        _notify_leave(self.agent or rpc_api._get_current_rpc_agent(), LEAVE_WAIT_S)
+
+    def _shutdown(self) -> None:
+        if self.agent is not None and rpc_api._is_current_rpc_agent_set():
+            rpc_api._finalize_shutdown()
+
+
+@contextlib.contextmanager
+def _listening_on(interface: str):
+    """TensorPipe reads TP_SOCKET_IFNAME when its agent starts: set it for that moment only, so
+    processes this one starts later decide their own."""
+    before = os.environ.get("TP_SOCKET_IFNAME")
+    os.environ["TP_SOCKET_IFNAME"] = interface
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TP_SOCKET_IFNAME", None)
+        else:
+            os.environ["TP_SOCKET_IFNAME"] = before
+
+
+def _whoami() -> str:
+    """Called by the coordinator on a joiner it admits: who listens at the address it gave."""
+    return rpc.get_worker_info().name
+
+
+def _admit(name: str, rank: int, url: str) -> str | None:
+    """Runs on the coordinator, called by a joiner: None to admit it, else why not (see
+    membership.admission_problem). The coordinator calls it back at `url` first."""
+    agent = rpc_api._get_current_rpc_agent()
+    own_url = _self.get("url", "")
+    answered, error = None, None
+    if not (membership.is_loopback_url(url) and not membership.is_loopback_url(own_url)):
+        ensure_known(name, rank)
+        try:
+            answered = rpc.rpc_sync(name, _whoami, timeout=_settings["notify_timeout_s"])
+        except Exception as e:  # noqa: BLE001 - any failure: not reachable as it says
+            error = str(e).splitlines()[0][:200]
+    problem = membership.admission_problem(name, url, own_url, answered, error)
+    if problem is None:
+        log.info("admitted %s (rank %d) at %s", name, rank, url)
+    else:
+        log.warning("rejected %s (rank %d): %s", name, rank, problem)
+        with contextlib.suppress(Exception):  # forget it: it never became a member
+            agent._update_group_membership(rpc.WorkerInfo(name, rank), [], {}, False)
+    return problem
+
+
+def _notify_leave(agent, timeout_s: float) -> None:
+    """Tell every other member, concurrently, that this one leaves (a courtesy: a member that
+    misses it keeps a stale entry, and a later call to it fails as a dead peer)."""
+    me = agent.get_worker_info()
+    futures = []
+    for w in agent.get_worker_infos():
+        if w.name != me.name:
+            with contextlib.suppress(Exception):  # one we cannot even send to is gone
+                futures.append(rpc.rpc_async(w.name, _update_group_membership, args=(me, [], {}, False),
+                                             timeout=timeout_s))
+    for fut in futures:
+        with contextlib.suppress(Exception):
+            fut.wait()
 
 
 def _init_dynamic_backend(store, name, rank, world_size, rpc_backend_options):
-    """`init_backend_handler` of MMDIT_TENSORPIPE: torch's dynamic TensorPipe join, fault tolerant."""
-    from torch.distributed.rpc import TensorPipeAgent
-
+    """`init_backend_handler` of MMDIT_TENSORPIPE: a join under dataservice/membership.py."""
     if world_size:
         raise ValueError("MMDIT_TENSORPIPE is for dynamic groups: call init_rpc without world_size")
-    with _membership_token(store, name, "join", _settings["token_timeout_s"], _settings["stale_token_s"]):
-        # CPU tensors only: batches cross the wire in host memory and the trainer moves them to its
-        # GPU, so members need no device maps.
-        agent = TensorPipeAgent(store, name, rank, None, rpc_backend_options, {}, [])
-        rpc_api._init_rpc_states(agent)
-        try:
-            dead = _broadcast_membership(agent, True, _settings["notify_timeout_s"])
-            for w in dead:
-                agent._update_group_membership(w, [], {}, False)
-            if dead:
-                _prune_members(store, dead)
-        except BaseException:
-            rpc_api._finalize_shutdown()
-            raise
-    return agent
+    member = _Member(store, name, rank, rpc_backend_options, _self["advertised"])
+    steps = membership.join(name, rank, _settings["token_timeout_s"], _stale_token_s(),
+                            admitted_by_coordinator=rank != 0)
+    _self["url"] = membership.run(steps, member)
+    return member.agent
 
 
 def _backend():
@@ -224,21 +286,29 @@ def _backend():
 
 
 def join(name: str, host: str, port: int, *, rank: int | None = None, service_id: str = "",
-         rpc_timeout_s: float = 60.0, join_timeout_s: float = 60.0, notify_timeout_s: float = 10.0,
-         num_worker_threads: int = 16) -> int:
+         advertise_host: str = "", rpc_timeout_s: float = 60.0, join_timeout_s: float = 60.0,
+         notify_timeout_s: float = 10.0, num_worker_threads: int = 16) -> int:
     """Join the group whose store is at host:port as `name`; rank 0 creates it (port 0: on any
     free port, see `hosted_port`) and records `service_id` in it; other ranks with a
     `service_id` join only a group that has it. Returns the rank.
 
-    Peers on loopback talk over loopback (TP_SOCKET_IFNAME=lo unless set), so tests never depend
-    on how this machine's hostname resolves.
+    The member listens on `advertise_host` (utils/netaddr.py: an address, an interface or
+    `route:HOST`), by default on the local address of the route to `host`; rank 0 on
+    `advertise_host` or `host`, where its store listens too. Raises JoinRejected when that
+    address cannot serve (not this host's, or the coordinator cannot call it back there).
     """
     if "-" in name:
         raise ValueError(f"RPC name {name!r} has a dash, which breaks torch's member list (use underscores)")
-    if is_loopback(host):
-        os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
-    _settings.update(notify_timeout_s=notify_timeout_s, token_timeout_s=join_timeout_s,
-                     stale_token_s=max(2 * notify_timeout_s + 5.0, 10.0))
+    _settings.update(notify_timeout_s=notify_timeout_s, token_timeout_s=join_timeout_s)
+    try:
+        if rank == 0:
+            where = advertised(advertise_host or host, host, "service.advertise_host" if advertise_host else "service.host")
+            host = where.address
+        else:
+            where = advertised(advertise_host, host)
+    except AddressError as e:
+        raise JoinRejected(f"{name}: {e}") from None
+    _self.update(name=name, advertised=where)
     try:
         if rank is None:
             rank = allocate_rank(host, port, join_timeout_s, service_id)
@@ -249,12 +319,25 @@ def join(name: str, host: str, port: int, *, rank: int | None = None, service_id
         rpc.init_rpc(name, backend=_backend(), rank=rank, rpc_backend_options=opts)
         if rank == 0 and service_id:
             _hosted_store().set(_SERVICE_ID, service_id)
+    except membership.Rejected as e:
+        raise JoinRejected(f"{name}: the coordinator rejected this process: {e}; it advertised {where.address} "
+                           f"({where.how}): set service.advertise_host to an address of this host that the "
+                           "coordinator's host can reach") from None
+    except JoinRejected:
+        raise
     except (RuntimeError, ValueError, OSError) as e:  # c10d raises DistNetworkError/DistStoreError (RuntimeErrors)
-        where = "host" if rank == 0 else "reach"
-        raise RpcError(f"{name}: cannot {where} the data service's RPC group at {host}:{port} (service.host/"
+        where_ = "host" if rank == 0 else "reach"
+        raise RpcError(f"{name}: cannot {where_} the data service's RPC group at {host}:{port} (service.host/"
                        f"service.port or service.address_from; is `mmdit serve` running?): "
                        f"{str(e).splitlines()[0][:300]}") from e
+    _self["rank"] = rank
+    log.info("%s (rank %d) listens at %s (%s)", name, rank, _self["url"], where.how)
     return rank
+
+
+def advertised_url() -> str:
+    """The URL this process's agent listens at (empty before it joined)."""
+    return _self.get("url", "")
 
 
 def _drain(agent, timeout_s: float) -> bool:
@@ -271,8 +354,8 @@ def leave(graceful: bool = True, timeout_s: float = 10.0) -> bool:
     """Leave the group; True if the leave was graceful.
 
     Graceful: give this member's own calls still out a moment, take the membership token, tell
-    the other members (each gets `LEAVE_WAIT_S`; dead ones are pruned), remove its name from the
-    store. On any failure, and always when `graceful` is False, a local shutdown that waits for nobody.
+    the other members (each gets `LEAVE_WAIT_S`), take its own name off the store's member list.
+    On any failure, and always when `graceful` is False, a local shutdown that waits for nobody.
     """
     if not rpc_api._is_current_rpc_agent_set():
         return False
@@ -281,18 +364,18 @@ def leave(graceful: bool = True, timeout_s: float = 10.0) -> bool:
     try:
         if graceful:
             me = agent.get_worker_info()
-            wait_s = min(timeout_s, LEAVE_WAIT_S)
-            if not _drain(agent, wait_s):
+            if not _drain(agent, min(timeout_s, LEAVE_WAIT_S)):
                 log.info("%s: leaving with calls still out (to a hung member?): abandoned", me.name)
-            with _membership_token(agent.store, me.name, "leave", timeout_s, _settings["stale_token_s"]):
-                dead = _broadcast_membership(agent, False, min(wait_s, _settings["notify_timeout_s"]))
-                # torch's own leave (agent.join) would wait for every call still out, however long
-                _prune_members(agent.store, [*dead, me])
+            # torch's own leave (agent.join) would wait for every call still out, however long
+            member = _Member(agent.store, me.name, me.id, None, _self.get("advertised"))
+            member.agent = agent
+            membership.run(membership.leave(me.name, me.id, timeout_s, _stale_token_s()), member)
             ok = True
     except Exception as e:  # noqa: BLE001 - leaving must never hang or raise on a broken group
         log.warning("graceful RPC leave failed (%s); shutting down locally", str(e).splitlines()[0][:200])
     finally:
         rpc_api._finalize_shutdown()
+        _self.clear()
     return ok
 
 

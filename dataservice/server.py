@@ -331,11 +331,11 @@ def run_producer(cfg) -> int:
     try:
         address = resolve(settings, settings.join_timeout_s)
         rank = rpc.join(name, address.host, address.port, service_id=address.service_id,
-                        rpc_timeout_s=settings.rpc_timeout_s, join_timeout_s=settings.join_timeout_s,
-                        num_worker_threads=settings.rpc_threads)
+                        advertise_host=settings.advertise_host, rpc_timeout_s=settings.rpc_timeout_s,
+                        join_timeout_s=settings.join_timeout_s, num_worker_threads=settings.rpc_threads)
     except (rpc.RpcError, ServiceUnreachable) as e:
         print(f"mmdit producer: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, rpc.JoinRejected) else 1
     server = ProducerServer(settings, cache, stages, name, rank, encode_hook)
     protocol.serve(protocol.PRODUCER, server)
     halt = threading.Event()

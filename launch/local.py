@@ -2,8 +2,10 @@
 
 mmdit starts local ranks itself rather than through `torchrun --standalone`, whose rendezvous
 store listens on every interface on a port of its own choosing. Here:
-- rank 0 hosts the job's store on 127.0.0.1:`launch.master_port` (utils/store.py), and gloo and
-  TensorPipe sockets use the loopback interface: nothing listens beyond this machine;
+- rank 0 hosts the job's store on 127.0.0.1:`launch.master_port` (utils/store.py), and gloo
+  sockets use the loopback interface: nothing of the job listens beyond this machine (a rank that
+  joins the data service listens where the service's address model says, utils/netaddr.py:
+  loopback for a local service);
 - every rank is recorded in run.dir/processes.json with its exit code;
 - ranks stay in the launcher's process group (a Ctrl-C in the terminal reaches them all, and
   whoever started the launcher in a group of its own can stop everything with one signal) and
@@ -41,7 +43,7 @@ def launch_local(command: str, argv: list[str], nproc: int, run_dir: str, role: 
         for rank in range(nproc):
             env = {**child_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port),
-                   "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo",
+                   "GLOO_SOCKET_IFNAME": "lo",
                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
             proc = subprocess.Popen(python_command("mmdit.launch.cli", [command, *argv]), env=env)
             procs.append(proc)

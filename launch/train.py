@@ -16,6 +16,7 @@ from mmdit.config import ConfigError
 from mmdit.config.job import JobConfig
 from mmdit.config.loader import load_config
 from mmdit.launch.args import Command, parse
+from mmdit.utils.processes import is_rank
 
 COMMAND = Command("train", __doc__, sections=("train", "optimizer", "checkpoint", "eval", "model", "parallel", "data",
                                               "service", "encoders", "run", "launch", "seed"))
@@ -30,16 +31,29 @@ def check_inputs(cfg: JobConfig) -> None:
 
         # by hand, a missing service is a quick error; under a launcher (SLURM), the service may
         # still be starting on another node: wait as long as joining would
-        from mmdit.utils.processes import is_rank
-
         timeout = cfg.service.join_timeout_s if is_rank() else min(10.0, cfg.service.join_timeout_s)
         reach(cfg.service, timeout)
+
+
+def rank_env(cfg: JobConfig) -> None:
+    """A rank's gloo sockets listen on service.advertise_host's interface when one is set and the
+    launcher did not choose (the local launcher sets loopback); otherwise utils/store.py takes
+    the route to the job's store host."""
+    if is_rank() and cfg.service.advertise_host and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        from mmdit.utils.netaddr import AddressError, advertised
+
+        try:
+            where = advertised(cfg.service.advertise_host, os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        except AddressError as e:
+            raise ConfigError(str(e)) from None
+        os.environ["GLOO_SOCKET_IFNAME"] = where.interface
 
 
 def main(argv: list[str]) -> int:
     cfg = load_config(parse(COMMAND, argv).overrides)
     check_inputs(cfg)
-    from mmdit.launch.local import is_rank, main_or_launch
+    rank_env(cfg)
+    from mmdit.launch.local import main_or_launch
     from mmdit.utils.processes import ProcessTable
 
     code = main_or_launch("train", argv, cfg, role="trainer")

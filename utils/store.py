@@ -19,11 +19,15 @@ from urllib.parse import parse_qs, urlparse
 
 import torch.distributed as dist
 
+from mmdit.utils.netaddr import advertised
+
 _LISTENERS: list[socket.socket] = []  # the stores serve on these sockets: keep them open
 SCHEME = "mmdit-tcp"
 
 
 def _listener(host: str, port: int) -> socket.socket:
+    if host in ("", "*", "0.0.0.0", "::"):
+        raise OSError(f"a store must listen on one address, not on every interface ({host or 'empty'})")
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -51,20 +55,20 @@ def tcp_store(host: str, port: int, *, server: bool, timeout_s: float, world_siz
 
 def join_process_group(backend: str, timeout_s: float = 600.0) -> None:
     """Join the job described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT. Rank 0 hosts the store
-    on MASTER_ADDR, unless torchrun's agent already hosts it (TORCHELASTIC_USE_AGENT_STORE)."""
+    on MASTER_ADDR, unless torchrun's agent already hosts it (TORCHELASTIC_USE_AGENT_STORE).
+
+    gloo listens on the interface GLOO_SOCKET_IFNAME names; unless set (the local launcher sets
+    `lo`, `mmdit train` the interface of service.advertise_host), on the one holding the local
+    address of the route to MASTER_ADDR (utils/netaddr.py), never the host name's address."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
-    if is_loopback(host):  # gloo's own sockets too: the loopback interface, not the host name's
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if not os.environ.get("GLOO_SOCKET_IFNAME"):
+        os.environ["GLOO_SOCKET_IFNAME"] = advertised("", host, "GLOO_SOCKET_IFNAME").interface
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     store = tcp_store(host, port, server=rank == 0 and not agent_store, timeout_s=timeout_s,
                       world_size=None if agent_store else world)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
 def rendezvous_url(host: str, port: int) -> str:
