@@ -3,11 +3,19 @@
 The rendered sbatch script (saved as run.dir/submit/job.sbatch, with the job's config beside it):
 
 - trainers: `launch.trainer_nodes` nodes x `launch.gpus_per_node` ranks, one `srun` task per node
-  running torchrun with a c10d rendezvous on the first trainer node; TP x DP from `parallel.tp`;
+  running torchrun (launch/agent.py: every listener on one address) with its rendezvous on the
+  first trainer node; TP x DP from `parallel.tp`;
 - producers: with `launch.producer_nodes` > 0, a heterogeneous job whose second component runs
   `launch.producers_per_node` producer processes per node; the coordinator runs on its first node.
   With no producer nodes, the coordinator and `launch.producers_per_node` producers run on the
   first trainer node (`mmdit serve`);
+- addresses (utils/netaddr.py), never from host names, which resolve to loopback on many images:
+  the first trainer node's address is the local end of its route to another node of the job
+  (`python -m mmdit.launch.address`, asked on that node); it is the rendezvous endpoint,
+  and the coordinator listens on the local end of its own route to it
+  (`service.advertise_host=route:ADDR`) and publishes that address in run.dir/service/address.json,
+  where producers and trainers find it (`service.address_from`); each of them listens on the
+  local end of its route to the coordinator. A job on one node keeps everything on 127.0.0.1;
 - every process logs to run.dir/logs/ (run.dir must be on storage every node sees);
 - preemption and time limits: SLURM sends USR1 `launch.slurm.signal_s` seconds ahead
   (`--signal=B:USR1@...`); the script passes it through srun to a shell around torchrun on each
@@ -70,7 +78,8 @@ def render(cfg, overrides: list[str]) -> str:
     dp = launch.trainer_nodes * launch.gpus_per_node // cfg.parallel.tp
     logs = _output_pattern("run.dir", run / "logs")  # first: it also checks run.dir for the comment below
     common = [o for o in overrides if not o.startswith(("run.dir=", "cache.dir=", "launch.", "service.host=",
-                                                        "service.producers=", "service.dp_size="))]
+                                                        "service.address_from=", "service.producers=",
+                                                        "service.dp_size="))]
     common += [_override("cache.dir", Path(cfg.cache.dir).resolve()), f"service.dp_size={dp}"]
     args = " ".join(shlex.quote(a) for a in common)
     python = slurm.python or sys.executable
@@ -100,6 +109,12 @@ def render(cfg, overrides: list[str]) -> str:
     trainers = "--het-group=0 " if het else ""
     services = "--het-group=1 " if het else ""
     service_dir = shlex.quote(_override("run.dir", run / "service"))
+    # service.advertise_host given (an interface name, say): every process, the first trainer node
+    # and the coordinator too, advertises what it says; else each the local end of a route
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("service.advertise_host=")]
+    advertise = f" {shlex.quote(given[-1])}" if given else ""
+    coordinator_addr = "" if given else 'service.advertise_host="route:$HEAD_ADDR" '
+    address_from = shlex.quote(_override("service.address_from", run / "service"))
     lines += ["", "set -uo pipefail", f"RUN={shlex.quote(str(run))}", 'mkdir -p "$RUN/logs"',
               f"LOGS={shlex.quote(logs)}  # run.dir/logs as srun reads --output: % doubled",
               'TRAINER_NODES=$(scontrol show hostnames "${SLURM_JOB_NODELIST_HET_GROUP_0:-$SLURM_JOB_NODELIST}")',
@@ -108,22 +123,35 @@ def render(cfg, overrides: list[str]) -> str:
         lines.append('COORD_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1" | head -n1)')
     else:
         lines.append('COORD_HOST=$TRAINER_HOST')
+    if launch.trainer_nodes > 1 or het:
+        # a node's own name may resolve to 127.0.0.1 there (many images): the first trainer node is
+        # asked for the local end of its route to another node of the job, named by SLURM
+        lines += ["", "# the first trainer node's address: the rendezvous endpoint, and the coordinator's peer",
+                  "NODES=($TRAINER_NODES)",
+                  f"PEER={'${NODES[1]}' if launch.trainer_nodes > 1 else '$COORD_HOST'}",
+                  f'HEAD_ADDR=$(srun --overlap --nodes=1 --ntasks=1 -w "$TRAINER_HOST"{container} {py} -m '
+                  f'mmdit.launch.address "$PEER"{advertise}) || exit 1',
+                  'echo "mmdit: $TRAINER_HOST is $HEAD_ADDR on the way to $PEER"']
+    else:
+        lines += ["HEAD_ADDR=127.0.0.1  # one node: nothing listens beyond it"]
     lines += [
         "",
-        "# the data service: the coordinator (and, without producer nodes, the producers too)",
+        "# the data service: the coordinator (and, without producer nodes, the producers too); it listens on",
+        "# the local end of its route to the first trainer node and publishes that address in address.json",
+        'rm -f "$RUN/service/address.json"  # a requeued job\'s: no process may follow it',
         f'srun --overlap {services}--nodes=1 --ntasks=1 -w "$COORD_HOST"{container} '
         f'--output="$LOGS/coordinator-%j.log" {py} -m mmdit.launch.cli serve {args} {service_dir} '
-        f'service.host="$COORD_HOST" service.producers={0 if het else launch.producers_per_node} &',
+        f'{coordinator_addr}service.producers={0 if het else launch.producers_per_node} &',
         "SERVICE=$!",
     ]
     if het:
         lines += [f'srun --overlap {services}--ntasks-per-node={launch.producers_per_node}{container} '
                   f'--output="$LOGS/producer-%N-%t-%j.log" {py} -m mmdit.launch.cli producer {args} '
-                  f'{service_dir} service.host="$COORD_HOST" &', "PRODUCERS=$!"]
-    agent = (f"{py} -m torch.distributed.run --nnodes={launch.trainer_nodes} --nproc-per-node={launch.gpus_per_node} "
-             f'--rdzv-backend=c10d --rdzv-endpoint="$TRAINER_HOST:{RDZV_PORT}" --rdzv-id="$SLURM_JOB_ID" '
+                  f'{service_dir} {address_from} &', "PRODUCERS=$!"]
+    agent = (f"{py} -m mmdit.launch.agent --nnodes={launch.trainer_nodes} --nproc-per-node={launch.gpus_per_node} "
+             f'--rdzv-backend=mmdit --rdzv-endpoint="$HEAD_ADDR:{RDZV_PORT}" --rdzv-id="$SLURM_JOB_ID" '
              f'-m mmdit.launch.cli train {shlex.quote(_override("run.dir", run))} {args} train.data_source=service '
-             'service.host="$COORD_HOST"')
+             f'{address_from}')
     # On each node a shell around torchrun turns USR1 (forwarded by srun) or TERM (a preemption)
     # into SIGTERM to the ranks themselves: they checkpoint and exit 0, and torchrun exits with
     # them. Signalling srun or torchrun instead kills the ranks mid-save (srun takes TERM as
@@ -134,8 +162,8 @@ def render(cfg, overrides: list[str]) -> str:
                   'while kill -0 "$agent" 2>/dev/null; do wait "$agent"; done; wait "$agent"')
     lines += [
         "",
-        "# the trainers: torchrun per node, c10d rendezvous on the first trainer node",
-        "export TRAINER_HOST COORD_HOST",
+        "# the trainers: torchrun per node, rendezvous on the first trainer node",
+        "export HEAD_ADDR",
         f'srun --overlap {trainers}--ntasks-per-node=1{container} --output="$LOGS/trainer-%N-%j.log" '
         f"bash -c {shlex.quote(node_shell)} &",
         "TRAINERS=$!",

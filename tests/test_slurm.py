@@ -47,7 +47,7 @@ def test_a_64_node_layout_renders_a_valid_heterogeneous_script(tmp_path):
     for line in ("#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --account=proj",
                  "#SBATCH --time=48:00:00", "#SBATCH --exclusive", "#SBATCH --constraint=h100"):
         assert line in head, line
-    assert "--nnodes=56 --nproc-per-node=8 --rdzv-backend=c10d" in script
+    assert "-m mmdit.launch.agent --nnodes=56 --nproc-per-node=8 --rdzv-backend=mmdit" in script
     assert "--het-group=1 --ntasks-per-node=4" in script and "service.dp_size=56" in script
     assert "--container-image=nvcr.io/x/mmdit:1" in script and "scontrol requeue" in script
     assert script.count("--het-group=1") == 2 and script.count("--het-group=0") == 1

@@ -202,10 +202,14 @@ def test_fuzzed_values_reach_sbatch_word_for_word_or_are_refused_by_key(base_cfg
 # each stub records its argv in a file of its own, whole or not at all (written, then renamed)
 RECORD = (f'printf "%s\\0" {{name}} "$@" > "$MMDIT_TEST_LOG/.$BASHPID"\n'
           f'{shutil.which("mv")} "$MMDIT_TEST_LOG/.$BASHPID" "$MMDIT_TEST_LOG/{{name}}.$BASHPID.$RANDOM"\n')
+TRAINER_HOST, TRAINER_PEER, COORD_HOST, JOB_ID, HEAD_ADDR = "trainer0", "trainer1", "coord0", "4242", "10.9.8.7"
 STUBS = {  # the commands the script may run; each records its argv, then does its part
     # srun runs the trainers' node shell once the data service steps are up (on a cluster they are
     # running by then; here they return at once, and the script would stop them before they record)
-    "srun": RECORD + 'args=("$@")\nfor ((i = 0; i + 2 < $#; i++)); do\n'
+    "srun": RECORD + 'args=("$@")\n'
+                     # the first trainer node's address, asked of it (`python -m mmdit.launch.address PEER`)
+                     f'[[ " $* " == *" mmdit.launch.address "* ]] && {{ echo {HEAD_ADDR}; exit 0; }}\n'
+                     'for ((i = 0; i + 2 < $#; i++)); do\n'
                      '  if [ "${args[i]}" = bash ] && [ "${args[i+1]}" = -c ]; then\n'
                      '    shopt -s nullglob\n'
                      '    for ((t = 0; t < 12000; t++)); do\n'
@@ -216,12 +220,13 @@ STUBS = {  # the commands the script may run; each records its argv, then does i
                      '    exec /bin/bash -c "${args[i+2]}"\n'
                      '  fi\n'
                      'done\n',
-    "scontrol": RECORD + 'printf "%s\\n" "$3"\n',  # show hostnames LIST: a list of one host
+    "scontrol": RECORD + 'printf "%s\\n" ${3//,/ }\n',  # show hostnames LIST: one host a line
+    "rm": RECORD,
     "mkdir": RECORD + f'exec {shutil.which("mkdir")} "$@"\n',
     "head": RECORD + f'exec {shutil.which("head")} "$@"\n',
     "canary": RECORD,  # what an injected command would run
 }
-TRAINER_HOST, COORD_HOST, JOB_ID = "trainer0", "coord0", "4242"
+
 
 
 def fake_cluster(root: Path, python: str, het: bool) -> dict:
@@ -234,17 +239,18 @@ def fake_cluster(root: Path, python: str, het: bool) -> dict:
     Path(python).write_text("#!/bin/bash\n" + RECORD.replace("{name}", "python"), encoding="utf-8")
     Path(python).chmod(0o755)
     return {"PATH": str(bin_dir), "MMDIT_TEST_LOG": str(log), "SLURM_JOB_ID": JOB_ID,
-            "SLURM_JOB_NODELIST": TRAINER_HOST,
-            "SLURM_JOB_NODELIST_HET_GROUP_0": TRAINER_HOST, "SLURM_JOB_NODELIST_HET_GROUP_1": COORD_HOST,
-            "MMDIT_TEST_SERVICES": "2" if het else "1"}  # srun steps before the trainers': coordinator, producers
+            "SLURM_JOB_NODELIST": f"{TRAINER_HOST},{TRAINER_PEER}",
+            "SLURM_JOB_NODELIST_HET_GROUP_0": f"{TRAINER_HOST},{TRAINER_PEER}", "SLURM_JOB_NODELIST_HET_GROUP_1": COORD_HOST,
+            # srun steps before the trainers': the address of the first trainer node, coordinator, producers
+            "MMDIT_TEST_SERVICES": "3" if het else "2"}
 
 
 def recorded(log: Path) -> list[list[str]]:
     out = []
     for f in log.glob("[!.]*"):
         name, *argv = f.read_bytes().decode("utf-8").split("\0")[:-1]
-        # run.dir= / cache.dir= are read by Hydra: compare what it makes of them
-        argv = [w.split("=", 1)[0] + "=" + hydra_value(w) if w.startswith(("run.dir=", "cache.dir=")) else w
+        # run.dir= / cache.dir= / service.address_from= are read by Hydra: compare what it makes of them
+        argv = [w.split("=", 1)[0] + "=" + hydra_value(w) if w.startswith(("run.dir=", "cache.dir=", "service.address_from=")) else w
                 for w in argv]
         if name == "srun" and argv[-3:-1] == ["bash", "-c"]:
             argv[-1] = "<node shell>"  # run by the stub: what it starts is recorded
@@ -264,24 +270,28 @@ def expected_commands(cfg, overrides: list[str]) -> list[list[str]]:
     common = [*overrides, f"cache.dir={Path(cfg.cache.dir).resolve()}", f"service.dp_size={dp}"]
     group = (lambda g: [f"--het-group={g}"]) if het else (lambda g: [])
     cli = [py, "-m", "mmdit.launch.cli"]
+    address_from = f"service.address_from={run}/service"
     commands = [
         ["mkdir", "-p", f"{run}/logs"],
-        ["scontrol", "show", "hostnames", TRAINER_HOST], ["head", "-n1"],
+        ["scontrol", "show", "hostnames", f"{TRAINER_HOST},{TRAINER_PEER}"], ["head", "-n1"],
+        ["srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", TRAINER_HOST, *container, py, "-m",
+         "mmdit.launch.address", TRAINER_PEER],
+        ["rm", "-f", f"{run}/service/address.json"],
         ["srun", "--overlap", *group(1), "--nodes=1", "--ntasks=1", "-w", coord, *container,
          f"--output={logs}/coordinator-%j.log", *cli, "serve", *common, f"run.dir={run}/service",
-         f"service.host={coord}", f"service.producers={0 if het else ppn}"],
+         f"service.advertise_host=route:{HEAD_ADDR}", f"service.producers={0 if het else ppn}"],
         ["srun", "--overlap", *group(0), "--ntasks-per-node=1", *container, f"--output={logs}/trainer-%N-%j.log",
          "bash", "-c", "<node shell>"],
-        ["python", "-m", "torch.distributed.run", f"--nnodes={launch.trainer_nodes}",
-         f"--nproc-per-node={launch.gpus_per_node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={TRAINER_HOST}:29400",
+        ["python", "-m", "mmdit.launch.agent", f"--nnodes={launch.trainer_nodes}",
+         f"--nproc-per-node={launch.gpus_per_node}", "--rdzv-backend=mmdit", f"--rdzv-endpoint={HEAD_ADDR}:29400",
          f"--rdzv-id={JOB_ID}", "-m", "mmdit.launch.cli", "train", f"run.dir={run}", *common,
-         "train.data_source=service", f"service.host={coord}"],
+         "train.data_source=service", address_from],
     ]
     if het:
         commands += [["scontrol", "show", "hostnames", COORD_HOST], ["head", "-n1"],
                      ["srun", "--overlap", "--het-group=1", f"--ntasks-per-node={ppn}", *container,
                       f"--output={logs}/producer-%N-%t-%j.log", *cli, "producer", *common, f"run.dir={run}/service",
-                      f"service.host={coord}"]]
+                      address_from]]
     return commands
 
 
