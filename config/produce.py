@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from mmdit.utils.dtypes import check_dtype
 
+EDIT_TEMPLATES = ("edit_plus", "edit")
+"""What encoders.edit_template may be (producer/prompts.py EDIT_CONDITIONINGS: one per diffusers edit pipeline)."""
 FEATURE_DTYPES = ("bf16", "fp32")
 """What cache.feature_dtype may be: bf16 keeps fp32's range at half the bytes (fp16 does not)."""
 
@@ -42,13 +44,20 @@ class EncodersConfig:
     dtype: str = "auto"
     """auto: bf16 on GPU, fp32 on CPU; or bf16 / fp16 / fp32."""
     max_text_tokens: int = 1024
-    """Prompt features kept per sample after the template prefix is dropped."""
+    """Prompt text tokens kept per sample after the template prefix is dropped (an edit prompt's
+    image tokens come on top: the edit pipelines never cut them)."""
     resample: str = "bicubic"
     """PIL filter for the VAE input resize (bicubic, lanczos, bilinear, nearest)."""
-    edit_vision_area: int = 384 * 384
+    edit_template: str = "edit_plus"
+    """How edit prompts are conditioned, as one diffusers pipeline does it (features equal its
+    `encode_prompt`): edit_plus (QwenImageEditPlusPipeline, Qwen-Image-Edit-2509 on: the source at
+    about 384x384 pixels after "Picture 1: ") or edit (QwenImageEditPipeline, the first
+    Qwen-Image-Edit: the source at about 1024x1024). Fingerprinted, and recorded with the cache: a
+    cache of the other kind is refused. Sample and export with the pipeline of the same kind."""
+    edit_vision_area: int = 0
     """Pixel area the edit source image is resized to before Qwen2.5-VL sees it (aspect kept,
-    sides multiples of 32). 384*384 (about 190 vision tokens) as in QwenImageEditPlusPipeline; the
-    first Qwen-Image-Edit used 1024*1024 (about 1340 tokens, over max_text_tokens)."""
+    sides multiples of 32); 0: the edit template's own (384*384 for edit_plus, 1024*1024 for
+    edit). Any other value matches neither pipeline."""
 
     def __post_init__(self):
         check_dtype("encoders.dtype", self.dtype)
@@ -56,8 +65,11 @@ class EncodersConfig:
             raise ValueError(f"encoders.resample must be bicubic, lanczos, bilinear or nearest, not {self.resample!r}")
         if self.max_text_tokens < 1:
             raise ValueError("encoders.max_text_tokens must be >= 1")
-        if self.edit_vision_area < 56 * 56:
-            raise ValueError("encoders.edit_vision_area must be >= 3136 (56x56)")
+        if self.edit_vision_area and self.edit_vision_area < 56 * 56:
+            raise ValueError("encoders.edit_vision_area must be 0 (the template's) or >= 3136 (56x56)")
+        if self.edit_template not in EDIT_TEMPLATES:
+            raise ValueError(f"encoders.edit_template must be one of {', '.join(EDIT_TEMPLATES)}, "
+                             f"not {self.edit_template!r}")
 
 
 @dataclass

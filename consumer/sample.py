@@ -15,7 +15,7 @@ several prompts, a grid.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -139,6 +139,15 @@ class ModelSource:
     """The run directory of a run's checkpoint: where evaluations of it are written."""
     step: int | None
     """The training step of a run's checkpoint."""
+    encoders: dict = field(default_factory=dict)
+    """The run's `encoders` settings (edit_template, max_text_tokens, ...): a model is sampled
+    with the conditioning it was trained on."""
+
+    def encoders_config(self):
+        from mmdit.config.produce import EncodersConfig
+
+        known = {f.name for f in fields(EncodersConfig)}
+        return EncodersConfig(**{**{k: v for k, v in self.encoders.items() if k in known}, "dir": str(self.encoders_dir)})
 
 
 def locate_model(source: str | Path, encoders_dir: str | None = None) -> ModelSource:
@@ -161,17 +170,19 @@ def locate_model(source: str | Path, encoders_dir: str | None = None) -> ModelSo
             run_dir, step = source.parent.parent, step_of(source)
     if not is_checkpoint(model_dir):
         raise FileNotFoundError(f"{source}: neither a run directory nor an mmdit checkpoint")
-    if encoders_dir is None and run_dir is not None and (run_dir / "config.yaml").is_file():
+    encoders = {}
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
         import yaml
 
-        encoders_dir = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("encoders") or {}).get("dir")
-    return ModelSource(model_dir, encoders_dir or None, run_dir, step)
+        encoders = yaml.safe_load((run_dir / "config.yaml").read_text()).get("encoders") or {}
+    if encoders_dir is None:
+        encoders_dir = encoders.get("dir")
+    return ModelSource(model_dir, encoders_dir or None, run_dir, step, encoders)
 
 
 def load_sampler(source: str | Path | ModelSource, encoders_dir: str | None = None) -> Sampler:
     """The model of a run directory's newest checkpoint (or of a checkpoint), with its encoders."""
     from mmdit.config.parallel import ParallelConfig
-    from mmdit.config.produce import EncodersConfig
     from mmdit.model.checkpoint import checkpoint_args
     from mmdit.parallel.parallelize import parallelize
     from mmdit.producer.encoders import Encoders
@@ -181,4 +192,4 @@ def load_sampler(source: str | Path | ModelSource, encoders_dir: str | None = No
         raise ValueError("no encoders: give encoders=DIR (a Qwen-Image-layout directory)")
     model_dir = found.model_dir
     built = parallelize(checkpoint_args(model_dir), ParallelConfig(), weights=model_dir)  # this process, TP=1
-    return Sampler(built.model, built.plan, Encoders.load(EncodersConfig(dir=str(found.encoders_dir))))
+    return Sampler(built.model, built.plan, Encoders.load(found.encoders_config()))

@@ -29,11 +29,12 @@ import torch
 from PIL import Image
 
 from mmdit.config.produce import EncodersConfig
-from mmdit.producer.prompts import EDIT_TEMPLATE, T2I_TEMPLATE, build_input_ids, check_drop
+from mmdit.producer.prompts import EDIT_CONDITIONINGS, T2I_TEMPLATE, EditConditioning, build_input_ids, check_drop
 from mmdit.utils.dtypes import resolve_dtype
 
-PREPROCESS_VERSION = 1
-"""Bump when `preprocess_image` or the edit vision resize change behaviour (it is fingerprinted)."""
+PREPROCESS_VERSION = 2
+"""Bump when `preprocess_image` or the edit vision resize change behaviour (it is fingerprinted).
+2: edit prompts follow a named diffusers pipeline (encoders.edit_template)."""
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
@@ -181,7 +182,8 @@ class Encoders:
         text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root, subfolder="text_encoder", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
         tokenizer.padding_side = "right"
-        for template in (T2I_TEMPLATE, EDIT_TEMPLATE):
+        edit = EDIT_CONDITIONINGS[cfg.edit_template]
+        for template in (T2I_TEMPLATE, edit.template):
             check_drop(tokenizer, template)
         processor = None
         if (root / "processor" / "preprocessor_config.json").is_file():
@@ -191,10 +193,11 @@ class Encoders:
             "vae": weights_identity(root / "vae"),
             "text_encoder": weights_identity(root / "text_encoder"),
             "tokenizer": files_identity(root / "tokenizer"),
-            "templates": {t.name: [t.template, t.drop] for t in (T2I_TEMPLATE, EDIT_TEMPLATE)},
+            "templates": {t.name: [t.template, t.drop] for t in (T2I_TEMPLATE, edit.template)},
             "max_text_tokens": cfg.max_text_tokens,
             "resample": cfg.resample,
-            "edit_vision_area": cfg.edit_vision_area,
+            "edit_template": edit.name,
+            "edit_vision_area": cfg.edit_vision_area or edit.vision_area,
             "image_processor": None if processor is None else processor.to_json_string(),
             "dtype": str(dtype),
         }
@@ -205,6 +208,22 @@ class Encoders:
     @property
     def fingerprint(self) -> str:
         return fingerprint_of(self.fingerprint_parts)
+
+    @property
+    def edit(self) -> EditConditioning:
+        """The edit pipeline these encoders match (encoders.edit_template)."""
+        return EDIT_CONDITIONINGS[self.cfg.edit_template]
+
+    @property
+    def edit_vision_area(self) -> int:
+        return self.cfg.edit_vision_area or self.edit.vision_area
+
+    def description(self) -> dict:
+        """What a cache records of the encoders that wrote it (`record_cache_kind`): readable
+        where the fingerprint is a hash."""
+        return {"encoders_fingerprint": self.fingerprint, "edit_template": self.edit.name,
+                "edit_pipeline": self.edit.pipeline, "edit_vision_area": self.edit_vision_area,
+                "max_text_tokens": self.cfg.max_text_tokens, "resample": self.cfg.resample, "dtype": str(self.dtype)}
 
     @property
     def latent_channels(self) -> int:
@@ -249,8 +268,9 @@ class Encoders:
                 f"edit prompts need {self.cfg.dir}/processor/preprocessor_config.json "
                 "(Qwen2VLImageProcessor config, as in the Qwen-Image-Edit release)"
             )
+        # the pipelines' VaeImageProcessor.resize: PIL lanczos to calculate_dimensions(area, ratio)
         resized = [
-            img.convert("RGB").resize(vision_size(img, self.cfg.edit_vision_area), Image.Resampling.LANCZOS)
+            img.convert("RGB").resize(vision_size(img, self.edit_vision_area), Image.Resampling.LANCZOS)
             for img in images
         ]
         out = self.image_processor(images=resized, return_tensors="pt")
@@ -260,19 +280,20 @@ class Encoders:
 
     def edit_prompt_ids(self, captions: list[str], image_tokens: list[int]) -> list[list[int]]:
         return [
-            build_input_ids(self.tokenizer, EDIT_TEMPLATE, c, self.cfg.max_text_tokens, n)
+            build_input_ids(self.tokenizer, self.edit.template, c, self.cfg.max_text_tokens, n)
             for c, n in zip(captions, image_tokens, strict=True)
         ]
 
     def encode_edit_prompts(self, captions: list[str], images: list[Image.Image]) -> list[torch.Tensor]:
-        """Edit prompt features: the source image as vision tokens before the instruction."""
+        """Edit prompt features: the source image as vision tokens before the instruction, as
+        `encoders.edit_template`'s diffusers pipeline computes them (producer/prompts.py)."""
         if len(captions) != len(images):
             raise ValueError(f"{len(captions)} edit instructions but {len(images)} source images")
         if not captions:
             return []
         pixel_values, grid, counts = self.edit_vision_inputs(images)
         ids = self.edit_prompt_ids(captions, counts)
-        return self._forward(ids, EDIT_TEMPLATE.drop, pixel_values, grid)
+        return self._forward(ids, self.edit.template.drop, pixel_values, grid)
 
     @torch.no_grad()
     def _forward(self, ids: list[list[int]], drop: int, pixel_values=None, grid=None) -> list[torch.Tensor]:
@@ -291,3 +312,43 @@ class Encoders:
             input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
         ).last_hidden_state
         return [hidden[row, drop:n].float().cpu() for row, n in enumerate(lengths)]
+
+
+# ----------------------------------------------------------------------------- a cache's kind
+
+CACHE_KIND = "encoders.json"
+"""<cache dir>/<fingerprint>/encoders.json: `Encoders.description()` of the encoders that wrote
+the records under that fingerprint (the fingerprint itself is a hash that says nothing)."""
+
+
+def record_cache_kind(cache_dir: str | Path, fingerprint: str, encoders: "Encoders") -> None:
+    """Record which encoders (and which edit conditioning) write under `fingerprint`."""
+    from mmdit.utils.atomic import atomic_write_json
+
+    path = Path(cache_dir) / fingerprint / CACHE_KIND
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, encoders.description(), indent=1)
+
+
+def cache_kinds(cache_dir: str | Path) -> dict[str, dict]:
+    """fingerprint -> its recorded description, for every fingerprint of the cache that has one."""
+    out = {}
+    for path in sorted(Path(cache_dir).glob(f"*/{CACHE_KIND}")):
+        try:
+            out[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError):  # unreadable: as if not recorded (caches before the record)
+            continue
+    return out
+
+
+def other_edit_kinds(cache_dir: str | Path, encoders: "Encoders") -> list[str]:
+    """Why these encoders must not add to the cache: one line per fingerprint recorded with
+    another edit conditioning (a trainer drawing from both would be conditioned like neither
+    pipeline); [] when none is."""
+    mine = encoders.edit
+    return [f"cache {cache_dir} holds edit features of encoders.edit_template={kind.get('edit_template')!r} "
+            f"({kind.get('edit_pipeline')}, source image at {kind.get('edit_vision_area')} pixels) under {fp}; "
+            f"these encoders make {mine.name!r} ({mine.pipeline}, {encoders.edit_vision_area} pixels)"
+            for fp, kind in cache_kinds(cache_dir).items()
+            if (kind.get("edit_template"), kind.get("edit_vision_area")) != (mine.name, encoders.edit_vision_area)]

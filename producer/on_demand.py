@@ -30,10 +30,12 @@ class OnDemandEncoder:
 
     def __init__(self, cfg, cache: LatentCache):
         from mmdit.cache import read_manifest_table
-        from mmdit.producer.encoders import Encoders
+        from mmdit.producer.encoders import Encoders, other_edit_kinds
 
         self.cfg, self.cache = cfg, cache
         self.encoders = Encoders.load(cfg.encoders)
+        for why in other_edit_kinds(cfg.cache.dir, self.encoders):
+            log.warning("%s: they do not encode for it", why)
         manifest = read_manifest_table(Path(cfg.cache.dir))
         self.urls = {} if manifest is None else dict(zip(manifest.column("key").to_pylist(),
                                                          manifest.column("url").to_pylist()))

@@ -315,6 +315,7 @@ class CacheBuilder:
         self.cache = LatentCache(self.dir)
         self.cache.remove_stale_tmp()
         self.fp = stage_fingerprint(encoders.fingerprint, data.base_resolution)
+        self._check_kind(encoders)
         self.repair = self.cache.verify(self.fp, repair=True)  # damaged records are re-encoded below
         self.urls = expand_shards(data.shards)
         if not self.urls:
@@ -330,6 +331,19 @@ class CacheBuilder:
         self.seen_phash = PhashIndex(data.filters.duplicate_distance)
         self.groups: dict[tuple, list[Item]] = defaultdict(list)
         self.progress = progress
+
+    def _check_kind(self, encoders) -> None:
+        """Refuse (exit 2) to add records of one edit conditioning to a cache recorded with
+        another (producer/encoders.py `other_edit_kinds`); record this run's kind."""
+        from mmdit.config import ConfigError
+        from mmdit.producer.encoders import other_edit_kinds, record_cache_kind
+
+        if not hasattr(encoders, "description"):  # a stand-in without edit conditioning (benchmarks)
+            return
+        clash = other_edit_kinds(self.dir, encoders)
+        if clash:
+            raise ConfigError(f"{clash[0]}: use another cache.dir, or encoders.edit_template to match it")
+        record_cache_kind(self.dir, self.fp, encoders)
 
     def _known_rows(self) -> dict[str, dict]:
         """Manifest rows of samples already cached under this fingerprint: no need to decode them.

@@ -2,9 +2,16 @@
 
 Qwen-Image conditions its MMDiT on Qwen2.5-VL's last hidden state (after the final norm) of a
 chat-formatted prompt, with the chat prefix (system message + user header) dropped: 34 tokens for
-text-to-image, 64 for editing. The strings below are copied from diffusers' `QwenImagePipeline`
-and `QwenImageEditPipeline` (diffusers/pipelines/qwenimage/), so features cached here are the
-features those pipelines compute at inference.
+text-to-image, 64 for editing. The strings below are copied from diffusers' `QwenImagePipeline`,
+`QwenImageEditPipeline` and `QwenImageEditPlusPipeline` (diffusers/pipelines/qwenimage/), so
+features cached here are the features those pipelines compute at inference.
+
+Editing comes in two kinds (`EDIT_CONDITIONINGS`, chosen by `encoders.edit_template`), one per
+pipeline, and a model conditioned on one kind must be sampled with the same kind:
+- `edit_plus` (QwenImageEditPlusPipeline, Qwen-Image-Edit-2509 and later): the source image
+  resized to about 384x384 pixels, announced as "Picture 1: " before its vision tokens;
+- `edit` (QwenImageEditPipeline, the first Qwen-Image-Edit): the source image at about
+  1024x1024 pixels (some 1300 vision tokens), its vision tokens right after the user header.
 
 The drop counts are properties of the template *and* the tokenizer: `check_drop` verifies that the
 loaded tokenizer turns each prefix into exactly `drop` tokens, so a tokenizer that does not match
@@ -84,6 +91,36 @@ EDIT_TEMPLATE = PromptTemplate(
     ),
     drop=64,
 )
+EDIT_PLUS_TEMPLATE = PromptTemplate(
+    name="edit_plus",
+    # QwenImageEditPlusPipeline formats "Picture 1: <vision>" + the instruction into its
+    # template; written here as one template, the string (and its tokens) are the same
+    template=(
+        f"<|im_start|>system\n{EDIT_SYSTEM}<|im_end|>\n{USER_HEADER}Picture 1: {VISION_PLACEHOLDER}{{}}"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    drop=64,
+)
+
+
+@dataclass(frozen=True)
+class EditConditioning:
+    """How one diffusers edit pipeline turns (source image, instruction) into prompt features."""
+
+    name: str
+    template: PromptTemplate
+    vision_area: int
+    """Pixel area the source image is resized to (aspect kept, sides multiples of 32) before
+    Qwen2.5-VL's processor sees it."""
+    pipeline: str
+    """The diffusers pipeline whose `encode_prompt` these features equal."""
+
+
+EDIT_CONDITIONINGS = {
+    "edit_plus": EditConditioning("edit_plus", EDIT_PLUS_TEMPLATE, 384 * 384, "QwenImageEditPlusPipeline"),
+    "edit": EditConditioning("edit", EDIT_TEMPLATE, 1024 * 1024, "QwenImageEditPipeline"),
+}
+"""`encoders.edit_template` -> its conditioning (the module docstring)."""
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -103,19 +140,22 @@ def check_drop(tokenizer, template: PromptTemplate) -> None:
 def build_input_ids(
     tokenizer, template: PromptTemplate, text: str, max_tokens: int, image_tokens: int = 0
 ) -> list[int]:
-    """Token ids of one prompt: at most `template.drop + max_tokens`, chat suffix always kept.
+    """Token ids of one prompt: at most `template.drop + image_tokens + max_tokens`, chat suffix
+    always kept.
 
-    `image_tokens` is the number of `<|image_pad|>` tokens of the source image (edit template).
+    `image_tokens` is the number of `<|image_pad|>` tokens of the source image (edit templates);
+    they come on top of `max_tokens`, as the edit pipelines never cut an image's tokens (the
+    first edit pipeline's 1024x1024 source alone is some 1300 of them).
     """
     ids = _ids(tokenizer, template.format(text, image_tokens))
-    if len(ids) - template.drop <= max_tokens:
+    if len(ids) - template.drop - image_tokens <= max_tokens:
         return ids
     suffix = _ids(tokenizer, template.suffix)
-    head = template.drop + max_tokens - len(suffix)
+    head = template.drop + image_tokens + max_tokens - len(suffix)
     fixed = len(_ids(tokenizer, template.format("", image_tokens))) - len(suffix)
     if head < fixed:
         raise ValueError(
-            f"{template.name} prompt: the template and {image_tokens} image tokens alone exceed "
-            f"max_tokens={max_tokens}; lower the vision image area or raise encoders.max_text_tokens"
+            f"{template.name} prompt: the template's own tokens alone exceed max_tokens={max_tokens} "
+            "(beside the image's); raise encoders.max_text_tokens"
         )
     return ids[:head] + suffix

@@ -128,14 +128,15 @@ def test_edit_prompts_have_image_tokens_and_equal_direct_forward(enc, direct_mod
     processor = image_processor_class().from_pretrained(enc.cfg.dir, subfolder="processor")
     pad_id = enc.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     for instruction, img, feat in zip(instructions, images, feats):
-        resized = img.resize(vision_size(img, enc.cfg.edit_vision_area), Image.Resampling.LANCZOS)
+        resized = img.resize(vision_size(img, enc.edit_vision_area), Image.Resampling.LANCZOS)
         vl = processor(images=[resized], return_tensors="pt")
         n_image = int(vl["image_grid_thw"][0].prod()) // processor.merge_size**2
         assert n_image > 50
         ids = enc.edit_prompt_ids([instruction], [n_image])[0]
-        assert ids == enc.tokenizer(EDIT_TEMPLATE.format(instruction, n_image))["input_ids"]
-        assert ids[64] == enc.tokenizer.convert_tokens_to_ids(VISION_START)
-        assert ids[65 : 65 + n_image] == [pad_id] * n_image and ids.count(pad_id) == n_image
+        assert ids == enc.tokenizer(enc.edit.template.format(instruction, n_image))["input_ids"]
+        start = ids.index(enc.tokenizer.convert_tokens_to_ids(VISION_START))  # after "Picture 1: " in edit_plus
+        assert start >= 64 and ids[start + 1 : start + 1 + n_image] == [pad_id] * n_image
+        assert ids.count(pad_id) == n_image
         with torch.no_grad():
             out = direct_model(
                 input_ids=torch.tensor([ids]), pixel_values=vl["pixel_values"], image_grid_thw=vl["image_grid_thw"],
