@@ -8,9 +8,11 @@
     GET  /status    the coordinator's counters, producers and consumers
 
 Reads need no token; writes need `Authorization: Bearer <token>`, checked before a byte of the
-body is read. The server binds `service.control_host` (127.0.0.1 by default) and writes
-`run.dir/control.json` ({"url": ..., "pid": ...}) and `run.dir/control.token` (mode 0600) when
-it starts; it removes them when it stops, unless another server has replaced them since.
+body is read. The server binds `service.control_host`, by default the address the coordinator's
+RPC store listens on (127.0.0.1 for a local service; on a cluster the job network's, so `mmdit
+ctl` works from every node of the job), never a wildcard, and writes `run.dir/control.json`
+({"url", "bind": "host:port", "host": its host name, "pid"}) and `run.dir/control.token` (mode
+0600) when it starts; it removes them when it stops, unless another server has replaced them.
 Other routes (metrics, dashboard) are added with `route`; every route is served within the
 limits of bounded_http.py (`service.control_max_connections`, `service.control_timeout_s`).
 """
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -52,9 +55,13 @@ class ControlServer:
         self.route("GET", "/history", lambda req: _json(self.coordinator.history_dicts()))
         self.route("GET", "/status", lambda req: _json(self.coordinator.status()))
         self.route("POST", "/config", self._post_config, write=True)
+        if host in ("", "*", "0.0.0.0", "::"):
+            raise ValueError(f"service.control_host={host!r}: the control endpoint listens on one address, never on "
+                             "every interface")
         self.httpd = BoundedHTTPServer((host, port), self._handler_class(), settings.control_max_connections,
                                        settings.control_timeout_s)
-        self.url = f"http://{_url_host(host)}:{self.httpd.server_address[1]}"
+        self.bind = f"{_url_host(host)}:{self.httpd.server_address[1]}"
+        self.url = f"http://{self.bind}"
         self._write_files()
         self.httpd.reaper.start()
         self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="control-http", daemon=True)
@@ -114,7 +121,10 @@ class ControlServer:
         fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
-        atomic_write_json(self.run_dir / CONTROL_JSON, {"url": self.url, "pid": os.getpid()})
+        atomic_write_json(self.run_dir / CONTROL_JSON, self._record())
+
+    def _record(self) -> dict:
+        return {"url": self.url, "bind": self.bind, "host": socket.gethostname(), "pid": os.getpid()}
 
     def _owns(self, name: str) -> bool:
         """Whether run.dir/`name` is still the file this server wrote (another service may have
@@ -122,7 +132,7 @@ class ControlServer:
         try:
             text = (self.run_dir / name).read_text()
             if name == CONTROL_JSON:
-                return json.loads(text) == {"url": self.url, "pid": os.getpid()}
+                return json.loads(text) == self._record()
             return text == self.token
         except (OSError, ValueError):
             return False

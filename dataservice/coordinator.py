@@ -580,6 +580,14 @@ class Coordinator:
             }
 
 
+def _listed_members() -> list[str]:
+    """The RPC group's member list ("name-rank"), as the next joiner reads it; [] once it left."""
+    try:
+        return rpc.listed_members()
+    except Exception:  # noqa: BLE001 - stopping: the agent is gone
+        return []
+
+
 def _complete(done: list) -> None:
     for item in done:
         if item is not None:
@@ -705,7 +713,7 @@ class CoordinatorService:
 
         status = {**self.coordinator.status(), "fingerprint": self.fingerprint,
                   "selection_counts": self.selection_counts, "description": asdict(self.description),
-                  "time": time.time()}
+                  "rpc_members": _listed_members(), "time": time.time()}
         atomic_write_json(self.status_path, status, fsync=False)
         return status
 

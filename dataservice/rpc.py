@@ -384,6 +384,12 @@ def members() -> list[str]:
     return sorted(w.name for w in rpc_api._get_current_rpc_agent().get_worker_infos())
 
 
+def listed_members() -> list[str]:
+    """The group's member list in the store ("name-rank" entries): what the next joiner starts from."""
+    store = rpc_api._get_current_rpc_agent().store
+    return membership.entries(store.get(membership.LIST).decode() if store.check([membership.LIST]) else "")
+
+
 def ensure_known(name: str, rank: int) -> None:
     """Make sure this process can call member `name` (rank `rank`), even if it missed its join notice."""
     agent = rpc_api._get_current_rpc_agent()

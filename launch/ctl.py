@@ -41,14 +41,32 @@ class Unreachable(RuntimeError):
 
 def find_endpoint(run_dir: str) -> tuple[str, Path]:
     """(url, directory holding control.json) of the run's coordinator."""
+    url, where, _ = _endpoint(run_dir)
+    return url, where
+
+
+def _endpoint(run_dir: str) -> tuple[str, Path, dict]:
     for d in (Path(run_dir), Path(run_dir) / "service"):
         if (d / CONTROL_JSON).is_file():
-            return json.loads((d / CONTROL_JSON).read_text())["url"], d
+            record = json.loads((d / CONTROL_JSON).read_text())
+            return record["url"], d, record
     raise Unreachable(f"no {CONTROL_JSON} in {run_dir} (or its service/): is the job's `mmdit serve` running?")
 
 
+def _why_unreachable(url: str, record: dict) -> str:
+    """What an operator can do when `url` does not answer here."""
+    from mmdit.utils.netaddr import is_loopback
+
+    host = record.get("bind", "").rpartition(":")[0].strip("[]")
+    if host and is_loopback(host):
+        return (f"the control endpoint listens on {host}, which only its own host ({record.get('host', '?')}) "
+                "reaches: run `mmdit ctl` there, or start the service with service.control_host set to an address "
+                "of its host on the job network")
+    return "is the service still running, and is its host reachable from this one?"
+
+
 def request(run_dir: str, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
-    url, where = find_endpoint(run_dir)
+    url, where, record = _endpoint(run_dir)
     headers = {"Content-Type": "application/json"}
     if method != "GET":
         try:
@@ -63,7 +81,7 @@ def request(run_dir: str, method: str, path: str, body: dict | None = None) -> t
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
     except (urllib.error.URLError, OSError) as e:
-        raise Unreachable(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+        raise Unreachable(f"cannot reach {url} ({getattr(e, 'reason', e)}): {_why_unreachable(url, record)}") from None
 
 
 def parse_assignment(text: str) -> tuple[str, object]:

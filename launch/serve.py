@@ -62,7 +62,10 @@ def main(argv: list[str]) -> int:
 
 
 def _serve(cfg, argv: list[str], run_dir: Path, stop: SignalStop, lock: ServiceLock) -> int:
+    from mmdit.dataservice.address import ADDRESS_JSON
+
     svc = cfg.service
+    (run_dir / ADDRESS_JSON).unlink(missing_ok=True)  # a dead service's (this one holds the lock): nobody may follow it
     table = ProcessTable(run_dir)
     service, procs, rpc, code = None, [], None, 1  # 1: failed, unless it ends otherwise
     try:

@@ -3,7 +3,9 @@
 It reads only the run directory (and its service/, where `mmdit demo` puts the data service):
 processes.json (every process, alive or not), the last line of metrics.jsonl, service.json (the
 coordinator's state, rewritten every second while it runs), control.json (the dashboard's URL)
-and the checkpoints.
+and the checkpoints. Whether a process lives is checked only for processes of this host (its pid
+space, utils/processes.py): one of another host is shown as `remote`, with its host, never
+judged by a local pid that happens to exist or not.
 """
 
 from __future__ import annotations
@@ -38,15 +40,17 @@ def _last_line(path: Path) -> dict | None:
 
 def gather(run_dir: Path) -> dict:
     from mmdit.consumer.checkpoint import checkpoints
-    from mmdit.utils.processes import ProcessTable, process_alive
+    from mmdit.utils.processes import ProcessTable, is_local, process_alive
 
     dirs = [d for d in (run_dir, run_dir / "service") if d.is_dir()]
     processes = []
     for d in dirs:
         if (d / "processes.json").is_file():
             for row in ProcessTable(d).read():
-                alive = row.get("returncode") is None and not row.get("gone") and process_alive(row["pid"])
-                processes.append({**row, "alive": alive})
+                ended = row.get("returncode") is not None or row.get("gone")
+                remote = not ended and not is_local(row)  # its pid means nothing here
+                alive = None if remote else (not ended and process_alive(row["pid"]))
+                processes.append({**row, "alive": alive, "remote": remote})
     service = next((json.loads((d / "service.json").read_text()) for d in dirs if (d / "service.json").is_file()), None)
     control = next((json.loads((d / "control.json").read_text()) for d in dirs if (d / "control.json").is_file()), None)
     ckpts = [p for p in checkpoints(run_dir) if (p / "trainer.json").is_file()]
@@ -59,7 +63,9 @@ def gather(run_dir: Path) -> dict:
 
 def render(info: dict) -> str:
     live = any(p["alive"] for p in info["processes"])
-    lines = [f"run {info['run_dir']}: {'running' if live else 'not running'}"]
+    remote = any(p.get("remote") for p in info["processes"])
+    state = "running" if live else ("processes on other hosts, not checked from here" if remote else "not running")
+    lines = [f"run {info['run_dir']}: {state}"]
     if info["dashboard"]:
         lines.append(f"dashboard {info['dashboard']}")
     m = info["metrics"]
@@ -80,7 +86,8 @@ def render(info: dict) -> str:
     lines.append(f"last checkpoint: {info['last_checkpoint'] or 'none'}")
     lines.append("processes:")
     for p in info["processes"]:
-        state = "alive" if p["alive"] else ("gone" if p.get("gone") else f"exited {p.get('returncode')}")
+        state = ("remote" if p.get("remote") else "alive" if p["alive"] else
+                 "gone" if p.get("gone") else f"exited {p.get('returncode')}")
         lines.append(f"  {p['role']:<12} {p['name']:<40} pid {p['pid']:<8} {p.get('host', ''):<16} {state}")
     return "\n".join(lines)
 

@@ -2,7 +2,9 @@
 
 Every process a local launcher starts is recorded in `run.dir/processes.json` (role, name, pid,
 host, start time, and the exit code once known), so an operator or a test can find and signal
-any of them. Several launchers (`mmdit serve`, `mmdit consume`) may share one run directory: the
+any of them. A row also names the pid space its pid belongs to (`pidspace`: the kernel's boot id
+and pid namespace): only a process in the same pid space can judge whether that pid lives
+(`is_local`); rows of other hosts (or containers) are theirs to reconcile. Several launchers (`mmdit serve`, `mmdit consume`) may share one run directory: the
 file is updated under an exclusive lock and replaced atomically.
 
 A stop records what happened: a process the launcher had to SIGKILL gets `"killed"` (when and
@@ -62,13 +64,13 @@ class ProcessTable:
         atomic_write_json(self.path, rows, fsync=False)
 
     def add(self, role: str, name: str, pid: int, **extra) -> None:
-        row = {"role": role, "name": name, "pid": pid, "host": socket.gethostname(), "started": time.time(),
-               "returncode": None, **extra}
+        row = {"role": role, "name": name, "pid": pid, "host": socket.gethostname(), "pidspace": pidspace(),
+               "started": time.time(), "returncode": None, **extra}
         with self._locked():
             self._write(_reconciled(self.read()) + [row])
 
     def reconcile(self) -> list[dict]:
-        """Mark rows of this host whose process is gone without a recorded exit code (it was
+        """Mark rows of this pid space whose process is gone without a recorded exit code (it was
         killed with its launcher, say) as `"gone": true`; returns the rows."""
         with self._locked():
             rows = _reconciled(self.read())
@@ -210,11 +212,26 @@ def die_with_parent() -> None:
 
 
 def _reconciled(rows: list[dict]) -> list[dict]:
-    host = socket.gethostname()
     for row in rows:
-        if row.get("returncode") is None and row.get("host") == host and not process_alive(row["pid"]):
+        if row.get("returncode") is None and is_local(row) and not process_alive(row["pid"]):
             row["gone"] = True
     return rows
+
+
+def pidspace() -> str:
+    """The space this process's pid means something in: the kernel's boot (a host, until it
+    reboots) and the pid namespace (a container). Another host, or container, has another."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return socket.gethostname()
+
+
+def is_local(row: dict) -> bool:
+    """Whether the pid of a processes.json row can be checked from here (the same pid space;
+    rows written before pid spaces were recorded: the same host name)."""
+    return row.get("pidspace", pidspace()) == pidspace() and row.get("host") == socket.gethostname()
 
 
 def is_rank() -> bool:
