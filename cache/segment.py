@@ -36,6 +36,12 @@ TASKS = ("t2i", "edit", "reconstruction")
 RECONSTRUCTION = "#reconstruction"
 """Suffix of the key of a sample's reconstruction record (task "reconstruction"): the image is
 both the condition (cond_latents, and vision tokens of its prompt) and the target."""
+ANNOTATION_CAPTION = "#annotation"
+"""Suffix of the key of a text-to-image sample's annotation-caption record: the sample's latents
+with the features of the caption `mmdit annotate` wrote for it (data.caption_sources), a prompt
+variant keyed of its own so the plan can pick it and any producer serve it."""
+VARIANT_TASKS = {RECONSTRUCTION: "reconstruction", ANNOTATION_CAPTION: "t2i"}
+"""A variant record's key suffix -> the only task its record may have."""
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
 META_FIELDS = ("key", "fingerprint", "bucket", "task", "caption", "source")
@@ -65,6 +71,9 @@ def validate_record(rec: dict) -> None:
         raise ValueError(f"cache record {key!r}: fingerprint {rec['fingerprint']!r} must match {FINGERPRINT_RE.pattern}")
     if rec["task"] not in TASKS:
         raise ValueError(f"cache record {key!r}: task {rec['task']!r} not in {TASKS}")
+    for suffix, task in VARIANT_TASKS.items():
+        if rec["key"].endswith(suffix) and rec["task"] != task:
+            raise ValueError(f"cache record {key!r}: a {suffix} record has task {task!r}, not {rec['task']!r}")
     h, w = (int(v) for v in rec["bucket"])
     if h % 16 or w % 16 or h <= 0 or w <= 0:
         raise ValueError(f"cache record {key!r}: bucket {(h, w)} sides must be positive multiples of 16")

@@ -16,6 +16,10 @@ CATEGORIES = ("nature", "design", "people", "synthetic", "text_rendering")
 synth`), Text rendering (images whose subject is their text: documents, signs, screenshots)."""
 UNKNOWN = "unknown"
 """How weights name the samples without a category."""
+CAPTION_SOURCES = {"original": 1.0, "annotation": 0.0}
+"""The captions a text-to-image sample can be trained with, and the weight of each that a
+`caption_sources` table does not name: the sample's own caption, and the caption `mmdit annotate`
+wrote for it."""
 
 
 class CategoryError(ValueError):
@@ -57,12 +61,15 @@ def check_source_categories(table: dict) -> dict[str, str]:
 
 @dataclass(kw_only=True)
 class Mixture:
-    """Relative weights of the samples a plan draws: task x source x category x bucket (x stage).
+    """Relative weights of the samples a plan draws: task x source x category x bucket (x stage),
+    and of the caption each text-to-image sample is trained with (`caption_sources`).
 
-    A name a table does not list weighs 1; weight 0 leaves its samples out.
+    A name a table does not list weighs 1 (a caption source: its CAPTION_SOURCES default); weight
+    0 leaves its samples out.
     """
 
-    TABLES = ("task_weights", "source_weights", "category_weights", "bucket_weights", "stage_weights")
+    TABLES = ("task_weights", "source_weights", "category_weights", "bucket_weights", "stage_weights",
+              "caption_sources")
 
     task_weights: dict[str, float] = field(default_factory=dict)
     """Relative weight of each task (t2i, edit, reconstruction)."""
@@ -76,6 +83,16 @@ class Mixture:
     stage_weights: dict[str, float] = field(default_factory=dict)
     """Multi-scale training: base resolution -> weight ({640: 1, 1328: 1} draws both stages'
     samples, each cached by its own `mmdit produce`); empty: the configured stage only."""
+    caption_sources: dict[str, float] = field(default_factory=dict)
+    """Which caption a text-to-image sample is trained with, by relative weight: original (its
+    own) and annotation (`mmdit annotate`'s caption, encoded by `mmdit produce` or on demand). The
+    plan picks one per sample and epoch from (seed, epoch, key); a sample without a usable
+    annotation (not annotated, or its answer failed to parse) keeps its original, counted. Names
+    not listed weigh original 1, annotation 0. Edit and reconstruction samples keep their own."""
+
+    def caption_weights(self) -> dict[str, float]:
+        """Every caption source's weight (CAPTION_SOURCES' defaults for those not listed)."""
+        return {name: float(self.caption_sources.get(name, default)) for name, default in CAPTION_SOURCES.items()}
 
     def checked_mixture(self, where: str = "data") -> None:
         """Canonical category names, finite weights >= 0, stages named by their base resolution;
@@ -90,6 +107,12 @@ class Mixture:
             if not str(base).isdigit() or int(base) % 16:
                 raise ValueError(f"{where}.stage_weights maps base resolutions (multiples of 16) to weights, "
                                  f"got {base!r}")
+        for name in self.caption_sources:
+            if name not in CAPTION_SOURCES:
+                raise ValueError(f"{where}.caption_sources.{name}: unknown caption source (one of "
+                                 f"{', '.join(CAPTION_SOURCES)})")
+        if not any(self.caption_weights().values()):
+            raise ValueError(f"{where}.caption_sources: every caption weight is 0")
 
     def tables(self) -> dict[str, dict[str, float]]:
         """Every table, copied (names as strings, weights as floats)."""
@@ -167,6 +190,13 @@ class DataConfig(Mixture):
     filters: FilterConfig = field(default_factory=FilterConfig)
     task_weights: dict[str, float] = field(default_factory=lambda: {"t2i": 1.0, "edit": 1.0, "reconstruction": 1.0})
     """Relative weight of each task in the batch mixture."""
+    caption_sources: dict[str, float] = field(default_factory=lambda: dict(CAPTION_SOURCES))
+    """Which caption a text-to-image sample is trained with, by relative weight: original (its
+    own) and annotation (`mmdit annotate`'s caption). `mmdit produce` encodes the annotation
+    captions when annotation weighs > 0 (producers with encoders encode the rest on demand); the
+    plan picks one per sample and epoch from (seed, epoch, key), so resume and replay are exact; a
+    sample whose annotation failed to parse keeps its original (counted). Hot-swappable:
+    `mmdit ctl set RUN caption_sources.annotation=1`."""
     source_categories: dict[str, str] = field(default_factory=dict)
     """Category of every sample of a source (shard stem) whose metadata names none (e.g.
     {laion_people: people}); an annotation's category replaces it."""

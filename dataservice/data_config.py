@@ -8,14 +8,16 @@ What can change, by key (the names of `conf/data`):
     bucket_weights.<H>x<W>       a resolution bucket the job's samples have
     stage_weights.<base>         multi-scale: draw every named stage (e.g. 640 and 1328), weighed;
                                  an empty table draws base_resolution's stage only
+    caption_sources.<source>     original, annotation: which caption text-to-image samples train
+                                 with (unnamed: original 1, annotation 0)
     base_resolution              the curriculum stage: 256, 640 or 1328 (the cache must hold it)
     <table> / filters            a mapping replaces the whole table / every threshold (a preset)
     filters.<threshold>          every threshold of FilterConfig (min_blur, max_text_chars, ...)
 
 Weights are finite and >= 0; a change that leaves every task at weight 0, or selects no sample
-at all, is rejected, and so is any unknown key, wrong type or out-of-range value, a bucket or
-stage the job has no sample of, and an empty task table (the other tables are empty by default:
-every name weighs 1): the reply names the reason and nothing changes.
+at all, or weighs every caption source 0, is rejected, and so is any unknown key, wrong type or
+out-of-range value, a bucket or stage the job has no sample of, and an empty task table (the other
+tables are empty by default: every name weighs 1): the reply names the reason and nothing changes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import dataclasses
 import math
 from typing import Any
 
-from mmdit.config.data import CategoryError, FilterConfig, Mixture, check_category_weights
+from mmdit.config.data import CAPTION_SOURCES, CategoryError, FilterConfig, Mixture, check_category_weights
 from mmdit.dataservice.plan import DataVersion
 
 WEIGHT_TABLES = Mixture.TABLES
@@ -84,6 +86,8 @@ def _table_entry(table: str, name: str, value: Any, stages: set[int], buckets: s
         if not (str(name).isdigit() and int(name) in stages):
             raise ChangeError(f"{key}: {name!r} is not a cached stage (cached: {sorted(stages)})")
         name = str(int(name))
+    elif table == "caption_sources" and name not in CAPTION_SOURCES:
+        raise ChangeError(f"{key}: unknown caption source (one of {', '.join(CAPTION_SOURCES)})")
     elif table == "bucket_weights" and buckets is not None and name not in buckets:
         raise ChangeError(f"{key}: the job has no sample in bucket {name!r} (buckets: {_listed(buckets)})")
     return str(name), _weight(key, value)
@@ -145,4 +149,6 @@ def apply_changes(version: DataVersion, changes: dict, stages: set[int],
     except (TypeError, ValueError) as e:
         raise ChangeError(str(e)) from None
     new = dataclasses.replace(version, stage=stage, filters=filters, **tables)
+    if not any(new.caption_weights().values()):
+        raise ChangeError("caption_sources: every caption weight would be 0")
     return new, applied

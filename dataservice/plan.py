@@ -30,9 +30,18 @@ positive weight. A version that starts mid-epoch re-weighs the samples this epoc
 yet: samples it leaves out are not drawn for the rest of the epoch, samples it adds join the rest
 of the epoch; no sample is served twice in one epoch (but for the padding of tiny groups above).
 
+Which caption a text-to-image sample is trained with (`DataVersion.caption_sources`: original,
+annotation) is picked when its batch is planned, from a uniform number drawn from (seed, epoch,
+key) against the annotation's share of the version in force: the batch then names the variant's
+record (`<key>#annotation`, cache/segment.py), which any producer serves like any record. A
+sample whose annotation cannot be served (it failed to parse, or is not encoded and no producer
+can encode) keeps its original caption, counted in `EpochPlanner.caption_fallbacks`. The draw
+does not depend on the batch, so raising the annotation weight only moves samples from the
+original to the annotation, and a resumed or replayed run picks the same variants.
+
 Randomness comes from counter-based seeds: the batch choice from (seed, epoch, index), the
-clocks from (seed, epoch, version). So the plan can be replayed from any cursor, and a change
-alters only batches from its start position on.
+clocks from (seed, epoch, version), the caption from (seed, epoch, key). So the plan can be
+replayed from any cursor, and a change alters only batches from its start position on.
 """
 
 from __future__ import annotations
@@ -44,11 +53,16 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mmdit.cache.segment import ANNOTATION_CAPTION
 from mmdit.config.data import Mixture
 
 
 class PlanError(ValueError):
     """A selection, history or cursor the plan cannot be built from; the message says why."""
+
+
+CACHED, UNCACHED, FAILED = "cached", "uncached", "failed"
+"""`SampleRef.annotation` states."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,10 @@ class SampleRef:
     cached: bool = True
     """False: selected by the manifest but not in the cache; planned only by versions whose
     producers can encode on a miss (`DataVersion.encode_missing`)."""
+    annotation: str = ""
+    """Its annotation caption (text-to-image samples): CACHED (its `#annotation` record is in the
+    cache), UNCACHED (annotated, not encoded yet), FAILED (the annotation did not parse), or ""
+    (not annotated)."""
 
     @property
     def group(self) -> tuple:
@@ -101,9 +119,20 @@ class DataVersion(Mixture):
     why: str = field(default="", compare=False)
     changes: dict = field(default_factory=dict, compare=False)
 
+    def __post_init__(self):
+        # every caption source named: a history saved before the table existed equals its
+        # version as the job's config states it now
+        self.caption_sources = self.caption_weights()
+
     @property
     def start(self) -> tuple[int, int]:
         return (self.epoch, self.index)
+
+    @property
+    def annotation_share(self) -> float:
+        """The probability a text-to-image sample is trained with its annotation caption."""
+        w = self.caption_weights()
+        return w["annotation"] / (w["original"] + w["annotation"])
 
     def same_plan(self, other: DataVersion) -> bool:
         """Do both select and weigh samples alike (whatever their numbers and starts)?"""
@@ -132,7 +161,7 @@ def validate_history(history: Sequence[DataVersion]) -> None:
             raise PlanError(f"data-config versions must increase in number and start: {a} then {b}")
     for v in history:
         for name, w in (*v.task_weights.items(), *v.source_weights.items(), *v.category_weights.items(),
-                        *v.bucket_weights.items(), *v.stage_weights.items()):
+                        *v.bucket_weights.items(), *v.stage_weights.items(), *v.caption_sources.items()):
             if not np.isfinite(w) or w < 0:
                 raise PlanError(f"data-config version {v.version}: weight of {name!r} must be finite and >= 0, got {w}")
 
@@ -215,8 +244,16 @@ class Cursor:
 
 
 def sample_of(key: str) -> str:
-    """The sample a record key belongs to (`<key>#reconstruction` is a record of `<key>`)."""
+    """The sample a record key belongs to (`<key>#reconstruction`, `<key>#annotation` are
+    records of `<key>`)."""
     return key.split("#", 1)[0]
+
+
+def caption_draw(seed: int, epoch: int, key: str) -> float:
+    """A uniform number in [0, 1) of (seed, epoch, key): below a version's annotation share, the
+    sample is trained with its annotation caption in that epoch."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def held_out(key: str, fraction: float) -> bool:
@@ -251,6 +288,7 @@ class Selection:
         self.bucket_names = np.asarray([f"{r.bucket[0]}x{r.bucket[1]}" for r in self.refs], dtype=object)
         self.stages = np.asarray([r.stage for r in self.refs], dtype=np.int64)
         self.cached = np.asarray([r.cached for r in self.refs], dtype=bool)
+        self.annotations = np.asarray([r.annotation for r in self.refs], dtype=object)
         self.manifest = manifest
         self._passing: dict[str, np.ndarray] = {}
 
@@ -264,7 +302,8 @@ class Selection:
         """Identity of the universe (keys, groups, caching, scores): a resumed run checks it."""
         h = hashlib.sha256()
         for r in self.refs:
-            h.update(f"{r.key}\0{r.group}\0{r.source}\0{r.category}\0{r.cached}\n".encode())
+            h.update(f"{r.key}\0{r.group}\0{r.source}\0{r.category}\0{r.cached}".encode())
+            h.update((f"\0{r.annotation}\n" if r.annotation else "\n").encode())  # digests before it stay
         if self.manifest is not None:
             for name in sorted(self.manifest.column_names):
                 h.update(name.encode())
@@ -335,6 +374,9 @@ class EpochPlanner:
         """Keys left out of this epoch: zero weight (or, with drop_last, a group smaller than a batch)."""
         self.padded = 0
         """Repeats added to groups smaller than min_batch_size."""
+        self.caption_fallbacks = 0
+        """Samples drawn for their annotation caption that kept the original: the annotation
+        failed to parse, or it is not encoded and no producer can encode (module docstring)."""
         self._version: DataVersion | None = None
 
     def _activate(self, version: DataVersion) -> None:
@@ -396,9 +438,21 @@ class EpochPlanner:
         self.remaining[taken] = False
         stage, bucket, task, cond = self.sel.groups[g]
         batch = PlannedBatch(self.epoch, self.index, bucket, task, cond if cond != (0, 0) else None,
-                             tuple(self.sel.refs[i].key for i in taken), version.version, stage)
+                             tuple(self._caption_variant(int(i), version) for i in taken), version.version, stage)
         self.index += 1
         return batch
+
+    def _caption_variant(self, i: int, version: DataVersion) -> str:
+        """The record key sample `i` is served as under `version`: its own, or its annotation
+        caption's when the draw picks the annotation and it can be served."""
+        ref = self.sel.refs[i]
+        share = version.annotation_share
+        if ref.task != "t2i" or share <= 0 or caption_draw(self.spec.seed, self.epoch, ref.key) >= share:
+            return ref.key
+        if ref.annotation == CACHED or (ref.annotation == UNCACHED and version.encode_missing):
+            return ref.key + ANNOTATION_CAPTION
+        self.caption_fallbacks += 1
+        return ref.key
 
     def _finish(self) -> None:
         if not self.skipped:

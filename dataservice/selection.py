@@ -6,6 +6,10 @@ record cached at any stage, plus, when the cache has a manifest, the manifest's 
 that are not cached (yet): a data-config version may plan them when a producer can encode on a
 miss. Which samples a version actually draws is decided by its weights, stage and filters
 (`Selection.weights`); changing a threshold needs no rebuild.
+
+A text-to-image sample's annotation caption is a record of its own (`<key>#annotation`): not a
+sample of the universe, but a state of its sample (`SampleRef.annotation`: cached, uncached,
+failed), from which the plan picks the caption each epoch (data.caption_sources).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import re
 from pathlib import Path
 
 from mmdit.cache import read_manifest_table
-from mmdit.dataservice.plan import PlanError, SampleRef, Selection, held_out
+from mmdit.cache.segment import ANNOTATION_CAPTION
+from mmdit.dataservice.plan import CACHED, FAILED, UNCACHED, PlanError, SampleRef, Selection, held_out
 
 log = logging.getLogger("mmdit.selection")
 
@@ -56,15 +61,20 @@ def build_selection(cache, stages: dict[int, str], filters=None, stage: int | No
                     eval_fraction: float = 0.0) -> tuple[Selection, dict]:
     """The universe over `stages`, and counts for the status report: cached (records), selected
     (what `filters` select of it at `stage`, default the first), missing (selected by the
-    manifest but not cached), damaged (unreadable files and records met while indexing)."""
+    manifest but not cached), damaged (unreadable files and records met while indexing), and,
+    once any sample is annotated, annotation_captions (the text-to-image samples of that stage by
+    the state of their annotation caption: cached, uncached, failed to parse, not annotated)."""
     manifest = read_manifest_table(Path(cache.path))
     rows = {k: r for k, r in _manifest_rows(manifest).items() if not held_out(k, eval_fraction)}
     refs, counts = [], {"cached": 0}
     for at, fp in sorted(stages.items()):
-        cached = set()
+        cached, captions = set(), set()
         for bucket, keys in cache.buckets(fp).items():
             for key in keys:
                 if held_out(key, eval_fraction):  # the evaluation split: never trained on
+                    continue
+                if key.endswith(ANNOTATION_CAPTION):  # a caption variant of its sample, not a sample
+                    captions.add(key.removesuffix(ANNOTATION_CAPTION))
                     continue
                 meta = cache.meta(key, fp)  # from the segment header: no tensor is read
                 cond = meta.get("cond_shape")
@@ -76,13 +86,17 @@ def build_selection(cache, stages: dict[int, str], filters=None, stage: int | No
         for key, row in rows.items():
             if key not in cached and (ref := _uncached_ref(row, at)) is not None:
                 refs.append(ref)
+        refs[:] = [_with_annotation(r, rows.get(r.key), captions) if r.stage == at else r for r in refs]
     selection = Selection(refs, manifest)
+    first = min(stages) if stage is None else stage
+    states = [r.annotation or "not_annotated" for r in selection.refs if r.task == "t2i" and r.stage == first]
+    if any(s != "not_annotated" for s in states):
+        counts["annotation_captions"] = {s: states.count(s) for s in (CACHED, UNCACHED, FAILED, "not_annotated")}
     if filters is not None:
         from dataclasses import asdict
 
         from mmdit.dataservice.plan import DataVersion
 
-        first = min(stages) if stage is None else stage
         weights = selection.weights(DataVersion(0, 0, 0, stage=first, filters=asdict(filters), encode_missing=True))
         wanted = {selection.refs[i].key for i in weights.nonzero()[0]}
         have = {r.key for r in selection.refs if r.cached and r.stage == first}
@@ -103,6 +117,20 @@ def _manifest_rows(manifest) -> dict[str, dict]:
     from mmdit.cache import OK
 
     return {r["key"]: r for r in manifest.to_pylist() if r.get("status") == OK}
+
+
+def _with_annotation(ref: SampleRef, row: dict | None, captions: set[str]) -> SampleRef:
+    """`ref` with the state of its annotation caption (SampleRef.annotation): its manifest row's
+    annotation status, and whether its `#annotation` record is among `captions` (cached keys)."""
+    from dataclasses import replace
+
+    from mmdit.cache import OK
+
+    status = (row or {}).get("annotation_status")
+    if ref.task != "t2i" or status is None:
+        return ref
+    state = FAILED if status != OK else CACHED if ref.key in captions else UNCACHED
+    return replace(ref, annotation=state)
 
 
 def _uncached_ref(row: dict, stage: int) -> SampleRef | None:

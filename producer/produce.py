@@ -17,6 +17,13 @@ Work already in the cache under the same fingerprint (the encoders' plus the buc
 cache is not even decoded again, so a second run over the same shards encodes nothing. A killed
 run leaves only published segments and manifest parts; the next run removes the dead writer's
 tmp files and encodes the rest.
+
+Annotation captions (data.caption_sources.annotation > 0): after the pass, every cached
+text-to-image sample whose `mmdit annotate` answer parsed and that has no `<key>#annotation`
+record yet gets one: its latents read back from the cache, its annotation caption encoded (the
+one text-encoder forward it costs; nothing is decoded). So `mmdit produce` after `mmdit annotate`
+encodes exactly the annotation captions; samples whose annotation failed are counted and keep
+their original caption (report.json `caption_variants`).
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from mmdit.cache import (
     stage_fingerprint,
 )
 from mmdit.cache.categories import from_ingest
+from mmdit.cache.segment import ANNOTATION_CAPTION
 from mmdit.config.data import DataConfig
 from mmdit.config.produce import CacheConfig
 from mmdit.producer.encoders import preprocess_image
@@ -291,6 +299,17 @@ class Encoder:
             records += self._reconstruction(items, bucket, latents, pixels)
         return records
 
+    def caption_variants(self, originals: list[dict], captions: list[str]) -> list[dict]:
+        """`<key>#annotation` records: each cached original's latents with the features of its
+        annotation caption (text-to-image: `encode_prompts`)."""
+        t0 = time.perf_counter()
+        embeds = self.enc.encode_prompts(captions)
+        self.report.encode_seconds += time.perf_counter() - t0
+        return [{"key": o["key"] + ANNOTATION_CAPTION, "fingerprint": self.fp, "bucket": tuple(o["bucket"]),
+                 "task": "t2i", "caption": caption, "source": o["source"], "latents": o["latents"].contiguous(),
+                 "prompt_embeds": self._features(e)}
+                for o, caption, e in zip(originals, captions, embeds, strict=True)]
+
     def _reconstruction(self, items: list[Item], bucket, latents: torch.Tensor, pixels: torch.Tensor) -> list[dict]:
         """Reconstruction records: the target's latents are also the condition, and the target
         image is the vision input of an edit-style prompt carrying the caption."""
@@ -383,7 +402,10 @@ class CacheBuilder:
             finally:
                 claims.release()
                 bar.close()
+        variants = self._caption_variants()
         out = self.report.as_dict(self.errors.counts)
+        if variants is not None:
+            out["caption_variants"] = variants
         out["cache_repair"] = {k: self.repair[k] for k in ("damaged_segments", "damaged_records", "quarantined")}
         failed = [e for e in self.errors.errors if e.reason == "encode_failed"]
         if failed:
@@ -396,6 +418,35 @@ class CacheBuilder:
                         out["first_bad_key"])
         atomic_write_json(self.dir / REPORT, out, indent=2)
         return out
+
+    def _caption_variants(self) -> dict | None:
+        """Encode the missing annotation captions (module docstring); the counts, or None when
+        data.caption_sources does not use them."""
+        from mmdit.producer.annotate.answers import annotation_caption
+
+        if self.data.caption_weights()["annotation"] <= 0:
+            return None
+        cached = set(self.cache.keys(self.fp))
+        rows = [r for r in read_manifest(self.dir / MANIFEST_DIR).to_pylist()
+                if r["status"] == OK and r["task"] == "t2i" and r["key"] in cached]
+        counts = Counter()
+        todo: dict[str, str] = {}
+        for r in rows:
+            caption = annotation_caption(r)
+            if r["key"] + ANNOTATION_CAPTION in cached:
+                counts["cached"] += 1
+            elif caption is not None:
+                todo[r["key"]] = caption
+            else:
+                counts["annotation_failed" if r.get("annotation_status") else "not_annotated"] += 1
+        keys = sorted(todo)
+        for i in range(0, len(keys), self.data.encode_batch_size):
+            found, _ = self.cache.read_available(keys[i:i + self.data.encode_batch_size], self.fp)
+            originals = [found[k] for k in keys[i:i + self.data.encode_batch_size] if k in found]
+            if originals:  # a damaged original is re-encoded by the next run, its caption then
+                self.cache.write(self.encode.caption_variants(originals, [todo[o["key"]] for o in originals]))
+                counts["encoded"] += len(originals)
+        return {name: counts[name] for name in ("encoded", "cached", "annotation_failed", "not_annotated")}
 
     def _pass(self, urls: list[str], bar) -> None:
         data = self.data

@@ -119,3 +119,15 @@ def parse(output: str) -> Parsed:
     except CategoryError as e:
         return Parsed(INVALID, None, f"category: {e}"[:300], output)
     return Parsed(OK, {**{k: obj[k] for k in KEYS}, "category": category}, "", output)
+
+
+def annotation_caption(row: dict) -> str | None:
+    """The caption of a manifest row's annotation when it parsed (status ok), else None: what a
+    sample is trained with when data.caption_sources picks its annotation."""
+    if row.get("annotation_status") != OK or not row.get("annotation"):
+        return None
+    try:
+        caption = json.loads(row["annotation"]).get("caption")
+    except (ValueError, AttributeError):
+        return None
+    return caption if isinstance(caption, str) and caption.strip() else None
