@@ -3,7 +3,8 @@
     tiny encoders -> synthetic shards -> mmdit produce (score, filter, bucket, encode, cache)
     -> mmdit annotate (VL annotations and alignment scores into the manifest)
     -> mmdit serve (coordinator + producers, dashboard) -> mmdit train on 2 tensor-parallel ranks
-    (batches over TensorPipe RPC, held-out evaluation) -> mmdit sample (a few images) -> summary
+    (batches over TensorPipe RPC, held-out evaluation) -> mmdit sample (a few images)
+    -> mmdit eval (text rendering read back by OCR, on a few prompts of the built-in set) -> summary
 
 Each stage is the real command, run as its own process group and recorded in
 run.dir/processes.json, its output in run.dir/logs/<stage>.log; stages whose output exists are
@@ -24,8 +25,8 @@ from pathlib import Path
 
 from mmdit.config.explain import sections
 from mmdit.config.loader import load_config
-from mmdit.launch.args import Command, parse
 from mmdit.config.train import PREVIEW_PROMPTS
+from mmdit.launch.args import Command, parse
 from mmdit.utils.jsonl import read_jsonl
 from mmdit.utils.processes import (
     ProcessTable,
@@ -41,6 +42,8 @@ DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "check
             "eval.sample_every": "20", "eval.sample_size": "128", "eval.sample_steps": "8",
             "encoders.dir": "${run.dir}/encoders"}
 """The demo's settings unless overridden: hybrid parallelism and every feature switched on."""
+EVAL = ["limit=6", "width=128", "height=128", "steps=8"]
+"""The demo's text-rendering evaluation: one prompt of each language and kind, small and quick."""
 
 
 def mmdit(*args: str) -> list[str]:
@@ -194,13 +197,37 @@ def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
     samples = run / "samples" / "final"
     stages.run("sample", mmdit("sample", str(run), *[f"prompt={p}" for p in PREVIEW_PROMPTS], f"encoders={encoders}",
                                "width=128", "height=128", "steps=8", f"out={samples}"))
+    text = _text_eval(stages, run, encoders)
     summary = json.loads((run / "summary.json").read_text())
-    print(_summary(summary, run, samples, time.monotonic() - started), flush=True)
+    print(_summary(summary, run, samples, time.monotonic() - started, text), flush=True)
 
 
-def _summary(summary: dict, run: Path, samples: Path, seconds: float) -> str:
+def _text_eval(stages: Stages, run: Path, encoders: Path) -> dict | None:
+    """`mmdit eval` of the newest checkpoint (results reused when that step was evaluated)."""
+    from mmdit.consumer.checkpoint import latest_checkpoint, step_of
+    from mmdit.consumer.text_eval import eval_dir, read_results
+
+    latest = latest_checkpoint(run)
+    if latest is None:
+        return None
+    out = eval_dir(run, step_of(latest))
+    if not (out / "results.json").is_file():
+        stages.run("eval", mmdit("eval", str(latest), f"encoders={encoders}", *EVAL))
+    return {**read_results(out)["summary"], "page": str(out / "index.html")}
+
+
+def _text_line(text: dict) -> str:
+    per = ", ".join(f"{lang} {f['word_accuracy']:.3f}" for lang, f in text["by_language"].items())
+    align = text.get("alignment")
+    return (f"   text rendering (OCR, {text['prompts']} prompts): word accuracy {text['word_accuracy']:.3f} ({per}), "
+            f"1-NED {text['one_minus_ned']:.3f}" + (f", alignment {align:.3f}" if align is not None else "")
+            + f"; page {text['page']}")
+
+
+def _summary(summary: dict, run: Path, samples: Path, seconds: float, text: dict | None = None) -> str:
     if not summary["steps_run"]:
-        return f"== done: {run} is already trained (raise train.steps to go on); samples in {samples}"
+        return "\n".join([f"== done: {run} is already trained (raise train.steps to go on); samples in {samples}",
+                          *([_text_line(text)] if text else [])])
     eval_loss = summary.get("last_eval_loss")
     return "\n".join([
         f"== done in {seconds:.0f} s: {summary['steps_run']} steps on TP={summary['tp']} x DP={summary['dp']} "
@@ -209,6 +236,8 @@ def _summary(summary: dict, run: Path, samples: Path, seconds: float) -> str:
         + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "")
         + f", {summary['mean_samples_per_second']:.1f} samples/s, data wait "
         f"{100 * summary['mean_data_wait_fraction']:.1f}%",
+        *([_text_line(text)] if text else []),
         f"   metrics {run / 'metrics.jsonl'}, checkpoints {run / 'checkpoints'}, samples {samples}/grid.png",
-        f"   try: mmdit status {run}; mmdit sample {run} prompt=\"...\" out=DIR; tensorboard --logdir {run}",
+        f"   try: mmdit status {run}; mmdit sample {run} prompt=\"...\" out=DIR; mmdit eval {run}; "
+        f"tensorboard --logdir {run}",
     ])

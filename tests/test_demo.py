@@ -33,7 +33,11 @@ def test_demo_trains_from_synthetic_shards_through_the_data_service(tmp_path):
                                    for r in rows)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if not r.get("eval")] == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in records if r.get("eval")] == [3, 6]
+    assert [r["step"] for r in records if r.get("eval") is True] == [3, 6]  # held-out loss
+    (text,) = [r for r in records if r.get("eval") == "text_rendering"]  # mmdit eval of the last checkpoint
+    assert text["step"] == 6 and text["prompts"] == 6 and set(text["by_language"]) == {"en", "zh"}
+    assert text["word_accuracy"] <= 0.2 and "text rendering (OCR, 6 prompts): word accuracy" in out  # noise, rightly
+    assert (run / "eval" / "step_00000006" / "index.html").is_file()
     steps = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     keys = [k for s in steps for k in s["keys"]]
     assert len(keys) == len(set(keys)), "a sample was served twice within the first epoch"
