@@ -12,7 +12,7 @@ table { border-collapse: collapse; margin-bottom: 1.5em; }
 td, th { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
 th { background: #f2f2f2; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { width: 256px; image-rendering: auto; }
+img { width: 256px; max-height: 256px; object-fit: contain; }
 .reading { font-family: monospace; white-space: pre-wrap; }
 .none { color: #999; font-style: italic; }
 """
