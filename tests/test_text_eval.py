@@ -181,3 +181,25 @@ def test_mmdit_eval_writes_the_page_and_a_metrics_record_of_a_runs_checkpoint(tm
     assert record["word_accuracy"] == printed["word_accuracy"] == results["summary"]["word_accuracy"]
     assert record["word_accuracy"] <= 0.2  # a random tiny model renders no text
     assert list((run / "tensorboard").glob("events.*text_eval"))
+
+
+def test_the_trainers_metrics_writer_takes_a_text_rendering_record_beside_the_loss(tmp_path):
+    """What an in-training evaluator hands `MetricsWriter.write_eval`: the record, its log line and
+    TensorBoard scalars; the run summary still reports the last held-out loss."""
+    from mmdit.consumer.metrics import MetricsWriter, eval_line, eval_scalars
+
+    rows = [{"language": "en", "kind": "single_line", "word_accuracy": 0.5, "one_minus_ned": 0.25, "alignment": 0.1},
+            {"language": "zh", "kind": "paragraph", "word_accuracy": 0.0, "one_minus_ned": 0.5, "alignment": 0.3}]
+    text = {"eval": "text_rendering", **summarize(rows)}
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=True)
+    writer.write_eval(10, {"eval": True, "eval_loss": 0.8, "eval_samples": 4})
+    writer.write_eval(10, text)
+    writer.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["eval"] for line in lines] == [True, "text_rendering"] and lines[1]["word_accuracy"] == 0.25
+    assert writer.summary()["last_eval_loss"] == 0.8
+    assert "word accuracy 0.250 (en 0.500, zh 0.000), 1-NED 0.375, alignment 0.200 over 2 prompts" in eval_line(text)
+    scalars = eval_scalars(text)
+    assert scalars["eval/text/word_accuracy"] == 0.25 and scalars["eval/text/zh/one_minus_ned"] == 0.5
+    assert scalars["eval/text/single_line/alignment"] == 0.1 and eval_scalars(lines[0]) == {"eval/loss": 0.8}
+    assert list((tmp_path / "tensorboard").glob("events.*"))
