@@ -44,20 +44,30 @@ save lands in a damaged directory. After each save, checkpoints beyond the newes
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import heapq
 import json
 import logging
+import os
 import shutil
+import time
 import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 
+import torch
 import torch.distributed as dist
 
-from mmdit.model.checkpoint import INDEX, load_model, read_index, write_model_index, write_model_shard
+from mmdit.model.checkpoint import FORMAT as MODEL_FORMAT
+from mmdit.model.checkpoint import INDEX, load_model, read_index, shard_file, write_model_index
+from mmdit.model.qkv import to_diffusers
 from mmdit.parallel.backend import MEGATRON_GROUPS
-from mmdit.parallel.optimizer_state import StateReader, param_layouts, state_file
-from mmdit.utils.atomic import DiskFullError, atomic_write_json, atomic_write_text, is_tmp
+from mmdit.parallel.optimizer_state import RankState, StateReader, param_layouts, state_file
+from mmdit.parallel.staging import InPlace
+from mmdit.utils.atomic import DiskFullError, atomic_save_safetensors, atomic_write_json, atomic_write_text, is_tmp
 from mmdit.utils.checksum import ALGORITHM, crc32_hex, file_checksum, recording_checksums
 from mmdit.utils.safetensors_header import data_end, read_header
 
@@ -194,11 +204,12 @@ def _warn_no_checksums(path: Path) -> None:
                     "not contents (so are other such checkpoints)", path)
 
 
-def checkpoint_problems(path: Path, rank: int = 0, world: int = 1) -> list[str]:
+def checkpoint_problems(path: Path, rank: int = 0, world: int = 1, only: str | None = None) -> list[str]:
     """What is wrong with the checkpoint at `path`, one "<file>: <why>" per damaged file; [] when
     it is complete and intact. trainer.json and the model index are read by every caller; of the
     other files only share `rank` of `world` (balanced by size) is checked, so ranks that pool
-    their lists read each file once."""
+    their lists read each file once. `only="model/"`: the files under model/ alone (what the
+    evaluator reads)."""
     try:
         trainer = read_trainer_state(path)
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -212,6 +223,7 @@ def checkpoint_problems(path: Path, rank: int = 0, world: int = 1) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # the other files still get checked
         required, problems = [], [f"{MODEL}/{INDEX}: {_why(e)}"]
     names = sorted((set(required) | set(recorded)) - ({f"{MODEL}/{INDEX}"} if problems else set()))
+    names = [n for n in names if only is None or n.startswith(only)]
     sizes = {n: recorded[n]["bytes"] if n in recorded else 0 for n in names}
     mine = _share(names, sizes, rank, world)
     return problems + [why for name in mine if (why := _check_file(path, name, recorded.get(name)))]
@@ -282,15 +294,70 @@ def set_aside(path: Path) -> Path:
     return target
 
 
+READING = ".reading.lock"
+"""A reader of a complete checkpoint (the evaluator, consumer/evaluator.py) holds a shared flock
+on this file inside it while it reads; retention defers deleting a checkpoint so held."""
+DELETING = ".deleting-"
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[bool]:
+    """Hold the checkpoint at `path` for reading: yields True while retention cannot delete it,
+    False when it is gone or being deleted (then read nothing)."""
+    try:
+        fd = os.open(Path(path) / READING, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # gone (renamed away by retention, or never there)
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # retention holds it exclusively: being deleted
+            yield False
+            return
+        try:  # still this checkpoint's lock file, not one retention has since moved away and deleted?
+            held = os.stat(Path(path) / READING).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            held = False
+        yield held
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _delete_unless_read(path: Path) -> bool:
+    """Delete a complete checkpoint unless a reader holds it (`reading`); True when deleted. The
+    directory is renamed away under the exclusive lock first, so no reader can start on it."""
+    try:
+        fd = os.open(path / READING, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        doomed = path.with_name(f"{DELETING}{path.name}")
+        path.rename(doomed)
+    finally:
+        os.close(fd)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
+
+
 def prune_checkpoints(run_dir: Path, keep: int, keep_every: int, resumed_from: Path | None = None) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep` (0: keep all), except steps that are
-    multiples of `keep_every`; and what killed saves left (incomplete directories, temp files).
-    With `resumed_from`, complete checkpoints newer than it (resume passed them over) are set
-    aside first: kept, they would count among the newest and the good one would be deleted.
-    Rank 0 only, while no save runs."""
+    multiples of `keep_every`, and except one a reader holds (`reading`: deferred to the next
+    prune); and what killed saves left (incomplete directories, temp files). With `resumed_from`,
+    complete checkpoints newer than it (resume passed them over) are set aside first: kept, they
+    would count among the newest and the good one would be deleted. Rank 0 only, while no save
+    runs (an asynchronous save's directory is incomplete until it is published)."""
     from mmdit.utils.atomic import remove_stale_tmp
 
-    remove_stale_tmp(Path(run_dir) / CHECKPOINTS, "**/.tmp-*")
+    root = Path(run_dir) / CHECKPOINTS
+    remove_stale_tmp(root, "**/.tmp-*")
+    for leftover in root.glob(f"{DELETING}*"):  # a prune killed mid-delete
+        shutil.rmtree(leftover, ignore_errors=True)
     if resumed_from is not None:
         for p in checkpoints(run_dir):
             if step_of(p) > step_of(Path(resumed_from)) and (p / TRAINER).is_file():
@@ -298,10 +365,17 @@ def prune_checkpoints(run_dir: Path, keep: int, keep_every: int, resumed_from: P
     complete = [p for p in checkpoints(run_dir) if (p / TRAINER).is_file()]
     doomed = []
     if keep > 0:
-        doomed += [p for p in complete[keep:] if not (keep_every and step_of(p) % keep_every == 0)]
-    doomed += [p for p in checkpoints(run_dir) if not (p / TRAINER).is_file()]  # killed saves
-    for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        for p in complete[keep:]:
+            if keep_every and step_of(p) % keep_every == 0:
+                continue
+            if _delete_unless_read(p):
+                doomed.append(p)
+            else:
+                log.info("%s is being read (the evaluator): deleting it at a later save", p.name)
+    for p in checkpoints(run_dir):  # killed saves
+        if not (p / TRAINER).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+            doomed.append(p)
     return doomed
 
 
@@ -330,42 +404,106 @@ def _list_files(path: Path, recorded: dict[str, tuple[int, str]]) -> dict[str, d
     return files
 
 
-def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: dict, trainer_state: dict) -> Path:
-    """Collective over all ranks. Barriers are gloo (`parallel.state.barrier`): an NCCL barrier
-    next to the data service's RPC threads can deadlock.
+@dataclass
+class StagedCheckpoint:
+    """One rank's part of a checkpoint, taken at a step boundary: what `write_staged` writes.
+    For an asynchronous save its tensors are host copies (parallel/staging.py), so training
+    goes on while a background thread writes them; for a synchronous one, the live tensors."""
 
-    Refuses (CheckpointError, on every rank) to save non-finite weights; a write that fails on
-    any rank (a full disk: DiskFullError) fails on every rank, and the partial directory is
-    removed, so `latest` and the previous checkpoint stay as they were."""
-    from mmdit.parallel.state import all_gather_objects, all_ranks_true
+    path: Path
+    step: int
+    model_shard: dict[str, torch.Tensor] | None
+    """This TP rank's slices (diffusers names), on DP rank 0 only: the other DP ranks hold copies."""
+    shard_name: str
+    optimizer: RankState | None
+    """This rank's optimizer state; None for a backend that can only write in place (its
+    `save_optimizer` runs at write time)."""
+    backend: object
+    dims: object
+    data_state: dict
+    trainer_state: dict
 
+
+@dataclass
+class WriteReport:
+    """What `write_staged` did on this rank: the files it published with their checksums, or why not."""
+
+    files: dict[str, tuple[int, str]]
+    error: Exception | None = None
+
+
+WRITE_DELAY_ENV = "MMDIT_CHECKPOINT_WRITE_DELAY_S"
+"""Tests only: seconds the writer waits after the first file of a rank's part (a slow disk), so
+a test can watch training go on, or kill a save mid-write."""
+
+
+def stage_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: dict, trainer_state: dict,
+                     staging: InPlace | None = None) -> StagedCheckpoint:
+    """Collective over all ranks (the finiteness check). Takes this rank's part of the checkpoint
+    of `step` through `staging` (default: in place, for a write before training goes on).
+
+    Refuses (CheckpointError, on every rank) to save non-finite weights."""
+    from mmdit.parallel.state import all_ranks_true
+
+    staging = staging or InPlace()
     bad = sum(int((~p.detach().isfinite()).sum()) for p in model.parameters())
     if not all_ranks_true(bad == 0):
         raise CheckpointError(f"step {step}: the model holds non-finite values ({bad} on rank {dist.get_rank()}); "
                               "not saving a checkpoint of it")
-    path = checkpoint_dir(run_dir, step)
-    error: Exception | None = None
+    shard = None
+    if dims.dp_rank == 0:  # model/checkpoint.py write_model_shard's tensors, staged
+        shard = {name: staging.copy(f"model/{name}", t)
+                 for name, t in to_diffusers(model.named_parameters(), model.args.attention_head_dim)}
+    optimizer = backend.optimizer_state(dims, staging) if hasattr(backend, "optimizer_state") else None
+    staging.synchronize()
+    return StagedCheckpoint(checkpoint_dir(run_dir, step), step, shard, shard_file(model.tp_rank, model.tp_size),
+                            optimizer, backend, dims, json.loads(json.dumps(data_state)), dict(trainer_state))
+
+
+def write_staged(staged: StagedCheckpoint) -> WriteReport:
+    """Write this rank's files of a staged checkpoint, recording their checksums. No collective:
+    the asynchronous writer runs it in its own thread. An OSError (a full disk) is reported, not
+    raised: `publish_checkpoint` makes every rank agree on it."""
+    path = staged.path
     with recording_checksums() as written:
         try:
             (path / OPTIMIZER).mkdir(parents=True, exist_ok=True)
-            if dims.dp_rank == 0:
-                write_model_shard(model, path / MODEL)
-            backend.save_optimizer(path / OPTIMIZER, dims)
+            (path / MODEL).mkdir(exist_ok=True)
+            if staged.model_shard is not None:
+                atomic_save_safetensors(staged.model_shard, path / MODEL / staged.shard_name, {"format": MODEL_FORMAT})
+            if delay := float(os.environ.get(WRITE_DELAY_ENV) or 0):
+                time.sleep(delay)
+            if staged.optimizer is not None:
+                staged.optimizer.write(path / OPTIMIZER)
+            else:
+                staged.backend.save_optimizer(path / OPTIMIZER, staged.dims)
         except OSError as e:
-            error = e
+            return WriteReport(_relative(written, path), e)
+    return WriteReport(_relative(written, path))
+
+
+def publish_checkpoint(staged: StagedCheckpoint, report: WriteReport, model) -> Path:
+    """Collective over all ranks, once every rank wrote its part: rank 0 lists every file with its
+    checksum in trainer.json, written last, then moves `latest`. Barriers are gloo
+    (`parallel.state`): an NCCL barrier next to the data service's RPC threads can deadlock.
+
+    A write that failed on any rank (a full disk: DiskFullError) fails on every rank, and the
+    partial directory is removed, so `latest` and the previous checkpoint stay as they were."""
+    from mmdit.parallel.state import all_gather_objects, all_ranks_true
+
+    path, dims, error = staged.path, staged.dims, report.error
     # every rank's files are in place (this is also the barrier), their checksums on every rank
-    reports = all_gather_objects({"error": error and f"{type(error).__name__}: {error}",
-                                  "files": _relative(written, path)})
+    reports = all_gather_objects({"error": error and f"{type(error).__name__}: {error}", "files": report.files})
     failed = [f"rank {r}: {report['error']}" for r, report in enumerate(reports) if report["error"]]
     if not failed and dist.get_rank() == 0:
         try:
             with recording_checksums() as written_here:
                 write_model_index(model, path / MODEL)
-                atomic_write_json(path / DATA, data_state)
+                atomic_write_json(path / DATA, staged.data_state)
             recorded = {name: c for report in reports for name, c in report["files"].items()}
             files = _list_files(path, recorded | _relative(written_here, path))
-            state = {**trainer_state, "step": step, "tp": dims.tp, "dp": dims.dp, "backend": backend.name,
-                     FILES: files}
+            state = {**staged.trainer_state, "step": staged.step, "tp": dims.tp, "dp": dims.dp,
+                     "backend": staged.backend.name, FILES: files}
             atomic_write_json(path / TRAINER, {**state, SEAL: _seal(state)})
             atomic_write_text(path.parent / LATEST, path.name)
         except (OSError, CheckpointError) as e:
@@ -375,10 +513,17 @@ def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: 
             shutil.rmtree(path, ignore_errors=True)
         if isinstance(error, DiskFullError):
             raise error
-        raise CheckpointError(f"checkpoint of step {step} not written"
+        raise CheckpointError(f"checkpoint of step {staged.step} not written"
                               + (f": {error}" if error else f" ({'; '.join(failed)})" if failed
                                  else " (another rank failed to write its part)"))
     return path
+
+
+def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: dict, trainer_state: dict) -> Path:
+    """Stage, write and publish in one go (collective over all ranks); consumer/async_save.py
+    runs the same three steps with the write in the background."""
+    staged = stage_checkpoint(run_dir, step, model, backend, dims, data_state, trainer_state)
+    return publish_checkpoint(staged, write_staged(staged), model)
 
 
 def load_checkpoint(path: Path, model, backend, dims) -> tuple[dict, dict]:

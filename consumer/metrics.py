@@ -7,7 +7,17 @@ Evaluations add records of their own, told apart by their `eval` field:
      "one_minus_ned": 0.38, "alignment": 0.27, "by_language": {...},     (consumer/text_eval/, `mmdit eval`)
      "by_kind": {...}, "prompts": 100, "dir": "eval/step_00000040", ...}
 
-so a reader of training steps skips every record with a truthy `eval`.
+    {"step": 40, "eval": "preview", "dir": "samples/step_00000040",      the fixed prompts' images
+     "images": 3}                                                         (consumer/preview.py)
+    {"step": 30, "eval": "skipped", "evaluations": ["loss"],             a checkpoint the evaluator
+     "reason": "..."}                                                     passed over (it fell behind)
+
+so a reader of training steps skips every record with a truthy `eval`. Records the evaluator
+process writes (consumer/evaluator.py) also name the checkpoint they come from
+(`"checkpoint": "step_00000040"`); the trainer's own come from its live weights at that step,
+which are that checkpoint's. Several processes append to metrics.jsonl (a trainer's rank 0, the
+evaluator, `mmdit eval`): every record is one O_APPEND write (`append_record`), so lines never
+interleave.
 """
 
 import json
@@ -21,7 +31,8 @@ log = logging.getLogger("mmdit.train")
 
 METRICS = "metrics.jsonl"
 TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "samples_per_second", "image_tokens_per_second", "tflops_per_gpu",
-                       "mfu", "data_wait_fraction", "config_version", "step_time_s")
+                       "mfu", "data_wait_fraction", "config_version", "step_time_s", "checkpoint_stall_s",
+                       "eval_stall_s")
 
 
 @dataclass
@@ -43,6 +54,17 @@ class StepMetrics:
     """The loss or gradient was not finite: no optimizer update was made."""
     objective: dict[str, float] = field(default_factory=dict)
     """Figures the objective reports beside its loss (consumer/objectives.py); none for flow."""
+    data_wait_s: float = 0.0
+    """Seconds of this step spent waiting for batches (part of step_time_s)."""
+    checkpoint_stall_s: float = 0.0
+    """Seconds the loop spent on checkpoints since the previous step ended: a synchronous save
+    whole; an asynchronous one's copy to host memory and publish."""
+    eval_stall_s: float = 0.0
+    """Seconds the loop spent on evaluation, previews and text rendering since the previous step
+    ended (none when an evaluator process runs them)."""
+    wall_s: float = 0.0
+    """Wall time from the end of the previous step (or the loop's start) to the end of this one:
+    step_time_s, the stalls, and what little else the loop does."""
 
     def telemetry(self) -> dict:
         """What a trainer reports to the coordinator (dataservice/telemetry.py TRAINER_FIELDS)."""
@@ -55,6 +77,48 @@ class StepMetrics:
                 f"{self.samples_per_second:.2f} samples/s | {self.tflops_per_gpu:.2f} TFLOP/s/dev | "
                 f"mfu {'n/a' if self.mfu is None else f'{100 * self.mfu:.1f}%'} | "
                 f"data wait {100 * self.data_wait_fraction:.1f}%" + (" | SKIPPED" if self.skipped else ""))
+
+
+@dataclass
+class WallTime:
+    """Where a trainer's wall time went, summed over its steps: in steps (computing), waiting for
+    data, stalled on checkpoints, stalled on evaluation, and the rest. Reported as totals, so a
+    reader that misses reports (the coordinator gets the latest one per ack) loses nothing."""
+
+    wall_s: float = 0.0
+    step_s: float = 0.0
+    """Step time less data wait: the time the devices had work."""
+    data_wait_s: float = 0.0
+    checkpoint_stall_s: float = 0.0
+    eval_stall_s: float = 0.0
+
+    def add(self, m: StepMetrics) -> None:
+        self.wall_s += m.wall_s
+        self.step_s += m.step_time_s - m.data_wait_s
+        self.data_wait_s += m.data_wait_s
+        self.checkpoint_stall_s += m.checkpoint_stall_s
+        self.eval_stall_s += m.eval_stall_s
+
+    def add_stall(self, checkpoint_s: float = 0.0, eval_s: float = 0.0) -> None:
+        """Stalls after the last step (the final save): they end the run's wall time."""
+        self.wall_s += checkpoint_s + eval_s
+        self.checkpoint_stall_s += checkpoint_s
+        self.eval_stall_s += eval_s
+
+    @property
+    def other_s(self) -> float:
+        return max(0.0, self.wall_s - self.step_s - self.data_wait_s - self.checkpoint_stall_s - self.eval_stall_s)
+
+    def fractions(self) -> dict[str, float | None]:
+        """Each part's share of the wall time (None before the first step)."""
+        parts = {"steps": self.step_s, "data_wait": self.data_wait_s, "checkpoint_stall": self.checkpoint_stall_s,
+                 "eval_stall": self.eval_stall_s, "other": self.other_s}
+        return {k: (v / self.wall_s if self.wall_s > 0 else None) for k, v in parts.items()}
+
+    def totals(self) -> dict[str, float]:
+        """The telemetry fields (dataservice/telemetry.py WALL_FIELDS)."""
+        return {"wall_total_s": self.wall_s, "step_total_s": self.step_s, "data_wait_total_s": self.data_wait_s,
+                "checkpoint_stall_total_s": self.checkpoint_stall_s, "eval_stall_total_s": self.eval_stall_s}
 
 
 class MetricsWriter:
@@ -70,10 +134,12 @@ class MetricsWriter:
             self.board = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
         self.records: list[StepMetrics] = []
         self.evals: list[dict] = []
+        self.wall = WallTime()
         self.started = time.time()
 
     def write(self, metrics: StepMetrics) -> None:
         self.records.append(metrics)
+        self.wall.add(metrics)
         if self.enabled:
             record = asdict(metrics)
             if not record["objective"]:
@@ -122,6 +188,9 @@ class MetricsWriter:
             "last_eval_loss": next((e["eval_loss"] for e in reversed(self.evals) if "eval_loss" in e), None),
             "mean_data_wait_fraction": mean("data_wait_fraction"),
             "wall_time_s": time.time() - self.started,
+            "wall_fractions": self.wall.fractions(),
+            "checkpoint_stall_s": self.wall.checkpoint_stall_s,
+            "eval_stall_s": self.wall.eval_stall_s,
             **extra,
         }
 
@@ -139,6 +208,10 @@ def append_record(path: Path, record: dict) -> None:
 
 def eval_line(result: dict) -> str:
     """An evaluation record as the log shows it."""
+    if result.get("eval") == "preview":
+        return f"previews: {result['images']} images in {result['dir']}"
+    if result.get("eval") == "skipped":
+        return f"skipped {', '.join(result['evaluations'])}: {result['reason']}"
     if "eval_loss" in result:
         return f"eval loss {result['eval_loss']:.4f} over {result['eval_samples']} held-out samples"
     by = result.get("by_language", {})
@@ -153,6 +226,8 @@ def eval_scalars(result: dict) -> dict[str, float]:
     language and per kind)."""
     if "eval_loss" in result:
         return {"eval/loss": result["eval_loss"]}
+    if result.get("eval") != "text_rendering":
+        return {}
     out = {}
     groups = [("", result)] + [(f"{name}/", f) for table in ("by_language", "by_kind")
                                for name, f in result.get(table, {}).items()]

@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 
 from mmdit.config.train import OptimizerConfig
-from mmdit.parallel.optimizer_state import OwnedRange, StateReader, state_file, write_rank_state
-from mmdit.utils.atomic import atomic_torch_save
+from mmdit.parallel.optimizer_state import OwnedRange, RankState, StateReader
+from mmdit.parallel.staging import InPlace
+
+IN_PLACE = InPlace()
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +82,18 @@ class TorchBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def save_optimizer(self, directory: Path, dims) -> None:
-        """This rank's own AdamW state (its ZeRO partition: whole parameters), no gather."""
+    def optimizer_state(self, dims, staging: InPlace = IN_PLACE) -> RankState:
+        """This rank's own AdamW state (its ZeRO partition: whole parameters), no gather; each
+        tensor through `staging` (a host copy for an asynchronous save)."""
         names = param_names(self.module)
         local = self.optimizer.optim
-        states = {names[p]: {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "step": st["step"]}
+        states = {names[p]: {k: staging.copy(f"{names[p]}/{k}", st[k]) for k in ("exp_avg", "exp_avg_sq", "step")}
                   for p, st in local.state.items() if "exp_avg" in st}
         ranges = {name: OwnedRange(0, state["exp_avg"].numel()) for name, state in states.items()}
-        write_rank_state(state_file(directory, dims.tp_rank, dims.dp_rank), states, ranges, dims.tp, dims.dp)
+        return RankState(states, ranges, dims.tp, dims.dp, dims.tp_rank, dims.dp_rank)
+
+    def save_optimizer(self, directory: Path, dims) -> None:
+        self.optimizer_state(dims).write(directory)
 
     def load_optimizer(self, reader: StateReader, dims) -> None:
         """The state of the parameters this rank's partition holds now, from any TP x DP layout."""
@@ -142,18 +148,25 @@ class MegatronBackend:
                         for model_param, ranges in gbuf_range_map["param_map"].items():
                             yield model_param, OwnedRange(ranges["param"].start, ranges["param"].end), opt
 
-    def save_optimizer(self, directory: Path, dims) -> None:
-        """This rank's fp32 main-weight and Adam-moment shards (no gather); DP rank 0 also writes
-        the param-group state (megatron's own, small: hyperparameters and the Adam step)."""
+    def optimizer_state(self, dims, staging: InPlace = IN_PLACE) -> RankState:
+        """This rank's fp32 main-weight and Adam-moment shards (no gather); DP rank 0 also saves
+        the param-group state (megatron's own, small: hyperparameters and the Adam step). Each
+        tensor goes through `staging`: megatron's getter returns the live GPU tensors, which the
+        next step updates in place, so an asynchronous save takes host copies of them here."""
         names = param_names(self.module)
         states, ranges = {}, {}
         for param, owned, opt in self._owned():
             tensors = opt._get_main_param_and_optimizer_states(param)
-            states[names[param]] = {k: v for k, v in tensors.items() if k != "step"}  # the step is in groups
-            ranges[names[param]] = owned
-        write_rank_state(state_file(directory, dims.tp_rank, dims.dp_rank), states, ranges, dims.tp, dims.dp)
+            name = names[param]  # the step is in the groups' state
+            states[name] = {k: staging.copy(f"{name}/{k}", v) for k, v in tensors.items() if k != "step"}
+            ranges[name] = owned
+        extra = {}
         if dims.tp_rank == 0 and dims.dp_rank == 0:  # the same on every rank
-            atomic_torch_save(self.optimizer.state_dict(), directory / MEGATRON_GROUPS)
+            extra[MEGATRON_GROUPS] = staging.tree(self.optimizer.state_dict())
+        return RankState(states, ranges, dims.tp, dims.dp, dims.tp_rank, dims.dp_rank, extra)
+
+    def save_optimizer(self, directory: Path, dims) -> None:
+        self.optimizer_state(dims).write(directory)
 
     def load_optimizer(self, reader: StateReader, dims) -> None:
         groups = torch.load(reader.directory / MEGATRON_GROUPS, weights_only=False)

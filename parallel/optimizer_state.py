@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from mmdit.utils.atomic import atomic_save_safetensors
+from mmdit.utils.atomic import atomic_save_safetensors, atomic_torch_save
 
 
 def state_file(directory: Path, tp_rank: int, dp_rank: int) -> Path:
@@ -53,6 +53,27 @@ def write_rank_state(path: Path, states: dict[str, dict[str, torch.Tensor]], ran
                for key, t in per_key.items()}
     metadata = {"ranges": json.dumps({n: [r.start, r.end] for n, r in ranges.items()}), "tp": str(tp), "dp": str(dp)}
     atomic_save_safetensors(tensors, path, metadata)
+
+
+@dataclass
+class RankState:
+    """One rank's optimizer state as `write_rank_state` takes it, taken at a step boundary (in
+    host memory for an asynchronous save: parallel/staging.py), and what else its backend saves
+    beside it (megatron's param-group state). `write` needs no collective: any thread may run it."""
+
+    states: dict[str, dict[str, torch.Tensor]]
+    ranges: dict[str, OwnedRange]
+    tp: int
+    dp: int
+    tp_rank: int
+    dp_rank: int
+    extra: dict[str, object] = field(default_factory=dict)
+    """File name -> an object written beside the rank files with torch.save."""
+
+    def write(self, directory: Path) -> None:
+        write_rank_state(state_file(directory, self.tp_rank, self.dp_rank), self.states, self.ranges, self.tp, self.dp)
+        for name, obj in self.extra.items():
+            atomic_torch_save(obj, Path(directory) / name)
 
 
 @dataclass(frozen=True)
