@@ -2,10 +2,12 @@
 
 from dataclasses import dataclass, field
 
+from mmdit.config.text_eval import TextEvalConfig
 from mmdit.utils.dtypes import check_dtype
 
 SIGMA_SAMPLINGS = ("uniform", "logit_normal")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+EVAL_ON = ("auto", "trainer", "evaluator")
 OBJECTIVES = ("flow",)
 """Training objectives (consumer/objectives.py); post-training adds its own."""
 PREVIEW_PROMPTS = ('A wooden sign that reads "OPEN" in bold letters', "一块写着“欢迎光临”的红色招牌",
@@ -59,10 +61,17 @@ class TrainConfig:
     """Report each step's figures to the data service's /metrics and dashboard (with the acks)."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 picks a known value for the GPU (H100/H200: 989)."""
+    eval_on: str = "auto"
+    """Who runs the held-out evaluation, previews and text-rendering evaluation: trainer (every
+    trainer rank waits while they run) | evaluator (an evaluator process, `mmdit evaluate`, follows
+    the checkpoints; the trainer publishes one at every step an evaluation is due) | auto
+    (evaluator when eval.evaluator is set, else trainer)."""
 
     def __post_init__(self):
         if self.sigma_sampling not in SIGMA_SAMPLINGS:
             raise ValueError(f"train.sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {self.sigma_sampling!r}")
+        if self.eval_on not in EVAL_ON:
+            raise ValueError(f"train.eval_on must be one of {EVAL_ON}, got {self.eval_on!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         check_dtype("train.dtype", self.dtype, ("auto", "bf16", "fp32"))  # fp16 would need loss scaling
@@ -137,6 +146,11 @@ class CheckpointConfig:
     """Start from these weights: an mmdit checkpoint or a diffusers transformer dir (e.g. Qwen-Image)."""
     resume: bool = True
     """Resume from the newest checkpoint in run.dir when one exists."""
+    async_save: bool = True
+    """Write checkpoints in a background thread (consumer/async_save.py): the step loop waits only
+    while the state is copied to host memory; the checkpoint is published (trainer.json, `latest`)
+    at the first step boundary after every rank's write. A stop and the end of training wait for
+    the write. false: the step loop waits for the whole save."""
 
     def __post_init__(self):
         for name in ("every", "keep", "keep_every"):
@@ -146,7 +160,8 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    """What training measures besides its loss: the held-out flow loss and image previews."""
+    """What training measures besides its loss: the held-out flow loss, image previews and text
+    rendering; on the trainer ranks or in an evaluator process (train.eval_on)."""
 
     every: int = 0
     """Score the held-out samples (data.eval_fraction; random data: past the pool) every N steps
@@ -166,15 +181,47 @@ class EvalConfig:
     """Euler steps of the flow sampler per image."""
     sample_cfg_scale: float = 4.0
     """True classifier-free guidance scale (1: none) of the samples."""
+    text_every: int = 0
+    """Evaluate text rendering (consumer/text_eval/: OCR word accuracy, 1-NED) every N steps (0:
+    never) into run.dir/eval/step_N/, with the settings of eval.text; needs encoders.dir."""
+    text: TextEvalConfig = field(default_factory=TextEvalConfig)
+    """The text-rendering evaluation's settings: `mmdit eval`'s keys (prompts, limit, width, ...)."""
+    evaluator: bool = False
+    """Run evaluations in an evaluator process (`mmdit evaluate RUN_DIR`, consumer/evaluator.py)
+    that follows the run's checkpoints as they are published, instead of on the trainer ranks (with
+    train.eval_on=auto). `mmdit serve`, `mmdit submit` and `mmdit demo` start it."""
+    evaluator_run: str = ""
+    """The run directory the evaluator `mmdit serve` starts follows: the trainer's run.dir
+    (default: serve's own run.dir)."""
+    evaluator_tp: int = 1
+    """Tensor-parallel size of the evaluator (as many local ranks): any TP loads any checkpoint."""
 
     def __post_init__(self):
         if self.every < 0 or self.sigmas < 1 or self.max_samples < 1:
             raise ValueError("eval.every must be >= 0, eval.sigmas and eval.max_samples >= 1")
+        if self.text_every < 0 or self.evaluator_tp < 1:
+            raise ValueError("eval.text_every must be >= 0 and eval.evaluator_tp >= 1")
         if self.sample_every < 0 or self.sample_size <= 0 or self.sample_size % 16 or self.sample_steps < 2:
             raise ValueError("eval.sample_every must be >= 0, eval.sample_size a positive multiple of 16 and "
                              "eval.sample_steps >= 2")
         if self.sample_every and not self.sample_prompts:
             raise ValueError("eval.sample_every needs eval.sample_prompts")
+
+
+EVALUATIONS = ("loss", "previews", "text_rendering")
+"""What an evaluation at a step can hold: the held-out loss (eval.every), the previews
+(eval.sample_every), the text-rendering evaluation (eval.text_every)."""
+
+
+def evaluations_due(evals: EvalConfig, step: int) -> list[str]:
+    """The evaluations due at `step`, in the order they run."""
+    every = {"loss": evals.every, "previews": evals.sample_every, "text_rendering": evals.text_every}
+    return [kind for kind in EVALUATIONS if every[kind] and step % every[kind] == 0]
+
+
+def evaluates_on_evaluator(train: TrainConfig, evals: EvalConfig) -> bool:
+    """Does an evaluator process evaluate, rather than the trainer ranks (train.eval_on)?"""
+    return train.eval_on == "evaluator" or (train.eval_on == "auto" and evals.evaluator)
 
 
 MOVED_KEYS = {

@@ -7,7 +7,7 @@ storage, as producers write it); with random data, it draws samples past the tra
 
 Every sample is scored at `eval.sigmas` stratified noise levels (k + 0.5) / K, with noise
 seeded by the sample's key: the same loss whatever the run, TP or DP layout (DP ranks score
-shares of the samples and add up). A record `{"step", "eval": true, "eval_loss",
+shares of the samples and add up), on the trainer ranks or in the evaluator process alike. A record `{"step", "eval": true, "eval_loss",
 "eval_loss_per_sigma", "eval_samples"}` goes to metrics.jsonl.
 """
 
@@ -25,7 +25,9 @@ def _seed(key: str) -> int:
     return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16)
 
 
-class Evaluator:
+class HeldOutLoss:
+    """The held-out samples and noise levels; `run(model, plan)` scores a model on them."""
+
     def __init__(self, samples: list[dict], num_sigmas: int, dp_rank: int, dp_size: int, dp_group):
         self.sigmas = [(k + 0.5) / num_sigmas for k in range(num_sigmas)]
         self.samples = samples  # every rank holds the list; each scores its share

@@ -20,14 +20,9 @@ import torch.distributed as dist
 from mmdit.config import ConfigError
 from mmdit.config.job import JobConfig
 from mmdit.config.loader import config_yaml
-from mmdit.config.train import check_batch_sizes
-from mmdit.consumer.checkpoint import (
-    checkpoint_dir,
-    load_checkpoint,
-    prune_checkpoints,
-    resume_checkpoint,
-    save_checkpoint,
-)
+from mmdit.config.train import check_batch_sizes, evaluates_on_evaluator, evaluations_due
+from mmdit.consumer.async_save import Checkpointer
+from mmdit.consumer.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, resume_checkpoint
 from mmdit.consumer.metrics import METRICS, MetricsWriter, StepMetrics, truncate_after
 from mmdit.consumer.objectives import Objective, build_objective
 from mmdit.consumer.random_data import RandomBatches
@@ -71,7 +66,6 @@ class Trainer:
         self.objective = build_objective(cfg, self.plan)
         self.objective.setup(built)
         self.step, self.bad_steps = 0, 0
-        self._encoders = None  # loaded for the first preview
         self.data_state: dict = {}
         resume = resume_checkpoint(self.run_dir) if cfg.checkpoint.resume else None  # raises before anything is written
         if resume is not None:
@@ -93,43 +87,21 @@ class Trainer:
         on_gpu = self.plan.device.type == "cuda"
         self.peak = cfg.train.peak_tflops * 1e12 or (peak_flops(torch.cuda.get_device_name()) if on_gpu else None)
         self.stop_requested = False
-        self.evaluator = self._evaluator() if cfg.eval.every else None
+        # Evaluations run here only when no evaluator process runs them (train.eval_on); with one,
+        # this trainer publishes a checkpoint at every step an evaluation is due instead.
+        self.on_evaluator = evaluates_on_evaluator(cfg.train, cfg.eval)
+        self.evaluations = None
+        if not self.on_evaluator and (cfg.eval.every or cfg.eval.sample_every or cfg.eval.text_every):
+            from mmdit.consumer.evaluations import Evaluations
 
-    def _evaluator(self):
-        from mmdit.consumer.evaluation import Evaluator, held_out_records, random_held_out
+            self.evaluations = Evaluations(cfg, self.run_dir, self.dims, dp_group())
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every,
+                                         asynchronous=cfg.checkpoint.async_save, rank0=self.rank0)
 
-        t, e = self.cfg.train, self.cfg.eval
-        if t.data_source == "random":
-            samples = random_held_out(self.cfg.model, t, self.cfg.seed, e.max_samples)
-        elif self.cfg.data.eval_fraction > 0:
-            samples = held_out_records(self.cfg.cache.dir, self.cfg.service.fingerprint, self.cfg.data.eval_fraction,
-                                       e.max_samples)
-        else:
-            log.warning("eval.every is set but data.eval_fraction is 0: nothing is held out, no evaluation")
-            return None
-        if not samples:
-            log.warning("no held-out sample in the cache: no evaluation")
-            return None
-        return Evaluator(samples, e.sigmas, self.dims.dp_rank, self.dims.dp, dp_group())
-
-    def evaluate(self) -> None:
-        result = self.evaluator.run(self.backend.module, self.plan)
-        self.metrics.write_eval(self.step, result)
-
-    def preview(self) -> None:
-        """Sample the fixed prompts (consumer/preview.py): the TP group of DP rank 0 does."""
-        if self.dims.dp_rank != 0:
-            return
-        from mmdit.consumer.preview import preview_dir, write_previews
-
-        if self._encoders is None:
-            from mmdit.producer.encoders import Encoders
-
-            self._encoders = Encoders.load(self.cfg.encoders)
-        paths = write_previews(self.backend.module, self.plan, self._encoders, self.cfg.eval,
-                               preview_dir(self.run_dir, self.step), write=self.dims.tp_rank == 0)
-        if paths:
-            log.info("step %d: samples in %s", self.step, paths[-1].parent)
+    def evaluate(self, kinds: list[str]) -> None:
+        """The evaluations due at this step, on the trainer ranks (consumer/evaluations.py)."""
+        for record in self.evaluations.run(self.backend.module, self.plan, self.step, kinds):
+            self.metrics.write_eval(self.step, record)
 
     def batches(self):
         if self.cfg.train.data_source == "random":
@@ -139,11 +111,14 @@ class Trainer:
 
         return trainer_batches(self.cfg, self.dims, self.data_state)
 
-    def checkpoint(self, batches) -> None:
-        save_checkpoint(self.run_dir, self.step, self.model, self.backend, self.dims, batches.state(),
-                        {"seed": self.cfg.seed})
-        if self.rank0:
-            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, self.cfg.checkpoint.keep_every)
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every and step % every == 0) or (self.on_evaluator and bool(evaluations_due(self.cfg.eval, step)))
+
+    def checkpoint(self, batches) -> float:
+        """Save this step's checkpoint (in the background with checkpoint.async_save); the stall."""
+        return self.checkpointer.save(self.step, self.model, self.backend, self.dims, batches.state(),
+                                      {"seed": self.cfg.seed})
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
@@ -159,6 +134,9 @@ class Trainer:
         batches = self.batches()
         try:
             self._loop(batches)
+        except BaseException:
+            self.checkpointer.abandon()  # a pending write ends unpublished: resume passes it over
+            raise
         finally:
             for sig, handler in handlers.items():
                 if not (self.stop_requested and sig == signal.SIGTERM):  # ignored until the rank exits
@@ -182,7 +160,10 @@ class Trainer:
         # Step time is the period between the host syncs of consecutive steps (the loss must reach
         # the host to decide, on every rank alike, whether to skip a non-finite step): no extra
         # device sync, so the optimizer's kernels overlap the next step's data fetch and launches.
-        started = time.perf_counter()
+        # Time spent between steps on checkpoints and evaluation is not step time: it is counted
+        # as a stall and reported with the next step (metrics.jsonl, the dashboard's wall time).
+        started = previous_end = time.perf_counter()
+        stalls = (0.0, 0.0)  # (checkpoint, evaluation) seconds since the previous step ended
         while self.step < cfg.train.steps:
             lr = lr_at(self.step, cfg)
             self.backend.set_lr(lr)
@@ -202,33 +183,39 @@ class Trainer:
                 figures.append(figs)
             loss_value, objective_figures = self._mean_over_dp(losses, figures)
             grad_norm, stepped = self.backend.step(skip=not math.isfinite(loss_value))
-            step_time, started = time.perf_counter() - started, time.perf_counter()
+            end = time.perf_counter()
+            step_time, wall, started, previous_end = end - started, end - previous_end, end, end
             self.step += 1
             if sample_log is not None:
                 for batch in micro_batches:
                     sample_log.write(self.step, batch)
             m = self._record(micro_batches, loss_value, lr, grad_norm, step_time, data_wait, skipped=not stepped,
-                             objective=objective_figures)
+                             objective=objective_figures, stalls=stalls, wall=wall)
             if cfg.train.telemetry and hasattr(batches, "report"):  # to /metrics and the dashboard, with the acks
-                batches.report(m.telemetry())
+                batches.report({**m.telemetry(), **self.metrics.wall.totals(), "run_dir": str(self.run_dir.resolve())})
             self._count_bad_steps(stepped, loss_value, grad_norm)
             # Every rank stops at the same step; a stopping run skips evaluation and previews, so
             # that it checkpoints within the launcher's shutdown timeout.
             stop = any_rank_true(self.stop_requested)
-            if not stop and self.evaluator is not None and self.step % cfg.eval.every == 0:
-                self.evaluate()
-                started = time.perf_counter()  # evaluation is not the next step's time
-            if not stop and cfg.eval.sample_every and self.step % cfg.eval.sample_every == 0:
-                self.preview()
-                started = time.perf_counter()
-            if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                self.checkpoint(batches)
-                saved, started = self.step, time.perf_counter()
-            if stop:
+            checkpoint_stall = self.checkpointer.poll(self.model)  # publishes a save whose write is done
+            eval_stall = 0.0
+            kinds = self.evaluations.due(self.step) if self.evaluations is not None and not stop else []
+            if kinds:
+                eval_started = time.perf_counter()
+                self.evaluate(kinds)
+                eval_stall = time.perf_counter() - eval_started
+            if stop or self.checkpoint_due(self.step):
+                checkpoint_stall += self.checkpoint(batches)
+                saved = self.step
+            if stop:  # a stop waits for the write
+                self.metrics.wall.add_stall(checkpoint_stall + self.checkpointer.finish(self.model), eval_stall)
                 log.warning("stopped at step %d (checkpoint %s)", self.step, checkpoint_dir(self.run_dir, self.step))
                 return
-        if self.step > saved:
-            self.checkpoint(batches)
+            stalls = (checkpoint_stall, eval_stall)
+            if checkpoint_stall or eval_stall:
+                started = time.perf_counter()
+        stall = self.checkpoint(batches) if self.step > saved else 0.0
+        self.metrics.wall.add_stall(stall + self.checkpointer.finish(self.model))
 
     def _count_bad_steps(self, stepped: bool, loss: float, grad_norm: float) -> None:
         if stepped:
@@ -256,7 +243,7 @@ class Trainer:
         return loss, dict(zip(names, rest))
 
     def _record(self, micro_batches, loss, lr, grad_norm, step_time, data_wait, skipped: bool,
-                objective: dict) -> StepMetrics:
+                objective: dict, stalls: tuple[float, float], wall: float) -> StepMetrics:
         flops = global_batch = tokens = 0
         for batch in micro_batches:
             latents = batch["latents"]
@@ -272,6 +259,7 @@ class Trainer:
             image_tokens_per_second=tokens / step_time, tflops_per_gpu=per_device / 1e12,
             mfu=mfu(flops, step_time, self.dims.world_size, self.peak) if self.peak else None,
             data_wait_fraction=data_wait / step_time, config_version=int(micro_batches[-1].get("config_version", 0)),
-            step_time_s=step_time, global_batch_size=global_batch, skipped=skipped, objective=objective)
+            step_time_s=step_time, global_batch_size=global_batch, skipped=skipped, objective=objective,
+            data_wait_s=data_wait, checkpoint_stall_s=stalls[0], eval_stall_s=stalls[1], wall_s=wall)
         self.metrics.write(m)
         return m

@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("mmdit.launch.train", "train the MMDiT (random latents or the data service)"),
     "sample": ("mmdit.launch.sample", "generate images from a checkpoint (true CFG, Euler flow sampler)"),
     "eval": ("mmdit.launch.eval", "text rendering of a checkpoint: OCR word accuracy, 1-NED, alignment"),
+    "evaluate": ("mmdit.launch.evaluate", "the evaluator: follow a run's checkpoints, evaluate each as published"),
     "model-info": ("mmdit.launch.model_info", "build the model on the meta device and print its size"),
     "convert": ("mmdit.launch.convert", "convert between diffusers and mmdit checkpoints"),
     "make-tiny-encoders": ("mmdit.launch.tiny_encoders", "write tiny random VAE/Qwen2.5-VL/tokenizer"),
