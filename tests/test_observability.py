@@ -88,9 +88,14 @@ def live_run(tmp_path_factory):
     trainer = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={tmp / 'train'}",
                                 *common, *serve.client_overrides, "train.data_source=service", "train.steps=100000",
                                 "checkpoint.every=20"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: (tmp / "train" / "metrics.jsonl").exists() and
-               len((tmp / "train" / "metrics.jsonl").read_text().splitlines()) >= 3, 300, "three training steps")
+                               stdout=subprocess.DEVNULL, stderr=(tmp / "trainer.err").open("w"), text=True)
+
+    def three_steps():
+        assert trainer.poll() is None, f"the trainer exited {trainer.returncode}: {(tmp / 'trainer.err').read_text()[-3000:]}"
+        metrics = tmp / "train" / "metrics.jsonl"
+        return metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+
+    wait_until(three_steps, 300, "three training steps")
     yield {"dir": tmp, "url": serve.info["control"], "dashboard": serve.info["dashboard"], "trainer": trainer}
     trainer.send_signal(signal.SIGTERM)  # checkpoints, then exits 0
     trainer.communicate(timeout=300)
