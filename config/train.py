@@ -195,12 +195,16 @@ class EvalConfig:
     (default: serve's own run.dir)."""
     evaluator_tp: int = 1
     """Tensor-parallel size of the evaluator (as many local ranks): any TP loads any checkpoint."""
+    evaluator_backlog: int = 2
+    """The evaluator evaluates waiting checkpoints oldest first while at most this many wait; with
+    more it has fallen behind: it evaluates the newest and records the others as skipped (0 or 1:
+    always the newest)."""
 
     def __post_init__(self):
         if self.every < 0 or self.sigmas < 1 or self.max_samples < 1:
             raise ValueError("eval.every must be >= 0, eval.sigmas and eval.max_samples >= 1")
-        if self.text_every < 0 or self.evaluator_tp < 1:
-            raise ValueError("eval.text_every must be >= 0 and eval.evaluator_tp >= 1")
+        if self.text_every < 0 or self.evaluator_tp < 1 or self.evaluator_backlog < 0:
+            raise ValueError("eval.text_every and eval.evaluator_backlog must be >= 0, eval.evaluator_tp >= 1")
         if self.sample_every < 0 or self.sample_size <= 0 or self.sample_size % 16 or self.sample_steps < 2:
             raise ValueError("eval.sample_every must be >= 0, eval.sample_size a positive multiple of 16 and "
                              "eval.sample_steps >= 2")

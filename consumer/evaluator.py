@@ -12,7 +12,8 @@ samples/step_N/ and eval/step_N/, the same TensorBoard tags (an event file of it
 What is done is read back from metrics.jsonl (the records of each step), so a restarted
 evaluator picks up where it was and never repeats work the trainer did itself. When it falls
 behind, it evaluates the newest checkpoint with work left and records each older one it passed
-over (`"eval": "skipped"`), so a slow evaluation never piles up. It holds a checkpoint for
+over (`"eval": "skipped"`), so a slow evaluation never piles up (up to eval.evaluator_backlog
+waiting checkpoints are taken oldest first: a moment's delay skips nothing). It holds a checkpoint for
 reading (consumer/checkpoint.py `reading`: a shared flock) while it loads the weights, and
 retention defers deleting a checkpoint so held.
 """
@@ -89,14 +90,17 @@ class RunEvaluator:
         return self.evaluations.due(step)
 
     def decide(self) -> dict:
-        """Rank 0's decision, on every rank: the checkpoint to evaluate next (the newest with work
-        left), the older ones it passes over, the newest complete step."""
+        """Rank 0's decision, on every rank: the checkpoint to evaluate next and the older ones it
+        passes over (with more than eval.evaluator_backlog waiting: the newest, passing over the
+        rest; else the oldest, passing over none), and the newest complete step."""
         from mmdit.parallel.state import all_gather_objects
 
         decision = None
         if self.rank == 0:
             work, newest = self.pending()
-            decision = {"target": work[0] if work else None, "skipped": work[1:], "newest": newest}
+            behind = len(work) > self.cfg.eval.evaluator_backlog
+            target = (work[0] if behind else work[-1]) if work else None
+            decision = {"target": target, "skipped": work[1:] if behind else [], "newest": newest}
         return all_gather_objects(decision)[0]
 
     # ------------------------------------------------------------------------- doing
