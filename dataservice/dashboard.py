@@ -1,6 +1,8 @@
 """Routes of the control endpoint for watching a job: `/metrics` (Prometheus), `/dashboard` (a
 live page; every asset comes from this package, so it works on an offline cluster), and the JSON
-it reads (`/api/series`, `/api/run`), plus the newest sample images trainers wrote.
+it reads (`/api/series`, `/api/run`), plus the newest preview images (the trainer's or the
+evaluator's). The page shows where the trainer's wall time goes (steps, data wait, checkpoint and
+evaluation stalls) and the evaluations by step (held-out loss, OCR word accuracy).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ CONSUMER_SEEN_S = 30.0
 
 
 def install(server: ControlServer, coordinator, telemetry: Telemetry, run_dir: str) -> None:
+    if telemetry.run_dir is None:  # until a trainer reports its own run dir (evaluations are read there)
+        telemetry.run_dir = str(run_dir)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PrometheusCollector(coordinator, telemetry))
     run_dir = Path(run_dir)

@@ -1,9 +1,10 @@
 """Live figures of a job, gathered by the coordinator: trainers report with their acks, producers
-with their lease heartbeats (no extra connection per step).
+with their lease heartbeats (no extra connection per step), and evaluations are read from the
+trainer's metrics.jsonl (whoever wrote them: the trainer ranks or the evaluator process).
 
-`Telemetry` keeps the latest report of every DP rank and producer, and a bounded time series for
-the dashboard; `PrometheusCollector` turns them, with the coordinator's own state, into the
-`mmdit_*` series of `/metrics` (prometheus_client's text format).
+`Telemetry` keeps the latest report of every DP rank and producer, a bounded time series for the
+dashboard and the evaluation records; `PrometheusCollector` turns them, with the coordinator's
+own state, into the `mmdit_*` series of `/metrics` (prometheus_client's text format).
 """
 
 from __future__ import annotations
@@ -12,18 +13,85 @@ import math
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from mmdit.utils.jsonl_tail import JsonlTail
 
 TRAINER_FIELDS = ("step", "loss", "samples_per_second", "image_tokens_per_second", "tflops_per_device", "mfu",
                   "data_wait_fraction", "config_version")
 """What a trainer's DP rank reports after each step (mfu is None where the peak is unknown)."""
+WALL_FIELDS = ("wall_total_s", "step_total_s", "data_wait_total_s", "checkpoint_stall_total_s", "eval_stall_total_s")
+"""Where the trainer's wall time went, totals since it started (consumer/metrics.py WallTime):
+in steps (less data wait), waiting for data, stalled on checkpoints, stalled on evaluation."""
+WALL_PARTS = {"steps": "step_total_s", "data_wait": "data_wait_total_s", "checkpoint_stall": "checkpoint_stall_total_s",
+              "eval_stall": "eval_stall_total_s"}
+
+
+def wall_fractions(report: dict) -> dict[str, float | None]:
+    """Each part's share of the trainer's wall time (and `other`, the rest), from a report's totals."""
+    wall = report.get("wall_total_s")
+    if not wall:
+        return {**{part: None for part in WALL_PARTS}, "other": None}
+    out = {part: (report.get(total) or 0.0) / wall for part, total in WALL_PARTS.items()}
+    return {**out, "other": max(0.0, 1.0 - sum(out.values()))}
+
+
+class EvalRecords:
+    """The evaluation records of a run's metrics.jsonl, followed as they are appended: the held-out
+    loss and the text-rendering figures by step, the preview directories, the skipped count."""
+
+    def __init__(self):
+        self.run_dir: Path | None = None
+        self.tail: JsonlTail | None = None
+        self.clear()
+
+    def clear(self) -> None:
+        self.loss: dict[int, float] = {}
+        self.text: dict[int, dict] = {}
+        self.previews: list[str] = []
+        self.skipped = 0
+
+    def follow(self, run_dir: str | None) -> None:
+        """Read what was appended to `run_dir`/metrics.jsonl since the last call."""
+        if not run_dir:
+            return
+        if Path(run_dir) != self.run_dir:
+            self.run_dir, self.tail = Path(run_dir), JsonlTail(Path(run_dir) / "metrics.jsonl")
+            self.clear()
+        records, restarted = self.tail.read()
+        if restarted:
+            self.clear()
+        for r in records:
+            step, kind = r.get("step"), r.get("eval")
+            if not kind or not isinstance(step, int):
+                continue
+            if kind is True and _number(r.get("eval_loss")) is not None:
+                self.loss[step] = r["eval_loss"]
+            elif kind == "text_rendering":
+                self.text[step] = {"word_accuracy": _number(r.get("word_accuracy")),
+                                   "one_minus_ned": _number(r.get("one_minus_ned")),
+                                   **{f"{lang}_word_accuracy": _number(f.get("word_accuracy"))
+                                      for lang, f in (r.get("by_language") or {}).items() if isinstance(f, dict)}}
+            elif kind == "preview" and isinstance(r.get("dir"), str):
+                self.previews = (self.previews + [str(self.run_dir / r["dir"])])[-16:]
+            elif kind == "skipped":
+                self.skipped += 1
+
+    def series(self) -> dict:
+        loss_steps, text_steps = sorted(self.loss), sorted(self.text)
+        return {"loss": {"step": loss_steps, "eval_loss": [self.loss[s] for s in loss_steps]},
+                "text": {"step": text_steps, **{k: [self.text[s].get(k) for s in text_steps]
+                                                for k in ("word_accuracy", "one_minus_ned", "en_word_accuracy",
+                                                          "zh_word_accuracy")}},
+                "skipped": self.skipped}
 PRODUCER_FIELDS = ("batches_served", "cache_hits", "cache_misses", "encoded")
 """Counters a producer reports with each heartbeat (totals since it started)."""
 
 
 class Telemetry:
-    def __init__(self, history_points: int = 4096, clock=time.time):
+    def __init__(self, history_points: int = 4096, clock=time.time, run_dir: str | None = None):
         self.clock = clock
         self.lock = threading.Lock()
         self.trainers: dict[int, dict] = {}  # dp_rank -> latest report (+ "time")
@@ -32,13 +100,18 @@ class Telemetry:
         self.producer_points: deque = deque(maxlen=history_points)  # (time, alive, batches/s)
         self.samples: list[str] = []  # directories of sample images trainers wrote, newest last
         self._last_served: tuple[float, float] | None = None
+        self.run_dir = run_dir  # the trainer's, once one reports it; else the service's own
+        self.evals = EvalRecords()
+        self._evals_lock = threading.Lock()  # one reader of metrics.jsonl at a time
 
     def trainer_report(self, dp_rank: int, report: dict) -> None:
         if not isinstance(report, dict):
             return
         now = self.clock()
-        clean = {k: _number(report.get(k)) for k in TRAINER_FIELDS}
+        clean = {k: _number(report.get(k)) for k in (*TRAINER_FIELDS, *WALL_FIELDS)}
         with self.lock:
+            if dp_rank == 0 and isinstance(report.get("run_dir"), str):
+                self.run_dir = report["run_dir"]
             self.trainers[dp_rank] = {**clean, "time": now}
             if dp_rank == 0 and clean["step"] is not None:
                 if not self.points or clean["step"] > self.points[-1]["step"]:
@@ -65,11 +138,28 @@ class Telemetry:
             self.producer_points.append({"time": now, "producers_alive": producers_alive,
                                          "batches_per_second": rate})
 
+    def read_evaluations(self) -> dict:
+        """The evaluation series (EvalRecords.series), after reading what was appended to the
+        trainer's metrics.jsonl since the last call."""
+        with self._evals_lock:
+            self.evals.follow(self.run_dir)
+            series = self.evals.series()
+            previews = list(self.evals.previews)
+        with self.lock:
+            self.samples = list(dict.fromkeys(self.samples + previews))[-16:]
+        return series
+
     def series(self) -> dict:
-        """The dashboard's data: trainer and producer series (columns), latest reports."""
+        """The dashboard's data: trainer and producer series (columns), where the trainer's wall
+        time went (cumulative fractions), evaluations by step, latest reports."""
+        evaluations = self.read_evaluations()
         with self.lock:
             points, prod = list(self.points), list(self.producer_points)
+            fractions = [wall_fractions(p) for p in points]
             return {"trainer": {k: [p.get(k) for p in points] for k in ("time", *TRAINER_FIELDS)},
+                    "wall": {"time": [p["time"] for p in points],
+                             **{part: [f[part] for f in fractions] for part in (*WALL_PARTS, "other")}},
+                    "evaluations": evaluations,
                     "producers": {k: [p[k] for p in prod] for k in ("time", "producers_alive", "batches_per_second")},
                     "latest": {str(r): dict(v) for r, v in self.trainers.items()},
                     "producer_counters": {n: dict(v) for n, v in self.producers.items()},
@@ -105,6 +195,8 @@ class PrometheusCollector:
                 if report.get(field) is not None:
                     g.add_metric([str(rank)], report[field])
             yield g
+        yield from self._wall(trainers)
+        yield from self._evaluations(self.telemetry.read_evaluations())
         yield GaugeMetricFamily("mmdit_config_version", "Data-config version in force", value=status["config_version"])
         alive = sum(p["alive"] for p in status["producers"].values())
         yield GaugeMetricFamily("mmdit_producers_alive", "Producers alive", value=alive)
@@ -121,3 +213,42 @@ class PrometheusCollector:
             for name, counters in sorted(producers.items()):
                 c.add_metric([name], counters[field])
             yield c
+
+    @staticmethod
+    def _wall(trainers: dict) -> list:
+        seconds = CounterMetricFamily("mmdit_trainer_wall_seconds", "Trainer wall time by where it went: steps "
+                                      "(less data wait), data_wait, checkpoint_stall, eval_stall",
+                                      labels=["dp_rank", "part"])
+        in_steps = GaugeMetricFamily("mmdit_step_time_fraction", "Fraction of the trainer's wall time spent in "
+                                     "steps (less data wait), since it started", labels=["dp_rank"])
+        for rank, report in sorted(trainers.items()):
+            if not report.get("wall_total_s"):
+                continue
+            for part, total in WALL_PARTS.items():
+                seconds.add_metric([str(rank), part], report.get(total) or 0.0)
+            in_steps.add_metric([str(rank)], wall_fractions(report)["steps"])
+        return [seconds, in_steps]
+
+    @staticmethod
+    def _evaluations(series: dict) -> list:
+        out = []
+        loss = series["loss"]
+        if loss["step"]:
+            out.append(GaugeMetricFamily("mmdit_eval_loss", "Held-out flow loss of the newest evaluated checkpoint",
+                                         value=loss["eval_loss"][-1]))
+            out.append(GaugeMetricFamily("mmdit_eval_step", "Step of the newest held-out evaluation",
+                                         value=loss["step"][-1]))
+        text = series["text"]
+        if text["step"]:
+            accuracy = GaugeMetricFamily("mmdit_text_word_accuracy", "OCR word accuracy of the newest text-rendering "
+                                         "evaluation", labels=["language"])
+            for label, key in (("all", "word_accuracy"), ("en", "en_word_accuracy"), ("zh", "zh_word_accuracy")):
+                if text[key][-1] is not None:
+                    accuracy.add_metric([label], text[key][-1])
+            out.append(accuracy)
+            if text["one_minus_ned"][-1] is not None:
+                out.append(GaugeMetricFamily("mmdit_text_one_minus_ned", "1 - normalized edit distance of the newest "
+                                             "text-rendering evaluation", value=text["one_minus_ned"][-1]))
+        out.append(CounterMetricFamily("mmdit_evaluations_skipped", "Checkpoints the evaluator passed over (behind)",
+                                       value=series["skipped"]))
+        return out

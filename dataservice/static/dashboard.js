@@ -32,14 +32,15 @@ function changeMarkers() {
   };
 }
 
-function makeChart(id, series, scales) {
+function makeChart(id, series, scales, byStep) {
   const el = document.getElementById(id);
+  const right = series.find(s => s.scale && s.scale !== "y");
   const opts = {
     width: Math.max(320, el.clientWidth || 540), height: 200,
-    scales: Object.assign({ x: { time: true } }, scales || {}),
+    scales: Object.assign({ x: { time: !byStep } }, scales || {}),
     series: [{}].concat(series),
-    axes: [{}].concat(series.some(s => s.scale === "mfu") ? [{}, { scale: "mfu", side: 1, grid: { show: false } }] : [{}]),
-    plugins: [changeMarkers()],
+    axes: [{}].concat(right ? [{}, { scale: right.scale, side: 1, grid: { show: false } }] : [{}]),
+    plugins: byStep ? [] : [changeMarkers()],
   };
   charts[id] = new uPlot(opts, [[]].concat(series.map(() => [])), el);
 }
@@ -56,6 +57,12 @@ function init() {
   makeChart("chart-flops", [{ label: "TFLOP/s", stroke: "#9467bd" },
                             { label: "MFU", stroke: "#ff7f0e", scale: "mfu" }], { mfu: { range: [0, 1] } });
   makeChart("chart-wait", [{ label: "data wait", stroke: "#8c564b" }], { y: { range: [0, 1] } });
+  makeChart("chart-walltime", [{ label: "steps", stroke: "#2ca02c" }, { label: "data wait", stroke: "#8c564b" },
+                               { label: "checkpoint stall", stroke: "#d62728" },
+                               { label: "eval stall", stroke: "#9467bd" }], { y: { range: [0, 1] } });
+  makeChart("chart-evals", [{ label: "held-out loss", stroke: "#1f77b4", points: { show: true } },
+                            { label: "OCR word accuracy", stroke: "#ff7f0e", scale: "acc", points: { show: true } }],
+            { acc: { range: [0, 1] } }, true);
   makeChart("chart-producers", [{ label: "batches/s", stroke: "#17becf" }]);
   makeChart("chart-alive", [{ label: "producers", stroke: "#7f7f7f" }]);
 }
@@ -70,6 +77,21 @@ function fmt(v, digits) {
   return v === null || v === undefined ? "n/a" : Number(v).toFixed(digits);
 }
 
+// The held-out loss and the OCR word accuracy on one step axis (either may lack a step).
+function evalColumns(e) {
+  const steps = [...new Set(e.loss.step.concat(e.text.step))].sort((a, b) => a - b);
+  const at = (xs, ys) => steps.map(s => { const i = xs.indexOf(s); return i < 0 ? null : ys[i]; });
+  return [steps, at(e.loss.step, e.loss.eval_loss), at(e.text.step, e.text.word_accuracy)];
+}
+
+function wallLine(w) {
+  const n = w.time.length;
+  if (!n || w.steps[n - 1] === null) return "wall time: n/a";
+  const pct = (v) => `${fmt(100 * v, 0)}%`;
+  return `in steps ${pct(w.steps[n - 1])} (data wait ${pct(w.data_wait[n - 1])}, checkpoints ` +
+    `${pct(w.checkpoint_stall[n - 1])}, evaluation ${pct(w.eval_stall[n - 1])})`;
+}
+
 async function refresh() {
   try {
     const [series, run] = await Promise.all([fetch("/api/series").then(r => r.json()),
@@ -80,6 +102,9 @@ async function refresh() {
     setData("chart-throughput", [t.time, t.samples_per_second]);
     setData("chart-flops", [t.time, t.tflops_per_device, t.mfu]);
     setData("chart-wait", [t.time, t.data_wait_fraction]);
+    const w = series.wall;
+    setData("chart-walltime", [w.time, w.steps, w.data_wait, w.checkpoint_stall, w.eval_stall]);
+    setData("chart-evals", evalColumns(series.evaluations));
     const p = series.producers;
     setData("chart-producers", [p.time, p.batches_per_second]);
     setData("chart-alive", [p.time, p.producers_alive]);
@@ -87,7 +112,7 @@ async function refresh() {
     document.getElementById("summary").textContent = n
       ? `step ${t.step[n - 1]} | loss ${fmt(t.loss[n - 1], 4)} | ${fmt(t.samples_per_second[n - 1], 2)} samples/s | ` +
         `${fmt(t.tflops_per_device[n - 1], 3)} TFLOP/s/dev | MFU ${t.mfu[n - 1] === null ? "n/a" : fmt(100 * t.mfu[n - 1], 1) + "%"} | ` +
-        `data wait ${fmt(100 * t.data_wait_fraction[n - 1], 1)}% | config v${run.config_version} | ` +
+        `data wait ${fmt(100 * t.data_wait_fraction[n - 1], 1)}% | ${wallLine(w)} | config v${run.config_version} | ` +
         `${run.producers_alive} producers`
       : "waiting for the first training step...";
     const vt = document.getElementById("versions");
