@@ -15,7 +15,9 @@ start-up (imports, reading the cache, planning, joining RPC) stops it there: exi
 left behind.
 
 Producers that die are not restarted here (their leases go to the others); more producers can
-join at any time with `mmdit producer` and the same overrides.
+join at any time with `mmdit producer` and the same overrides. With eval.evaluator=true it also
+starts the evaluator (`mmdit evaluate eval.evaluator_run`, the trainer's run dir), stopped with
+the producers.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from mmdit.utils.processes import ProcessTable, SignalStop, StopRequested, pytho
 log = logging.getLogger("mmdit.serve")
 
 
-COMMAND = Command("serve", __doc__, sections=("service", "data", "cache", "encoders", "run", "launch", "seed"))
+COMMAND = Command("serve", __doc__, sections=("service", "data", "cache", "encoders", "eval", "run", "launch", "seed"))
 
 
 def main(argv: list[str]) -> int:
@@ -92,6 +94,11 @@ def _serve(cfg, argv: list[str], run_dir: Path, stop: SignalStop, lock: ServiceL
                     python_command("mmdit.launch.cli", producer_argv), table, "producer",
                     lambda pid, n=n: rpc.incarnation_name("producer", n=n, pid=pid),
                     env={"MMDIT_INCARNATION": str(n)}, log_path=run_dir / "logs" / f"producer-{n}.log"))
+            if cfg.eval.evaluator:  # it follows the trainer's run dir (eval.evaluator_run), not the service's
+                procs.append(start(
+                    python_command("mmdit.launch.cli", ["evaluate", cfg.eval.evaluator_run or str(run_dir),
+                                                        f"eval.evaluator_tp={cfg.eval.evaluator_tp}"]),
+                    table, "evaluator", lambda pid: f"evaluator_{pid}", log_path=run_dir / "logs" / "evaluator.log"))
         print(f"dashboard: {service.dashboard_url}", file=sys.stderr, flush=True)
         print(json.dumps({"event": "serving", "host": where.host, "port": where.port,
                           "address_file": str(service.address_path), "control": service.control.url,
