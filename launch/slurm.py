@@ -8,7 +8,8 @@ The rendered sbatch script (saved as run.dir/submit/job.sbatch, with the job's c
 - producers: with `launch.producer_nodes` > 0, a heterogeneous job whose second component runs
   `launch.producers_per_node` producer processes per node; the coordinator runs on its first node.
   With no producer nodes, the coordinator and `launch.producers_per_node` producers run on the
-  first trainer node (`mmdit serve`);
+  first trainer node (`mmdit serve`); with eval.evaluator=true, the service starts the evaluator
+  (`mmdit evaluate run.dir`) beside the coordinator;
 - addresses (utils/netaddr.py), never from host names, which resolve to loopback on many images:
   the first trainer node's address is the local end of its route to another node of the job
   (`python -m mmdit.launch.address`, asked on that node); it is the rendezvous endpoint,
@@ -115,6 +116,8 @@ def render(cfg, overrides: list[str]) -> str:
     advertise = f" {shlex.quote(given[-1])}" if given else ""
     coordinator_addr = "" if given else 'service.advertise_host="route:$HEAD_ADDR" '
     address_from = shlex.quote(_override("service.address_from", run / "service"))
+    # eval.evaluator: the service starts the evaluator on the coordinator's node, following run.dir
+    evaluator = f"{shlex.quote(_override('eval.evaluator_run', run))} " if cfg.eval.evaluator else ""
     lines += ["", "set -uo pipefail", f"RUN={shlex.quote(str(run))}", 'mkdir -p "$RUN/logs"',
               f"LOGS={shlex.quote(logs)}  # run.dir/logs as srun reads --output: % doubled",
               'TRAINER_NODES=$(scontrol show hostnames "${SLURM_JOB_NODELIST_HET_GROUP_0:-$SLURM_JOB_NODELIST}")',
@@ -141,7 +144,7 @@ def render(cfg, overrides: list[str]) -> str:
         'rm -f "$RUN/service/address.json"  # a requeued job\'s: no process may follow it',
         f'srun --overlap {services}--nodes=1 --ntasks=1 -w "$COORD_HOST"{container} '
         f'--output="$LOGS/coordinator-%j.log" {py} -m mmdit.launch.cli serve {args} {service_dir} '
-        f'{coordinator_addr}service.producers={0 if het else launch.producers_per_node} &',
+        f'{coordinator_addr}{evaluator}service.producers={0 if het else launch.producers_per_node} &',
         "SERVICE=$!",
     ]
     if het:
