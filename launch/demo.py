@@ -3,7 +3,8 @@
     tiny encoders -> synthetic shards -> mmdit produce (score, filter, bucket, encode, cache)
     -> mmdit annotate (VL annotations and alignment scores into the manifest)
     -> mmdit serve (coordinator + producers, dashboard) -> mmdit train on 2 tensor-parallel ranks
-    (batches over TensorPipe RPC, held-out evaluation) -> mmdit sample (a few images)
+    (batches over TensorPipe RPC), beside mmdit evaluate (held-out loss, previews, text rendering
+    of each checkpoint, off the trainer ranks) -> mmdit sample (a few images)
     -> mmdit eval (text rendering read back by OCR, on a few prompts of the built-in set) -> summary
 
 Each stage is the real command, run as its own process group and recorded in
@@ -40,8 +41,11 @@ DEFAULTS = {"launch.nproc": "2", "parallel.tp": "2", "train.steps": "40", "check
             "eval.every": "10", "data.eval_fraction": "0.15", "train.log_samples": "true",
             "annotate.max_new_tokens": "24", "annotate.image_area": "3136",
             "eval.sample_every": "20", "eval.sample_size": "128", "eval.sample_steps": "8",
+            "eval.evaluator": "true", "eval.text_every": "40", "eval.text.limit": "6", "eval.text.width": "128",
+            "eval.text.height": "128", "eval.text.steps": "8",
             "encoders.dir": "${run.dir}/encoders"}
-"""The demo's settings unless overridden: hybrid parallelism and every feature switched on."""
+"""The demo's settings unless overridden: hybrid parallelism and every feature switched on; the
+evaluations run in an evaluator process beside the trainer (its text rendering as `EVAL`'s)."""
 EVAL = ["limit=6", "width=128", "height=128", "steps=8"]
 """The demo's text-rendering evaluation: one prompt of each language and kind, small and quick."""
 
@@ -182,16 +186,29 @@ def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
     service = [f"service.dp_size={dp}"]
     print("== serve", flush=True)
     # any free port (service.port=0 unless overridden), which the trainer reads where serve published it
-    serve = ServeProcess([*common, f"run.dir={run / 'service'}", "service.producers=2", *service])
+    # the demo starts the evaluator itself (below), on the trainer's run dir
+    serve = ServeProcess([*common, f"run.dir={run / 'service'}", "service.producers=2", *service,
+                          "eval.evaluator=false"])
     table.add("serve", "demo_serve", serve.proc.pid)
+    evaluator = _start_evaluator(cfg, argv, run, table) if cfg.eval.evaluator else None
     print(f"   dashboard {serve.info['dashboard']}  (live while the demo trains; also `mmdit status {run}`)",
           flush=True)
     bar = TrainingBar(run / "metrics.jsonl", cfg.train.steps)
     try:
         stages.run("train", mmdit("train", *common, "train.data_source=service", *service, *serve.client_overrides),
                    while_running=bar)
+        if evaluator is not None:  # it ends once the last checkpoint is evaluated
+            print("== evaluate (the evaluator finishes the last checkpoint)", flush=True)
+            try:
+                if evaluator.wait(timeout=cfg.launch.stop_timeout_s):
+                    print(f"   the evaluator failed (exit {evaluator.returncode}): {run / 'logs' / 'evaluate.log'}")
+            except subprocess.TimeoutExpired:
+                print(f"   the evaluator did not finish within {cfg.launch.stop_timeout_s:.0f} s: stopped", flush=True)
     finally:
         bar.close()
+        if evaluator is not None:
+            _stop(evaluator, cfg.service.shutdown_timeout_s)
+            table.set_returncode(evaluator.pid, evaluator.returncode)
         serve.stop(timeout=2 * cfg.service.shutdown_timeout_s)
         table.set_returncode(serve.proc.pid, serve.proc.returncode)
     samples = run / "samples" / "final"
@@ -199,7 +216,31 @@ def _run(cfg, argv: list[str], run: Path, table: ProcessTable) -> None:
                                "width=128", "height=128", "steps=8", f"out={samples}"))
     text = _text_eval(stages, run, encoders)
     summary = json.loads((run / "summary.json").read_text())
+    if summary.get("last_eval_loss") is None:  # evaluated by the evaluator, not the trainer
+        losses = [r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r]
+        summary["last_eval_loss"] = losses[-1] if losses else None
     print(_summary(summary, run, samples, time.monotonic() - started, text), flush=True)
+
+
+def _start_evaluator(cfg, argv: list[str], run: Path, table: ProcessTable) -> subprocess.Popen:
+    """`mmdit evaluate` of the run, until the checkpoint of train.steps is evaluated (its log in
+    logs/evaluate.log); in a process group of its own, as the stages. The demo's overrides go on
+    top of the run's config.yaml, which may still be a previous run's when it starts."""
+    with open(run / "logs" / "evaluate.log", "ab") as log:
+        proc = subprocess.Popen(mmdit("evaluate", str(run), f"until_step={cfg.train.steps}", "poll_s=0.5", *argv),
+                                start_new_session=True, env=child_env(), stdout=log, stderr=log)
+    table.add("evaluator", "demo_evaluator", proc.pid)
+    return proc
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    if proc.poll() is None:
+        signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _text_eval(stages: Stages, run: Path, encoders: Path) -> dict | None:
