@@ -22,7 +22,7 @@ $(VENV)/.installed: setup.py
 DEMO_DEBS := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei \
              /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core
 TEST_DEBS := /usr/bin/prometheus:prometheus /usr/bin/chromium:chromium /usr/sbin/slurmctld:slurm-wlm \
-             /usr/sbin/munged:munge
+             /usr/sbin/munged:munge /usr/bin/ss:iproute2  # ip, ss: the multi-host tier
 define apt_install
 	@missing=""; for pair in $(1); do [ -e "$${pair%%:*}" ] || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \

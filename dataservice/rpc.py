@@ -50,7 +50,7 @@ from torch.distributed.rpc import backend_registry
 from torch.distributed.rpc._utils import _update_group_membership
 
 from mmdit.dataservice import membership
-from mmdit.utils.netaddr import AddressError, Advertised, advertised
+from mmdit.utils.netaddr import AddressError, Advertised, advertised, route_source
 from mmdit.utils.store import rendezvous_url
 
 log = logging.getLogger("mmdit.rpc")
@@ -193,14 +193,16 @@ class _Member:
     def _admit(self, url: str) -> str | None:
         coordinator_url = self._get(membership.addr_key(COORDINATOR)) or "?"
         try:
-            return rpc.rpc_sync(COORDINATOR, _admit, args=(self.name, self.rank, url), timeout=_admit_timeout_s())
+            why = route_problem(coordinator_url)
+            if why is None:
+                return rpc.rpc_sync(COORDINATOR, _admit, args=(self.name, self.rank, url), timeout=_admit_timeout_s())
         except Exception as e:  # noqa: BLE001 - any failure: the coordinator could not be asked
             why = str(e).splitlines()[0][:200]
-            loopback = membership.is_loopback_url(coordinator_url) and not self.where.loopback
-            raise JoinRejected(
-                f"{self.name}: cannot reach the coordinator at {coordinator_url}, the address it advertises ({why})"
-                + ("; it advertises a loopback address: set service.host (or service.advertise_host) of `mmdit "
-                   "serve` to an address of its host that this host can reach" if loopback else "")) from None
+        loopback = membership.is_loopback_url(coordinator_url) and not self.where.loopback
+        raise JoinRejected(
+            f"{self.name}: cannot reach the coordinator at {coordinator_url}, the address it advertises ({why})"
+            + ("; it advertises a loopback address: set service.host (or service.advertise_host) of `mmdit "
+               "serve` to an address of its host that this host can reach" if loopback else ""))
 
     def _notify_leave(self) -> None:
         _notify_leave(self.agent or rpc_api._get_current_rpc_agent(), LEAVE_WAIT_S)
@@ -225,6 +227,24 @@ def _listening_on(interface: str):
             os.environ["TP_SOCKET_IFNAME"] = before
 
 
+def route_problem(url: str) -> str | None:
+    """Why this host has no route to the host of TensorPipe URL `url`, or None. Asked before
+    TensorPipe first connects anywhere that may be unreachable: its transport aborts the whole
+    process when the kernel fails a connection at once (no route to the network), and reports
+    only a refusal or a timeout, which come later. The check sends nothing: a connection that
+    TensorPipe's listener does not complete as a pipe makes it stop accepting (torch 2.13)."""
+    try:
+        route_source(membership.url_host(url) or "?")
+        return None
+    except AddressError as e:
+        return str(e)
+
+
+def _unroutable(store, name: str) -> bool:
+    key = membership.addr_key(name)
+    return not store.check([key]) or route_problem(store.get(key).decode()) is not None
+
+
 def _whoami() -> str:
     """Called by the coordinator on a joiner it admits: who listens at the address it gave."""
     return rpc.get_worker_info().name
@@ -237,11 +257,13 @@ def _admit(name: str, rank: int, url: str) -> str | None:
     own_url = _self.get("url", "")
     answered, error = None, None
     if not (membership.is_loopback_url(url) and not membership.is_loopback_url(own_url)):
-        ensure_known(name, rank)
-        try:
-            answered = rpc.rpc_sync(name, _whoami, timeout=_settings["notify_timeout_s"])
-        except Exception as e:  # noqa: BLE001 - any failure: not reachable as it says
-            error = str(e).splitlines()[0][:200]
+        error = route_problem(url)  # TensorPipe only where there is a route
+        if error is None:
+            try:
+                _learn(agent, name, rank)
+                answered = rpc.rpc_sync(name, _whoami, timeout=_settings["notify_timeout_s"])
+            except Exception as e:  # noqa: BLE001 - any failure: not reachable as it says
+                error = str(e).splitlines()[0][:200]
     problem = membership.admission_problem(name, url, own_url, answered, error)
     if problem is None:
         log.info("admitted %s (rank %d) at %s", name, rank, url)
@@ -258,10 +280,11 @@ def _notify_leave(agent, timeout_s: float) -> None:
     me = agent.get_worker_info()
     futures = []
     for w in agent.get_worker_infos():
-        if w.name != me.name:
-            with contextlib.suppress(Exception):  # one we cannot even send to is gone
-                futures.append(rpc.rpc_async(w.name, _update_group_membership, args=(me, [], {}, False),
-                                             timeout=timeout_s))
+        if w.name == me.name or (w.name not in _reachable and _unroutable(agent.store, w.name)):
+            continue
+        with contextlib.suppress(Exception):  # one we cannot even send to is gone
+            futures.append(rpc.rpc_async(w.name, _update_group_membership, args=(me, [], {}, False),
+                                         timeout=timeout_s))
     for fut in futures:
         with contextlib.suppress(Exception):
             fut.wait()
@@ -376,6 +399,7 @@ def leave(graceful: bool = True, timeout_s: float = 10.0) -> bool:
     finally:
         rpc_api._finalize_shutdown()
         _self.clear()
+        _reachable.clear()
     return ok
 
 
@@ -390,9 +414,25 @@ def listed_members() -> list[str]:
     return membership.entries(store.get(membership.LIST).decode() if store.check([membership.LIST]) else "")
 
 
+_reachable: set[str] = set()  # members this process found a route to
+
+
 def ensure_known(name: str, rank: int) -> None:
-    """Make sure this process can call member `name` (rank `rank`), even if it missed its join notice."""
+    """Make sure this process can call member `name` (rank `rank`): known to its agent (a member
+    that joined after this one is not), and with a route from here to it (checked once per
+    member; see `route_problem`). Raises RpcError when there is none."""
     agent = rpc_api._get_current_rpc_agent()
+    if name not in _reachable:
+        url = agent.store.get(membership.addr_key(name)).decode() if agent.store.check(
+            [membership.addr_key(name)]) else ""
+        why = route_problem(url) if url else "no address published"
+        if why is not None:
+            raise RpcError(f"cannot connect to {name} at {url or '?'}: {why}")
+        _reachable.add(name)
+    _learn(agent, name, rank)
+
+
+def _learn(agent, name: str, rank: int) -> None:
     if not any(w.name == name for w in agent.get_worker_infos()):
         agent._update_group_membership(rpc.WorkerInfo(name, rank), [], {}, True)
 

@@ -81,6 +81,19 @@ class Host:
         """The command line of `mmdit ARGS` (to run with `popen`/`run`)."""
         return [sys.executable, "-m", "mmdit.launch.cli", *args]
 
+    def pids(self, cmdline_has: str = "") -> list[int]:
+        """Pids of the processes in this namespace (whose command line contains `cmdline_has`)."""
+        out = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True, text=True).stdout.split()
+        found = []
+        for pid in map(int, out):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline_has in cmdline:
+                found.append(pid)
+        return found
+
     def listening(self) -> list[tuple[str, int, str]]:
         """(address, port, process) of every TCP socket listening in this namespace."""
         out = self.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
