@@ -4,6 +4,7 @@
     selection.py    the samples a service plans over (cache + manifest thresholds)
     protocol.py     every RPC entry point and message
     rpc.py          TensorPipe RPC with fault-tolerant dynamic membership
+    membership.py   the RPC group's member list: who may change it, and when (join, admission, leave)
     address.py      where a running service is: the address `mmdit serve` publishes in its run dir
     coordinator.py  leases, acks, the cursor, plan generations (run by `mmdit serve`)
     server.py       a producer: leases batches, prepares them from the cache, serves them
