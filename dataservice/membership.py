@@ -3,6 +3,7 @@
 The group's store, which the coordinator hosts, holds torch's keys:
 
     names/_ALL_WORKER_INFOS   "name-rank,name-rank,": the members a joiner's agent starts from
+    names/<rank>              a member's name (names/0: the coordinator's)
     addrs/<name>              the URL the member's TensorPipe agent listens on
     RpcGroupManagementToken   the critical section of joins and leaves
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 LIST = "names/_ALL_WORKER_INFOS"
+RANK0 = "names/0"  # torch's: the name of rank 0 (the coordinator, which admits joiners)
 TOKEN = "RpcGroupManagementToken"  # torch's key: its own tools see the same critical section
 PLACEHOLDER_URL = "uv://127.0.0.1:0"
 """A URL every caller is refused at (port 0), published for a name before it enters the list."""

@@ -191,11 +191,12 @@ class _Member:
         return url
 
     def _admit(self, url: str) -> str | None:
-        coordinator_url = self._get(membership.addr_key(COORDINATOR)) or "?"
+        admitter = self._get(membership.RANK0) or COORDINATOR  # rank 0, the store's host, admits
+        coordinator_url = self._get(membership.addr_key(admitter)) or "?"
         try:
             why = route_problem(coordinator_url)
             if why is None:
-                return rpc.rpc_sync(COORDINATOR, _admit, args=(self.name, self.rank, url), timeout=_admit_timeout_s())
+                return rpc.rpc_sync(admitter, _admit, args=(self.name, self.rank, url), timeout=_admit_timeout_s())
         except Exception as e:  # noqa: BLE001 - any failure: the coordinator could not be asked
             why = str(e).splitlines()[0][:200]
         loopback = membership.is_loopback_url(coordinator_url) and not self.where.loopback

@@ -117,7 +117,8 @@ def job(hosts, tmp_path_factory):
     procs: list[subprocess.Popen] = []
 
     def start(host, args, log, **kw):
-        proc = host.popen(args, stdout=open(run / "logs" / log, "w"), stderr=subprocess.STDOUT, cwd=root, **kw)
+        with open(run / "logs" / log, "w") as out_file:  # the child keeps its own descriptor
+            proc = host.popen(args, stdout=out_file, stderr=subprocess.STDOUT, cwd=root, **kw)
         procs.append(proc)
         return proc
 
