@@ -109,11 +109,10 @@ class Checkpointer:
         return time.perf_counter() - started
 
     def abandon(self) -> None:
-        """On an error: let the pending write end, publish nothing (no collective: the other ranks
-        may be gone). Its directory stays incomplete; resume passes it over, retention removes it."""
-        if self.pending is not None:
-            self.pending.thread.join()
-            self.pending = None
+        """On an error or a second Ctrl-C: publish nothing and wait for nothing (no collective: the
+        other ranks may be gone); the writer, a daemon thread, ends with the process. Its directory
+        stays incomplete, as after a crash: resume passes it over, retention removes it."""
+        self.pending = None
 
     def _publish(self, staged: StagedCheckpoint, report: WriteReport, model) -> None:
         publish_checkpoint(staged, report, model)

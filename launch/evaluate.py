@@ -76,7 +76,7 @@ def _wait_for_config(run_dir: Path, wait_s: float, stop: threading.Event) -> boo
 
 def main(argv: list[str]) -> int:
     from mmdit.launch.local import main_or_launch
-    from mmdit.utils.processes import ProcessTable, is_rank
+    from mmdit.utils.processes import TABLE_ENV, ProcessTable, is_rank
 
     args = parse(COMMAND, argv)
     keys: EvaluateArgs = args.keys
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
     if code is not None:
         return code
     table = None
-    if not is_rank():
+    if not is_rank() and not os.environ.get(TABLE_ENV):  # by hand; else the starter's table (serve's) has it
         table = ProcessTable(run_dir)
         table.add("evaluator", "evaluator", os.getpid())
     from mmdit.consumer.evaluator import RunEvaluator

@@ -32,14 +32,17 @@ def test_prometheus_series_carry_labels_and_leave_unknown_mfu_out():
     c.register_consumer("t0", 9, 0, 2, 1, None, None)
     c.ack("t0", 0, c.gen, [], {"step": 7, "loss": 0.5, "samples_per_second": 3.0, "image_tokens_per_second": 768.0,
                                "tflops_per_device": 0.01, "mfu": None, "data_wait_fraction": 0.02,
-                               "config_version": 0})
+                               "config_version": 0, "wall_total_s": 10.0, "step_total_s": 9.0,
+                               "data_wait_total_s": 0.5, "checkpoint_stall_total_s": 0.25, "eval_stall_total_s": 0.0})
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PrometheusCollector(c, c.telemetry))
     text = generate_latest(registry).decode()
     for line in ('mmdit_step{dp_rank="0"} 7.0', 'mmdit_loss{dp_rank="0"} 0.5', "mmdit_producers_alive 1.0",
                  'mmdit_batches_served_total{producer="pa"} 5.0', 'mmdit_cache_misses_total{producer="pa"} 1.0',
                  'mmdit_encoded_samples_total{producer="pa"} 1.0', 'mmdit_leases_outstanding{producer="pa"} 1.0',
-                 "mmdit_config_version 0.0", 'mmdit_image_tokens_per_second{dp_rank="0"} 768.0'):
+                 "mmdit_config_version 0.0", 'mmdit_image_tokens_per_second{dp_rank="0"} 768.0',
+                 'mmdit_step_time_fraction{dp_rank="0"} 0.9',  # where the wall time goes
+                 'mmdit_trainer_wall_seconds_total{dp_rank="0",part="checkpoint_stall"} 0.25'):
         assert line in text, line
     assert "mmdit_mfu{" not in text  # unknown on a CPU: absent, never 0
 
@@ -83,11 +86,12 @@ def live_run(tmp_path_factory):
     """`mmdit serve` + `mmdit train` over it, training until the module's tests are done."""
     tmp = tmp_path_factory.mktemp("live")
     LatentCache(tmp / "cache").write(records())
-    common = [f"cache.dir={tmp / 'cache'}", "service.producers=2", "train.micro_batch_size=2"]
-    serve = ServeProcess([*common, f"run.dir={tmp / 'service'}"])
+    common = [f"cache.dir={tmp / 'cache'}", "service.producers=2", "train.micro_batch_size=2",
+              "data.eval_fraction=0.25", "eval.evaluator=true"]  # evaluations on the evaluator serve starts
+    serve = ServeProcess([*common, f"run.dir={tmp / 'service'}", f"eval.evaluator_run={tmp / 'train'}"])
     trainer = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={tmp / 'train'}",
                                 *common, *serve.client_overrides, "train.data_source=service", "train.steps=100000",
-                                "checkpoint.every=20"],
+                                "checkpoint.every=20", "eval.every=5", "eval.max_samples=4", "eval.sigmas=2"],
                                stdout=subprocess.DEVNULL, stderr=(tmp / "trainer.err").open("w"), text=True)
 
     def three_steps():
@@ -151,14 +155,16 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def test_the_dashboard_draws_live_charts_in_a_browser(live_run, tmp_path):
     chromium = _require("chromium")
     url = live_run["dashboard"]
+    metrics = live_run["dir"] / "train" / "metrics.jsonl"
+    wait_until(lambda: "eval_loss" in metrics.read_text(), 300, "a held-out loss from the evaluator")
     dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'a'}", "--dump-dom", url],
                          capture_output=True, text=True, timeout=180).stdout
     import re
 
     points = dict(re.findall(r'id="chart-([a-z]+)"[^>]*data-points="(\d+)"', dom))
-    for chart in ("loss", "throughput", "flops", "wait", "producers", "alive"):
+    for chart in ("loss", "throughput", "flops", "wait", "producers", "alive", "walltime", "evals"):
         assert int(points.get(chart, 0)) > 0, (chart, points)
-    assert "the coordinator does not answer" not in dom and "step " in dom
+    assert "the coordinator does not answer" not in dom and "step " in dom and "in steps " in dom
     shot = tmp_path / "dashboard.png"
     subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'b'}", f"--screenshot={shot}", url],
                    capture_output=True, timeout=180)
@@ -188,5 +194,5 @@ def test_status_of_a_live_then_a_finished_run_and_tensorboard(live_run):
     board.Reload()
     assert {"train/loss", "train/samples_per_second", "train/data_wait_fraction"} <= set(board.Tags()["scalars"])
     steps = [e.step for e in board.Scalars("train/loss")]
-    metrics = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == metrics
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [r["step"] for r in records if not r.get("eval")]
