@@ -17,6 +17,7 @@ from mmdit.config.parallel import ParallelConfig, check_heads_divisible
 from mmdit.config.produce import AnnotateConfig, CacheConfig, EncodersConfig, SynthConfig
 from mmdit.config.service import ServiceConfig
 from mmdit.config.train import CheckpointConfig, EvalConfig, OptimizerConfig, TrainConfig, check_batch_sizes
+from mmdit.config.vae import VaeConfig
 
 
 @dataclass
@@ -35,6 +36,7 @@ class JobConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     run: RunConfig = field(default_factory=RunConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
     seed: int = 0
     """The job's seed: weights' init, noise per sample, the batch plan; a run is a function of it."""
 

@@ -14,6 +14,13 @@ Weight identity is sampled, not a full hash: config, file names and sizes, every
 safetensors header, and 3 x 4 KiB of every tensor. That costs milliseconds on 16 GB of weights and
 changes whenever a tensor is retrained; an edit confined to the middle of one tensor would not.
 
+The VAE's part covers what a cached latent depends on. A cached latent is the encoder's posterior
+mode, so a fine-tuned *decoder* must not change it (`mmdit vae-train`, consumer/vae/): its export
+writes `vae/mmdit_lineage.json`, naming the identity of the VAE it came from and the exact hash of
+its encoder half (config + `encoder.*` + `quant_conv.*`, every byte). A VAE whose encoder half
+matches its lineage takes the identity recorded there; any other VAE (every VAE before this rule)
+is identified by its weights as before, so no cache made earlier changes its fingerprint.
+
 Heavy libraries (diffusers, transformers) are imported when loading, so `preprocess_image` is
 cheap to import for the bucketing code.
 """
@@ -132,16 +139,66 @@ def safetensors_identity(path: Path) -> str:
     return h.hexdigest()
 
 
+def config_identity(folder: Path) -> str:
+    """sha256 of a model folder's config.json, without the fields that say who saved it."""
+    config = json.loads((folder / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.endswith("_version")}  # who saved it, not what
+    return _sha(json.dumps(config, sort_keys=True).encode())
+
+
 def weights_identity(folder: Path) -> dict:
     """Config + every safetensors file (name, size, sampled content) of one model folder."""
     files = {p.name: [p.stat().st_size, safetensors_identity(p)] for p in sorted(folder.glob("*.safetensors"))}
-    config = json.loads((folder / "config.json").read_text())
-    config = {k: v for k, v in config.items() if not k.endswith("_version")}  # who saved it, not what
-    return {"config": _sha(json.dumps(config, sort_keys=True).encode()), "files": files}
+    return {"config": config_identity(folder), "files": files}
 
 
 def files_identity(folder: Path) -> dict:
     return {p.name: _sha(p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file() and p.suffix != ".md"}
+
+
+VAE_LINEAGE = "mmdit_lineage.json"
+"""vae/mmdit_lineage.json: {"identity": the fingerprint identity this VAE inherits, "encoder_half":
+`encoder_half_identity` of the encoder it inherits it with}. Written by `mmdit vae-train`'s export."""
+ENCODER_HALF = ("encoder.", "quant_conv.")
+"""The parameters that turn pixels into latents (the posterior); post_quant_conv and decoder do not."""
+
+
+def encoder_half_identity(folder: Path) -> str:
+    """Exact hash of what a VAE's latents depend on: its config (latents_mean/std, z_dim, ...) and
+    every byte, dtype and shape of its encoder-half tensors, by name (not by file layout).
+    Reads the encoder half only (about 100 MB at release size)."""
+    from mmdit.utils.safetensors_header import read_header
+
+    h = hashlib.sha256(config_identity(folder).encode())
+    tensors = []
+    for path in sorted(folder.glob("*.safetensors")):
+        header, start, _ = read_header(path)
+        tensors += [(name, info, path, start) for name, info in header.items()
+                    if name != "__metadata__" and name.startswith(ENCODER_HALF)]
+    for name, info, path, start in sorted(tensors, key=lambda t: t[0]):
+        begin, end = info["data_offsets"]
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            data = f.read(end - begin)
+        h.update(json.dumps([name, info["dtype"], info["shape"], end - begin]).encode())
+        h.update(data)
+    if not tensors:
+        raise ValueError(f"{folder}: no encoder tensors ({', '.join(ENCODER_HALF)}*) in its safetensors files")
+    return h.hexdigest()
+
+
+def vae_identity(folder: Path) -> dict:
+    """The VAE's part of the encoder fingerprint (see the module docstring): its lineage's
+    identity when its encoder half is the one the lineage names, else its weights' identity."""
+    lineage_path = folder / VAE_LINEAGE
+    if lineage_path.is_file():
+        try:
+            lineage = json.loads(lineage_path.read_text())
+            if lineage["encoder_half"] == encoder_half_identity(folder):
+                return lineage["identity"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or not this encoder's: identified by its own weights, a miss, never stale
+    return weights_identity(folder)
 
 
 def fingerprint_of(parts: dict) -> str:
@@ -190,7 +247,7 @@ class Encoders:
             processor = image_processor_class().from_pretrained(root, subfolder="processor")
         parts = {
             "version": PREPROCESS_VERSION,
-            "vae": weights_identity(root / "vae"),
+            "vae": vae_identity(root / "vae"),
             "text_encoder": weights_identity(root / "text_encoder"),
             "tokenizer": files_identity(root / "tokenizer"),
             "templates": {t.name: [t.template, t.drop] for t in (T2I_TEMPLATE, edit.template)},
