@@ -134,6 +134,9 @@ class Trainer:
         batches = self.batches()
         try:
             self._loop(batches)
+        except TrainingError:  # every rank stops at this step alike: the pending save (finite) is published
+            self.checkpointer.finish(self.model)
+            raise
         except BaseException:
             self.checkpointer.abandon()  # a pending write ends unpublished: resume passes it over
             raise
