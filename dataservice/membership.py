@@ -13,12 +13,14 @@ when it starts, and reads every listed member's URL: that is how it finds the co
 
 1. The list changes only inside the token's critical section. A token held longer than
    `stale_s` belongs to a process that died in it (a join takes a few store operations and one
-   admission call, bounded by the admission timeout) and is broken.
+   admission call, bounded by the admission timeout) and is broken. (A holder only stalled that
+   long, say SIGSTOPped, then races its breaker: an entry may be lost, which costs nothing, as
+   callers learn of members from the coordinator; the coordinator's entry is never lost.)
 2. A process adds and removes only itself; a joiner never calls the other members. So a member
    a joiner cannot reach (misconfigured joiner, partitioned network) is never taken for dead and
    dropped: one bad process cannot break a running job. (torch's own dynamic join calls every
    member and fails on the first that does not answer; the previous mmdit join dropped those.)
-   A crashed member's entry stays: no joiner calls it, and nothing else reads the list.
+   A crashed member's entry stays: no joiner calls it, and nothing depends on the list but joins.
 3. Before its name enters the list a joiner publishes a placeholder URL (refused at once), so a
    joiner killed in between never leaves a listed name without a URL: a later joiner's agent
    would wait for that URL until its store timeout, and so would every join after it.
@@ -26,7 +28,9 @@ when it starts, and reads every listed member's URL: that is how it finds the co
    must not be a loopback address unless the coordinator's is, and it must answer the
    coordinator, under its own name (an address that reaches another process is as wrong as one
    that reaches nothing). A joiner the coordinator rejects, or that cannot reach the
-   coordinator, removes itself (the list is as before it came) and fails with one line.
+   coordinator, removes itself (the list is as before it came) and fails with one line. (While
+   the coordinator checks, the joiner is listed already, as torch's agent lists itself when it is
+   built; it holds the token then, so no other process reads or changes the list meanwhile.)
 
 Each step is a generator that yields store and agent operations and gets their results back:
 `rpc.py` runs them against the real store and TensorPipe agent, `tests/membership_sim.py`
