@@ -446,7 +446,7 @@ def stage_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state:
     from mmdit.parallel.state import all_ranks_true
 
     staging = staging or InPlace()
-    bad = sum(int((~p.detach().isfinite()).sum()) for p in model.parameters())
+    bad = int(torch.stack([(~p.detach().isfinite()).sum() for p in model.parameters()]).sum())  # one host sync
     if not all_ranks_true(bad == 0):
         raise CheckpointError(f"step {step}: the model holds non-finite values ({bad} on rank {dist.get_rank()}); "
                               "not saving a checkpoint of it")
