@@ -182,10 +182,13 @@ class RunEvaluator:
             problems = checkpoint_problems(path, dist.get_rank(), dist.get_world_size(), only=f"{MODEL}/")
             if problems:
                 return "; ".join(problems)
-            args = checkpoint_args(path / MODEL)
-            if self.built is None or self.built.model.args != args:
-                self._build(args)
-            load_model(self.built.model, path / MODEL)
+            try:
+                args = checkpoint_args(path / MODEL)
+                if self.built is None or self.built.model.args != args:
+                    self._build(args)
+                load_model(self.built.model, path / MODEL)
+            except (OSError, ValueError, KeyError) as e:  # moved away (resume set it aside) or damaged
+                return f"{type(e).__name__}: {e}"
         return None
 
     def _build(self, args) -> None:
