@@ -34,6 +34,13 @@ from mmdit.utils.jsonl_tail import JsonlTail
 log = logging.getLogger("mmdit.evaluator")
 
 _KIND_OF_RECORD = {True: "loss", "preview": "previews", "text_rendering": "text_rendering"}
+MAX_GONE = 100
+"""At most this many steps without a checkpoint are recorded as skipped at once (the newest): an
+evaluator first started on a long run does not write a line for every step it never saw."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
 class Done:
@@ -73,9 +80,11 @@ class RunEvaluator:
 
     # ------------------------------------------------------------------------- deciding
 
-    def pending(self) -> tuple[list[tuple[str, list[str]]], int]:
+    def pending(self) -> tuple[list[tuple[str, list[str]]], int, list[tuple[str, list[str]]]]:
         """(complete checkpoints with evaluations left, newest first, each with them; the newest
-        complete checkpoint's step, 0 when there is none). Read by rank 0."""
+        complete checkpoint's step, 0 when there is none; the steps since the last one evaluated
+        whose evaluations are due but that have no checkpoint to evaluate: retention deleted it
+        before the evaluator came, or none was saved, at most MAX_GONE of them). Read by rank 0."""
         done = self.done.refresh()
         complete = [p for p in checkpoints(self.run_dir) if (p / TRAINER).is_file()]
         work = []
@@ -83,7 +92,13 @@ class RunEvaluator:
             left = [k for k in self._due(step_of(path)) if k not in done.get(step_of(path), ())]
             if left:
                 work.append((path.name, left))
-        return work, step_of(complete[0]) if complete else 0
+        newest = step_of(complete[0]) if complete else 0
+        present, floor = {step_of(p) for p in complete}, max(done, default=0)
+        everies = [e for e in (self.cfg.eval.every, self.cfg.eval.sample_every, self.cfg.eval.text_every) if e]
+        candidates = sorted({s for e in everies for s in range(floor - floor % e + e, newest, e)} - present)
+        gone = [(checkpoint_name(s), left) for s in candidates[-MAX_GONE:]
+                if (left := [k for k in self._due(s) if k not in done.get(s, ())])]
+        return work, newest, gone
 
     def _due(self, step: int) -> list[str]:
         self._setup()
@@ -97,10 +112,10 @@ class RunEvaluator:
 
         decision = None
         if self.rank == 0:
-            work, newest = self.pending()
+            work, newest, gone = self.pending()
             behind = len(work) > self.cfg.eval.evaluator_backlog
             target = (work[0] if behind else work[-1]) if work else None
-            decision = {"target": target, "skipped": work[1:] if behind else [], "newest": newest}
+            decision = {"target": target, "skipped": work[1:] if behind else [], "newest": newest, "gone": gone}
         return all_gather_objects(decision)[0]
 
     # ------------------------------------------------------------------------- doing
@@ -113,6 +128,9 @@ class RunEvaluator:
         self._setup()
         while not any_rank_true(stop.is_set()):
             decision = self.decide()
+            for name, kinds in decision["gone"]:
+                self.skip(name, kinds, "no checkpoint of this step was left to evaluate (retention deleted it "
+                                       "before the evaluator came to it, or none was saved)")
             for name, kinds in decision["skipped"]:
                 self.skip(name, kinds, f"a newer checkpoint ({decision['target'][0]}) was published before it was "
                                        "evaluated")

@@ -38,6 +38,33 @@ def test_evaluations_due_and_who_runs_them():
     assert not evaluates_on_evaluator(on_trainer.train, on_trainer.eval)
 
 
+def test_what_is_left_to_evaluate_and_what_can_no_longer_be(tmp_path):
+    """Checkpoints 30 and 40 wait; step 10 was evaluated; step 20's checkpoint is gone (retention)."""
+    from mmdit.config.loader import load_config
+    from mmdit.consumer.evaluator import RunEvaluator
+    from mmdit.parallel.state import destroy_parallel
+
+    for step in (30, 40, 45):  # 45: a stop's checkpoint, nothing due
+        path = tmp_path / "checkpoints" / f"step_{step:08d}"
+        path.mkdir(parents=True)
+        (path / "trainer.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step_00000050").mkdir()  # being written: not yet published
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval": True, "eval_loss": 1.0}) + "\n")
+    cfg = load_config(["eval.every=10", "eval.max_samples=1", "train.tensorboard=false", f"run.dir={tmp_path}"])
+    evaluator = RunEvaluator(cfg, tmp_path)
+    try:
+        work, newest, gone = evaluator.pending()
+        assert work == [("step_00000040", ["loss"]), ("step_00000030", ["loss"])] and newest == 45
+        assert gone == [("step_00000020", ["loss"])]
+        assert evaluator.decide()["target"] == ("step_00000030", ["loss"])  # within the backlog: oldest first
+        evaluator.cfg.eval.evaluator_backlog = 1
+        decision = evaluator.decide()
+        assert decision["target"] == ("step_00000040", ["loss"]) and decision["skipped"] == [("step_00000030", ["loss"])]
+    finally:
+        evaluator.close()
+        destroy_parallel()
+
+
 # ----------------------------------------------------------------------------- real processes
 
 BASE = ["train.random_height=64", "train.random_width=64", "train.micro_batch_size=1", "optimizer.lr=1e-3",
