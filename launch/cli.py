@@ -15,7 +15,7 @@ COMMANDS = {
     "demo": ("mmdit.launch.demo", "the whole local pipeline: encoders, synth, produce, serve, train"),
     "train": ("mmdit.launch.train", "train the MMDiT (random latents or the data service)"),
     "sample": ("mmdit.launch.sample", "generate images from a checkpoint (true CFG, Euler flow sampler)"),
-    "vae-train": ("mmdit.launch.vae_train", "fine-tune the VAE decoder on text-rich images (encoder frozen, cache valid)"),
+    "vae-train": ("mmdit.launch.vae_train", "fine-tune the VAE decoder on text-rich images (encoder frozen)"),
     "eval": ("mmdit.launch.eval", "text rendering of a checkpoint: OCR word accuracy, 1-NED, alignment"),
     "evaluate": ("mmdit.launch.evaluate", "the evaluator: follow a run's checkpoints, evaluate each as published"),
     "model-info": ("mmdit.launch.model_info", "build the model on the meta device and print its size"),

@@ -159,7 +159,7 @@ def write_random_lpips(directory: str | Path, layers=TINY_VGG, seed: int = 0) ->
     for name, value in state.items():
         if name.startswith("lin"):
             value.abs_()
-    atomic_save_safetensors({k: v for k, v in state.items() if k.startswith("features.")}, root / "backbone.safetensors")
-    atomic_save_safetensors({k: v for k, v in state.items() if k.startswith("lin")}, root / "lpips.safetensors")
+    for stem, prefix in (("backbone", "features."), ("lpips", "lin")):
+        atomic_save_safetensors({k: v for k, v in state.items() if k.startswith(prefix)}, root / f"{stem}.safetensors")
     atomic_write_json(root / "config.json", config)
     return root

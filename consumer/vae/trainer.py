@@ -91,7 +91,8 @@ class VaeTrainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.accum = check_vae_job(vc, self.cfg.encoders.dir, self.world)
         self.global_batch = vc.micro_batch_size * self.world * self.accum
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.dtype = compute_dtype(vc.dtype, self.device)
         self.base_root = Path(vc.model or self.cfg.encoders.dir)
         self.base_vae = vae_folder(self.base_root)
@@ -132,7 +133,8 @@ class VaeTrainer:
         general = scan(vc.general_shards, errors) if vc.general_shards else []
         self.held = [r for r in text if held_out(r.key, vc.eval_fraction)]
         train_text = [r for r in text if not held_out(r.key, vc.eval_fraction)]
-        self.sampler = CropSampler(train_text, general, self.cfg.seed, vc.crop_size, vc.text_fraction, self.global_batch)
+        self.sampler = CropSampler(train_text, general, self.cfg.seed, vc.crop_size, vc.text_fraction,
+                                   self.global_batch)
         self.data_identity = {"text": pool_identity(train_text), "general": pool_identity(general)}
         self.data_report = {"text_images": len(train_text), "general_images": len(general),
                             "held_out_images": len(self.held), "errors": dict(sorted(errors.counts.items())),
