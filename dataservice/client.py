@@ -2,12 +2,15 @@
 
 `ServiceClient` is one DP rank's connection (only TP rank 0 of each DP rank has one): it keeps
 `service.prefetch` global batches in flight, fetched in plan order by `service.fetch_threads`
-worker threads: ask the coordinator which producer holds the batch (`locate`, which also tells
-where the next few are) and fetch this rank's shard from that producer. A fetch that fails with
-a transport error reports the producer dead and asks again: the coordinator has handed the
-batch to another producer. The client acks a batch as soon as its shard arrived (a thread sends
-acks every `service.ack_interval_s`, in one call), so producers free their slots without waiting
-for the trainer's step, and times how long each `__next__` waited. Its `state()` (cursor +
+worker threads: ask the coordinator which producers hold the next `LOCATE_WINDOW` batches (one
+`locate`) and fetch this rank's shard of each from its owner. A fetch that fails with a
+transport error reports the producer dead and asks again: the coordinator has handed the batch
+to another producer. The client acks a batch when its shard arrived, before the trainer's step:
+the acks and the trainer's last report ride on the next locate, or go alone once they waited
+the hold the coordinator allows (`Location.ack_hold_s`: up to a heartbeat while producers have
+room, 0 while batches wait for a slot; checked every `service.ack_interval_s`). So a DP rank
+costs the coordinator about a call per window or per heartbeat, whatever the step rate. It
+times how long each `__next__` waited. Its `state()` (cursor +
 mixture history) goes into checkpoints; a client built from it continues with exactly the
 batches an uninterrupted run would have seen. When the coordinator starts a new plan generation
 (another rank registered from an earlier cursor, after a restart), the client registers again at
@@ -44,6 +47,10 @@ from mmdit.dataservice.plan import Cursor
 from mmdit.dataservice.protocol import Location
 
 log = logging.getLogger("mmdit.client")
+
+LOCATE_WINDOW = 32
+"""Batches one `locate` asks about (the owners of those already leased come back at once): a DP
+rank locates about once per this many batches (bench/coordinator_model.py)."""
 
 
 class DataServiceError(RuntimeError):
@@ -104,7 +111,10 @@ class ServiceClient:
         self._history_stale = False
         self._last_progress = time.monotonic()
         self._ack_queue: list[tuple[int, int]] = []  # (generation, seq)
+        self._acks_since: float | None = None  # when the oldest queued ack was queued
+        self._ack_hold = 0.0  # how long acks may wait for a locate to carry them (the coordinator says)
         self._report: dict | None = None  # the trainer's last step, sent with the next acks
+        self._report_since = 0.0
         self._ack_stop = threading.Event()
         self._acker = threading.Thread(target=self._ack_loop, name=f"acks-dp{dp_rank}", daemon=True)
         self._acker.start()
@@ -190,20 +200,26 @@ class ServiceClient:
                 self._futures[seq] = self._pool.submit(self._fetch, self.gen, seq)
 
     def _locate(self, gen: int, seq: int) -> Location:
-        """Where batch `seq` is: from an earlier answer's look-ahead, else from the coordinator
-        (which long-polls up to a heartbeat when it is not leased yet)."""
+        """Where batch `seq` is: from an earlier answer's window, else from the coordinator (which
+        long-polls up to a heartbeat when it is not leased yet), carrying the queued acks."""
         with self._lock:
             where = self._located.pop(seq, None)
         if where is not None and where.gen == gen:
             return where
-        where = rpc.call(rpc.COORDINATOR, protocol.locate, self.name, gen, seq, 2 * self.cfg.prefetch,
-                         timeout_s=self.cfg.heartbeat_s + self.cfg.rpc_timeout_s, retries=2)
-        if where.status == "ok":
-            with self._lock:  # where the next batches are: their workers skip a locate
+        acks, report = self._take_acks(gen)
+        try:
+            where = rpc.call(rpc.COORDINATOR, protocol.locate, self.name, gen, seq, LOCATE_WINDOW - 1, acks, report,
+                             timeout_s=self.cfg.heartbeat_s + self.cfg.rpc_timeout_s, retries=2)
+        except rpc.RpcError:
+            self._requeue(gen, acks, report)
+            raise
+        with self._lock:
+            self._ack_hold = where.ack_hold_s
+            if where.status == "ok":  # where the next batches are: their workers skip a locate
                 for s, (owner, rank, uid) in where.ahead.items():
                     if s >= self.cursor.seq:
                         self._located[s] = Location("ok", where.gen, owner, rank, uid, {}, where.history_len,
-                                                    where.producers_alive)
+                                                    where.producers_alive, where.ack_hold_s)
         return where
 
     def _fetch(self, gen: int, seq: int) -> dict:
@@ -237,8 +253,7 @@ class ServiceClient:
             shard, why = self._fetch_from(where)
             if shard is not None:
                 self._last_progress = time.monotonic()
-                with self._lock:
-                    self._ack_queue.append((gen, seq))
+                self._queue_ack(gen, seq)
                 return shard
         raise DataServiceError(f"{self.name}: closed")
 
@@ -285,6 +300,8 @@ class ServiceClient:
         return None, f"{owner} is still preparing the batch"
 
     def _report_dead(self, producer: str) -> None:
+        with self._lock:  # the window's other batches there moved too (or will): ask again for them
+            self._located = {s: w for s, w in self._located.items() if w.owner != producer}
         try:
             self._reports.append(torch_rpc.rpc_async(rpc.COORDINATOR, protocol.producer_failed,
                                                      args=(producer, self.name), timeout=self.cfg.rpc_timeout_s))
@@ -293,30 +310,60 @@ class ServiceClient:
 
     def _ack_loop(self) -> None:
         while not self._ack_stop.wait(self.cfg.ack_interval_s):
-            self._flush_acks()
+            self._flush_acks(due_only=True)
 
     def report(self, figures: dict) -> None:
         """The trainer's figures of its last step (dataservice/telemetry.py TRAINER_FIELDS): they
         travel to the coordinator's /metrics and dashboard with the next acks, no extra call."""
         with self._lock:
+            if self._report is None:
+                self._report_since = time.monotonic()
             self._report = dict(figures)
 
-    def _flush_acks(self) -> None:
+    def _queue_ack(self, gen: int, seq: int) -> None:
         with self._lock:
-            queued, self._ack_queue = self._ack_queue, []
+            if not self._ack_queue:
+                self._acks_since = time.monotonic()
+            self._ack_queue.append((gen, seq))
+
+    def _take_acks(self, gen: int) -> tuple[list[int], dict | None]:
+        """The queued acks of generation `gen` and the report; older generations' acks are void,
+        newer ones (queued after a rejoin this caller did not see yet) stay queued."""
+        with self._lock:
+            queued = self._ack_queue
+            self._ack_queue = [(g, s) for g, s in queued if g > gen]
+            self._acks_since = self._acks_since if self._ack_queue else None
             report, self._report = self._report, None
-        by_gen: dict[int, list[int]] = {}
-        for gen, seq in queued:
-            by_gen.setdefault(gen, []).append(seq)
-        if report is not None and not by_gen:
-            by_gen[self.gen] = []
-        for gen, seqs in by_gen.items():  # acks of an old generation are ignored by the coordinator
-            try:
-                rpc.call(rpc.COORDINATOR, protocol.ack, self.name, self.dp_rank, gen, seqs, report,
-                         timeout_s=self.cfg.rpc_timeout_s, retries=2)
-                report = None
-            except rpc.RpcError as e:  # the coordinator is gone; the next locate reports it properly
-                log.warning("ack of %d batches failed: %s", len(seqs), e)
+        return [seq for g, seq in queued if g == gen], report
+
+    def _requeue(self, gen: int, acks: list[int], report: dict | None) -> None:
+        """A call that carried them failed: they go with the next one."""
+        with self._lock:
+            if acks:
+                self._ack_queue = [(gen, s) for s in acks] + self._ack_queue
+                self._acks_since = self._acks_since or time.monotonic()
+            if report is not None and self._report is None:
+                self._report, self._report_since = report, time.monotonic()
+
+    def _flush_acks(self, due_only: bool = False) -> None:
+        """Send the queued acks and report in one call; `due_only`: only when the acks waited the
+        hold (the report as long, at least a heartbeat) without a locate to carry them."""
+        now = time.monotonic()
+        with self._lock:
+            acks_due = self._acks_since is not None and now - self._acks_since >= self._ack_hold
+            report_due = (self._report is not None
+                          and now - self._report_since >= max(self._ack_hold, self.cfg.heartbeat_s))
+            if due_only and not (acks_due or report_due):
+                return
+        gen = self.gen
+        acks, report = self._take_acks(gen)
+        if not acks and report is None:
+            return
+        try:
+            rpc.call(rpc.COORDINATOR, protocol.ack, self.name, self.dp_rank, gen, acks, report,
+                     timeout_s=self.cfg.rpc_timeout_s, retries=2)
+        except rpc.RpcError as e:  # the coordinator is gone; the next locate reports it properly
+            log.warning("ack of %d batches failed: %s", len(acks), e)
 
     def _refresh_history(self) -> None:
         try:

@@ -4,10 +4,13 @@ Protocol (every call is an RPC to the coordinator; messages in dataservice/proto
 - a producer long-polls `lease(name, rank, depth, held)`: the reply (`Lease`) lists the batches it
   must prepare and `keep`, every batch it still holds; it drops the rest (acked, or revoked). The
   call is its heartbeat.
-- a trainer client registers with its cursor and mixture history (`register_consumer`), then for
-  each global batch `seq` it `locate`s the producer that holds it, fetches its DP shard from that
-  producer, and `ack`s it after the step (acks travel in small groups). A batch acked by every
-  DP rank is done; its producer is told to drop it and gets new work in the same answer.
+- a trainer client registers with its cursor and mixture history (`register_consumer`), then
+  `locate`s a window of global batches in one call (the owners of those already leased), fetches
+  its DP shard of each from its owner and acks it on arrival. Acks ride on the next locate; they
+  go alone (`ack`) only after `Location.ack_hold_s` (up to a heartbeat while every planned batch
+  has a producer, 0 while batches wait for a slot). A batch acked by every DP rank is done; its
+  producer is told to drop it and gets new work in the same answer. So a DP rank costs the
+  coordinator about one call per window or per heartbeat, not two per batch.
 - a producer silent for `lease_timeout_s`, or reported dead by a client whose fetch failed with a
   transport error, loses its leases: they go back to the pending queue, and the next producer
   that asks gets them. Batches are pure functions of the plan, so a batch prepared twice is the
@@ -42,9 +45,17 @@ from mmdit.dataservice import protocol, rpc
 from mmdit.dataservice.address import ServiceAddress, publish, withdraw
 from mmdit.dataservice.plan import Cursor, DataVersion, PlannedBatch, Planner, PlanSpec, Selection, validate_history
 from mmdit.dataservice.protocol import Lease, Location, Registration, ServiceDescription
-from mmdit.dataservice.telemetry import Telemetry
+from mmdit.dataservice.telemetry import CALL_KINDS, Telemetry, TimedLock
 
 log = logging.getLogger("mmdit.coordinator")
+
+ACK_HOLD_HEARTBEATS = 2.0
+"""While every planned batch has a producer, a client may hold its acks this many heartbeats for
+its next locate to carry (`Location.ack_hold_s`): they only advance the plan window then. When
+batches wait for a free producer slot, the hold is 0 and acks go at once, as they free slots."""
+IDLE_POLL_HEARTBEATS = 8
+"""A producer that holds nothing is answered after this many heartbeats (at most half the lease
+timeout) when no work comes: 1,024 idle producers then poll about 200 times a second, not 1,024."""
 
 
 @dataclass
@@ -66,6 +77,7 @@ class _Producer:
     held: set = field(default_factory=set)
     waiter: Future | None = None
     waiter_deadline: float = 0.0
+    """When its parked long poll is answered anyway: a heartbeat, longer when it holds nothing."""
     leased_total: int = 0
     can_encode: bool = False
     """It loaded encoders: it can serve samples that are not cached."""
@@ -91,10 +103,12 @@ class Coordinator:
     (a gap: revoked from a producer that died, went silent or left) is leased to a live producer
     at once, beyond its `prepare_depth` if every producer is full (to the least loaded one first);
     `prepare_depth` only limits how far past `leased_to` the prefix grows. Producers prepare
-    their batches oldest first, and clients ack a batch as soon as it arrived.
+    their batches oldest first, and clients ack a batch within a heartbeat of its arrival, at
+    once (ack_interval_s) while a batch waits for a producer slot.
 
     Why this suffices: let s be the oldest batch some DP rank has not received yet. Every rank
-    has received and acked every batch before s, so every batch a producer holds is s or newer.
+    has received every batch before s and acks it within a heartbeat, so after that every batch
+    a producer holds is s or newer.
     If s is pending and any batch newer than s is leased, s is a gap and is leased at once; if no
     batch newer than s is leased, producers hold nothing at all, so one has room. Either way s is
     leased within one heartbeat of a producer being alive (a parked long poll is answered at once,
@@ -120,8 +134,13 @@ class Coordinator:
         self.curriculum = sorted(((int(c["step"]), {k: v for k, v in c.items() if k != "step"})
                                   for c in curriculum or []), key=lambda c: c[0])
         self.telemetry = Telemetry()
-        self.lock = threading.RLock()
+        self.lock = TimedLock()
+        self.calls: dict[str, int] = dict.fromkeys(CALL_KINDS, 0)
+        """Calls answered, by kind (counted under the lock): the coordinator's own health."""
         self.producers: dict[str, _Producer] = {}
+        self.parked: dict[str, _Producer] = {}  # producers whose long poll waits here
+        self.news: set[str] = set()  # producers whose leases changed since their last answer
+        self.alive = 0  # producers alive
         self.consumers: dict[str, _Consumer] = {}
         self.counters = {"leases": 0, "acks": 0, "batches_done": 0, "revoked": 0, "handed_back": 0,
                          "producers_lost": 0, "producers_left": 0, "resets": 0}
@@ -130,6 +149,7 @@ class Coordinator:
         self.ranks_of: dict[str, int] = {}  # consumer name -> DP rank, every incarnation
         self.latest: dict[int, str] = {}  # DP rank -> its latest consumer's name
         self.departed: set[int] = set()  # DP ranks whose latest consumer left
+        self._needed_ranks: frozenset | None = None  # cache of _needed(), cleared when departed or dp_size change
         self.locate_waiters: dict[int, list[tuple[Future, float, int]]] = {}
         self._reset(Cursor(), history, dp_size, micro_batch_size)
 
@@ -146,6 +166,7 @@ class Coordinator:
         self.gen += 1
         if dp_size != self.dp_size:
             self.departed = set()  # another layout: DP ranks are new
+        self._needed_ranks = None
         self.spec, self.dp_size, self.micro_batch_size, self.history = spec, dp_size, mbs, history
         self.planner = planner
         self.entries: dict[int, _Entry] = {}
@@ -161,6 +182,7 @@ class Coordinator:
             p.owned.clear()
             p.held.clear()
             done.append(self._release_waiter(p))
+        self.news = set()
         for waiters in self.locate_waiters.values():
             done += [(f, Location("stale", self.gen)) for f, _, _ in waiters]
         self.locate_waiters = {}
@@ -187,7 +209,21 @@ class Coordinator:
         if p.waiter is None:
             return None
         fut, p.waiter = p.waiter, None
+        self.parked.pop(p.name, None)
+        p.last_seen = max(p.last_seen, self.clock())  # it was connected while parked: silence counts from now
         return fut, self._reply(p)
+
+    def _park(self, p: _Producer, fut: Future, now: float) -> None:
+        """Hold p's long poll until it has news. One that holds nothing waits up to
+        `IDLE_POLL_HEARTBEATS` heartbeats (bounded by half the lease timeout): idle producers
+        then cost the coordinator a poll every few seconds instead of every heartbeat, and lose
+        nothing: a parked poll is answered at once when work comes (`_dispatch`). One that holds
+        batches is answered every heartbeat, so its silence is noticed within `lease_timeout_s`."""
+        wait = self.cfg.heartbeat_s
+        if not p.owned:
+            wait = max(wait, min(IDLE_POLL_HEARTBEATS * wait, self.cfg.lease_timeout_s / 2, self.cfg.rpc_timeout_s))
+        p.waiter, p.waiter_deadline = fut, now + wait
+        self.parked[p.name] = p
 
     def _assign(self, p: _Producer) -> list[_Entry]:
         """At most one pending batch (the earliest) for p: if it has room, or, room or not, when
@@ -205,6 +241,7 @@ class Coordinator:
             heapq.heappop(self.pending)
             e.owner = p.name
             p.owned.add(seq)
+            self.news.add(p.name)
             p.leased_total += 1
             self.leased_to = max(self.leased_to, seq)
             self.counters["leases"] += 1
@@ -217,12 +254,14 @@ class Coordinator:
         when it owns batches it does not hold yet, else after `heartbeat_s` at the latest."""
         fut: Future = Future()
         with self.lock:
+            self.calls["lease"] += 1
             now = self.clock()
             p = self.producers.get(name)
             if p is None or not p.alive:
                 if p is not None:
                     log.warning("producer %s is back after being declared dead; it starts empty", name)
                 p = self.producers[name] = _Producer(name, rank, depth, now)
+                self.alive += 1
                 log.info("producer %s (rank %d) joined", name, rank)
             p.last_seen, p.depth, p.can_encode = now, depth, can_encode
             if counters:
@@ -230,10 +269,10 @@ class Coordinator:
             p.held = {seq for g, seq in held if g == self.gen}
             stale = self._release_waiter(p)  # a poll the producer gave up on
             done = self._wake_locators(self._assign(p))
-            if p.owned - p.held or p.held - p.owned:
+            if p.owned != p.held:
                 done.append((fut, self._reply(p)))
             else:
-                p.waiter, p.waiter_deadline = fut, now + self.cfg.heartbeat_s
+                self._park(p, fut, now)
         _complete([stale] + done)
         return fut
 
@@ -251,6 +290,7 @@ class Coordinator:
             if p is None or not p.alive:
                 return
             p.alive = False
+            self.alive -= 1
             self.counters["producers_lost" if lost else "producers_left"] += 1
             for seq in p.owned:
                 e = self.entries.get(seq)
@@ -266,22 +306,34 @@ class Coordinator:
         _complete(done)
 
     def _dispatch(self) -> list:
-        """Give pending batches to producers parked in a long poll, one at a time round-robin (so
-        consecutive batches spread over producers), then answer every parked producer that has
-        news: new leases, or batches to drop."""
+        """Give pending batches to producers parked in a long poll, each to the least loaded one
+        (so consecutive batches spread over producers, and batches handed out beyond capacity
+        spread evenly), then answer the parked producers whose leases changed: new leases, or
+        batches to drop. Its cost follows what changed (`news`), not the number of producers or
+        DP ranks, so acks can call it freely; the least-loaded choice is one pass over the parked
+        producers per batch leased, once per global batch."""
         done = []
-        parked = [p for p in self.producers.values() if p.waiter is not None]
-        while self.pending and parked:
-            # the least loaded first, so batches handed out beyond capacity spread evenly
-            parked.sort(key=lambda q: (len(q.owned) / q.depth, q.waiter_deadline))
-            assigned = [e for p in parked for e in self._assign(p)]
+        while self.parked and self._next_pending() is not None:
+            p = min(self.parked.values(), key=lambda q: (len(q.owned) / q.depth, q.waiter_deadline))
+            assigned = self._assign(p)
             if not assigned:
-                break
+                break  # the least loaded is full and the batch is no gap: every producer is full
             done += self._wake_locators(assigned)
-        for p in self.producers.values():
-            if p.waiter is not None and p.owned != p.held:
+        news, self.news = self.news, set()
+        for name in news:
+            p = self.parked.get(name)
+            if p is not None and p.owned != p.held:
                 done.append(self._release_waiter(p))
         return done
+
+    def _next_pending(self) -> int | None:
+        """The oldest planned batch no producer owns (stale queue entries dropped on the way)."""
+        while self.pending:
+            e = self.entries.get(self.pending[0])
+            if e is not None and e.owner is None:
+                return e.seq
+            heapq.heappop(self.pending)
+        return None
 
     # ---- consumers
 
@@ -300,6 +352,7 @@ class Coordinator:
         cursor = Cursor.from_dict(cursor)
         theirs = [DataVersion.from_dict(v) for v in history or []]
         with self.lock:
+            self.calls["register"] += 1
             merged = self._merge_history(theirs, cursor)
             joins = (dp_size == self.dp_size and micro_batch_size == self.micro_batch_size and merged == self.history
                      and self._on_plan(cursor))
@@ -321,7 +374,9 @@ class Coordinator:
             self.consumers[name] = _Consumer(name, rank, dp_rank, self.clock())
             self.joined_at[dp_rank] = cursor.seq
             self.ranks_of[name], self.latest[dp_rank] = dp_rank, name
-            self.departed.discard(dp_rank)
+            if dp_rank in self.departed:
+                self.departed.discard(dp_rank)
+                self._needed_ranks = None
             reply = Registration(self.gen, cursor.to_dict(), [v.to_dict() for v in self.history], self.sel.digest(),
                                  len(self.sel), self.spec.global_batch_size)
         _complete(done)
@@ -356,17 +411,25 @@ class Coordinator:
                                  from_step=self.step_of(cursor.seq),
                                  why="the service's config differs from the checkpoint's")]
 
-    def locate(self, name: str, gen: int, seq: int, ahead: int = 0) -> Future:
+    def locate(self, name: str, gen: int, seq: int, ahead: int = 0, acks: list[int] | None = None,
+               report: dict | None = None) -> Future:
         """Which producer holds batch `seq` (waits up to `heartbeat_s` for it to be leased), and
-        where the next `ahead` batches are, when leased already (saves the client calls)."""
+        where the next `ahead` batches are, when leased already: a client locates a window of
+        batches in one call. `acks` and `report` are what `ack` takes, carried by the same call
+        (counted first, so a batch they finish frees its producer before the answer)."""
         fut: Future = Future()
+        if report:
+            self.telemetry.trainer_report(self.ranks_of.get(name, -1), report)
         with self.lock:
+            self.calls["locate"] += 1
+            done = self._count_acks(name, gen, acks) if acks else []
             c = self.consumers.get(name)
             if c is not None:
                 c.last_seen = self.clock()
             reply = self._where(gen, seq, ahead)
             if reply is None:
                 self.locate_waiters.setdefault(seq, []).append((fut, self.clock() + self.cfg.heartbeat_s, ahead))
+        _complete(done)
         if reply is not None:
             fut.set_result(reply)
         return fut
@@ -386,8 +449,10 @@ class Coordinator:
         owner = self._owner_of(seq)
         if owner is None:
             return None
+        ahead = min(ahead, self.cfg.plan_ahead)  # nothing further is planned
         later = {s: o for s in range(seq + 1, seq + 1 + ahead) if (o := self._owner_of(s)) is not None}
-        return Location("ok", self.gen, owner[0], owner[1], owner[2], later, len(self.history), self._alive_count())
+        hold = 0.0 if self._next_pending() is not None else ACK_HOLD_HEARTBEATS * self.cfg.heartbeat_s
+        return Location("ok", self.gen, owner[0], owner[1], owner[2], later, len(self.history), self.alive, hold)
 
     def _wake_locators(self, entries: list[_Entry]) -> list:
         done = []
@@ -401,29 +466,39 @@ class Coordinator:
         figures of its last step (dataservice/telemetry.py), whatever the generation."""
         if report:
             self.telemetry.trainer_report(dp_rank, report)
-        counted = 0
         with self.lock:
-            c = self.consumers.get(name)
-            if gen != self.gen or c is None:  # an older generation, or a rank's earlier incarnation
-                return 0
-            for seq in seqs:
-                e = self.entries.get(seq)
-                if e is not None:
-                    counted += 1
-                    self._acked(e, dp_rank)
-            self.counters["acks"] += counted
-            c.last_seen, c.acked = self.clock(), c.acked + counted
-            done = self._dispatch() if counted else []
+            self.calls["ack"] += 1
+            before = self.counters["acks"]
+            done = self._count_acks(name, gen, seqs)
+            counted = self.counters["acks"] - before
         _complete(done)
         return counted
 
-    def _needed(self) -> set[int]:
+    def _count_acks(self, name: str, gen: int, seqs: list[int]) -> list:
+        """Count `name`'s acks of `seqs` (under the lock); returns futures to complete."""
+        c = self.consumers.get(name)
+        if gen != self.gen or c is None:  # an older generation, or a rank's earlier incarnation
+            return []
+        counted = 0
+        for seq in seqs:
+            e = self.entries.get(seq)
+            if e is not None:
+                counted += 1
+                self._acked(e, c.dp_rank)
+        self.counters["acks"] += counted
+        c.last_seen, c.acked = self.clock(), c.acked + counted
+        return self._dispatch() if counted else []
+
+    def _needed(self) -> frozenset[int]:
         """DP ranks whose acks a batch waits for: all but those whose client left."""
-        return set(range(self.dp_size)) - self.departed
+        if self._needed_ranks is None:
+            self._needed_ranks = frozenset(range(self.dp_size)) - self.departed
+        return self._needed_ranks
 
     def _acked(self, e: _Entry, dp_rank: int) -> None:
         e.acked.add(dp_rank)
-        if self._needed() <= e.acked:
+        needed = self._needed()
+        if len(e.acked) >= len(needed) and needed <= e.acked:  # the subset test runs about once per batch
             self._finish(e)
 
     def _finish(self, e: _Entry) -> None:
@@ -432,6 +507,7 @@ class Coordinator:
         self.counters["batches_done"] += 1
         if e.owner is not None:
             self.producers[e.owner].owned.discard(e.seq)
+            self.news.add(e.owner)
         while self.base not in self.entries and self.base < self.planner.seq:
             self.positions.pop(self.base, None)
             self.base += 1
@@ -447,6 +523,7 @@ class Coordinator:
             if dp_rank is None or self.latest.get(dp_rank) != name:
                 return
             self.departed.add(dp_rank)
+            self._needed_ranks = None
             for e in list(self.entries.values()):
                 if self._needed() <= e.acked:
                     self._finish(e)
@@ -545,14 +622,13 @@ class Coordinator:
             self._lose(name, f"silent for {self.cfg.lease_timeout_s:.0f}s")
         done = []
         with self.lock:
-            for p in self.producers.values():
-                if p.waiter is not None and now >= p.waiter_deadline:
-                    done.append(self._release_waiter(p))
+            for p in [p for p in self.parked.values() if now >= p.waiter_deadline]:
+                done.append(self._release_waiter(p))
             for seq in list(self.locate_waiters):
                 keep = []
                 for fut, deadline, ahead in self.locate_waiters[seq]:
                     if now >= deadline:
-                        done.append((fut, Location("waiting", self.gen, producers_alive=self._alive_count())))
+                        done.append((fut, Location("waiting", self.gen, producers_alive=self.alive)))
                     else:
                         keep.append((fut, deadline, ahead))
                 if keep:
@@ -561,8 +637,18 @@ class Coordinator:
                     del self.locate_waiters[seq]
         _complete(done)
 
-    def _alive_count(self) -> int:
-        return sum(p.alive for p in self.producers.values())
+    def health(self) -> dict:
+        """The coordinator's own load (telemetry.health_point turns two into rates): calls by kind,
+        lock time, queues, batches done, and its process's CPU time, all totals."""
+        with self.lock:
+            return {"time": time.monotonic(), "cpu_s": time.process_time(), "calls": dict(self.calls),
+                    "batches_done": self.counters["batches_done"], "lock_held_s": self.lock.held_s,
+                    "lock_wait_s": self.lock.wait_s, "pending": self._pending_count(),
+                    "parked_producers": len(self.parked),
+                    "parked_locates": sum(len(w) for w in self.locate_waiters.values())}
+
+    def _pending_count(self) -> int:
+        return sum(1 for s in self.pending if (e := self.entries.get(s)) is not None and e.owner is None)
 
     def status(self) -> dict:
         with self.lock:
@@ -572,7 +658,7 @@ class Coordinator:
                 "global_batch_size": self.spec.global_batch_size, "selected": len(self.sel),
                 "selection": self.sel.digest(), "config_version": self.history[-1].version,
                 "history": [v.to_dict() for v in self.history], "counters": dict(self.counters),
-                "pending": len([s for s in self.pending if s in self.entries and self.entries[s].owner is None]),
+                "pending": self._pending_count(),
                 "producers": {p.name: {"rank": p.rank, "alive": p.alive, "held": len(p.owned), "seqs": sorted(p.owned),
                                        "leased_total": p.leased_total} for p in self.producers.values()},
                 "consumers": {c.name: {"dp_rank": c.dp_rank, "acked": c.acked, "last_seen": c.last_seen}
@@ -703,7 +789,8 @@ class CoordinatorService:
                 self.coordinator.reap()
                 if time.monotonic() - last_status >= self.settings.status_every_s:
                     status = self.write_status()
-                    self.coordinator.telemetry.tick(sum(p["alive"] for p in status["producers"].values()))
+                    self.coordinator.telemetry.tick(sum(p["alive"] for p in status["producers"].values()),
+                                                    self.coordinator.health())
                     last_status = time.monotonic()
             except Exception:  # noqa: BLE001 - the reaper must survive a bad status write
                 log.exception("coordinator tick failed")

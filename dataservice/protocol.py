@@ -8,8 +8,9 @@ Roles (one process may hold several): the *coordinator* (RPC rank 0, one per job
                               producer_left(name)
     client   -> coordinator   describe_service() -> ServiceDescription       checked before registering
                               register_consumer(...) -> Registration
-                              locate(name, gen, seq, ahead) -> Location      long poll
-                              ack(name, dp_rank, gen, seqs, report) -> int   with the last step's figures
+                              locate(name, gen, seq, ahead, acks, report) -> Location   long poll; a
+                                                                   window of owners, acks ride on it
+                              ack(name, dp_rank, gen, seqs, report) -> int   acks no locate carried
                               producer_failed(name, reporter), consumer_left(name), history()
     client   -> producer      fetch(uid, dp_rank) -> Shard                   long poll
     anyone   -> coordinator   status() -> dict, update_data(changes, why) -> dict
@@ -56,7 +57,9 @@ class Location:
 
     status: `ok` (owner holds it), `waiting` (not leased within a heartbeat: ask again), `stale`
     (the plan generation changed under the client), `done` (every DP rank consumed it).
-    `ahead` maps later seqs already leased to (owner, owner_rank, uid), saving calls."""
+    `ahead` maps later seqs already leased to (owner, owner_rank, uid), saving calls.
+    `ack_hold_s`: how long the client may hold acks for a later call to carry (0: producers are
+    full and its acks free their slots: send them at once)."""
 
     status: str
     gen: int
@@ -66,6 +69,7 @@ class Location:
     ahead: dict = field(default_factory=dict)
     history_len: int = 0
     producers_alive: int = 0
+    ack_hold_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -217,8 +221,9 @@ def lease(name: str, rank: int, depth: int, held: list, can_encode: bool = False
 
 
 @async_execution
-def locate(name: str, gen: int, seq: int, ahead: int = 0) -> Future:
-    return _handler(COORDINATOR).locate(name, gen, seq, ahead)
+def locate(name: str, gen: int, seq: int, ahead: int = 0, acks: list[int] | None = None,
+           report: dict | None = None) -> Future:
+    return _handler(COORDINATOR).locate(name, gen, seq, ahead, acks, report)
 
 
 def ack(name: str, dp_rank: int, gen: int, seqs: list[int], report: dict | None = None) -> int:

@@ -3,11 +3,15 @@
 The `Coordinator` state machine (dataservice/coordinator.py) runs unchanged on a fake clock;
 producers and DP-rank clients are small models of dataservice/server.py and client.py that call
 it the way the real ones do over RPC (a long-polled `lease`, `locate`, `ack`, failure reports).
+Clients speak one of two protocols, drawn per schedule: `windowed` (client.py now: one `locate`
+names the owners of a window of batches, which the client fetches from without asking again;
+acks ride on the next locate, or go alone once they waited the `ack_hold_s` the coordinator
+allows) or `per_batch` (the protocol before: a locate per batch, acks after a random delay).
 A schedule, drawn from one seed, sets the sizes (DP ranks, micro-batch, samples, buckets,
 prepare_depth, plan_ahead, prefetch, timeouts), the speed of every rank (late starts, slow or
 paused steps) and a stream of faults: producers killed (with or without a client noticing),
 going silent and coming back, leaving, joining late, and the whole trainer restarting from a
-checkpoint cursor.
+checkpoint cursor, and data-config changes (hot-swaps) while windows are located and acks held.
 
 Invariants, checked at every tick:
 - exactly once, in plan order: the batch a rank consumes at position `seq` is the pure plan's
@@ -35,6 +39,7 @@ from mmdit.dataservice.coordinator import Coordinator
 from mmdit.dataservice.plan import Cursor, DataVersion, PlanError, Planner, PlanSpec, SampleRef, Selection
 
 TICK = 0.25
+WINDOW = 6  # batches a windowed client locates at once (client.LOCATE_WINDOW, small for tiny plans)
 BUCKETS = [(256, 256), (256, 512), (512, 256)]
 
 
@@ -125,6 +130,10 @@ class Consumer:
         self.registered, self.left = False, False
         self.waiting_since: float | None = None
         self.counted_since: float | None = None
+        self.windowed = sim.windowed
+        self.located: dict[int, tuple[str, tuple]] = {}  # seq -> (owner, uid), from a window
+        self.held_acks: list[tuple[float, int]] = []  # windowed: (queued at, seq), not sent yet
+        self.hold = 0.0  # the last Location's ack_hold_s
 
     @property
     def done(self) -> bool:
@@ -133,7 +142,7 @@ class Consumer:
     def register(self) -> None:
         """(Re-)join at the cursor: after a plan generation change, prefetched batches and their
         acks belong to the old generation and are dropped."""
-        self.fetches, self.acks = {}, []
+        self.fetches, self.acks, self.located, self.held_acks = {}, [], {}, []
         reply = self.sim.coord.register_consumer(self.name, 100 + self.dp_rank, self.dp_rank, self.sim.dp, self.sim.mbs,
                                                  self.cursor_pos.to_dict(), None)
         self.gen = reply.gen
@@ -151,10 +160,12 @@ class Consumer:
         if due:
             self.acks = [(t, s) for t, s in self.acks if t > now]
             sim.coord.ack(self.name, self.dp_rank, self.gen, due)
+        if self.held_acks and now - self.held_acks[0][0] >= self.hold:  # no locate carried them in time
+            sim.coord.ack(self.name, self.dp_rank, self.gen, self.take_acks())
         if any(f.phase == "stale" for f in self.fetches.values()):
             self.register()
         if self.done:
-            if not self.acks and not self.left:  # the client closes at the end of its run
+            if not self.acks and not self.held_acks and not self.left:  # the client closes at the end of its run
                 sim.coord.consumer_left(self.name)
                 self.left = True
             return
@@ -175,15 +186,37 @@ class Consumer:
         step = self.step_s * sim.rng.random() + (sim.rng.uniform(0, 8) if sim.rng.random() < 0.02 else 0.0)
         self.busy_until = now + step
 
+    def take_acks(self) -> list[int]:
+        acks, self.held_acks = [s for _, s in self.held_acks], []
+        return acks
+
+    def locate(self, seq: int):
+        """A locate call: per_batch asks for one batch; windowed for a window, carrying its acks."""
+        if not self.windowed:
+            return self.sim.coord.locate(self.name, self.gen, seq, 0)
+        return self.sim.coord.locate(self.name, self.gen, seq, WINDOW - 1, self.take_acks())
+
+    def learn(self, loc) -> None:
+        """A windowed client keeps the owners of the window's later batches."""
+        self.hold = loc.ack_hold_s
+        for s, (owner, _, uid) in loc.ahead.items():
+            if s >= self.cursor:
+                self.located[s] = (owner, uid)
+
     def advance(self, seq: int, f: Fetch) -> None:
         sim, now = self.sim, self.sim.clock.now
         for _ in range(3):
+            if f.phase == "locate" and seq in self.located:  # told by an earlier window: no call
+                (f.owner, f.uid), f.recheck_at, f.recheck = self.located.pop(seq), now, None
+                f.phase = "fetching"
             if f.phase == "locate":
-                f.fut, f.phase = sim.coord.locate(self.name, self.gen, seq, 0), "locating"
+                f.fut, f.phase = self.locate(seq), "locating"
             if f.phase == "locating":
                 if not f.fut.done():
                     return
                 loc = f.fut.value()
+                if self.windowed and loc.status in ("ok", "waiting"):
+                    self.learn(loc)
                 if loc.status == "done":
                     raise SimFailure(f"{self.name}: locate({seq}) answered done before this rank had it")
                 if loc.status == "stale":
@@ -197,6 +230,7 @@ class Consumer:
                 p = sim.producers[f.owner]
                 if p.state in ("dead", "gone"):  # a transport error: report it, ask again
                     sim.coord.producer_failed(p.name, self.name)
+                    self.located = {s: o for s, o in self.located.items() if o[0] != p.name}
                     f.phase = "locate"
                     continue
                 if p.state == "up":
@@ -204,9 +238,12 @@ class Consumer:
                     if slot is None:  # not_held: the lease moved
                         f.phase = "locate"
                         continue
-                    if slot.ready:  # received: acked at once (the client keeps it until consumed)
+                    if slot.ready:  # received: acked (the client keeps it until consumed)
                         f.phase, f.batch = "have", slot.batch
-                        self.acks.append((now + sim.rng.choice((0.0, 0.0, TICK, 2 * TICK)), seq))
+                        if self.windowed:
+                            self.held_acks.append((now, seq))
+                        else:
+                            self.acks.append((now + sim.rng.choice((0.0, 0.0, TICK, 2 * TICK)), seq))
                         return
                 # still preparing, or the owner hangs: re-check the lease every two heartbeats
                 if f.recheck is None and now >= f.recheck_at + 2 * sim.heartbeat:
@@ -236,6 +273,7 @@ class Sim:
         self.lease_timeout = rng.choice((2.0, 3.0, 5.0))
         self.max_prep = rng.choice((0.0, 0.5, 1.0))
         self.target = rng.randint(4, 30)
+        self.windowed = rng.random() < 0.7
         while True:  # a selection whose every group is below min_batch_size plans nothing: draw again
             try:
                 self.coord, self.plan = self.draw_plan(rng)
@@ -408,7 +446,8 @@ class Sim:
                 "counters": self.coord.status()["counters"]}
 
     def describe(self) -> str:
-        return (f"seed {self.seed}: dp {self.dp} mbs {self.mbs} depth {self.depth} prefetch {self.prefetch} "
+        return (f"seed {self.seed}: {'windowed' if self.windowed else 'per_batch'} dp {self.dp} mbs {self.mbs} "
+                f"depth {self.depth} prefetch {self.prefetch} "
                 f"plan_ahead {self.plan_ahead} lease_timeout {self.lease_timeout} max_prep {self.max_prep} "
                 f"batches {self.target} starts {[round(c.start_at, 1) for c in self.consumers]}\n  "
                 + "\n  ".join(self.log[-30:]))

@@ -8,6 +8,7 @@ producer is up. `MMDIT_SIM_SCHEDULES` / `MMDIT_SIM_SEED` run more or other sched
 
 import logging
 import os
+from dataclasses import replace
 
 import pytest
 from coordinator_sim import SimFailure, run_many, run_schedule
@@ -58,3 +59,24 @@ def test_simulation_finds_the_stall_of_the_capacity_only_rule():
             assert "waited" in str(e)
             return
     pytest.fail("500 schedules did not find the stall of the capacity-only rule")
+
+
+class AlwaysHoldCoordinator(Coordinator):
+    """Lets windowed clients hold their acks even while batches wait for a producer slot."""
+
+    def _where(self, gen, seq, ahead=0):
+        where = super()._where(gen, seq, ahead)
+        return where if where is None or where.status != "ok" else replace(where, ack_hold_s=1e9)
+
+
+def test_simulation_finds_the_stall_of_acks_held_while_producers_are_full():
+    """The windowed protocol's ack hold must drop to 0 while batches wait for a slot: held acks
+    of batches every rank received keep producers full, and the rank that needs the next batch
+    waits on a rank that is not calling (its trainer paused, its prefetch full)."""
+    for seed in range(SEED, SEED + 500):
+        try:
+            run_schedule(seed, AlwaysHoldCoordinator)
+        except SimFailure as e:
+            assert "waited" in str(e) or "not finished" in str(e)
+            return
+    pytest.fail("500 schedules did not find the stall of acks held while producers are full")
