@@ -5,6 +5,12 @@ trainer's metrics.jsonl (whoever wrote them: the trainer ranks or the evaluator 
 `Telemetry` keeps the latest report of every DP rank and producer, a bounded time series for the
 dashboard and the evaluation records; `PrometheusCollector` turns them, with the coordinator's
 own state, into the `mmdit_*` series of `/metrics` (prometheus_client's text format).
+
+The coordinator's own health comes from `Coordinator.health()` once a second (`Telemetry.tick`):
+calls answered by kind, how long its lock was held and waited for, its queues (batches pending
+a producer, parked producer polls and locates), and its headroom: the inverse of the CPU its
+process used per second (the coordinator's Python work cannot use more than one core), i.e. how
+many times the running job's load it could take.
 """
 
 from __future__ import annotations
@@ -88,6 +94,52 @@ class EvalRecords:
                 "skipped": self.skipped}
 PRODUCER_FIELDS = ("batches_served", "cache_hits", "cache_misses", "encoded")
 """Counters a producer reports with each heartbeat (totals since it started)."""
+CALL_KINDS = ("lease", "locate", "ack", "register")
+"""The coordinator's calls counted by kind (`Coordinator.calls`)."""
+HEALTH_FIELDS = ("batches_per_second", "lock_busy_fraction", "lock_wait_fraction", "cpu_fraction", "headroom",
+                 "pending", "parked_producers", "parked_locates", *(f"{k}_per_second" for k in CALL_KINDS))
+"""One point of the coordinator's health series (rates over the last tick)."""
+
+
+class TimedLock:
+    """A re-entrant lock that adds up how long it was held (outermost holds) and waited for."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._since = 0.0
+        self.held_s = self.wait_s = 0.0
+
+    def __enter__(self) -> TimedLock:
+        asked = time.perf_counter()
+        self._lock.acquire()
+        if self._depth == 0:  # only the holder touches _depth and the totals
+            self._since = time.perf_counter()
+            self.wait_s += self._since - asked
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.held_s += time.perf_counter() - self._since
+        self._lock.release()
+
+
+def health_point(before: dict, after: dict) -> dict:
+    """Rates between two `Coordinator.health()` snapshots, and the queues of the later one."""
+    dt = after["time"] - before["time"]
+    if dt <= 0:
+        return {}
+    cpu = (after["cpu_s"] - before["cpu_s"]) / dt
+    point = {"time": after["time"], "batches_per_second": (after["batches_done"] - before["batches_done"]) / dt,
+             "lock_busy_fraction": (after["lock_held_s"] - before["lock_held_s"]) / dt,
+             "lock_wait_fraction": (after["lock_wait_s"] - before["lock_wait_s"]) / dt, "cpu_fraction": cpu,
+             "headroom": 1.0 / cpu if cpu > 0 else None,
+             **{k: after[k] for k in ("pending", "parked_producers", "parked_locates")}}
+    for kind in CALL_KINDS:
+        point[f"{kind}_per_second"] = (after["calls"][kind] - before["calls"][kind]) / dt
+    return point
 
 
 class Telemetry:
@@ -98,6 +150,8 @@ class Telemetry:
         self.producers: dict[str, dict] = {}  # name -> latest counters (+ "time")
         self.points: deque = deque(maxlen=history_points)  # dashboard series, one per DP rank 0 report
         self.producer_points: deque = deque(maxlen=history_points)  # (time, alive, batches/s)
+        self.health_points: deque = deque(maxlen=history_points)  # the coordinator's own (HEALTH_FIELDS)
+        self._last_health: dict | None = None
         self.samples: list[str] = []  # directories of sample images trainers wrote, newest last
         self._last_served: tuple[float, float] | None = None
         self.run_dir = run_dir  # the trainer's, once one reports it; else the service's own
@@ -126,10 +180,15 @@ class Telemetry:
             self.producers[name] = {**{k: _number(counters.get(k)) or 0 for k in PRODUCER_FIELDS},
                                     "time": self.clock()}
 
-    def tick(self, producers_alive: int) -> None:
-        """Called about once a second: one point of the producer series."""
+    def tick(self, producers_alive: int, health: dict | None = None) -> None:
+        """Called about once a second: one point of the producer series, and of the coordinator's
+        health series from its `health()` snapshot."""
         now = self.clock()
         with self.lock:
+            if health is not None:
+                if self._last_health is not None and (point := health_point(self._last_health, health)):
+                    self.health_points.append(point)
+                self._last_health = health
             served = sum(p["batches_served"] for p in self.producers.values())
             rate = None
             if self._last_served is not None and now > self._last_served[0]:
@@ -154,13 +213,14 @@ class Telemetry:
         time went (cumulative fractions), evaluations by step, latest reports."""
         evaluations = self.read_evaluations()
         with self.lock:
-            points, prod = list(self.points), list(self.producer_points)
+            points, prod, health = list(self.points), list(self.producer_points), list(self.health_points)
             fractions = [wall_fractions(p) for p in points]
             return {"trainer": {k: [p.get(k) for p in points] for k in ("time", *TRAINER_FIELDS)},
                     "wall": {"time": [p["time"] for p in points],
                              **{part: [f[part] for f in fractions] for part in (*WALL_PARTS, "other")}},
                     "evaluations": evaluations,
                     "producers": {k: [p[k] for p in prod] for k in ("time", "producers_alive", "batches_per_second")},
+                    "coordinator": {k: [p.get(k) for p in health] for k in ("time", *HEALTH_FIELDS)},
                     "latest": {str(r): dict(v) for r, v in self.trainers.items()},
                     "producer_counters": {n: dict(v) for n, v in self.producers.items()},
                     "samples": list(self.samples)}
@@ -196,6 +256,7 @@ class PrometheusCollector:
                     g.add_metric([str(rank)], report[field])
             yield g
         yield from self._wall(trainers)
+        yield from self._coordinator(self.coordinator.health(), self.telemetry)
         yield from self._evaluations(self.telemetry.read_evaluations())
         yield GaugeMetricFamily("mmdit_config_version", "Data-config version in force", value=status["config_version"])
         alive = sum(p["alive"] for p in status["producers"].values())
@@ -228,6 +289,34 @@ class PrometheusCollector:
                 seconds.add_metric([str(rank), part], report.get(total) or 0.0)
             in_steps.add_metric([str(rank)], wall_fractions(report)["steps"])
         return [seconds, in_steps]
+
+    @staticmethod
+    def _coordinator(health: dict, telemetry: Telemetry) -> list:
+        """The coordinator's own load: totals now, rates and headroom of the last tick."""
+        calls = CounterMetricFamily("mmdit_coordinator_calls", "Calls the coordinator answered, by kind",
+                                    labels=["kind"])
+        for kind in CALL_KINDS:
+            calls.add_metric([kind], health["calls"][kind])
+        out = [calls,
+               CounterMetricFamily("mmdit_coordinator_lock_held_seconds", "Time the coordinator's lock was held",
+                                   value=health["lock_held_s"]),
+               CounterMetricFamily("mmdit_coordinator_lock_wait_seconds", "Time calls waited for the "
+                                   "coordinator's lock", value=health["lock_wait_s"])]
+        queues = GaugeMetricFamily("mmdit_coordinator_queue", "Coordinator queues: batches planned and not "
+                                   "leased (pending), parked producer polls, parked locates", labels=["queue"])
+        for queue in ("pending", "parked_producers", "parked_locates"):
+            queues.add_metric([queue], health[queue])
+        out.append(queues)
+        with telemetry.lock:
+            last = telemetry.health_points[-1] if telemetry.health_points else None
+        if last is not None:
+            out.append(GaugeMetricFamily("mmdit_coordinator_cpu_fraction", "CPU seconds per second of the "
+                                         "coordinator's process (its Python work cannot use more than one core)",
+                                         value=last["cpu_fraction"]))
+            if last["headroom"] is not None:
+                out.append(GaugeMetricFamily("mmdit_coordinator_headroom", "How many times the current load the "
+                                             "coordinator could take (1 / cpu_fraction)", value=last["headroom"]))
+        return out
 
     @staticmethod
     def _evaluations(series: dict) -> list:
