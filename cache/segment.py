@@ -32,7 +32,14 @@ from mmdit.utils.safetensors_header import read_header
 
 SCHEMA_VERSION = 2
 """2: records carry `crc` (CRC-32 of latents, prompt_embeds and cond_latents bytes, in order)."""
-TASKS = ("t2i", "edit", "reconstruction")
+PAIR = "pair"
+"""The task of a preference-pair record (Diffusion-DPO, consumer/dpo.py): `latents` hold the
+preferred ("win") image, `cond_latents` the rejected ("lose") one, resized to the preferred
+image's bucket, so both have one shape; `prompt_embeds` the prompt, encoded once. The pair is
+one record, so the plan, the coordinator and the producers move it as one sample (exactly once,
+resume) with no change to the segment format; the plan's groups (one task per batch) keep pairs
+apart from edit samples, whose `cond_latents` are a condition image."""
+TASKS = ("t2i", "edit", "reconstruction", PAIR)
 RECONSTRUCTION = "#reconstruction"
 """Suffix of the key of a sample's reconstruction record (task "reconstruction"): the image is
 both the condition (cond_latents, and vision tokens of its prompt) and the target."""
@@ -85,6 +92,9 @@ def validate_record(rec: dict) -> None:
     cond = rec.get("cond_latents")
     if cond is not None and (cond.dim() != 3 or cond.shape[0] != LATENT_CHANNELS):
         raise ValueError(f"cache record {key!r}: cond_latents must be [16, h, w], got {tuple(cond.shape)}")
+    if rec["task"] == PAIR and (cond is None or cond.shape != rec["latents"].shape):
+        raise ValueError(f"cache record {key!r}: a pair record's cond_latents (the rejected image) must have its "
+                         f"latents' shape {want}, got {None if cond is None else tuple(cond.shape)}")
     for name in ("latents", "prompt_embeds", "cond_latents"):
         t = rec.get(name)
         if t is not None and not all_finite(t):

@@ -188,8 +188,10 @@ class DataConfig(Mixture):
     base_resolution: int = 256
     """Curriculum stage: bucket set with this base side (256, 640 or 1328)."""
     filters: FilterConfig = field(default_factory=FilterConfig)
-    task_weights: dict[str, float] = field(default_factory=lambda: {"t2i": 1.0, "edit": 1.0, "reconstruction": 1.0})
-    """Relative weight of each task in the batch mixture."""
+    task_weights: dict[str, float] = field(default_factory=lambda: {"t2i": 1.0, "edit": 1.0, "reconstruction": 1.0,
+                                                                    "pair": 0.0})
+    """Relative weight of each task in the batch mixture. Preference pairs (pair, for
+    train.objective=dpo: conf/data/dpo.yaml) weigh 0 unless a config asks for them."""
     caption_sources: dict[str, float] = field(default_factory=lambda: dict(CAPTION_SOURCES))
     """Which caption a text-to-image sample is trained with, by relative weight: original (its
     own) and annotation (`mmdit annotate`'s caption). `mmdit produce` encodes the annotation

@@ -2,17 +2,32 @@
 
 from dataclasses import dataclass, field
 
+from mmdit.config.lora import LoraConfig
 from mmdit.config.text_eval import TextEvalConfig
 from mmdit.utils.dtypes import check_dtype
 
 SIGMA_SAMPLINGS = ("uniform", "logit_normal")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 EVAL_ON = ("auto", "trainer", "evaluator")
-OBJECTIVES = ("flow",)
+OBJECTIVES = ("flow", "dpo")
 """Training objectives (consumer/objectives.py); post-training adds its own."""
 PREVIEW_PROMPTS = ('A wooden sign that reads "OPEN" in bold letters', "一块写着“欢迎光临”的红色招牌",
                    'A poster with the title "Hello, world" on a blue gradient')
 """Text rendering in English and Chinese: what Qwen-Image is trained to do well."""
+
+
+@dataclass
+class DpoConfig:
+    """Diffusion-DPO for flow matching (train.objective=dpo, consumer/dpo.py)."""
+
+    beta: float = 2000.0
+    """Inverse temperature of the preference: loss = -log sigmoid(-beta * ((err_w - err_l)_policy -
+    (err_w - err_l)_reference)), each err the per-element mean squared velocity error of one image
+    (so beta does not depend on the resolution; Diffusion-DPO used 2000-5000 on such means)."""
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"train.dpo.beta must be > 0, got {self.beta}")
 
 
 @dataclass
@@ -27,9 +42,14 @@ class TrainConfig:
     """Samples per optimizer step, over all DP ranks; a multiple of micro_batch_size x DP, the
     rest is gradient accumulation. 0: micro_batch_size x DP (no accumulation)."""
     objective: str = "flow"
-    """What a step minimizes (consumer/objectives.py): flow (flow matching, pre-training and SFT)."""
+    """What a step minimizes (consumer/objectives.py): flow (flow matching, pre-training and SFT) |
+    dpo (Diffusion-DPO on preference pairs against a frozen reference: train.dpo)."""
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    """Diffusion-DPO's settings (train.objective=dpo)."""
     dtype: str = "auto"
     """Compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train low-rank adapters instead of the full weights (train.lora.rank > 0; config/lora.py)."""
     sigma_sampling: str = "logit_normal"
     """How training noise levels are drawn: uniform | logit_normal."""
     logit_mean: float = 0.0

@@ -19,10 +19,12 @@ from typing import Protocol
 
 import torch
 
+from mmdit.cache.segment import PAIR
 from mmdit.config import ConfigError
 from mmdit.config.job import JobConfig
 from mmdit.config.train import TrainConfig
 from mmdit.consumer.batch import StepInputs
+from mmdit.consumer.dpo import DpoObjective
 from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
 from mmdit.parallel.parallelize import Parallelized, Plan
 
@@ -73,6 +75,9 @@ class FlowObjective:
 
     def loss(self, model, batch: dict, step: int, first_index: int) -> tuple[torch.Tensor, dict]:
         plan = self.plan
+        if PAIR in (batch.get("task") or ()):
+            raise ValueError(f"train.objective=flow got preference pairs (task {PAIR!r}): train them with "
+                             "train.objective=dpo, or leave them out with data.task_weights.pair=0")
         inputs = StepInputs.from_batch(batch, plan.device, plan.compute_dtype)
         x0 = inputs.x0
         sigmas, noise = sample_noise(self.train, self.seed, step, first_index, x0)
@@ -83,7 +88,7 @@ class FlowObjective:
         return flow_matching_loss(pred[:, :x0.shape[1]].float(), velocity_target(x0, noise)), {}
 
 
-BY_NAME: dict[str, type] = {"flow": FlowObjective}
+BY_NAME: dict[str, type] = {"flow": FlowObjective, "dpo": DpoObjective}
 """`train.objective` -> its class (config/train.py OBJECTIVES lists the same names)."""
 
 

@@ -1,7 +1,8 @@
 """Random latent batches with the data service's batch layout: the model-only demo and benchmarks.
 
 Samples come from a fixed pool of `train.random_pool_size` random latents + prompt embeddings,
-cycled in order, so a short demo can show the loss falling as the model fits them. Everything is
+cycled in order, so a short demo can show the loss falling as the model fits them. With
+train.objective=dpo each sample is a preference pair (a second random latent as the rejected image). Everything is
 a function of (seed, step, dp_rank): a resumed run sees the batches it would have seen.
 """
 
@@ -16,12 +17,16 @@ def random_sample(args: MMDiTArgs, train: TrainConfig, seed: int, index: int) ->
     text_len = train.random_text_len
     length = int(torch.randint(max(1, text_len // 2), text_len + 1, (1,), generator=g))
     mask = torch.arange(text_len) < length
-    return {
-        "latents": torch.randn(args.latent_channels, train.random_height // 8, train.random_width // 8, generator=g),
+    shape = (args.latent_channels, train.random_height // 8, train.random_width // 8)
+    sample = {
+        "latents": torch.randn(*shape, generator=g),
         "prompt_embeds": torch.randn(text_len, args.joint_attention_dim, generator=g) * mask[:, None],
         "prompt_mask": mask,
         "key": f"random-{index:06d}",
     }
+    if train.objective == "dpo":  # a preference pair: the rejected image's latents beside the preferred
+        sample["cond_latents"] = torch.randn(*shape, generator=g)
+    return sample
 
 
 def random_batch(args: MMDiTArgs, train: TrainConfig, seed: int, step: int, dp_rank: int, dp_size: int) -> dict:
@@ -34,7 +39,8 @@ def random_batch(args: MMDiTArgs, train: TrainConfig, seed: int, step: int, dp_r
         "latents": torch.stack([s["latents"] for s in samples]),
         "prompt_embeds": torch.stack([s["prompt_embeds"] for s in samples]),
         "prompt_mask": torch.stack([s["prompt_mask"] for s in samples]),
-        "task": ["t2i"] * b,
+        **({"cond_latents": torch.stack([s["cond_latents"] for s in samples])} if "cond_latents" in samples[0] else {}),
+        "task": ["pair" if "cond_latents" in samples[0] else "t2i"] * b,
         "keys": [s["key"] for s in samples],
         "batch_id": f"random-{step}-{dp_rank}",
         "config_version": 0,
