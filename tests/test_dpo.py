@@ -49,7 +49,7 @@ def by_hand(policy, reference, batch, beta: float, seed: int, step: int, first_i
         s = torch.rand(1, generator=g, dtype=torch.float64).clamp(1e-5, 1 - 1e-5).float()
         noise = torch.randn(win.shape[1:], generator=g)
 
-        def err(model, x0):
+        def err(model, x0, s=s, noise=noise):
             x_s = (1 - s) * x0 + s * noise
             return (model(x_s[None], torch.zeros(1, 1, 1), None, s, None)[0] - (noise - x0)).pow(2).mean()
 
