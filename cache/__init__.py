@@ -33,6 +33,7 @@ from mmdit.cache.manifest import (
 )
 from mmdit.cache.segment import (
     LATENT_CHANNELS,
+    PAIR,
     RECONSTRUCTION,
     TASKS,
     VAE_SCALE,
@@ -46,5 +47,5 @@ __all__ = [
     "BASE_RESOLUTIONS", "assign_bucket", "bucket_set", "ShardClaims", "BAD_KEY", "check_key", "key_problem",
     "ANNOTATION_COLUMNS", "OK", "ManifestWriter", "PhashIndex", "carry_annotations", "duplicates", "ingest_filters",
     "read_manifest", "read_manifest_table", "rejection_reasons", "select", "select_mask", "LATENT_CHANNELS",
-    "RECONSTRUCTION", "TASKS", "VAE_SCALE", "DamagedRecord", "stage_fingerprint", "validate_record", "LatentCache",
+    "PAIR", "RECONSTRUCTION", "TASKS", "VAE_SCALE", "DamagedRecord", "stage_fingerprint", "validate_record", "LatentCache",
 ]

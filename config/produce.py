@@ -118,6 +118,10 @@ class SynthConfig:
     kinds are text-to-image only, so edits are edit_fraction x the pure share of all samples."""
     samples_per_shard: int = 32
     """Samples per webdataset shard (synth-%06d.tar)."""
+    pairs: bool = False
+    """Write preference pairs instead (Diffusion-DPO, train.objective=dpo): every sample is a pure
+    rendering whose caption quotes its text, the "win" image rendering that text, the "lose" image
+    the same scene with a corrupted string (about a third of its characters replaced)."""
     seed: int = 0
     """Sample i is a pure function of (seed, i)."""
     min_side: int = 256

@@ -135,12 +135,14 @@ def _with_annotation(ref: SampleRef, row: dict | None, captions: set[str]) -> Sa
 
 def _uncached_ref(row: dict, stage: int) -> SampleRef | None:
     """A manifest sample not in the cache, as it would be encoded at `stage` (its bucket there)."""
-    from mmdit.cache import assign_bucket, bucket_set
+    from mmdit.cache import PAIR, assign_bucket, bucket_set
 
     if stage:
         buckets = bucket_set(stage)
         bucket = assign_bucket(row["width"], row["height"], buckets)
         cond = assign_bucket(row["src_width"], row["src_height"], buckets) if row.get("src_width") else None
+        if row["task"] == PAIR:  # the rejected image is encoded in the preferred one's bucket (producer/produce.py)
+            cond = bucket
     elif row.get("bucket_h"):
         bucket = (row["bucket_h"], row["bucket_w"])
         cond = (row["src_bucket_h"], row["src_bucket_w"]) if row.get("src_bucket_h") else None

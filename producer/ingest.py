@@ -31,10 +31,11 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from mmdit.cache import BAD_KEY, key_problem
+from mmdit.cache import BAD_KEY, PAIR, key_problem
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-"""Target image members, in order of preference; an edit sample's source is `src.<ext>`."""
+"""Target image members, in order of preference; an edit sample's source is `src.<ext>`; a
+preference pair (task "pair") has `win.<ext>` (preferred) and `lose.<ext>` (rejected) instead."""
 CAPTION_EXTS = ("txt", "caption", "text")
 DEFAULT_MAX_PIXELS = 100_000_000
 WHITE = (255, 255, 255)
@@ -256,8 +257,9 @@ def sample_key(raw: dict) -> str:
 def decode_sample(raw: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """One raw webdataset sample -> a decoded sample dict; SampleError (with key and url) if unusable.
 
-    Returns keys: key, url, source, task, caption, image, source_image (edit only), meta (the
-    sample's JSON), converted (list of conversions applied).
+    Returns keys: key, url, source, task, caption, image, source_image (edit: the source image;
+    pair: the rejected image, `image` the preferred one), meta (the sample's JSON), converted
+    (list of conversions applied).
     """
     key, url = sample_key(raw), raw["__url__"]
     try:
@@ -270,10 +272,18 @@ def decode_sample(raw: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
             if not isinstance(meta, dict):
                 raise SampleError("bad_json", f"expected an object, got {type(meta).__name__}")
         src_ext = next((f"src.{e}" for e in IMAGE_EXTS if f"src.{e}" in raw), None)
-        task = meta.get("task") or ("edit" if src_ext else "t2i")
-        if task not in ("t2i", "edit"):
+        win_ext = next((f"win.{e}" for e in IMAGE_EXTS if f"win.{e}" in raw), None)
+        task = meta.get("task") or ("edit" if src_ext else PAIR if win_ext else "t2i")
+        if task not in ("t2i", "edit", PAIR):
             raise SampleError("unknown_task", f"task {task!r}")
-        img_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if task == PAIR:  # a preference pair: the preferred image as the target, the rejected as the source
+            lose_ext = next((f"lose.{e}" for e in IMAGE_EXTS if f"lose.{e}" in raw), None)
+            if win_ext is None or lose_ext is None:
+                raise SampleError("pair_image_missing", f"a pair needs win.<ext> and lose.<ext> members "
+                                                        f"(members: {sorted(_members(raw))})")
+            img_ext, src_ext = win_ext, lose_ext
+        else:
+            img_ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if img_ext is None:
             raise SampleError("image_missing", f"no image member (members: {sorted(_members(raw))})")
         if task == "edit" and src_ext is None:
@@ -287,7 +297,7 @@ def decode_sample(raw: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
         image, conv = decode_image(raw[img_ext], max_pixels)
         converted = [conv] if conv else []
         source_image = None
-        if task == "edit":
+        if task in ("edit", PAIR):  # one unreadable image of a pair fails the pair as a unit
             source_image, sconv = decode_image(raw[src_ext], max_pixels)
             converted += [f"src_{sconv}"] if sconv else []
     except SampleError as e:

@@ -48,6 +48,7 @@ from mmdit.cache import (
     ANNOTATION_COLUMNS,
     BAD_KEY,
     OK,
+    PAIR,
     RECONSTRUCTION,
     LatentCache,
     ManifestWriter,
@@ -130,11 +131,15 @@ def prepare(raw: dict, ctx: Context) -> Item:
     item = Item(sample["key"], row, sample["caption"], reason, converted=sample["converted"])
     if sample["task"] == "edit":
         row["src_bucket_h"], row["src_bucket_w"] = assign_bucket(*sample["source_image"].size, ctx.buckets)
+    elif sample["task"] == PAIR:  # the rejected image goes to the preferred image's bucket, whatever its aspect
+        row["src_bucket_h"], row["src_bucket_w"] = bucket
     if not reason:
         item.pixels = ctx.preprocess(sample["image"], bucket)
         if sample["task"] == "edit":
             item.src_pixels = ctx.preprocess(sample["source_image"], (row["src_bucket_h"], row["src_bucket_w"]))
             item.src_image = to_pil(item.src_pixels)  # Qwen2.5-VL sees what cond_latents encode
+        elif sample["task"] == PAIR:  # resized and centre-cropped to it (scores, filters: the preferred image's)
+            item.src_pixels = ctx.preprocess(sample["source_image"], bucket)
     return item
 
 
@@ -149,7 +154,9 @@ def reuse(row: dict, ctx: Context) -> Item:
     row = dict(row)
     if row["base_resolution"] != ctx.data.base_resolution:
         row["bucket_h"], row["bucket_w"] = assign_bucket(row["width"], row["height"], ctx.buckets)
-        if row.get("src_width"):
+        if row["task"] == PAIR:
+            row["src_bucket_h"], row["src_bucket_w"] = row["bucket_h"], row["bucket_w"]
+        elif row.get("src_width"):
             row["src_bucket_h"], row["src_bucket_w"] = assign_bucket(row["src_width"], row["src_height"], ctx.buckets)
         row["base_resolution"] = ctx.data.base_resolution
     reason = rejection_reasons({k: [v] for k, v in row.items()}, ingest_filters(ctx.data.filters))[0]
@@ -280,6 +287,10 @@ class Encoder:
             src_images = [it.src_image for it in items]
             cond = self.enc.encode_images(src_pixels)  # [B, 16, h/8, w/8]
             embeds = self.enc.encode_edit_prompts(captions, src_images)
+        elif task == PAIR:  # the rejected images (in the preferred ones' bucket); the prompt once, text-to-image
+            src_pixels = torch.stack([it.src_pixels for it in items])  # [B, 3, H, W]
+            cond = self.enc.encode_images(src_pixels)  # [B, 16, H/8, W/8]
+            embeds = self.enc.encode_prompts(captions)
         else:
             embeds = self.enc.encode_prompts(captions)
         self.report.encode_seconds += time.perf_counter() - t0

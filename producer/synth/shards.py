@@ -54,12 +54,19 @@ sample, keyed `%08d` (the sample index):
     <key>.json               the target's fields as above (image_ext "png"), plus edit ("text" |
                              "text_color" | "background"), instruction, source_text,
                              source_background, source_gradient, source_text_color, source_lines
+  preference pair (synth.pairs=true; json task="pair", kind "pure"; every sample):
+    <key>.win.png            the preferred image: the scene rendering the caption's text
+    <key>.lose.png           the rejected image: the same scene with a corrupted string (`corrupt_text`)
+    <key>.txt                the prompt (the caption, quoting the correct text)
+    <key>.json               the preferred image's fields as above, plus rule ("text_correct") and
+                             lose_text
 """
 
 import io
 import json
 import math
 import random
+import string
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -321,8 +328,51 @@ def pick_kind(index: int, cfg: SynthConfig) -> str:
     return rng.choices(SynthConfig.KINDS, weights=[cfg.kinds.get(k, 0.0) for k in SynthConfig.KINDS])[0]
 
 
+def corrupt_text(text: str, rng: random.Random) -> str:
+    """The rejected image's text: about a third of the letters (at least one) each replaced by
+    another of its script (Latin letters keep their case; Chinese characters come from the
+    sentences the fonts are known to cover); spaces and punctuation stay."""
+    zh_pool = sorted({c for s in ZH_SENTENCES for c in s if "\u4e00" <= c <= "\u9fff"})
+    chars = list(text)
+    letters = [i for i, c in enumerate(chars) if c.isalpha()]
+    for i in rng.sample(letters, max(1, len(letters) // 3)) if letters else []:
+        c = chars[i]
+        pool = zh_pool if "\u4e00" <= c <= "\u9fff" else string.ascii_uppercase if c.isupper() else string.ascii_lowercase
+        chars[i] = rng.choice([p for p in pool if p != c])
+    return "".join(chars)
+
+
+def make_pair(index: int, cfg: SynthConfig) -> dict:
+    """Preference pair `index` (synth.pairs): a pure scene, its caption quoting the text; the
+    preferred image renders the text, the rejected one the same scene with `corrupt_text`."""
+    rng = random.Random(f"mmdit-synth-pair:{cfg.seed}:{index}")
+    for _ in range(MAX_TRIES):
+        scene, layout = _fitting_scene(rng, cfg)
+        lose = replace(scene, text=corrupt_text(scene.text, rng))
+        try:
+            lose_layout = layout_scene(lose, cfg.font_dir)
+            break
+        except TextFitError:
+            continue
+    else:
+        raise TextFitError(f"no corrupted text fitted in {MAX_TRIES} tries: synth.min_side={cfg.min_side} is too small")
+    zh_caption = rng.random() < cfg.zh_caption_fraction
+    meta = _metadata(scene, layout)
+    meta.update(task="pair", source="synth", index=index, seed=cfg.seed, rule="text_correct", lose_text=lose.text,
+                caption_lang="zh" if zh_caption else "en", image_ext="png")
+    return {
+        "__key__": f"{index:08d}",
+        "win.png": _encode(render(scene, layout, cfg.font_dir), "png"),
+        "lose.png": _encode(render(lose, lose_layout, cfg.font_dir), "png"),
+        "txt": caption(scene, len(layout.lines), zh_caption).encode("utf-8"),
+        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+    }
+
+
 def make_sample(index: int, cfg: SynthConfig) -> dict:
     """The webdataset sample with this index (members as in the module docstring)."""
+    if cfg.pairs:
+        return make_pair(index, cfg)
     rng = random.Random(f"mmdit-synth:{cfg.seed}:{index}")
     kind = pick_kind(index, cfg)
     if kind != "pure":
