@@ -74,7 +74,7 @@ ANNOTATION_COLUMNS = ("alignment", "annotation_status", "annotation", "watermark
                       "style")
 """What `mmdit annotate` adds to a row (the category aside)."""
 REASONS = ("min_side", "aspect", "blur", "brightness", "saturation", "contrast", "entropy", "caption_length", "text_length",
-           "alignment", "watermark", "qr_code", "mosaic", "duplicate")
+           "alignment", "watermark", "qr_code", "mosaic", "not_curated", "duplicate")
 """Filter rejection reasons, in the order they are checked (a row counts under its first)."""
 
 
@@ -104,8 +104,23 @@ ANNOTATION_FILTERS = {"min_alignment": -1.0, "drop_watermark": False, "drop_qr_c
 
 def ingest_filters(filters: FilterConfig) -> FilterConfig:
     """`filters` without the thresholds on annotations: `mmdit produce` runs before `mmdit
-    annotate`, so it encodes what passes the rest, and the plan applies them once annotated."""
-    return dataclasses.replace(filters, **ANNOTATION_FILTERS)
+    annotate`, so it encodes what passes the rest, and the plan applies them once annotated.
+    Nor the curated list: a curated set is chosen from what is cached."""
+    return dataclasses.replace(filters, **ANNOTATION_FILTERS, curated_list="")
+
+
+def read_key_list(path: str | os.PathLike) -> frozenset[str]:
+    """The sample keys of a key-list file (filters.curated_list): one per line, blank lines and
+    lines starting with `#` skipped."""
+    lines = (line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
+    return frozenset(line for line in lines if line and not line.startswith("#"))
+
+
+def _not_curated(cols, curated_list: str) -> np.ndarray | bool:
+    if not curated_list:
+        return False
+    curated = read_key_list(curated_list)
+    return np.asarray([k not in curated for k in _col(cols, "key", object)], dtype=bool)
 
 
 def rejection_reasons(cols, filters: FilterConfig) -> np.ndarray:
@@ -136,6 +151,7 @@ def rejection_reasons(cols, filters: FilterConfig) -> np.ndarray:
         ("watermark", filters.drop_watermark & (_col(cols, "watermark") > 0)),
         ("qr_code", filters.drop_qr_code & (_col(cols, "qr_code") > 0)),
         ("mosaic", filters.drop_mosaic & (_col(cols, "mosaic") > 0)),
+        ("not_curated", _not_curated(cols, filters.curated_list)),
     )
     for reason, bad in checks:
         hit = ok & bad & (out == "")

@@ -6,6 +6,7 @@ job's data config (dataservice/plan.py `DataVersion`), so a table is declared an
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +166,12 @@ class FilterConfig:
     max_text_chars: int = -1
     """The text stage: longest rendered text kept, in characters (0: images without text only; a
     few dozen: short text; -1: any). From the samples' metadata (synthetic renderings record it)."""
+    curated_list: str = ""
+    """A curated set (SFT: conf/data/sft.yaml): a file of sample keys, one per line (lines starting
+    with `#` are comments); only samples on it are selected. "" : no list. The plan reads the file whenever it
+    builds a selection, so treat a list as immutable: to change the set mid-run, write a new file
+    and hot-swap its path (`mmdit ctl set RUN filters.curated_list=NEW`), so resume replays the
+    same plan. Producers ignore it (they cache everything)."""
 
     def __post_init__(self):
         if not 0 < self.min_aspect <= self.max_aspect:
@@ -175,6 +182,8 @@ class FilterConfig:
             raise ValueError(f"filters: duplicate_distance must be in 0..16 bits, got {self.duplicate_distance}")
         if not -1.0 <= self.min_alignment <= 1.0:
             raise ValueError(f"filters: min_alignment must be in [-1, 1], got {self.min_alignment}")
+        if self.curated_list and not os.path.isfile(self.curated_list):
+            raise ValueError(f"filters: curated_list {self.curated_list!r} is not a file")
         if self.min_caption_chars > self.max_caption_chars:
             raise ValueError(f"filters: min_caption_chars {self.min_caption_chars} > max_caption_chars {self.max_caption_chars}")
 

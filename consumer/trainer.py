@@ -23,6 +23,7 @@ from mmdit.config.loader import config_yaml
 from mmdit.config.train import check_batch_sizes, evaluates_on_evaluator, evaluations_due
 from mmdit.consumer.async_save import Checkpointer
 from mmdit.consumer.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, resume_checkpoint
+from mmdit.consumer.lineage import LINEAGE, lineage_of
 from mmdit.consumer.metrics import METRICS, MetricsWriter, StepMetrics, truncate_after
 from mmdit.consumer.objectives import Objective, build_objective
 from mmdit.consumer.random_data import RandomBatches
@@ -65,6 +66,7 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.objective = build_objective(cfg, self.plan)
         self.objective.setup(built)
+        self.lineage = lineage_of(cfg.checkpoint.init_from) if self.rank0 else None
         self.step, self.bad_steps = 0, 0
         self.data_state: dict = {}
         resume = resume_checkpoint(self.run_dir) if cfg.checkpoint.resume else None  # raises before anything is written
@@ -75,6 +77,8 @@ class Trainer:
         if self.rank0:  # the config is accepted: record it, and forget what ran after the checkpoint
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", config_yaml(cfg))
+            if self.lineage is not None:  # where the weights came from (consumer/lineage.py)
+                atomic_write_json(self.run_dir / LINEAGE, self.lineage, indent=2)
             for name in (METRICS, SAMPLES):
                 truncate_after(self.run_dir / name, self.step)
             prune_checkpoints(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every, resumed_from=resume)
@@ -118,7 +122,7 @@ class Trainer:
     def checkpoint(self, batches) -> float:
         """Save this step's checkpoint (in the background with checkpoint.async_save); the stall."""
         return self.checkpointer.save(self.step, self.model, self.backend, self.dims, batches.state(),
-                                      {"seed": self.cfg.seed})
+                                      {"seed": self.cfg.seed, **({"lineage": self.lineage} if self.lineage else {})})
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
