@@ -122,3 +122,17 @@ def test_a_dpo_step_at_tp2_with_and_without_sequence_parallel_equals_tp1(tmp_pat
             assert r["grads"].keys() == single["grads"].keys()
             for name, grad in single["grads"].items():
                 assert (r["grads"][name] - grad).abs().max().item() <= 1e-5, name
+
+
+def test_dpo_learns_a_preference_that_holds_on_held_out_pairs_and_shifts_sampling():
+    """Tiny pairs whose preferred latents add a fixed pattern that the rejected ones subtract: 10
+    DPO steps from the reference take the held-out preference accuracy from 0 (policy = reference:
+    no margin) to clearly above chance, and samples drawn from noise lean towards the pattern."""
+    from dpo_workers import dpo_learning
+
+    result = dpo_learning(steps=10, beta=20.0, lr=1e-3)
+    print({k: v for k, v in result.items() if k != "losses"})
+    assert result["before"]["preference_accuracy"] == 0 and result["before"]["reward_margin"] == 0
+    assert result["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert result["after"]["preference_accuracy"] >= 0.8 and result["after"]["reward_margin"] > 1
+    assert result["lean_policy"] > result["lean_reference"] + 0.03
