@@ -70,7 +70,8 @@ class StepMetrics:
         """What a trainer reports to the coordinator (dataservice/telemetry.py TRAINER_FIELDS)."""
         return {"step": self.step, "loss": self.loss, "samples_per_second": self.samples_per_second,
                 "image_tokens_per_second": self.image_tokens_per_second, "tflops_per_device": self.tflops_per_gpu,
-                "mfu": self.mfu, "data_wait_fraction": self.data_wait_fraction, "config_version": self.config_version}
+                "mfu": self.mfu, "data_wait_fraction": self.data_wait_fraction, "config_version": self.config_version,
+                "objective": dict(self.objective or {})}
 
     def log_line(self) -> str:
         return (f"step {self.step:>6} | loss {self.loss:.4f} | lr {self.lr:.2e} | grad_norm {self.grad_norm:.3f} | "

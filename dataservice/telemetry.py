@@ -28,6 +28,20 @@ from mmdit.utils.jsonl_tail import JsonlTail
 TRAINER_FIELDS = ("step", "loss", "samples_per_second", "image_tokens_per_second", "tflops_per_device", "mfu",
                   "data_wait_fraction", "config_version")
 """What a trainer's DP rank reports after each step (mfu is None where the peak is unknown)."""
+OBJECTIVE = "objective"
+"""A trainer report's figures of its objective beyond the loss (consumer/objectives.py), by name:
+DPO's reward_margin, preference_accuracy, policy_err_win, policy_err_lose."""
+MAX_OBJECTIVE_FIGURES = 16
+"""At most this many objective figures are kept per report (names are the trainer's to choose)."""
+
+
+def objective_figures(report: dict) -> dict[str, float]:
+    """The numeric objective figures of a trainer report, names as given (at most MAX_OBJECTIVE_FIGURES)."""
+    figures = report.get(OBJECTIVE)
+    if not isinstance(figures, dict):
+        return {}
+    clean = {str(k)[:64]: _number(v) for k, v in sorted(figures.items())[:MAX_OBJECTIVE_FIGURES]}
+    return {k: v for k, v in clean.items() if v is not None}
 WALL_FIELDS = ("wall_total_s", "step_total_s", "data_wait_total_s", "checkpoint_stall_total_s", "eval_stall_total_s")
 """Where the trainer's wall time went, totals since it started (consumer/metrics.py WallTime):
 in steps (less data wait), waiting for data, stalled on checkpoints, stalled on evaluation."""
@@ -163,6 +177,7 @@ class Telemetry:
             return
         now = self.clock()
         clean = {k: _number(report.get(k)) for k in (*TRAINER_FIELDS, *WALL_FIELDS)}
+        clean[OBJECTIVE] = objective_figures(report)
         with self.lock:
             if dp_rank == 0 and isinstance(report.get("run_dir"), str):
                 self.run_dir = report["run_dir"]
@@ -215,7 +230,10 @@ class Telemetry:
         with self.lock:
             points, prod, health = list(self.points), list(self.producer_points), list(self.health_points)
             fractions = [wall_fractions(p) for p in points]
+            names = sorted({n for p in points for n in p.get(OBJECTIVE, {})})
             return {"trainer": {k: [p.get(k) for p in points] for k in ("time", *TRAINER_FIELDS)},
+                    OBJECTIVE: {"time": [p["time"] for p in points],
+                                **{n: [p.get(OBJECTIVE, {}).get(n) for p in points] for n in names}},
                     "wall": {"time": [p["time"] for p in points],
                              **{part: [f[part] for f in fractions] for part in (*WALL_PARTS, "other")}},
                     "evaluations": evaluations,
@@ -255,6 +273,13 @@ class PrometheusCollector:
                 if report.get(field) is not None:
                     g.add_metric([str(rank)], report[field])
             yield g
+        objective = GaugeMetricFamily("mmdit_objective", "The training objective's figures of the last step, mean "
+                                      "over DP (DPO: reward_margin, preference_accuracy, policy_err_win, "
+                                      "policy_err_lose)", labels=["dp_rank", "figure"])
+        for rank, report in sorted(trainers.items()):
+            for name, value in sorted(report.get(OBJECTIVE, {}).items()):
+                objective.add_metric([str(rank), name], value)
+        yield objective
         yield from self._wall(trainers)
         yield from self._coordinator(self.coordinator.health(), self.telemetry)
         yield from self._evaluations(self.telemetry.read_evaluations())

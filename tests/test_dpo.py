@@ -136,3 +136,28 @@ def test_dpo_learns_a_preference_that_holds_on_held_out_pairs_and_shifts_samplin
     assert result["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert result["after"]["preference_accuracy"] >= 0.8 and result["after"]["reward_margin"] > 1
     assert result["lean_policy"] > result["lean_reference"] + 0.03
+
+
+def test_the_objectives_figures_reach_prometheus_and_the_dashboard_series():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mmdit.config.service import ServiceConfig
+    from mmdit.dataservice.coordinator import Coordinator
+    from mmdit.dataservice.plan import DataVersion, SampleRef, Selection
+    from mmdit.dataservice.telemetry import PrometheusCollector
+
+    refs = [SampleRef(f"k{i}", (256, 256), "pair", cond_bucket=(256, 256)) for i in range(8)]
+    c = Coordinator(Selection(refs), ServiceConfig(plan_ahead=4), 0, 2, 1, [DataVersion(0, 0, 0)])
+    c.register_consumer("t0", 9, 0, 2, 1, None, None)
+    for step, accuracy in ((1, 0.5), (2, 0.75)):
+        c.ack("t0", 0, c.gen, [], {"step": step, "loss": 0.6, "config_version": 0,
+                                   "objective": {"reward_margin": 0.25 * step, "preference_accuracy": accuracy,
+                                                 "bad": "not a number"}})
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PrometheusCollector(c, c.telemetry))
+    text = generate_latest(registry).decode()
+    assert 'mmdit_objective{dp_rank="0",figure="preference_accuracy"} 0.75' in text
+    assert 'mmdit_objective{dp_rank="0",figure="reward_margin"} 0.5' in text and 'figure="bad"' not in text
+    series = c.telemetry.series()["objective"]
+    assert series["preference_accuracy"] == [0.5, 0.75] and series["reward_margin"] == [0.25, 0.5]
+    assert len(series["time"]) == 2

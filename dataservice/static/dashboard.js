@@ -63,6 +63,9 @@ function init() {
   makeChart("chart-evals", [{ label: "held-out loss", stroke: "#1f77b4", points: { show: true } },
                             { label: "OCR word accuracy", stroke: "#ff7f0e", scale: "acc", points: { show: true } }],
             { acc: { range: [0, 1] } }, true);
+  makeChart("chart-objective", [{ label: "reward margin", stroke: "#1f77b4" },
+                                { label: "preference accuracy", stroke: "#ff7f0e", scale: "acc" }],
+            { acc: { range: [0, 1] } });
   makeChart("chart-producers", [{ label: "batches/s", stroke: "#17becf" }]);
   makeChart("chart-alive", [{ label: "producers", stroke: "#7f7f7f" }]);
 }
@@ -105,6 +108,9 @@ async function refresh() {
     const w = series.wall;
     setData("chart-walltime", [w.time, w.steps, w.data_wait, w.checkpoint_stall, w.eval_stall]);
     setData("chart-evals", evalColumns(series.evaluations));
+    const o = series.objective || { time: [] };
+    setData("chart-objective", [o.time, o.reward_margin || o.time.map(() => null),
+                                o.preference_accuracy || o.time.map(() => null)]);
     const p = series.producers;
     setData("chart-producers", [p.time, p.batches_per_second]);
     setData("chart-alive", [p.time, p.producers_alive]);
