@@ -42,7 +42,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "import-linter>=2.1", "hypothesis>=6"],
+        # peft: diffusers' load_lora_weights needs it (tests load mmdit's exported LoRA with it)
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "import-linter>=2.1", "hypothesis>=6", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["mmdit=mmdit.launch.cli:main"]},
 )

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from mmdit.config.lora import LoraConfig
 from mmdit.config.text_eval import TextEvalConfig
 from mmdit.utils.dtypes import check_dtype
 
@@ -47,6 +48,8 @@ class TrainConfig:
     """Diffusion-DPO's settings (train.objective=dpo)."""
     dtype: str = "auto"
     """Compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train low-rank adapters instead of the full weights (train.lora.rank > 0; config/lora.py)."""
     sigma_sampling: str = "logit_normal"
     """How training noise levels are drawn: uniform | logit_normal."""
     logit_mean: float = 0.0

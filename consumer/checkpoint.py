@@ -62,8 +62,7 @@ import torch
 import torch.distributed as dist
 
 from mmdit.model.checkpoint import FORMAT as MODEL_FORMAT
-from mmdit.model.checkpoint import INDEX, load_model, read_index, shard_file, write_model_index
-from mmdit.model.qkv import to_diffusers
+from mmdit.model.checkpoint import INDEX, checkpoint_tensors, load_model, read_index, shard_file, write_model_index
 from mmdit.parallel.backend import MEGATRON_GROUPS
 from mmdit.parallel.optimizer_state import RankState, StateReader, param_layouts, state_file
 from mmdit.parallel.staging import InPlace
@@ -451,9 +450,8 @@ def stage_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state:
         raise CheckpointError(f"step {step}: the model holds non-finite values ({bad} on rank {dist.get_rank()}); "
                               "not saving a checkpoint of it")
     shard = None
-    if dims.dp_rank == 0:  # model/checkpoint.py write_model_shard's tensors, staged
-        shard = {name: staging.copy(f"model/{name}", t)
-                 for name, t in to_diffusers(model.named_parameters(), model.args.attention_head_dim)}
+    if dims.dp_rank == 0:  # model/checkpoint.py write_model_shard's tensors (a LoRA run: adapters only), staged
+        shard = {name: staging.copy(f"model/{name}", t) for name, t in checkpoint_tensors(model).items()}
     optimizer = backend.optimizer_state(dims, staging) if hasattr(backend, "optimizer_state") else None
     staging.synchronize()
     return StagedCheckpoint(checkpoint_dir(run_dir, step), step, shard, shard_file(model.tp_rank, model.tp_size),

@@ -61,7 +61,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         built = parallelize(cfg.model, cfg.parallel, dtype=cfg.train.dtype, optimizer=cfg.optimizer, seed=cfg.seed,
-                            weights=cfg.checkpoint.init_from or None)
+                            weights=cfg.checkpoint.init_from or None, lora=cfg.train.lora)
         self.model, self.backend, self.plan, self.dims = built.model, built.backend, built.plan, built.dims
         self.rank0 = dist.get_rank() == 0
         self.objective = build_objective(cfg, self.plan)

@@ -3,6 +3,9 @@
     mmdit convert from-diffusers SRC DST [--tp N]   diffusers transformer (or Qwen-Image repo) -> mmdit
     mmdit convert to-diffusers SRC DST               mmdit checkpoint -> diffusers (from_pretrained-able)
     mmdit convert verify SRC [--tp N] [--seed S]     run diffusers and mmdit on the same inputs
+    mmdit convert lora-to-diffusers SRC DST          mmdit LoRA checkpoint -> pytorch_lora_weights.safetensors
+                                                     (QwenImagePipeline.load_lora_weights loads it)
+    mmdit convert merge SRC DST [--base B] [--tp N]  mmdit LoRA checkpoint folded into its base -> a full checkpoint
 """
 
 import json
@@ -25,6 +28,13 @@ COMMAND = Command("convert", __doc__, actions=(
            paths={"SRC": "an mmdit checkpoint", "DST": "the diffusers dir to write (from_pretrained loads it)"}),
     Action("verify", "diffusers and mmdit on the same inputs: max_abs_diff per case", overrides=None,
            paths={"SRC": "a diffusers transformer dir"}, flags=(TP, Flag("seed", "seed of the inputs", int, 0, "S"))),
+    Action("lora-to-diffusers", "mmdit LoRA checkpoint -> diffusers/PEFT LoRA file", overrides=None,
+           paths={"SRC": "an mmdit LoRA checkpoint (a LoRA run's checkpoints/step_N/model)",
+                  "DST": "a dir (gets pytorch_lora_weights.safetensors) or a .safetensors file"}),
+    Action("merge", "fold a LoRA checkpoint into its base weights", overrides=None,
+           flags=(Flag("base", "the base weights (default: the run's checkpoint.init_from, as the LoRA "
+                               "checkpoint records)", str, "", "DIR"), TP),
+           paths={"SRC": "an mmdit LoRA checkpoint", "DST": "the full mmdit checkpoint to write"}),
 ))
 
 
@@ -46,6 +56,39 @@ def from_diffusers(src: str, dst: str, tp: int = 1) -> None:
 
 def to_diffusers(src: str, dst: str) -> None:
     write_diffusers(load_full_state_dict_from(src), checkpoint_args(src), dst)
+
+
+def lora_record(src: str) -> dict:
+    from mmdit.model.checkpoint import read_index
+
+    record = read_index(src).get("lora")
+    if record is None:
+        raise ValueError(f"{src} is a full mmdit checkpoint, not a LoRA one")
+    return record
+
+
+def lora_to_diffusers(src: str, dst: str) -> str:
+    from mmdit.model.lora_io import write_diffusers_lora
+
+    return str(write_diffusers_lora(load_full_state_dict_from(src), lora_record(src)["scale"], dst))
+
+
+def merge_lora(src: str, dst: str, base: str = "", tp: int = 1) -> str:
+    """Write base + scale B A of every adapter as a full mmdit checkpoint at TP=tp; the base
+    defaults to what the LoRA run started from."""
+    from mmdit.model.checkpoint import is_checkpoint
+    from mmdit.model.lora_io import merge_into
+
+    record = lora_record(src)
+    base = base or record.get("base", "")
+    if not base:
+        raise ValueError(f"{src}: its run started from init_weights(seed={record.get('seed')}), no base "
+                         "weights on disk; pass --base")
+    args = checkpoint_args(src)
+    state = load_full_state_dict_from(base) if is_checkpoint(base) else read_diffusers(base)[1]
+    save_full_state_dict(merge_into(state, load_full_state_dict_from(src), record["scale"]), args,
+                         meta_partition_dims(args), dst, tp)
+    return base
 
 
 def verification_cases(args: MMDiTArgs, seed: int) -> dict[str, dict]:
@@ -112,6 +155,11 @@ def main(argv: list[str]) -> int:
     elif args.action == "to-diffusers":
         to_diffusers(src, args.paths[1])
         print(json.dumps({"converted": src, "to": args.paths[1]}))
+    elif args.action == "lora-to-diffusers":
+        print(json.dumps({"converted": src, "to": lora_to_diffusers(src, args.paths[1])}))
+    elif args.action == "merge":
+        base = merge_lora(src, args.paths[1], flags.base, flags.tp)
+        print(json.dumps({"merged": src, "base": base, "to": args.paths[1], "tp": flags.tp}))
     else:
         print(json.dumps(verify(src, flags.tp, flags.seed)))
     return 0

@@ -36,7 +36,8 @@ class _OutputOnly:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, bias = super().forward(x)
         assert bias is None, "skip_bias_add must be False"
-        return out
+        lora = getattr(self, "lora", None)  # model/lora.py: an adapter, split as this layer is
+        return out + lora(x) if lora is not None and lora.enabled else out
 
 
 class ColumnLinear(_OutputOnly, tensor_parallel.ColumnParallelLinear):
@@ -85,7 +86,11 @@ class SequenceParallelRowLinear(RowLinear):
     instead of all-reduced: [B, S, in/tp] -> this rank's [B, ceil(S/tp), out] of the sum."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = SequenceShards(x.shape[1], self.tp_group).reduce_scatter(F.linear(x, self.weight))
+        seq = SequenceShards(x.shape[1], self.tp_group)
+        out = seq.reduce_scatter(F.linear(x, self.weight))
+        lora = getattr(self, "lora", None)  # model/lora.py
+        if lora is not None and lora.enabled:
+            out = out + lora.row_sequence_parallel(x, seq)
         if self.bias is None:
             return out
         # Each rank adds the bias to its own tokens only: its gradient is summed over the group.
@@ -106,6 +111,8 @@ def _te_linears():
 
 def partition_dim(module: nn.Module, param_name: str) -> int | None:
     """The dimension along which `module.<param_name>` is split over tensor-parallel ranks."""
+    if hasattr(module, "lora_partition_dims"):  # a LoRA adapter's A and B (model/lora.py)
+        return module.lora_partition_dims[param_name]
     column = (tensor_parallel.ColumnParallelLinear,)
     row = (tensor_parallel.RowParallelLinear,)
     if transformer_engine_available():

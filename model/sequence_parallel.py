@@ -21,6 +21,7 @@ The operations, as autograd functions:
                                                megatron does; backward reduce-scatters the input
                                                gradient (each rank's is partial: its own columns)
     reduce_scatter     partial sums -> shard   backward: all-gather (after a row-parallel linear)
+    gather             shard -> full           backward: reduce-scatter (each rank's consumer partial)
 """
 
 from __future__ import annotations
@@ -95,6 +96,17 @@ class _ReduceScatter(torch.autograd.Function):
         return _all_gather(grad, ctx.group, ctx.length), None, None, None
 
 
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, length, chunk):
+        ctx.group, ctx.chunk = group, chunk
+        return _all_gather(x, group, length)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group, ctx.chunk), None, None, None
+
+
 class _GatherLinear(torch.autograd.Function):
     """A column-parallel linear over the gathered sequence that saves only this rank's shard of
     its input and gathers it again in backward (megatron's trade: one more all-gather for 1/tp of
@@ -147,7 +159,14 @@ class SequenceShards:
         """`linear(gather(x))` for a column-parallel `linear`, keeping only the shard for backward."""
         if not self.enabled:
             return linear(x)
-        return _GatherLinear.apply(x, linear.weight, linear.bias, self.group, self.length, self.chunk)
+        out = _GatherLinear.apply(x, linear.weight, linear.bias, self.group, self.length, self.chunk)
+        lora = getattr(linear, "lora", None)  # model/lora.py: its adapter, on this rank's tokens
+        return out + lora.column_sequence_parallel(x, self) if lora is not None and lora.enabled else out
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, chunk, D] -> [B, length, D] for a consumer that sees part of it per rank (its own
+        columns): backward reduce-scatters the gradient. (A LoRA adapter's [B, chunk, rank].)"""
+        return self._apply(_Gather, x)
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         """[B, length, D] partial sums (a row-parallel linear's) -> this rank's [B, chunk, D] of the sum."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mmdit.config import ConfigError
+from mmdit.config.lora import LoraConfig
 from mmdit.config.model import MMDiTArgs
 from mmdit.config.parallel import ParallelConfig
 from mmdit.config.train import OptimizerConfig
@@ -124,16 +125,22 @@ class Parallelized:
     """Data parallelism and the optimizer around `model`; None when no optimizer was asked for."""
     plan: Plan
     dims: ParallelDims
+    lora: bool = False
+    """`model` trains LoRA adapters on a frozen base (train.lora): `mmdit.model.lora.disabled(model)`
+    runs the base, so a DPO/GRPO reference needs no second model."""
 
 
 def parallelize(args: MMDiTArgs, parallel: ParallelConfig, *, dtype: str = "auto",
                 optimizer: OptimizerConfig | None = None, seed: int | None = None,
-                weights: str | os.PathLike | None = None, device: str | torch.device | None = None) -> Parallelized:
+                weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                lora: LoraConfig | None = None) -> Parallelized:
     """Build this rank's shard of the MMDiT as `parallel` asks and return it with its `Plan`.
 
     Weights: loaded from `weights` (an mmdit checkpoint or a diffusers transformer dir), else
     drawn by `init_weights(seed)`, else left uninitialized for the caller to load. `optimizer`
-    None builds no backend (sampling, evaluation, a frozen reference model). Joins the process
+    None builds no backend (sampling, evaluation, a frozen reference model). `lora` (enabled):
+    freeze the weights, keep them in the compute dtype, and add adapters (model/lora.py) in the
+    parameter dtype, which are all the optimizer and the checkpoints see. Joins the process
     groups first when the caller has not (init_parallel).
     """
     dims = init_parallel(parallel.tp)
@@ -151,10 +158,31 @@ def parallelize(args: MMDiTArgs, parallel: ParallelConfig, *, dtype: str = "auto
 
         init_weights(model, seed)
     model.to(plan.params_dtype)  # the layers outside the parallel linears are built in fp32
+    if lora is not None and lora.enabled:
+        _apply_lora(model, lora, plan, seed, weights)
     apply_recompute(model, plan.recompute, plan.recompute_every)
     if plan.compile:
         compile_blocks(model)  # checkpointing wraps the compiled blocks
     backend = None
     if optimizer is not None:
         backend = build_backend(model, plan.backend, optimizer, tp_group(), dp_group())
-    return Parallelized(model=model, backend=backend, plan=plan, dims=dims)
+    return Parallelized(model=model, backend=backend, plan=plan, dims=dims, lora=bool(lora and lora.enabled))
+
+
+def _apply_lora(model: MMDiT, lora: LoraConfig, plan: Plan, seed: int | None, weights) -> None:
+    from mmdit.model.checkpoint import import_lora
+    from mmdit.model.lora import apply_lora
+    from mmdit.model.mmdit import mark_tensor_parallel_params
+
+    model.to(plan.compute_dtype)  # frozen: bf16 on GPU, with no fp32 copy anywhere
+    adapted = apply_lora(model, lora, seed or 0, dtype=plan.params_dtype)
+    model.lora_info["base"] = str(weights or "")
+    if lora.init_from:
+        missing = import_lora(model, lora.init_from, lora.scale)
+        if missing:
+            log.warning("LoRA %s has no weights for %d adapter tensors (e.g. %s): they start as initialized",
+                        lora.init_from, len(missing), missing[0])
+    mark_tensor_parallel_params(model)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d (scale %g) on %d linears: %d trained parameters on this rank, base frozen",
+             lora.rank, lora.scale, len(adapted), trained)
