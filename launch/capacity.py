@@ -14,10 +14,16 @@ tokens), for each curriculum stage (256, 640, 1328 px, square buckets of the sam
 
 Every assumption is a flag and is printed with the result: replace them with GPU measurements
 (bench/gpu_smoke.sh reports MFU; encoder MFU from a producer's `encode_seconds`).
+
+`--memory`: per-GPU memory instead (model/memory.py) for the layouts of a job of `--trainer-gpus`
+GPUs at one resolution (`--resolution`, `--micro-batch`, `--prompt-tokens`): every TP size with and
+without sequence parallelism, each recompute policy, and LoRA at TP 1; which fit 80 GB and 141 GB
+GPUs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -110,6 +116,52 @@ def coordinator_ops(a: Assumptions, trainer_sps: float) -> float:
     return batches_per_s * (1 + 2 * dp)  # a lease, and a locate plus an ack per DP rank
 
 
+GPU_GIB = {"80 GB": 79.6, "141 GB": 140.4}
+"""Usable memory of an H100 80 GB and an H200 141 GB (nvidia-smi's totals, 81559 and 143771 MiB)."""
+
+
+@dataclass
+class MemoryAssumptions:
+    """What `--memory` assumes beyond `--trainer-gpus` and `--prompt-tokens`; each a flag."""
+
+    resolution: int = 1328
+    """Square image side in pixels."""
+    micro_batch: int = 1
+    """Samples per micro-batch on one DP rank."""
+    lora_rank: int = 64
+    """Rank of the LoRA rows (attention and MLP linears adapted, as train.lora's default)."""
+    workspace_gib: float = 3.0
+    """CUDA context, cuBLAS and NCCL buffers per GPU."""
+    fragmentation: float = 0.10
+    """Share of activation memory the caching allocator cannot reuse."""
+
+
+def memory_table(model_args, a: Assumptions, m: MemoryAssumptions) -> dict:
+    from mmdit.model.memory import GIB, layouts, predict
+
+    rows = []
+    for layout in layouts(a.trainer_gpus, lora_rank=m.lora_rank, micro_batch=m.micro_batch, height=m.resolution,
+                          width=m.resolution, text_tokens=a.prompt_tokens):
+        memory = predict(model_args, layout, m.workspace_gib, m.fragmentation)
+        gib = {k: v / GIB for k, v in memory.as_dict().items()}
+        rows.append({"layout": layout.describe(), **dataclasses.asdict(layout), "gib": gib,
+                     "fits": {gpu: gib["total"] <= cap for gpu, cap in GPU_GIB.items()}})
+    return {"assumptions": {**asdict(m), "trainer_gpus": a.trainer_gpus, "prompt_tokens": a.prompt_tokens,
+                            "gpu_gib": GPU_GIB}, "layouts": rows}
+
+
+def memory_markdown(result: dict) -> str:
+    gpus = list(GPU_GIB)
+    rows = ["| layout | parameters | gradients | optimizer | activations | workspace | total GiB | "
+            + " | ".join(f"fits {g}" for g in gpus) + " |", "|---" * (7 + len(gpus)) + "|"]
+    for r in result["layouts"]:
+        g = r["gib"]
+        fits = " | ".join("yes" if r["fits"][gpu] else "no" for gpu in gpus)
+        rows.append(f"| {r['layout']} | {g['parameters']:.1f} | {g['gradients']:.1f} | {g['optimizer']:.1f} | "
+                    f"{g['activations']:.1f} | {g['workspace']:.1f} | {g['total']:.1f} | {fits} |")
+    return "\n".join(rows)
+
+
 def compute(model_args, a: Assumptions) -> dict:
     return {"assumptions": asdict(a), "stages": [stage_figures(model_args, a, s, vae_encode_flops(s)) for s in STAGES]}
 
@@ -126,7 +178,8 @@ def markdown(result: dict) -> str:
 
 
 COMMAND = Command("capacity", __doc__, sections=("model",), actions=(Action(
-    flags=(*flags_of(Assumptions), Flag("markdown", "a table instead of JSON"))),))
+    flags=(*flags_of(Assumptions), *flags_of(MemoryAssumptions), Flag("markdown", "a table instead of JSON"),
+           Flag("memory", "per-GPU memory of training layouts (model/memory.py) instead of the data side"))),))
 
 
 def main(argv: list[str]) -> int:
@@ -135,6 +188,11 @@ def main(argv: list[str]) -> int:
     args = parse(COMMAND, argv)
     cfg = load_config(args.overrides or ["model=qwen_image_20b"])
     a = Assumptions(**{f.name: getattr(args.flags, f.name) for f in fields(Assumptions)})
+    if args.flags.memory:
+        m = MemoryAssumptions(**{f.name: getattr(args.flags, f.name) for f in fields(MemoryAssumptions)})
+        result = memory_table(cfg.model, a, m)
+        print(memory_markdown(result) if args.flags.markdown else json.dumps(result, indent=1))
+        return 0
     result = compute(cfg.model, a)
     print(markdown(result) if args.flags.markdown else json.dumps(result, indent=1))
     return 0
