@@ -18,7 +18,9 @@ class LoraConfig:
     alpha: float = 0.0
     """Scale numerator: the adapter's output is multiplied by alpha / rank (0: alpha = rank)."""
     dropout: float = 0.0
-    """Dropout on the adapter's input (as peft's lora_dropout)."""
+    """Dropout on the adapter's input (as peft's lora_dropout). The ranks of a TP group draw the
+    same masks (one torch seed per DP rank); masks are not part of a checkpoint, so a resumed run
+    equals an uninterrupted one exactly only without dropout."""
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Linears to adapt, by diffusers module name: a name matches a pattern when it ends with
     "." + pattern or matches it as a glob (`transformer_blocks.1*.attn.to_q`). The attention

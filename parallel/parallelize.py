@@ -160,6 +160,11 @@ def parallelize(args: MMDiTArgs, parallel: ParallelConfig, *, dtype: str = "auto
     model.to(plan.params_dtype)  # the layers outside the parallel linears are built in fp32
     if lora is not None and lora.enabled:
         _apply_lora(model, lora, plan, seed, weights)
+        if lora.dropout:
+            # The ranks of a TP group draw the same dropout masks (a replicated input must be
+            # dropped alike on each, or the replicated A would drift apart), as megatron seeds
+            # its default generator per DP rank; recompute replays the generator's state.
+            torch.manual_seed((seed or 0) * 100_003 + dims.dp_rank)
     apply_recompute(model, plan.recompute, plan.recompute_every)
     if plan.compile:
         compile_blocks(model)  # checkpointing wraps the compiled blocks
