@@ -14,6 +14,10 @@ reused (produce is incremental: a rerun encodes nothing new). Everything lands i
 defaults (`launch.nproc=2 parallel.tp=1` trains on two data-parallel ranks instead). Ctrl-C or
 SIGTERM stops the running stage (a trainer checkpoints first) and the data service, and with
 them every process they started.
+
+`--stage sft` and `--stage dpo` post-train from the pretrain demo's last checkpoint into
+run.dir/sft and run.dir/dpo (launch/demo_post.py), running the pretrain demo first when run.dir
+has no checkpoint.
 """
 
 import json
@@ -24,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from mmdit.config import ConfigError
 from mmdit.config.explain import sections
 from mmdit.config.loader import load_config
 from mmdit.config.train import PREVIEW_PROMPTS
@@ -136,12 +141,19 @@ class Interrupt:
 
 VAE_FLAG = Flag("vae", "also fine-tune the tiny VAE's decoder on the synthetic renderings (`mmdit vae-train`, "
                        "a short opt-in stage at the end)")
-COMMAND = Command("demo", __doc__, actions=(Action(flags=(VAE_FLAG,)),), sections=tuple(sections()))
+STAGE_FLAG = Flag("stage", "pretrain (default) | sft | dpo: post-train from the pretrain demo's last checkpoint "
+                           "(launch/demo_post.py; the pretrain demo runs first when run.dir has none) into "
+                           "run.dir/sft or run.dir/dpo", type=str, default="pretrain", metavar="STAGE")
+COMMAND = Command("demo", __doc__, actions=(Action(flags=(VAE_FLAG, STAGE_FLAG)),), sections=tuple(sections()))
 
 
 def main(argv: list[str]) -> int:
+    from mmdit.launch.demo_post import STAGES
+
     args = parse(COMMAND, argv)
-    argv = args.overrides
+    if args.flags.stage not in STAGES:
+        raise ConfigError(f"mmdit demo --stage must be one of {', '.join(STAGES)}, got {args.flags.stage!r}")
+    argv = user = args.overrides
     given = {a.split("=", 1)[0] for a in argv}
     argv = [f"{k}={v}" for k, v in DEFAULTS.items() if k not in given] + list(argv)
     cfg = load_config(argv)  # validates the overrides once, before any stage runs
@@ -157,7 +169,13 @@ def main(argv: list[str]) -> int:
     table.add("demo", "demo", os.getpid())
     code = 1
     try:
-        _run(cfg, argv, run, table, vae=args.flags.vae)
+        if args.flags.stage == "pretrain" or _pretrained(run) is None:
+            _run(cfg, argv, run, table, vae=args.flags.vae)
+        if args.flags.stage != "pretrain":
+            from mmdit.launch.demo_post import run_post
+
+            stages = Stages(table, run / "logs", cfg.launch.stop_timeout_s)
+            run_post(args.flags.stage, cfg, user, run, stages, table, _pretrained(run))
         code = 0
     except KeyboardInterrupt:
         code = 130
@@ -167,6 +185,14 @@ def main(argv: list[str]) -> int:
         if interrupt.stopping:
             ignore_repeated_sigterm()
     return 0
+
+
+def _pretrained(run: Path) -> Path | None:
+    """The model of the pretrain demo's newest checkpoint in `run`, if any."""
+    from mmdit.consumer.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run)
+    return None if latest is None else latest / "model"
 
 
 def _run(cfg, argv: list[str], run: Path, table: ProcessTable, vae: bool = False) -> None:

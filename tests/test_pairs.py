@@ -35,6 +35,17 @@ def test_synth_pairs_render_the_text_and_a_corrupted_string():
         assert make_pair(index, cfg) == sample  # a pure function of (seed, index)
 
 
+
+def test_pair_shards_are_named_apart_from_renderings(tmp_path):
+    """A key is the shard's stem and the sample's: pairs must not take the keys of the renderings
+    `mmdit synth` wrote with the same seed into one cache (they would pass for cached)."""
+    from mmdit.producer.synth.shards import write_shards
+
+    [pairs] = write_shards(str(tmp_path), SynthConfig(pairs=True, num_samples=1, min_side=96, max_side=128))
+    [plain] = write_shards(str(tmp_path), SynthConfig(num_samples=1, min_side=96, max_side=128))
+    assert pairs.endswith("pairs-000000.tar") and plain.endswith("synth-000000.tar")
+
+
 @pytest.fixture(scope="module")
 def produced(tmp_path_factory, tiny_encoders_dir):
     d = tmp_path_factory.mktemp("pairs")

@@ -21,7 +21,9 @@ Usage: `mmdit synth OUT num_samples=N [kinds.complex=1 edit_fraction=0.25 sample
 `kinds.<name>=w` sets one weight and keeps the others, as Hydra merges dictionaries).
 
 Output: `OUT/synth-000000.tar`, ... (webdataset shards, each written to a temporary name and
-renamed when complete, so a killed run leaves no torn shard under the final name). Members per
+renamed when complete, so a killed run leaves no torn shard under the final name); with
+synth.pairs, `OUT/pairs-000000.tar`, ...: a key is its shard's stem and the sample's, so pairs never
+share keys with renderings of the same seed in one cache. Members per
 sample, keyed `%08d` (the sample index):
 
   text-to-image sample (json task="t2i"):
@@ -427,7 +429,8 @@ def _drawn_sample(index: int, kind: str, rng: random.Random, cfg: SynthConfig) -
 
 
 def write_shards(out_dir: str, cfg: SynthConfig) -> list[str]:
-    """Render `cfg.num_samples` samples into `out_dir/synth-%06d.tar`; returns the shard paths."""
+    """Render `cfg.num_samples` samples into `out_dir/synth-%06d.tar` (pairs: `pairs-%06d.tar`);
+    returns the shard paths."""
     require_fonts(cfg.font_dir)
     if cfg.backgrounds and cfg.kinds.get("compositional"):
         scenes.background_files(cfg.backgrounds)  # no images: fail before writing anything
@@ -435,7 +438,7 @@ def write_shards(out_dir: str, cfg: SynthConfig) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for shard in range(math.ceil(cfg.num_samples / cfg.samples_per_shard)):
-        path = out / f"synth-{shard:06d}.tar"
+        path = out / f"{'pairs' if cfg.pairs else 'synth'}-{shard:06d}.tar"
         start = shard * cfg.samples_per_shard
         with atomic_path(path) as tmp, open(tmp, "wb") as stream:
             writer = wds.TarWriter(stream, mtime=0)
