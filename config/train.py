@@ -50,6 +50,10 @@ class TrainConfig:
     """Compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Train low-rank adapters instead of the full weights (train.lora.rank > 0; config/lora.py)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained weights (parallel/ema.py), updated after
+    every optimizer step in fp32: ema = decay * ema + (1 - decay) * w; 0 = off, else in (0, 1),
+    e.g. 0.999. Sharded like the optimizer state and saved in checkpoints; `weights=ema` uses it."""
     sigma_sampling: str = "logit_normal"
     """How training noise levels are drawn: uniform | logit_normal."""
     logit_mean: float = 0.0
@@ -99,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"train.data_source must be random or service, got {self.data_source!r}")
         if self.steps < 0 or self.micro_batch_size < 1 or self.global_batch_size < 0:
             raise ValueError("train.steps and train.global_batch_size must be >= 0, train.micro_batch_size >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
         if self.max_bad_steps < 1 or self.log_every < 1:
             raise ValueError("train.max_bad_steps and train.log_every must be >= 1")
         for side in (self.random_height, self.random_width):
@@ -219,10 +225,15 @@ class EvalConfig:
     """The evaluator evaluates waiting checkpoints oldest first while at most this many wait; with
     more it has fallen behind: it evaluates the newest and records the others as skipped (0 or 1:
     always the newest)."""
+    weights: str = "raw"
+    """Which weights the evaluations measure: raw (the trained weights) | ema (their moving
+    average, train.ema_decay > 0)."""
 
     def __post_init__(self):
         if self.every < 0 or self.sigmas < 1 or self.max_samples < 1:
             raise ValueError("eval.every must be >= 0, eval.sigmas and eval.max_samples >= 1")
+        if self.weights not in ("raw", "ema"):
+            raise ValueError(f"eval.weights must be raw or ema, got {self.weights!r}")
         if self.text_every < 0 or self.evaluator_tp < 1 or self.evaluator_backlog < 0:
             raise ValueError("eval.text_every and eval.evaluator_backlog must be >= 0, eval.evaluator_tp >= 1")
         if self.sample_every < 0 or self.sample_size <= 0 or self.sample_size % 16 or self.sample_steps < 2:

@@ -11,6 +11,9 @@
           tp00-dp00.safetensors             the Adam moments (megatron: and fp32 main weights) that rank
           ...                               owns; any TP x DP layout resumes from them
           groups.pt                         megatron backend: its param-group state
+        ema/                              train.ema_decay > 0: the EMA weights, sharded like the optimizer
+          ema.json                          state, in its format (parallel/ema.py); any TP x DP resumes
+          tp00-dp00.safetensors             and reshards them
         data.json                         the data cursor and the data-config (mixture) history
         trainer.json                      step, seed, TP/DP layout, backend, the size and CRC-32 of
                                           every other file; written last
@@ -64,6 +67,7 @@ import torch.distributed as dist
 from mmdit.model.checkpoint import FORMAT as MODEL_FORMAT
 from mmdit.model.checkpoint import INDEX, checkpoint_tensors, load_model, read_index, shard_file, write_model_index
 from mmdit.parallel.backend import MEGATRON_GROUPS
+from mmdit.parallel.ema import EMA_DIR
 from mmdit.parallel.optimizer_state import RankState, StateReader, param_layouts, state_file
 from mmdit.parallel.staging import InPlace
 from mmdit.utils.atomic import DiskFullError, atomic_save_safetensors, atomic_write_json, atomic_write_text, is_tmp
@@ -421,6 +425,8 @@ class StagedCheckpoint:
     dims: object
     data_state: dict
     trainer_state: dict
+    ema: object | None = None
+    """This rank's EMA weights (parallel/ema.py StagedEma), with train.ema_decay > 0."""
 
 
 @dataclass
@@ -437,9 +443,10 @@ a test can watch training go on, or kill a save mid-write."""
 
 
 def stage_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: dict, trainer_state: dict,
-                     staging: InPlace | None = None) -> StagedCheckpoint:
+                     staging: InPlace | None = None, ema=None) -> StagedCheckpoint:
     """Collective over all ranks (the finiteness check). Takes this rank's part of the checkpoint
-    of `step` through `staging` (default: in place, for a write before training goes on).
+    of `step` (and of the EMA weights, `ema`: parallel/ema.py) through `staging` (default: in
+    place, for a write before training goes on).
 
     Refuses (CheckpointError, on every rank) to save non-finite weights."""
     from mmdit.parallel.state import all_ranks_true
@@ -453,9 +460,11 @@ def stage_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state:
     if dims.dp_rank == 0:  # model/checkpoint.py write_model_shard's tensors (a LoRA run: adapters only), staged
         shard = {name: staging.copy(f"model/{name}", t) for name, t in checkpoint_tensors(model).items()}
     optimizer = backend.optimizer_state(dims, staging) if hasattr(backend, "optimizer_state") else None
+    ema_state = ema.state(dims, staging) if ema is not None else None
     staging.synchronize()
     return StagedCheckpoint(checkpoint_dir(run_dir, step), step, shard, shard_file(model.tp_rank, model.tp_size),
-                            optimizer, backend, dims, json.loads(json.dumps(data_state)), dict(trainer_state))
+                            optimizer, backend, dims, json.loads(json.dumps(data_state)), dict(trainer_state),
+                            ema_state)
 
 
 def write_staged(staged: StagedCheckpoint) -> WriteReport:
@@ -475,6 +484,8 @@ def write_staged(staged: StagedCheckpoint) -> WriteReport:
                 staged.optimizer.write(path / OPTIMIZER)
             else:
                 staged.backend.save_optimizer(path / OPTIMIZER, staged.dims)
+            if staged.ema is not None:
+                staged.ema.write(path / EMA_DIR)
         except OSError as e:
             return WriteReport(_relative(written, path), e)
     return WriteReport(_relative(written, path))
@@ -517,20 +528,24 @@ def publish_checkpoint(staged: StagedCheckpoint, report: WriteReport, model) -> 
     return path
 
 
-def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: dict, trainer_state: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: dict, trainer_state: dict,
+                    ema=None) -> Path:
     """Stage, write and publish in one go (collective over all ranks); consumer/async_save.py
     runs the same three steps with the write in the background."""
-    staged = stage_checkpoint(run_dir, step, model, backend, dims, data_state, trainer_state)
+    staged = stage_checkpoint(run_dir, step, model, backend, dims, data_state, trainer_state, ema=ema)
     return publish_checkpoint(staged, write_staged(staged), model)
 
 
-def load_checkpoint(path: Path, model, backend, dims) -> tuple[dict, dict]:
-    """Load model and optimizer state, saved at any TP x DP layout; return (trainer state, data state)."""
+def load_checkpoint(path: Path, model, backend, dims, ema=None) -> tuple[dict, dict]:
+    """Load model and optimizer state (and into `ema` the EMA weights: parallel/ema.py), saved at
+    any TP x DP layout; return (trainer state, data state)."""
     state = json.loads((path / TRAINER).read_text())
     load_model(model, path / MODEL)
     if state["backend"] != backend.name:
         raise ValueError(f"{path} holds {state['backend']} optimizer state; this run uses {backend.name}")
     backend.load_optimizer(StateReader(path / OPTIMIZER, state["tp"], state["dp"], param_layouts(model)), dims)
+    if ema is not None:
+        ema.load(path / EMA_DIR, dims)
     data = json.loads((path / DATA).read_text()) if (path / DATA).is_file() else {}
     return state, data
 

@@ -30,6 +30,7 @@ from mmdit.consumer.random_data import RandomBatches
 from mmdit.consumer.sample_log import SAMPLES, SampleLog
 from mmdit.consumer.schedule import lr_at as schedule_lr
 from mmdit.model.flops import mfu, peak_flops, step_flops
+from mmdit.parallel.ema import EMA
 from mmdit.parallel.parallelize import parallelize
 from mmdit.parallel.state import any_rank_true, dp_group
 from mmdit.utils.atomic import atomic_write_json, atomic_write_text
@@ -66,12 +67,13 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.objective = build_objective(cfg, self.plan)
         self.objective.setup(built)
+        self.ema = EMA(self.backend, cfg.train.ema_decay) if cfg.train.ema_decay else None  # parallel/ema.py
         self.lineage = lineage_of(cfg.checkpoint.init_from) if self.rank0 else None
         self.step, self.bad_steps = 0, 0
         self.data_state: dict = {}
         resume = resume_checkpoint(self.run_dir) if cfg.checkpoint.resume else None  # raises before anything is written
         if resume is not None:
-            state, self.data_state = load_checkpoint(resume, self.model, self.backend, self.dims)
+            state, self.data_state = load_checkpoint(resume, self.model, self.backend, self.dims, self.ema)
             self.step = state["step"]
             log.info("resumed from %s at step %d", resume, self.step)
         if self.rank0:  # the config is accepted: record it, and forget what ran after the checkpoint
@@ -104,8 +106,10 @@ class Trainer:
 
     def evaluate(self, kinds: list[str]) -> None:
         """The evaluations due at this step, on the trainer ranks (consumer/evaluations.py)."""
-        for record in self.evaluations.run(self.backend.module, self.plan, self.step, kinds):
-            self.metrics.write_eval(self.step, record)
+        with self.ema.weights_in(self.backend.module, dp_group()) if self.cfg.eval.weights == "ema" \
+                else contextlib.nullcontext():
+            for record in self.evaluations.run(self.backend.module, self.plan, self.step, kinds):
+                self.metrics.write_eval(self.step, record)
 
     def batches(self):
         if self.cfg.train.data_source == "random":
@@ -122,7 +126,8 @@ class Trainer:
     def checkpoint(self, batches) -> float:
         """Save this step's checkpoint (in the background with checkpoint.async_save); the stall."""
         return self.checkpointer.save(self.step, self.model, self.backend, self.dims, batches.state(),
-                                      {"seed": self.cfg.seed, **({"lineage": self.lineage} if self.lineage else {})})
+                                      {"seed": self.cfg.seed, **({"lineage": self.lineage} if self.lineage else {})},
+                                      ema=self.ema)
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
@@ -190,6 +195,8 @@ class Trainer:
                 figures.append(figs)
             loss_value, objective_figures = self._mean_over_dp(losses, figures)
             grad_norm, stepped = self.backend.step(skip=not math.isfinite(loss_value))
+            if stepped and self.ema is not None:
+                self.ema.update()
             end = time.perf_counter()
             step_time, wall, started, previous_end = end - started, end - previous_end, end, end
             self.step += 1
