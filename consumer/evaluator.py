@@ -197,7 +197,9 @@ class RunEvaluator:
         with reading(path) as held:
             if not held:
                 return "retention deleted it first"
-            problems = checkpoint_problems(path, dist.get_rank(), dist.get_world_size(), only=f"{MODEL}/")
+            ema = self.cfg.eval.weights == "ema"  # eval.weights=ema: the checkpoint's EMA weights (parallel/ema.py)
+            problems = [p for part in (f"{MODEL}/", *(["ema/"] if ema else []))
+                        for p in checkpoint_problems(path, dist.get_rank(), dist.get_world_size(), only=part)]
             if problems:
                 return "; ".join(problems)
             try:
@@ -205,6 +207,10 @@ class RunEvaluator:
                 if self.built is None or self.built.model.args != args:
                     self._build(args)
                 load_model(self.built.model, path / MODEL)
+                if ema:
+                    from mmdit.parallel.ema import ema_dir_of, load_ema
+
+                    load_ema(self.built.model, ema_dir_of(path / MODEL))
             except (OSError, ValueError, KeyError) as e:  # moved away (resume set it aside) or damaged
                 return f"{type(e).__name__}: {e}"
         return None

@@ -180,8 +180,9 @@ def locate_model(source: str | Path, encoders_dir: str | None = None) -> ModelSo
     return ModelSource(model_dir, encoders_dir or None, run_dir, step, encoders)
 
 
-def load_sampler(source: str | Path | ModelSource, encoders_dir: str | None = None) -> Sampler:
-    """The model of a run directory's newest checkpoint (or of a checkpoint), with its encoders."""
+def load_sampler(source: str | Path | ModelSource, encoders_dir: str | None = None, weights: str = "raw") -> Sampler:
+    """The model of a run directory's newest checkpoint (or of a checkpoint), with its encoders;
+    `weights="ema"`: the checkpoint's EMA weights in place of the trained ones (parallel/ema.py)."""
     from mmdit.config.parallel import ParallelConfig
     from mmdit.model.checkpoint import checkpoint_args
     from mmdit.parallel.parallelize import parallelize
@@ -192,4 +193,10 @@ def load_sampler(source: str | Path | ModelSource, encoders_dir: str | None = No
         raise ValueError("no encoders: give encoders=DIR (a Qwen-Image-layout directory)")
     model_dir = found.model_dir
     built = parallelize(checkpoint_args(model_dir), ParallelConfig(), weights=model_dir)  # this process, TP=1
+    if weights == "ema":
+        from mmdit.parallel.ema import ema_dir_of, load_ema
+
+        load_ema(built.model, ema_dir_of(model_dir))
+    elif weights != "raw":
+        raise ValueError(f"weights must be raw or ema, got {weights!r}")
     return Sampler(built.model, built.plan, Encoders.load(found.encoders_config()))

@@ -1,7 +1,8 @@
 """`mmdit convert`: diffusers <-> mmdit checkpoints, and a numerical check against diffusers.
 
     mmdit convert from-diffusers SRC DST [--tp N]   diffusers transformer (or Qwen-Image repo) -> mmdit
-    mmdit convert to-diffusers SRC DST               mmdit checkpoint -> diffusers (from_pretrained-able)
+    mmdit convert to-diffusers SRC DST [weights=ema] mmdit checkpoint -> diffusers (from_pretrained-able); with
+                                                     weights=ema, a training checkpoint's EMA weights
     mmdit convert verify SRC [--tp N] [--seed S]     run diffusers and mmdit on the same inputs
     mmdit convert lora-to-diffusers SRC DST          mmdit LoRA checkpoint -> pytorch_lora_weights.safetensors
                                                      (QwenImagePipeline.load_lora_weights loads it)
@@ -9,6 +10,8 @@
 """
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -19,12 +22,24 @@ from mmdit.model.diffusers_io import read_diffusers, transformer_dir, write_diff
 from mmdit.model.mmdit import build_mmdit, pack_latents, packed_shape
 from mmdit.model.sharding import diffusers_partition_dims
 
+
+@dataclass
+class ToDiffusersKeys:
+    weights: str = "raw"
+    """raw: the trained weights | ema: their moving average (SRC: a training checkpoint of a run with
+    train.ema_decay > 0, its step_N/ or step_N/model/)."""
+
+    def __post_init__(self):
+        if self.weights not in ("raw", "ema"):
+            raise ValueError(f"weights must be raw or ema, got {self.weights!r}")
+
+
 TP = Flag("tp", "tensor-parallel ranks: shards written (from-diffusers), gloo ranks run (verify)", int, 1, "N")
 COMMAND = Command("convert", __doc__, actions=(
     Action("from-diffusers", "diffusers -> mmdit", flags=(TP,), overrides=None,
            paths={"SRC": "a diffusers QwenImageTransformer2DModel dir, or a Qwen-Image repo (its transformer/)",
                   "DST": "the mmdit checkpoint to write"}),
-    Action("to-diffusers", "mmdit -> diffusers", overrides=None,
+    Action("to-diffusers", "mmdit -> diffusers", overrides=None, keys=ToDiffusersKeys,
            paths={"SRC": "an mmdit checkpoint", "DST": "the diffusers dir to write (from_pretrained loads it)"}),
     Action("verify", "diffusers and mmdit on the same inputs: max_abs_diff per case", overrides=None,
            paths={"SRC": "a diffusers transformer dir"}, flags=(TP, Flag("seed", "seed of the inputs", int, 0, "S"))),
@@ -54,8 +69,28 @@ def from_diffusers(src: str, dst: str, tp: int = 1) -> None:
     save_full_state_dict(state, args, dims, dst, tp)
 
 
-def to_diffusers(src: str, dst: str) -> None:
-    write_diffusers(load_full_state_dict_from(src), checkpoint_args(src), dst)
+def to_diffusers(src: str, dst: str, weights: str = "raw") -> None:
+    from mmdit.model.checkpoint import is_checkpoint
+
+    src = str(Path(src) / "model") if not is_checkpoint(src) and is_checkpoint(Path(src) / "model") else src
+    state, args = load_full_state_dict_from(src), checkpoint_args(src)
+    if weights == "ema":
+        state = with_ema(state, src, args)
+    write_diffusers(state, args, dst)
+
+
+def with_ema(state: dict[str, torch.Tensor], src: str, args: MMDiTArgs) -> dict[str, torch.Tensor]:
+    """`state` (diffusers names) with the EMA weights beside the checkpoint `src` in place of the
+    trained ones, in their dtype."""
+    from mmdit.model.qkv import to_diffusers as diffusers_named
+    from mmdit.parallel.ema import ema_dir_of, full_ema_tensors
+
+    averaged = dict(diffusers_named(full_ema_tensors(ema_dir_of(Path(src))).items(), args.attention_head_dim))
+    unknown = sorted(set(averaged) - set(state))
+    if unknown:
+        raise ValueError(f"{src}: its EMA averages parameters the checkpoint lacks ({', '.join(unknown[:4])}); "
+                         "an EMA of LoRA adapters is not converted here")
+    return {name: averaged[name].to(t.dtype) if name in averaged else t for name, t in state.items()}
 
 
 def lora_record(src: str) -> dict:
@@ -153,8 +188,8 @@ def main(argv: list[str]) -> int:
         from_diffusers(src, args.paths[1], flags.tp)
         print(json.dumps({"converted": src, "to": args.paths[1], "tp": flags.tp}))
     elif args.action == "to-diffusers":
-        to_diffusers(src, args.paths[1])
-        print(json.dumps({"converted": src, "to": args.paths[1]}))
+        to_diffusers(src, args.paths[1], args.keys.weights)
+        print(json.dumps({"converted": src, "to": args.paths[1], "weights": args.keys.weights}))
     elif args.action == "lora-to-diffusers":
         print(json.dumps({"converted": src, "to": lora_to_diffusers(src, args.paths[1])}))
     elif args.action == "merge":

@@ -7,7 +7,8 @@ text the prompt asks for: word accuracy and 1 - NED, overall, per language (en, 
 (single_line, multi_region, paragraph), plus the image-prompt alignment of a CLIP/SigLIP model.
 
 Writes the images, results.json and index.html (each image beside its reading and scores) to
-`out=DIR`, by default run.dir/eval/step_N/ for a run's checkpoint; a run's evaluation is also
+`out=DIR`, by default run.dir/eval/step_N/ for a run's checkpoint (step_N-ema/ with `weights=ema`:
+the checkpoint's EMA weights, parallel/ema.py); a run's evaluation is also
 appended to its metrics.jsonl as {"step": N, "eval": "text_rendering", ...} (and to its
 TensorBoard when it has one). Prints the summary as one JSON line. Exit 2: a bad prompt file.
 """
@@ -34,11 +35,15 @@ class EvalArgs(TextEvalConfig):
     """The VAE and Qwen2.5-VL (a Qwen-Image-layout directory); default: the run's encoders.dir."""
     record: bool = True
     """Append the summary to the run's metrics.jsonl (a run's checkpoint only)."""
+    weights: str = "raw"
+    """raw: the trained weights | ema: their moving average (a run with train.ema_decay > 0)."""
 
     def __post_init__(self):
         super().__post_init__()
         if self.negative_prompt in ('""', "''"):  # written without a shell to remove the quotes
             self.negative_prompt = ""
+        if self.weights not in ("raw", "ema"):
+            raise ValueError(f"weights must be raw or ema, got {self.weights!r}")
 
     def settings(self) -> TextEvalConfig:
         return TextEvalConfig(**{f.name: getattr(self, f.name) for f in fields(TextEvalConfig)})
@@ -77,6 +82,7 @@ def main(argv: list[str]) -> int:
         out = Path(keys.out)
     elif source.run_dir is not None:
         out = eval_dir(source.run_dir, source.step)
+        out = out.with_name(f"{out.name}-ema") if keys.weights == "ema" else out
     else:
         raise ConfigError(f"{args.paths[0]} is not a run's checkpoint: give out=DIR for the results")
     try:
@@ -84,11 +90,13 @@ def main(argv: list[str]) -> int:
                                                                                      source.encoders_dir))
     except PromptSetError as e:
         raise ConfigError(str(e)) from None
-    sampler = load_sampler(source)
+    sampler = load_sampler(source, weights=keys.weights)
     calls = len(evaluation.prompts) * keys.steps * (2 if keys.true_cfg_scale > 1 else 1)
     with tqdm(total=calls, desc="eval", disable=not sys.stderr.isatty()) as bar:
         summary = evaluation.run(sampler, out, progress=bar)
     summary["dir"] = str(out)
+    if keys.weights == "ema":
+        summary["weights"] = "ema"
     if keys.record and source.run_dir is not None:
         record = {"step": source.step, **{k: v for k, v in summary.items() if k != "settings"},
                   "dir": str(out.relative_to(source.run_dir)) if out.is_relative_to(source.run_dir) else str(out)}

@@ -31,6 +31,8 @@ class SampleArgs(SampleConfig):
     """A source image: each prompt is then an edit instruction for it."""
     encoders: str = ""
     """The VAE and Qwen2.5-VL (a Qwen-Image-layout directory); default: the run's encoders.dir."""
+    weights: str = "raw"
+    """raw: the trained weights | ema: their moving average (a run with train.ema_decay > 0)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -38,6 +40,8 @@ class SampleArgs(SampleConfig):
             self.negative_prompt = ""
         if not self.prompt:
             raise ValueError("give at least one prompt=...")
+        if self.weights not in ("raw", "ema"):
+            raise ValueError(f"weights must be raw or ema, got {self.weights!r}")
 
     def sampling(self) -> SampleConfig:
         return SampleConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SampleConfig)})
@@ -56,7 +60,7 @@ def main(argv: list[str]) -> int:
     keys: SampleArgs = args.keys
     cfg = keys.sampling()
     image = Image.open(keys.image) if keys.image else None
-    sampler = load_sampler(args.paths[0], keys.encoders or None)
+    sampler = load_sampler(args.paths[0], keys.encoders or None, keys.weights)
     out = Path(keys.out)
     out.mkdir(parents=True, exist_ok=True)
     images, written = [], []
@@ -71,5 +75,6 @@ def main(argv: list[str]) -> int:
     if len(images) > 1:
         grid(images).save(out / "grid.png")
         written.append(str(out / "grid.png"))
-    print(json.dumps({"images": written, "prompts": keys.prompt, **cfg.__dict__}, ensure_ascii=False))
+    print(json.dumps({"images": written, "prompts": keys.prompt, "weights": keys.weights, **cfg.__dict__},
+                     ensure_ascii=False))
     return 0

@@ -1,5 +1,5 @@
 """EMA weights (train.ema_decay, parallel/ema.py): the average by hand, exact resume, TP=2 -> TP=1
-resharding, and `eval.weights=ema` in the trainer's evaluations.
+resharding, and `weights=ema` in `mmdit sample`, the trainer's evaluations and `convert to-diffusers`.
 
 One TP=2 run (real processes) from known weights, checkpointed every step; the rest runs in this
 process at TP=1 from copies of its run directory.
@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ema_workers import train_rank
@@ -129,3 +130,42 @@ def test_resume_equals_uninterrupted_and_an_ema_evaluation_leaves_the_weights(tp
     eval_ema = [r for r in straight if r.get("eval")][-1]
     eval_raw = [r for r in resumed if r.get("eval")][-1]
     assert eval_ema["step"] == eval_raw["step"] == 3 and eval_ema["eval_loss"] != eval_raw["eval_loss"]
+
+
+@pytest.mark.slow
+def test_sample_and_convert_with_ema_weights(tp2, tiny_encoders_dir, tmp_path):
+    from PIL import Image
+
+    from mmdit.consumer.sample import SampleConfig, load_sampler
+    from mmdit.launch.cli import main
+    from mmdit.launch.convert import to_diffusers
+    from mmdit.model.diffusers_io import read_diffusers
+    from mmdit.model.qkv import diffusers_names, fuse
+
+    root, _ = tp2
+    ckpt = checkpoint_dir(root / "tp2", 3)  # written at TP=2, sampled at TP=1
+    settings = ["width=32", "height=32", "steps=3", "true_cfg_scale=1", "prompt=a red sign"]
+    try:
+        assert main(["sample", str(ckpt), f"encoders={tiny_encoders_dir}", "weights=ema", f"out={tmp_path / 'ema'}",
+                     *settings]) == 0
+        ema_image = np.asarray(Image.open(tmp_path / "ema" / "00.png"))
+        sampler = load_sampler(ckpt, tiny_encoders_dir)  # raw weights, then the EMA put in by hand
+        cfg = SampleConfig(width=32, height=32, steps=3, true_cfg_scale=1)
+        raw_image = np.asarray(sampler.generate("a red sign", cfg))
+        ema = ema_by_hand(ckpt)
+        with torch.no_grad():
+            for name, p in sampler.model.named_parameters():
+                parts = diffusers_names(name)
+                if parts[0] not in ema:  # never trained: the EMA leaves it
+                    continue
+                p.copy_(ema[name] if len(parts) == 1 else fuse([ema[n] for n in parts], TINY.attention_head_dim))
+        by_hand_image = np.asarray(sampler.generate("a red sign", cfg))
+    finally:
+        destroy_parallel()
+    assert np.array_equal(ema_image, by_hand_image)
+    assert not np.array_equal(ema_image, raw_image)
+
+    to_diffusers(str(ckpt), str(tmp_path / "diffusers"), weights="ema")
+    _, exported = read_diffusers(tmp_path / "diffusers")
+    raw = load_full_state_dict_from(ckpt / "model")
+    assert set(exported) == set(raw) and all(torch.equal(exported[n], ema.get(n, raw[n])) for n in raw)
