@@ -12,6 +12,8 @@ prepare_depth, plan_ahead, prefetch, timeouts), the speed of every rank (late st
 paused steps) and a stream of faults: producers killed (with or without a client noticing),
 going silent and coming back, leaving, joining late, and the whole trainer restarting from a
 checkpoint cursor, and data-config changes (hot-swaps) while windows are located and acks held.
+A crashed incarnation's acks can arrive late (a call still in flight, or acks it held): after its
+successor registered, they must count for nothing, or a batch finishes before the successor has it.
 
 Invariants, checked at every tick:
 - exactly once, in plan order: the batch a rank consumes at position `seq` is the pure plan's
@@ -128,6 +130,7 @@ class Consumer:
         self.fetches: dict[int, Fetch] = {}
         self.acks: list[tuple[float, int]] = []
         self.registered, self.left = False, False
+        self.registered_at: float | None = None
         self.waiting_since: float | None = None
         self.counted_since: float | None = None
         self.windowed = sim.windowed
@@ -148,7 +151,7 @@ class Consumer:
         self.gen = reply.gen
         if reply.cursor["seq"] != self.cursor:
             raise SimFailure(f"{self.name}: registered at {self.cursor}, coordinator says {reply.cursor}")
-        self.registered = True
+        self.registered, self.registered_at = True, self.sim.clock.now
 
     def step(self) -> None:
         sim, now = self.sim, self.sim.clock.now
@@ -156,6 +159,7 @@ class Consumer:
             return
         if not self.registered:
             self.register()
+            sim.deliver_late_acks()  # a predecessor's call may arrive right after this registration
         due = [s for t, s in self.acks if t <= now]
         if due:
             self.acks = [(t, s) for t, s in self.acks if t > now]
@@ -291,7 +295,10 @@ class Sim:
         self.consumers = [Consumer(self, r, rng.uniform(0, 15) if lagging and rng.random() < 0.5 else 0.0,
                                    rng.choice((0.0, 0.25, 1.0, 2.0))) for r in range(self.dp)]
         self.delivered: list[list] = [[] for _ in range(self.dp)]
-        self.restarts = self.swaps = 0
+        self.restarts = self.swaps = self.late_acks = 0
+        self.in_flight: list[tuple[Consumer, float, str, int, list[int]]] = []
+        """A crashed incarnation's acks still on their way: (its successor, delay after the
+        successor registered, its name, its generation, the seqs)."""
         self.fault_rate = rng.choice((0.0, 0.02, 0.05))
         self.bound = self.lease_timeout + 3 * self.heartbeat + 3 * self.max_prep + 4 * TICK
 
@@ -395,6 +402,25 @@ class Sim:
             fresh.cursor, fresh.cursor_pos = k, cursor
             self.consumers[r] = fresh
             del self.delivered[r][k:]
+            received = [s for s in range(k, c.cursor)] + [s for s, f in c.fetches.items() if f.phase == "have"]
+            if not clean and c.registered and received and self.rng.random() < 0.7:
+                # its last call carried (or would have carried) acks of what it received from k on
+                delay = self.rng.choice((0.0, 0.0, self.rng.uniform(0, 1)))
+                self.in_flight.append((fresh, delay, c.name, c.gen, received))
+
+    def deliver_late_acks(self) -> None:
+        """Acks of crashed incarnations arrive after their successors registered."""
+        now, keep = self.clock.now, []
+        for fresh, delay, name, gen, seqs in self.in_flight:
+            if fresh.registered_at is None or now < fresh.registered_at + delay:
+                keep.append((fresh, delay, name, gen, seqs))
+            elif self.windowed:
+                self.coord.locate(name, gen, max(seqs) + 1, WINDOW - 1, seqs)
+                self.late_acks += 1
+            else:
+                self.coord.ack(name, fresh.dp_rank, gen, seqs)
+                self.late_acks += 1
+        self.in_flight = keep
 
     # ---- invariants
 
@@ -437,13 +463,14 @@ class Sim:
             self.rng.shuffle(order)
             for actor in order:
                 actor.step()
+            self.deliver_late_acks()
             self.check_liveness()
             self.clock.now += TICK
         for r, got in enumerate(self.delivered):
             if got != self.plan:
                 raise SimFailure(f"rank {r} consumed {len(got)} batches, not the plan's {len(self.plan)}")
         return {"time": self.clock.now, "restarts": self.restarts, "swaps": self.swaps, "producers": self.n_producers,
-                "counters": self.coord.status()["counters"]}
+                "late_acks": self.late_acks, "counters": self.coord.status()["counters"]}
 
     def describe(self) -> str:
         return (f"seed {self.seed}: {'windowed' if self.windowed else 'per_batch'} dp {self.dp} mbs {self.mbs} "
@@ -463,10 +490,12 @@ def run_schedule(seed: int, coordinator_cls: type = Coordinator) -> dict:
 
 def run_many(schedules: int, first_seed: int = 0) -> dict:
     """Run `schedules` schedules from `first_seed`; raise SimFailure on the first violation."""
-    started, stats = time.perf_counter(), {"restarts": 0, "producers": 0, "revoked": 0, "sim_seconds": 0.0}
+    started = time.perf_counter()
+    stats = {"restarts": 0, "producers": 0, "revoked": 0, "late_acks": 0, "sim_seconds": 0.0}
     for seed in range(first_seed, first_seed + schedules):
         out = run_schedule(seed)
         stats["restarts"] += out["restarts"]
+        stats["late_acks"] += out["late_acks"]
         stats["producers"] += out["producers"]
         stats["revoked"] += out["counters"]["revoked"]
         stats["sim_seconds"] += out["time"]
