@@ -46,8 +46,10 @@ class JointAttention(nn.Module):
         """img [B, N, D], txt [B, L, D] (modulated; this rank's chunks under sequence parallelism),
         padding from the kernel's `prepare` -> (img_out, txt_out | None), shaped as img and txt."""
         cos, sin = rope  # [L + N, Dh/2]
-        txt_len = shards.txt.length
         txt_q, txt_k, txt_v = self._qkv(self.add_qkv_proj, txt, shards.txt)
+        # The whole stream's length, read from the tensor (not the int in `shards`), so that a
+        # compiled block keeps it symbolic: one graph for every prompt length (parallel/compile.py).
+        txt_len = txt_q.shape[1]
         img_q, img_k, img_v = self._qkv(self.to_qkv, img, shards.img)
         q = torch.cat([self.norm_added_q(txt_q), self.norm_q(img_q)], dim=1)  # [B, L+N, H/tp, Dh]
         k = torch.cat([self.norm_added_k(txt_k), self.norm_k(img_k)], dim=1)

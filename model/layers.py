@@ -45,7 +45,12 @@ class ColumnLinear(_OutputOnly, tensor_parallel.ColumnParallelLinear):
 
 
 class RowLinear(_OutputOnly, tensor_parallel.RowParallelLinear):
-    pass
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        # megatron's RowParallelLinear.forward passes tp_group=None (meaning its TP group), which
+        # warns on rank 0 at every call: under torch.compile, a graph break in every block.
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
 
 
 class _GatherLastDim(torch.autograd.Function):
