@@ -116,7 +116,9 @@ def test_resume_at_tp1_from_tp2_continues_the_ema_exactly(tp2, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted_and_an_ema_evaluation_leaves_the_weights(tp2, tmp_path):
+def test_resume_equals_uninterrupted_and_ema_evaluations_agree(tp2, tmp_path):
+    """Resumed at step 2, the EMA of step 3 is the uninterrupted run's; the trainer's evaluation of
+    the EMA leaves the trained weights as they were and gives what the evaluator gives."""
     root, _ = tp2
     evals = ["eval.every=3", "eval.max_samples=2", "eval.sigmas=2"]
     straight = train_here(*overrides(tmp_path / "straight", root / "base", "train.steps=3", *evals, "eval.weights=ema"))
@@ -130,6 +132,17 @@ def test_resume_equals_uninterrupted_and_an_ema_evaluation_leaves_the_weights(tp
     eval_ema = [r for r in straight if r.get("eval")][-1]
     eval_raw = [r for r in resumed if r.get("eval")][-1]
     assert eval_ema["step"] == eval_raw["step"] == 3 and eval_ema["eval_loss"] != eval_raw["eval_loss"]
+
+    from mmdit.consumer.evaluator import RunEvaluator
+
+    evaluator = RunEvaluator(load_config(overrides(tmp_path / "straight", root / "base", *evals, "eval.weights=ema")),
+                             tmp_path / "straight")
+    try:
+        [record] = evaluator.evaluate("step_00000003", ["loss"])  # the evaluator process's way: from the files
+    finally:
+        evaluator.close()
+        destroy_parallel()
+    assert record["eval_loss"] == eval_ema["eval_loss"]
 
 
 @pytest.mark.slow
