@@ -172,7 +172,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int, dtype: torch.dtype 
               if not block.text_output}
     for p in model.parameters():
         p.requires_grad_(False)
-    tp_group = model.transformer_blocks[0].attn.to_qkv.tp_group
     tp, tp_rank = model.tp_size, model.tp_rank
     adapted, found = [], []
     for module_name, module in list(model.named_modules()):
@@ -197,6 +196,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int, dtype: torch.dtype 
         if len(names) > 1:
             head_dim = model.args.attention_head_dim
             layout = (out_part // head_dim, head_dim)
+        tp_group = getattr(module, "tp_group", None) or getattr(module, "_tp_group", None)  # local | TE layers
         module.lora = LoraAdapter(kind, parts, cfg.scale, cfg.dropout, tp_group, layout, tuple(names) if layout else ())
         adapted += chosen.values()
     unmatched = [p for p in cfg.targets if not any(matches(n, [p]) for n in found)]

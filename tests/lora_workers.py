@@ -52,3 +52,8 @@ def lora_forward_backward(rank: int, args: MMDiTArgs, tp: int, state: dict, adap
         grads[name] = param.grad if dim is None else unshard(parts, dim)
     with_grad = sorted(n for n, p in model.named_parameters() if p.grad is not None)
     return {"out": out.detach(), "grads": grads, "with_grad": with_grad}
+
+
+def lora_cases(rank: int, args: MMDiTArgs, tp: int, state: dict, adapters: dict, cases: list[tuple]) -> list[dict]:
+    """`lora_forward_backward` of each (sequence_parallel, recompute, case), in one process group."""
+    return [lora_forward_backward(rank, args, tp, state, adapters, *case) for case in cases]

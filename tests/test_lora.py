@@ -2,6 +2,7 @@
 sequence parallelism) equal TP=1, training resumes and reshards exactly, merged equals unmerged,
 and diffusers' QwenImagePipeline.load_lora_weights runs what mmdit trained."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from lora_workers import lora_forward_backward, lora_model, random_adapters
+from lora_workers import LORA, lora_cases, lora_forward_backward, lora_model, random_adapters
 from model_workers import random_full_state_dict
 from safetensors import safe_open
 
@@ -50,6 +51,13 @@ def test_zero_b_is_the_base_and_disabled_runs_the_base(state):
         assert torch.equal(model(**case), adapted) and (adapted - base).abs().max() > 1e-2
 
 
+def test_targets_that_match_no_linear_are_rejected_by_name(state):
+    with pytest.raises(ValueError, match=r"\['attn.to_qq'\] match no tensor-parallel linear"):
+        lora_model(TINY, state, None, lora=dataclasses.replace(LORA, targets=["attn.to_q", "attn.to_qq"]))
+    with pytest.raises(ValueError, match="rank"):
+        dataclasses.replace(LORA, rank=-1)
+
+
 def assert_same(reference: dict, result: dict, atol: float = 1e-5) -> None:
     assert (result["out"] - reference["out"]).abs().max().item() <= atol
     assert result["grads"].keys() == reference["grads"].keys()
@@ -64,12 +72,11 @@ def test_tensor_parallel_lora_equals_single_rank(state):
     """Both kinds of split, a fused q/k/v adapter with k missing, the modulation; with sequence
     parallelism on streams no TP size divides, under selective recompute."""
     adapters = random_adapters(TINY, state, seed=5)
-    reference = lora_forward_backward(0, TINY, 1, state, adapters)
-    for rank_result in spawn(lora_forward_backward, 2, TINY, 2, state, adapters, False, "full"):
-        assert_same(reference, rank_result)
-    reference = lora_forward_backward(0, TINY, 1, state, adapters, case="odd")
-    for rank_result in spawn(lora_forward_backward, 2, TINY, 2, state, adapters, True, "elementwise", "odd"):
-        assert_same(reference, rank_result)
+    cases = [(False, "full", "edit"), (True, "elementwise", "odd")]
+    references = [lora_forward_backward(0, TINY, 1, state, adapters, case=case) for _, _, case in cases]
+    for rank_results in spawn(lora_cases, 2, TINY, 2, state, adapters, cases):
+        for reference, result in zip(references, rank_results, strict=True):
+            assert_same(reference, result)
 
 
 def train(run_dir, *overrides):
