@@ -65,6 +65,9 @@ class StepMetrics:
     wall_s: float = 0.0
     """Wall time from the end of the previous step (or the loop's start) to the end of this one:
     step_time_s, the stalls, and what little else the loop does."""
+    peak_memory_gib: float | None = None
+    """This rank's `torch.cuda.max_memory_allocated()` since the run started, GiB (what
+    model/memory.py's `Memory.allocated` predicts); None on a CPU."""
 
     def telemetry(self) -> dict:
         """What a trainer reports to the coordinator (dataservice/telemetry.py TRAINER_FIELDS)."""

@@ -274,6 +274,7 @@ class Trainer:
             mfu=mfu(flops, step_time, self.dims.world_size, self.peak) if self.peak else None,
             data_wait_fraction=data_wait / step_time, config_version=int(micro_batches[-1].get("config_version", 0)),
             step_time_s=step_time, global_batch_size=global_batch, skipped=skipped, objective=objective,
-            data_wait_s=data_wait, checkpoint_stall_s=stalls[0], eval_stall_s=stalls[1], wall_s=wall)
+            data_wait_s=data_wait, checkpoint_stall_s=stalls[0], eval_stall_s=stalls[1], wall_s=wall,
+            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_initialized() else None)
         self.metrics.write(m)
         return m
