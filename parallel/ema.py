@@ -88,13 +88,18 @@ class EMA:
         self.backend, self.decay, self.updates = backend, decay, 0
         self.values: dict[str, torch.Tensor] = {}
         self.ranges: dict[str, OwnedRange] = {}
-        for name, _, owned, source in owned_parameters(backend):
-            self.values[name] = source.detach().float().clone()
-            self.ranges[name] = owned
+        self.reset()
         trained = {name for name, p in backend.module.named_parameters() if p.requires_grad}
         self.layouts = {n: layout for n, layout in param_layouts(backend.module).items() if n in trained}
         log.info("EMA of %d trained parameters (decay %g): %d owned here, %.1f MiB fp32", len(trained), decay,
                  len(self.values), sum(v.numel() for v in self.values.values()) * 4 / 2**20)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """The EMA of the weights as they are now (the start of training)."""
+        for name, _, owned, source in owned_parameters(self.backend):
+            self.values[name] = source.detach().float().clone()
+            self.ranges[name] = owned
 
     @torch.no_grad()
     def update(self) -> None:
@@ -119,11 +124,13 @@ class EMA:
 
     @torch.no_grad()
     def load(self, directory: Path, dims) -> bool:
-        """The saved EMA of what this rank owns now, from any TP x DP layout; False (the EMA stays
-        the current weights) when the checkpoint has none (saved with train.ema_decay=0)."""
+        """The saved EMA of what this rank owns now, from any TP x DP layout; False (the EMA starts
+        from the weights just loaded) when the checkpoint has none (saved with train.ema_decay=0).
+        Call it after the model and optimizer state are loaded."""
         if not (Path(directory) / INDEX).is_file():
             log.warning("%s holds no EMA weights (saved with train.ema_decay=0): the EMA starts from the "
                         "resumed weights", Path(directory).parent)
+            self.reset()
             return False
         reader, index = ema_reader(directory)
         for name, owned in self.ranges.items():
