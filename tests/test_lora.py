@@ -51,6 +51,33 @@ def test_zero_b_is_the_base_and_disabled_runs_the_base(state):
         assert torch.equal(model(**case), adapted) and (adapted - base).abs().max() > 1e-2
 
 
+def test_compiled_blocks_trace_the_adapters_whole(state):
+    """torch.compile (a backend without code generation: what dynamo traces is the question): no
+    graph break, the eager model's output and adapter gradients, and `disabled` still runs the base."""
+    from torch._dynamo.utils import counters
+
+    from mmdit.parallel.compile import compile_blocks
+
+    adapters = random_adapters(TINY, state, seed=5)
+    case = verification_cases(TINY, seed=1)["t2i"]
+    results = []
+    for compiled in (False, True):
+        model = lora_model(TINY, state, adapters)
+        if compiled:
+            counters.clear()
+            compile_blocks(model, backend="eager")
+        out = model(**case)
+        out.square().mean().backward()
+        with torch.no_grad(), disabled(model):
+            base = model(**case)
+        results.append((out.detach(), base, {n: p.grad for n, p in adapter_parameters(model)}))
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] > 0
+    (out, base, grads), (c_out, c_base, c_grads) = results
+    assert (c_out - out).abs().max() <= 1e-5 and (c_base - base).abs().max() <= 1e-5
+    assert (out - base).abs().max() > 1e-2
+    assert all((c_grads[n] - g).abs().max() <= 1e-5 for n, g in grads.items())
+
+
 def test_targets_that_match_no_linear_are_rejected_by_name(state):
     with pytest.raises(ValueError, match=r"\['attn.to_qq'\] match no tensor-parallel linear"):
         lora_model(TINY, state, None, lora=dataclasses.replace(LORA, targets=["attn.to_q", "attn.to_qq"]))
