@@ -13,6 +13,15 @@ from mmdit.parallel.spawn import spawn
 TINY = load_config([]).model
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a loaded shared machine, spinning worker threads only slow a tiny model."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Affine(torch.nn.Module):
     """Predicts a * tokens + b * sigma + c: a policy (trainable) or a reference (frozen)."""
 
@@ -94,7 +103,7 @@ def test_dpo_refuses_batches_that_are_not_pairs():
 
 
 @pytest.mark.slow
-def test_a_dpo_step_at_tp2_with_and_without_sequence_parallel_equals_tp1(tmp_path):
+def test_a_dpo_step_at_tp2_with_and_without_sequence_parallel_equals_tp1(tmp_path, one_thread):
     """Real processes: the reference built by setup() at each TP from a checkpoint, the policy
     from other weights; the loss, the figures and every gradient agree."""
     from model_workers import random_full_state_dict
@@ -124,7 +133,7 @@ def test_a_dpo_step_at_tp2_with_and_without_sequence_parallel_equals_tp1(tmp_pat
                 assert (r["grads"][name] - grad).abs().max().item() <= 1e-5, name
 
 
-def test_dpo_learns_a_preference_that_holds_on_held_out_pairs_and_shifts_sampling():
+def test_dpo_learns_a_preference_that_holds_on_held_out_pairs_and_shifts_sampling(one_thread):
     """Tiny pairs whose preferred latents add a fixed pattern that the rejected ones subtract: 10
     DPO steps from the reference take the held-out preference accuracy from 0 (policy = reference:
     no margin) to clearly above chance, and samples drawn from noise lean towards the pattern."""
