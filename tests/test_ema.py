@@ -70,6 +70,16 @@ def resumed_copy(src, dst, step: int):
     return dst
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as the spawned ranks run: on a loaded shared machine, spinning worker
+    threads only slow a tiny model."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory):
     """Known initial weights, and 3 steps at TP=2 from them (async saves, one checkpoint a step)."""
