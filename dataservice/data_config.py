@@ -13,6 +13,7 @@ What can change, by key (the names of `conf/data`):
     base_resolution              the curriculum stage: 256, 640 or 1328 (the cache must hold it)
     <table> / filters            a mapping replaces the whole table / every threshold (a preset)
     filters.<threshold>          every threshold of FilterConfig (min_blur, max_text_chars, ...)
+    filters.curated_list         a key-list file (SFT's curated set), or '' for none
 
 Weights are finite and >= 0; a change that leaves every task at weight 0, or selects no sample
 at all, or weighs every caption source 0, is rejected, and so is any unknown key, wrong type or
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 from mmdit.config.data import CAPTION_SOURCES, CategoryError, FilterConfig, Mixture, check_category_weights
@@ -66,6 +68,10 @@ def _threshold(key: str, name: str, value: Any) -> Any:
     if kind is bool:
         if not isinstance(value, bool):
             raise ChangeError(f"{key} must be true or false, got {value!r}")
+        return value
+    if kind is str:  # filters.curated_list: a key-list file on the coordinator's host, or "" for none
+        if not isinstance(value, str) or (value and not os.path.isfile(value)):
+            raise ChangeError(f"{key} must be a path to an existing file or '', got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
         raise ChangeError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")

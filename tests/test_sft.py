@@ -55,6 +55,20 @@ def test_the_curated_list_hot_swaps_mid_epoch_without_repeating_a_sample(tmp_pat
     assert {b.config_version for b in batches} == {0, 1}
 
 
+def test_mmdit_ctl_set_swaps_the_curated_list_and_refuses_a_missing_file(tmp_path):
+    from mmdit.config.loader import load_data_preset
+    from mmdit.dataservice.data_config import ChangeError, apply_changes, version_zero
+
+    start = version_zero(load_data_preset("sft"), 256)  # conf/data/sft.yaml: no list until one is given
+    assert start.filters["curated_list"] == "" and start.task_weights["edit"] == 0
+    listed = key_list(tmp_path / "b.txt", KEYS[:2])
+    new, applied = apply_changes(start, {"filters.curated_list": listed}, {256})
+    assert new.filters["curated_list"] == listed and applied == {"filters.curated_list": listed}
+    for bad in (str(tmp_path / "missing.txt"), 3):
+        with pytest.raises(ChangeError, match="curated_list"):
+            apply_changes(start, {"filters.curated_list": bad}, {256})
+
+
 def test_sft_records_its_lineage_in_the_run_and_every_checkpoint(tmp_path):
     from mmdit.consumer.checkpoint import checkpoint_dir
     from mmdit.consumer.lineage import weights_fingerprint
