@@ -255,14 +255,14 @@ class Model:
                 "model_wall_s": wall}
 
 
-def measure(coordinator_cls, protocol: str, dp: int, producers: int, seconds: float, rate: float | None = None
-            ) -> dict:
-    rate = rate or needed_batches_per_s(dp)
+def measure(coordinator_cls, protocol: str, dp: int, producers: int, seconds: float, rate: float | None = None,
+            stage: str = "256") -> dict:
+    rate = rate or needed_batches_per_s(dp, stage)
     out = Model(coordinator_cls, protocol, dp, producers, rate).run(warmup_s=3.0, seconds=seconds)
     if out["global_batches_per_s"] < 0.95 * rate:
         raise RuntimeError(f"dp {dp}, {producers} producers, {protocol}: the model kept up with "
                            f"{out['global_batches_per_s']:.1f} of {rate:.1f} batches/s")
-    return {"dp_ranks": dp, "trainer_gpus": dp * TP, "producers": producers, "protocol": protocol,
+    return {"dp_ranks": dp, "trainer_gpus": dp * TP, "producers": producers, "protocol": protocol, "stage": stage,
             "rate_batches_per_s": rate, **out}
 
 
@@ -272,27 +272,30 @@ def main() -> int:
                         help="DP ranks x producers, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="simulated seconds measured per size")
     parser.add_argument("--baseline", default="", help="git revision whose coordinator runs beside this one")
+    parser.add_argument("--stages", default="256", help="resolutions whose needed rate the trainers run at "
+                        f"({', '.join(SAMPLES_PER_S_PER_GPU)}), comma-separated")
+    parser.add_argument("--protocols", default="windowed,per_batch", help="this checkout's client protocols to run")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     logging.getLogger("mmdit.coordinator").setLevel(logging.ERROR)
     from mmdit.dataservice.coordinator import Coordinator
 
-    variants = [("current", Coordinator, "windowed"), ("current", Coordinator, "per_batch")]
+    variants = [("current", Coordinator, protocol) for protocol in args.protocols.split(",")]
     if args.baseline:
         variants.append((f"baseline {args.baseline}", load_baseline(args.baseline), "per_batch"))
     started, runs = time.time(), []
-    for size in args.sizes.split(","):
+    for stage, size in [(stage, size) for stage in args.stages.split(",") for size in args.sizes.split(",")]:
         dp, producers = (int(x) for x in size.split("x"))
         for label, cls, protocol in variants:
-            runs.append({"coordinator": label, **measure(cls, protocol, dp, producers, args.seconds)})
+            runs.append({"coordinator": label, **measure(cls, protocol, dp, producers, args.seconds, stage=stage)})
             r = runs[-1]
-            print(f"{label:>18} {protocol:>9} dp {dp:4d} producers {producers:5d}: "
+            print(f"{label:>18} {protocol:>9} {stage:>4} px dp {dp:4d} producers {producers:5d}: "
                   f"{r['cpu_ms_per_global_batch']:7.2f} ms/batch, {r['calls_per_global_batch']:7.1f} calls/batch, "
                   f"utilization {r['coordinator_utilization']:.3f} at {r['rate_batches_per_s']:.1f} batches/s",
                   flush=True)
     results = {"runs": runs, "tp": TP, "global_batch": GLOBAL_BATCH, "needed_samples_per_s_per_gpu":
                SAMPLES_PER_S_PER_GPU, "wall_s": time.time() - started,
-               "reproduce": "python bench/coordinator_model.py" + (f" --baseline {args.baseline}" * bool(args.baseline))}
+               "reproduce": "python bench/coordinator_model.py " + " ".join(sys.argv[1:])}
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
     return 0
