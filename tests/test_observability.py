@@ -138,11 +138,14 @@ def test_a_real_prometheus_scrapes_the_series(live_run, tmp_path):
 
         throughput = wait_until(lambda: query("mmdit_samples_per_second"), 180, "a scraped mmdit_samples_per_second")
         alive = wait_until(lambda: query("mmdit_producers_alive"), 60, "mmdit_producers_alive")
+        locates = wait_until(lambda: query('mmdit_coordinator_calls_total{kind="locate"}'), 60,
+                             "the coordinator's own calls")
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=60)
     assert throughput[0]["metric"]["dp_rank"] == "0" and float(throughput[0]["value"][1]) > 0
     assert float(alive[0]["value"][1]) == 2
+    assert float(locates[0]["value"][1]) > 0  # the coordinator's own health is scraped too
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -161,8 +164,9 @@ def test_the_dashboard_draws_live_charts_in_a_browser(live_run, tmp_path):
                          capture_output=True, text=True, timeout=180).stdout
     import re
 
-    points = dict(re.findall(r'id="chart-([a-z]+)"[^>]*data-points="(\d+)"', dom))
-    for chart in ("loss", "throughput", "flops", "wait", "producers", "alive", "walltime", "evals"):
+    points = dict(re.findall(r'id="chart-([a-z-]+)"[^>]*data-points="(\d+)"', dom))
+    for chart in ("loss", "throughput", "flops", "wait", "producers", "alive", "walltime", "evals", "coord-calls",
+                  "coord-load"):
         assert int(points.get(chart, 0)) > 0, (chart, points)
     assert "the coordinator does not answer" not in dom and "step " in dom and "in steps " in dom
     shot = tmp_path / "dashboard.png"

@@ -68,6 +68,11 @@ function init() {
             { acc: { range: [0, 1] } });
   makeChart("chart-producers", [{ label: "batches/s", stroke: "#17becf" }]);
   makeChart("chart-alive", [{ label: "producers", stroke: "#7f7f7f" }]);
+  makeChart("chart-coord-calls", [{ label: "lease", stroke: "#17becf" }, { label: "locate", stroke: "#1f77b4" },
+                                  { label: "ack", stroke: "#2ca02c" }, { label: "register", stroke: "#d62728" }]);
+  makeChart("chart-coord-load", [{ label: "lock busy", stroke: "#d62728" }, { label: "CPU", stroke: "#8c564b" },
+                                 { label: "headroom", stroke: "#2ca02c", scale: "times" },
+                                 { label: "pending", stroke: "#7f7f7f", scale: "times" }], { y: { range: [0, 1] } });
 }
 
 function cell(row, text, cls) {
@@ -114,6 +119,10 @@ async function refresh() {
     const p = series.producers;
     setData("chart-producers", [p.time, p.batches_per_second]);
     setData("chart-alive", [p.time, p.producers_alive]);
+    const c = series.coordinator;
+    setData("chart-coord-calls", [c.time, c.lease_per_second, c.locate_per_second, c.ack_per_second,
+                                  c.register_per_second]);
+    setData("chart-coord-load", [c.time, c.lock_busy_fraction, c.cpu_fraction, c.headroom, c.pending]);
     const n = t.step.length;
     document.getElementById("summary").textContent = n
       ? `step ${t.step[n - 1]} | loss ${fmt(t.loss[n - 1], 4)} | ${fmt(t.samples_per_second[n - 1], 2)} samples/s | ` +
