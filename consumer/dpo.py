@@ -19,6 +19,8 @@ once; `PairInputs` unpacks such a batch into `x0_win` and `x0_lose`.
 The reference is built once by `build_reference`, at the trained model's TP (and sequence
 parallelism), in the compute dtype (bf16 on GPU), without gradients or optimizer state, from
 `checkpoint.init_from`, or from the same initial weights as the policy (same seed) without one.
+With LoRA (train.lora) there is no second model: the reference is the policy with its adapters
+switched off (`BaseOfPolicy`), which is exactly the frozen base the adapters were added to.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from mmdit.cache.segment import PAIR
 from mmdit.config.job import JobConfig
 from mmdit.model.flow import noisy_input, sample_training_sigmas, velocity_target
+from mmdit.model.lora import disabled
 from mmdit.model.mmdit import pack_latents, packed_shape
 from mmdit.parallel.parallelize import Parallelized, Plan, parallelize
 
@@ -84,6 +87,17 @@ def build_reference(cfg: JobConfig, plan: Plan) -> torch.nn.Module:
     return model
 
 
+class BaseOfPolicy:
+    """The reference of a LoRA policy: its own (unwrapped) model run with the adapters off."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, *args):
+        with disabled(self.model):
+            return self.model(*args)
+
+
 def pair_noise(seed: int, step: int, first_index: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """s ~ U(0, 1) (no resolution shift: the report's Eq. 3) and the noise [B, N, C] of each
     pair, from a generator keyed by (seed, step, the pair's index in the global batch), as flow's
@@ -105,14 +119,17 @@ class DpoObjective:
     def __init__(self, cfg: JobConfig, plan: Plan, reference_builder=build_reference):
         self.cfg, self.plan, self.beta, self.seed = cfg, plan, cfg.train.dpo.beta, cfg.seed
         self.reference_builder = reference_builder
-        self.reference: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | BaseOfPolicy | None = None
 
     @classmethod
     def from_config(cls, cfg: JobConfig, plan: Plan) -> DpoObjective:
         return cls(cfg, plan)
 
     def setup(self, parallelized: Parallelized) -> None:
-        self.reference = self.reference_builder(self.cfg, self.plan)
+        if getattr(parallelized, "lora", False):  # tests pass no Parallelized
+            self.reference = BaseOfPolicy(parallelized.model)
+        else:
+            self.reference = self.reference_builder(self.cfg, self.plan)
 
     def _errors(self, model, inputs: PairInputs, sigmas, noise) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pair velocity errors [B] of the preferred and the rejected image under `model`."""

@@ -2,6 +2,7 @@
 limit, and one step at TP=2 (with and without sequence parallelism) equal to TP=1."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,3 +171,31 @@ def test_the_objectives_figures_reach_prometheus_and_the_dashboard_series():
     series = c.telemetry.series()["objective"]
     assert series["preference_accuracy"] == [0.5, 0.75] and series["reward_margin"] == [0.25, 0.5]
     assert len(series["time"]) == 2
+
+
+def test_with_lora_the_reference_is_the_policy_with_its_adapters_off():
+    """No second model: the reference pass runs the policy's own base (adapters switched off), so
+    it equals a separately built base model, and the adapters are on again afterwards."""
+    from lora_workers import lora_model, random_adapters
+    from model_workers import random_full_state_dict
+
+    from mmdit.model.lora import adapters
+
+    state = random_full_state_dict(TINY, seed=7)
+    policy = lora_model(TINY, state, random_adapters(TINY, state, seed=2))
+    base = lora_model(TINY, state, None)  # B = 0: exactly the base
+    batch = pair_batch(TINY)
+
+    def never(cfg, plan):
+        raise AssertionError("a LoRA policy needs no reference copy")
+
+    shared = objective(50.0, None)
+    shared.reference_builder = never
+    shared.setup(SimpleNamespace(lora=True, model=policy))
+    separate = objective(50.0, base)
+    loss, figures = shared.loss(policy, batch, step=3, first_index=0)
+    expected, expected_figures = separate.loss(policy, batch, step=3, first_index=0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert figures["reward_margin"].item() == pytest.approx(expected_figures["reward_margin"].item(), rel=1e-5)
+    assert figures["reward_margin"].item() != 0  # the adapters do change the policy
+    assert all(a.enabled for _, a in adapters(policy))
