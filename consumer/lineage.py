@@ -11,7 +11,7 @@ checkpoint's `trainer.json` carries the same record under "lineage":
     run          the run directory it was trained in, when it is one of a run's checkpoints
     fingerprint  sha256 over the directory's *.json and *.safetensors files: name, size, and a
                  sampled content hash of each safetensors file (its header and 3 x 4 KiB of every
-                 tensor, producer/encoders.py `safetensors_identity`): milliseconds at 20B, and
+                 tensor, utils/safetensors_header.py `safetensors_identity`): milliseconds at 20B, and
                  any retrained tensor changes it
     parent       the source run's own lineage, when it had one (SFT -> DPO: the chain back to
                  pre-training)
@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from mmdit.model.checkpoint import is_checkpoint
-from mmdit.producer.encoders import safetensors_identity
+from mmdit.utils.safetensors_header import safetensors_identity
 
 LINEAGE = "lineage.json"
 

@@ -38,6 +38,7 @@ from PIL import Image
 from mmdit.config.produce import EncodersConfig
 from mmdit.producer.prompts import EDIT_CONDITIONINGS, T2I_TEMPLATE, EditConditioning, build_input_ids, check_drop
 from mmdit.utils.dtypes import resolve_dtype
+from mmdit.utils.safetensors_header import safetensors_identity
 
 PREPROCESS_VERSION = 2
 """Bump when `preprocess_image` or the edit vision resize change behaviour (it is fingerprinted).
@@ -48,7 +49,6 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
-_SAMPLE_BYTES = 4096
 MIN_TRANSFORMERS = "4.56"
 """`from_pretrained(dtype=...)` and `Qwen2_5_VLForConditionalGeneration.model` taking pixel_values."""
 
@@ -119,24 +119,6 @@ def check_layout(root: Path) -> None:
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def safetensors_identity(path: Path) -> str:
-    """Hash of a safetensors file's header and of 3 samples (head, middle, tail) of every tensor."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = f.read(n)
-        h.update(header)
-        for name, info in sorted(json.loads(header).items()):
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            middle = max(begin, (begin + end) // 2 - _SAMPLE_BYTES // 2)
-            for offset in sorted({begin, middle, max(begin, end - _SAMPLE_BYTES)}):
-                f.seek(8 + n + offset)
-                h.update(f.read(min(_SAMPLE_BYTES, end - offset)))
-    return h.hexdigest()
 
 
 def config_identity(folder: Path) -> str:

@@ -7,10 +7,14 @@ plausible header over missing bytes; these checks catch that before any tensor i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+from pathlib import Path
 from typing import BinaryIO
+
+IDENTITY_SAMPLE_BYTES = 4096  # bytes hashed at each tensor's head, middle and tail
 
 
 def read_header(source: str | os.PathLike | BinaryIO) -> tuple[dict, int, int]:
@@ -36,3 +40,21 @@ def read_header(source: str | os.PathLike | BinaryIO) -> tuple[dict, int, int]:
 def data_end(header: dict, start: int) -> int:
     """Where the last tensor's bytes end: a whole file is at least this long."""
     return start + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+
+
+def safetensors_identity(path: Path) -> str:
+    """Hash of a safetensors file's header and of 3 samples (head, middle, tail) of every tensor."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+        h.update(header)
+        for name, info in sorted(json.loads(header).items()):
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            middle = max(begin, (begin + end) // 2 - IDENTITY_SAMPLE_BYTES // 2)
+            for offset in sorted({begin, middle, max(begin, end - IDENTITY_SAMPLE_BYTES)}):
+                f.seek(8 + n + offset)
+                h.update(f.read(min(IDENTITY_SAMPLE_BYTES, end - offset)))
+    return h.hexdigest()
