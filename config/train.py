@@ -9,7 +9,7 @@ from mmdit.utils.dtypes import check_dtype
 SIGMA_SAMPLINGS = ("uniform", "logit_normal")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 EVAL_ON = ("auto", "trainer", "evaluator")
-OBJECTIVES = ("flow", "dpo")
+OBJECTIVES = ("flow", "dpo", "grpo")
 """Training objectives (consumer/objectives.py); post-training adds its own."""
 PREVIEW_PROMPTS = ('A wooden sign that reads "OPEN" in bold letters', "一块写着“欢迎光临”的红色招牌",
                    'A poster with the title "Hello, world" on a blue gradient')
@@ -30,6 +30,67 @@ class DpoConfig:
             raise ValueError(f"train.dpo.beta must be > 0, got {self.beta}")
 
 
+GRPO_REWARDS = ("ocr", "latent_target")
+"""Built-in GRPO rewards (consumer/rewards.py); "package.module:function" names a user's own."""
+
+
+@dataclass
+class GrpoConfig:
+    """Flow-GRPO (train.objective=grpo, consumer/grpo_objective.py): each optimizer step, every
+    DP rank's TP group samples `group_size` images for each of `prompts_per_step` prompts with
+    the exploration SDE, scores them and trains on the recorded transitions."""
+
+    group_size: int = 4
+    """G: images per prompt; advantages are normalized within a prompt's group."""
+    prompts_per_step: int = 2
+    """Prompts per DP rank per micro-batch (each micro-batch rolls out prompts_per_step x G images)."""
+    sde_steps: int = 10
+    """T: steps of the SDE sampler (QwenImagePipeline's shifted sigmas)."""
+    train_steps: int = 0
+    """Train on this many of the T transitions, a random subset per rollout (0: all T)."""
+    a: float = 0.7
+    """Exploration: sigma_t = a * sqrt(t / (1 - t)) (model/flow_sde.py)."""
+    t_max: float = 0.95
+    """t is clipped to at most this inside sigma_t's root."""
+    clip_range: float = 1e-4
+    """PPO clip of the ratio exp(logp - logp_old) (log-probs are per-element means, as Flow-GRPO's)."""
+    kl_beta: float = 0.04
+    """Weight of the closed-form KL to the frozen reference (0: no reference is built)."""
+    updates_per_rollout: int = 1
+    """Optimizer steps trained on one rollout: the first sees ratio 1, later ones the clip."""
+    cfg_scale: float = 1.0
+    """True classifier-free guidance in rollouts and updates (> 1: on, against the prompt " ")."""
+    width: int = 256
+    """Width of the rollout images in pixels (a multiple of 16)."""
+    height: int = 256
+    """Height of the rollout images in pixels (a multiple of 16)."""
+    prompts: str = ""
+    """A JSONL prompt set ({"prompt", "target_texts", ...} per line, the text-eval format); "":
+    the built-in text-rendering set (consumer/text_eval/text_rendering.jsonl)."""
+    reward: str = "ocr"
+    """ocr (decode with encoders.dir's VAE, RapidOCR word accuracy vs target_texts) | latent_target
+    (-mean((latents - latent_target)^2): a cheap toy) | package.module:function (called with the
+    final latents [B, 16, h, w] and the prompts, returns B floats; NaN drops a sample)."""
+    latent_target: float = 0.5
+    """The value the latent_target reward pulls every normalized latent towards."""
+    ocr_threads: int = 0
+    """CPU threads of the OCR engine (0: onnxruntime's default)."""
+
+    def __post_init__(self):
+        if self.group_size < 2 or self.prompts_per_step < 1 or self.sde_steps < 2 or self.updates_per_rollout < 1:
+            raise ValueError("train.grpo.group_size must be >= 2, prompts_per_step and updates_per_rollout >= 1, "
+                             "sde_steps >= 2")
+        if not 0 <= self.train_steps <= self.sde_steps:
+            raise ValueError(f"train.grpo.train_steps must be in [0, sde_steps={self.sde_steps}], got {self.train_steps}")
+        if not (self.a > 0 and 0 < self.t_max < 1 and self.clip_range > 0 and self.kl_beta >= 0):
+            raise ValueError("train.grpo needs a > 0, 0 < t_max < 1, clip_range > 0 and kl_beta >= 0")
+        if self.width <= 0 or self.height <= 0 or self.width % 16 or self.height % 16:
+            raise ValueError(f"train.grpo.width/height must be positive multiples of 16, got {self.width}x{self.height}")
+        if self.reward not in GRPO_REWARDS and ":" not in self.reward:
+            raise ValueError(f"train.grpo.reward must be one of {GRPO_REWARDS} or package.module:function, "
+                             f"got {self.reward!r}")
+
+
 @dataclass
 class TrainConfig:
     """The training loop: how long, how big a batch, which noise levels, where data comes from."""
@@ -43,9 +104,13 @@ class TrainConfig:
     rest is gradient accumulation. 0: micro_batch_size x DP (no accumulation)."""
     objective: str = "flow"
     """What a step minimizes (consumer/objectives.py): flow (flow matching, pre-training and SFT) |
-    dpo (Diffusion-DPO on preference pairs against a frozen reference: train.dpo)."""
+    dpo (Diffusion-DPO on preference pairs against a frozen reference: train.dpo) | grpo (Flow-GRPO
+    on its own rollouts, scored by a reward: train.grpo)."""
     dpo: DpoConfig = field(default_factory=DpoConfig)
     """Diffusion-DPO's settings (train.objective=dpo)."""
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    """Flow-GRPO's settings (train.objective=grpo): it makes its own data (rollouts), so it runs
+    with data_source=random, whose batches only pace the loop."""
     dtype: str = "auto"
     """Compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -101,6 +166,8 @@ class TrainConfig:
         check_dtype("train.dtype", self.dtype, ("auto", "bf16", "fp32"))  # fp16 would need loss scaling
         if self.data_source not in ("random", "service"):
             raise ValueError(f"train.data_source must be random or service, got {self.data_source!r}")
+        if self.objective == "grpo" and self.data_source != "random":
+            raise ValueError("train.objective=grpo makes its own samples (rollouts): use train.data_source=random")
         if self.steps < 0 or self.micro_batch_size < 1 or self.global_batch_size < 0:
             raise ValueError("train.steps and train.global_batch_size must be >= 0, train.micro_batch_size >= 1")
         if not 0.0 <= self.ema_decay < 1.0:

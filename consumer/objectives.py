@@ -25,6 +25,7 @@ from mmdit.config.job import JobConfig
 from mmdit.config.train import TrainConfig
 from mmdit.consumer.batch import StepInputs
 from mmdit.consumer.dpo import DpoObjective
+from mmdit.consumer.grpo_objective import GrpoObjective
 from mmdit.model.flow import flow_matching_loss, noisy_input, sample_training_sigmas, velocity_target
 from mmdit.parallel.parallelize import Parallelized, Plan
 
@@ -88,7 +89,7 @@ class FlowObjective:
         return flow_matching_loss(pred[:, :x0.shape[1]].float(), velocity_target(x0, noise)), {}
 
 
-BY_NAME: dict[str, type] = {"flow": FlowObjective, "dpo": DpoObjective}
+BY_NAME: dict[str, type] = {"flow": FlowObjective, "dpo": DpoObjective, "grpo": GrpoObjective}
 """`train.objective` -> its class (config/train.py OBJECTIVES lists the same names)."""
 
 

@@ -1,0 +1,108 @@
+"""Flow-GRPO as a training objective (consumer/grpo_objective.py) with its reward slot
+(consumer/rewards.py): the first update's ratio, a reused rollout's clip, failed rewards dropped
+from their groups, and a tiny model that learns a latent target in the real trainer loop."""
+
+import json
+
+import pytest
+import torch
+
+from mmdit.config.loader import load_config
+
+SMALL = ["train.objective=grpo", "train.grpo.reward=latent_target", "train.grpo.width=32", "train.grpo.height=32",
+         "train.grpo.sde_steps=4", "train.grpo.group_size=4", "train.grpo.prompts_per_step=2"]
+LAST_REWARDS: list[torch.Tensor] = []
+
+
+def some_fail(latents, prompts):
+    """A user's reward (train.grpo.reward=test_grpo:some_fail): the latent target's, with images
+    1-3 of group 0 and image 0 of group 1 failed (NaN)."""
+    r = -(latents - 0.5).square().mean(dim=(1, 2, 3))
+    LAST_REWARDS.append(r.clone())
+    r[1:5] = float("nan")
+    return r
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def build(one_thread):
+    from mmdit.consumer.grpo_objective import GrpoObjective
+    from mmdit.parallel.parallelize import parallelize
+    from mmdit.parallel.state import destroy_parallel
+
+    def make(*overrides):
+        cfg = load_config([*SMALL, *overrides])
+        built = parallelize(cfg.model, cfg.parallel, dtype="fp32", optimizer=None, seed=cfg.seed, device="cpu")
+        obj = GrpoObjective(cfg, built.plan)
+        obj.setup(built)
+        return obj, built.model
+
+    yield make
+    destroy_parallel()
+
+
+def test_first_update_has_ratio_one_and_a_reused_rollout_clips(build):
+    obj, model = build("train.grpo.kl_beta=0.5", "train.grpo.updates_per_rollout=2", "train.grpo.clip_range=1e-6")
+    loss, f = obj.loss(model, {}, step=0, first_index=0)
+    assert f["ratio_mean"].item() == pytest.approx(1.0, abs=1e-5) and f["clip_fraction"].item() == 0.0
+    assert f["images"].item() == 8 and f["kl"].item() == 0.0  # the policy is its reference
+    assert abs(loss.item()) < 1e-6  # -mean(A) over whole groups is 0
+    assert f["reward_std"].item() > 0 and f["advantage_abs_mean"].item() > 0.5
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad.sign()
+    model.zero_grad()
+    loss2, f2 = obj.loss(model, {}, step=1, first_index=0)  # the same rollout, the updated policy
+    assert f2["images"].item() == 0 and f2["reward_mean"].item() == f["reward_mean"].item()
+    assert abs(f2["ratio_mean"].item() - 1.0) > 1e-4 and f2["clip_fraction"].item() > 0.5
+    assert f2["kl"].item() > 0
+    assert loss2.item() == pytest.approx(f2["policy_loss"].item() + 0.5 * f2["kl"].item(), rel=1e-5)
+    _, f3 = obj.loss(model, {}, step=2, first_index=0)  # a new rollout
+    assert f3["images"].item() == 8 and f3["reward_mean"].item() != f["reward_mean"].item()
+
+
+def test_failed_rewards_leave_their_group_and_a_group_of_one_is_skipped(build):
+    from mmdit.consumer.grpo import group_advantages
+
+    obj, model = build("train.grpo.kl_beta=0", "train.grpo.reward=test_grpo:some_fail")
+    LAST_REWARDS.clear()
+    loss, f = obj.loss(model, {}, step=3, first_index=0)
+    assert f["dropped_samples"].item() == 4 and f["skipped_groups"].item() == 1
+    survivors = LAST_REWARDS[-1][5:8]  # group 1 without its image 0
+    assert f["advantage_abs_mean"].item() == pytest.approx(group_advantages(survivors[None]).abs().mean().item(),
+                                                           rel=1e-5)
+    assert f["reward_mean"].item() == pytest.approx(LAST_REWARDS[-1][[0, 5, 6, 7]].mean().item(), rel=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_grpo_learns_a_latent_target_in_the_trainer_and_records_its_figures(tmp_path, one_thread):
+    from mmdit.consumer.trainer import Trainer
+    from mmdit.parallel.state import destroy_parallel
+
+    run = tmp_path / "grpo"
+    try:
+        Trainer(load_config([f"run.dir={run}", *SMALL, "train.grpo.group_size=8", "train.grpo.latent_target=3",
+                             "train.grpo.kl_beta=0.01", "train.random_height=32", "train.random_width=32",
+                             "train.micro_batch_size=1", "train.tensorboard=false", "train.steps=20",
+                             "optimizer.lr=3e-3", "optimizer.warmup_steps=0", "optimizer.lr_schedule=constant",
+                             "checkpoint.async_save=false"])).run()
+    finally:
+        destroy_parallel()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 20
+    for name in ("reward_mean", "reward_std", "clip_fraction", "kl", "approx_kl", "dropped_samples", "rollout_s"):
+        assert all(name in r["objective"] for r in records), name
+    rewards = [r["objective"]["reward_mean"] for r in records]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 1.0, rewards  # about -10.2 -> -8.3: the rewards' spread in a step is about 0.3
+    assert records[-1]["objective"]["kl"] > 0
