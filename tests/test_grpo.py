@@ -106,3 +106,36 @@ def test_grpo_learns_a_latent_target_in_the_trainer_and_records_its_figures(tmp_
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 1.0, rewards  # about -10.2 -> -8.3: the rewards' spread in a step is about 0.3
     assert records[-1]["objective"]["kl"] > 0
+
+
+@pytest.mark.slow
+def test_a_grpo_step_with_cfg_at_tp2_equals_tp1(tmp_path, one_thread):
+    """Real processes: both TP ranks roll out the same images (same noise, same prompts), and the
+    loss, the figures and every gradient equal TP=1's; the reference (from a checkpoint) differs
+    from the policy, so the KL term is live."""
+    from grpo_workers import grpo_step
+    from model_workers import random_full_state_dict
+
+    from mmdit.model.checkpoint import save_full_state_dict
+    from mmdit.model.mmdit import build_mmdit
+    from mmdit.model.sharding import diffusers_partition_dims
+    from mmdit.parallel.spawn import spawn
+    from mmdit.parallel.state import destroy_parallel, tp_group
+
+    tiny = load_config([]).model
+    try:
+        policy, ref = random_full_state_dict(tiny, seed=1), random_full_state_dict(tiny, seed=2)
+        dims = diffusers_partition_dims(build_mmdit(tiny, tp_group(), device="meta"))
+        save_full_state_dict(ref, tiny, dims, tmp_path / "ref", tp=1)
+        single = grpo_step(0, 1, policy, str(tmp_path / "ref"))
+    finally:
+        destroy_parallel()
+    assert single["figures"]["kl"].item() > 1e-4 and single["figures"]["advantage_abs_mean"].item() > 0.5
+    for r in spawn(grpo_step, 2, 2, policy, str(tmp_path / "ref")):
+        assert r["loss"].item() == pytest.approx(single["loss"].item(), rel=1e-4, abs=1e-6)
+        for name, value in single["figures"].items():
+            if not name.endswith("_s"):  # timings
+                assert r["figures"][name].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
+        assert r["grads"].keys() == single["grads"].keys()
+        for name, grad in single["grads"].items():
+            assert (r["grads"][name] - grad).abs().max().item() <= 1e-4 * max(1.0, grad.abs().max().item()), name
