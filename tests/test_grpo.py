@@ -4,6 +4,7 @@ from their groups, and a tiny model that learns a latent target in the real trai
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,3 +140,23 @@ def test_a_grpo_step_with_cfg_at_tp2_equals_tp1(tmp_path, one_thread):
         assert r["grads"].keys() == single["grads"].keys()
         for name, grad in single["grads"].items():
             assert (r["grads"][name] - grad).abs().max().item() <= 1e-4 * max(1.0, grad.abs().max().item()), name
+
+
+def test_the_ocr_reward_decodes_as_the_sampler_and_scores_word_accuracy(tiny_encoders_dir):
+    """ocr on encoders.dir's (tiny, random) VAE: its pixels are the sampler's decode of the same
+    latents; a reading of such an image matches no target word (0), a target without words is 1."""
+    from mmdit.config.produce import EncodersConfig
+    from mmdit.consumer.rewards import OcrReward, decode_latents
+    from mmdit.consumer.sample import Sampler
+    from mmdit.consumer.text_eval.prompts import TextPrompt
+    from mmdit.producer.encoders import Encoders
+
+    enc = Encoders.load(EncodersConfig(dir=tiny_encoders_dir))
+    latents = torch.randn(2, enc.latent_channels, 4, 6, generator=torch.Generator().manual_seed(0))
+    pixels = decode_latents(enc.vae, latents, enc.device, enc.dtype)
+    expected = Sampler(torch.nn.Identity(), None, enc).decode(latents[1:])
+    assert torch.equal(((pixels[1] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0),
+                       torch.from_numpy(np.array(expected)))
+    prompts = [TextPrompt("a", 'a sign "OPEN LATE"', ("OPEN LATE",), "en", "single_line"),
+               TextPrompt("b", "a blank wall", (), "en", "single_line")]
+    assert OcrReward(enc, threads=1)(latents, prompts).tolist() == [0.0, 1.0]
