@@ -8,7 +8,8 @@ Each micro-batch of each optimizer step, on every DP rank:
    sampler (model/flow_sde.py `sde_sample`, T = `sde_steps`), the noise drawn on the CPU from the
    same key (identical on every TP rank), with true CFG when `cfg_scale` > 1. The states and each
    transition's log-probability are recorded (no graph).
-3. **Reward** (consumer/rewards.py) of the final latents; a NaN reward drops its sample from its
+3. **Reward** (consumer/rewards.py) of the final latents, computed by TP rank 0 of the group and
+   broadcast to the others; a NaN reward drops its sample from its
    group, a group with fewer than 2 samples left is skipped (both counted in the figures).
 4. **Update**: group advantages and the clipped-ratio loss with kl_beta * KL to the frozen
    reference (consumer/grpo.py), over the surviving samples' transitions (all T, or a random
@@ -29,6 +30,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmdit.config import ConfigError
@@ -39,6 +41,7 @@ from mmdit.consumer.rewards import build_reward
 from mmdit.model.flow_sde import sde_log_prob, sde_sample, sde_step_kl
 from mmdit.model.mmdit import pack_latents, packed_shape, unpack_latents
 from mmdit.parallel.parallelize import Parallelized, Plan
+from mmdit.parallel.state import tp_group
 
 NEGATIVE_PROMPT = " "
 """The negative prompt of CFG (QwenImagePipeline's examples' default)."""
@@ -148,6 +151,19 @@ class GrpoObjective:
             v = comb * (v.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         return v
 
+    def score(self, latents: torch.Tensor, prompts: list) -> torch.Tensor:
+        """The rewards [B] of the final latents: TP rank 0 of the group computes them, the others
+        receive them (every rank holds the same latents; an OCR reward would run TP times)."""
+        group = tp_group() if dist.is_initialized() else None
+        if group is None or dist.get_world_size(group) == 1:
+            return self.reward(latents, prompts).float()
+        if dist.get_rank(group) == 0:
+            rewards = self.reward(latents, prompts).float().to(self.plan.device)
+        else:
+            rewards = torch.empty(latents.shape[0], dtype=torch.float32, device=self.plan.device)
+        dist.broadcast(rewards, src=dist.get_global_rank(group, 0), group=group)
+        return rewards.cpu()
+
     def rollout(self, model, step: int, first_index: int) -> dict:
         """Sample G images for each of this micro-batch's prompts with the SDE and score them."""
         g, started = self.g, time.perf_counter()
@@ -169,7 +185,7 @@ class GrpoObjective:
         finally:
             model.train(was_training)
         sampled = time.perf_counter()
-        rewards = self.reward(unpack_latents(traj.sample, h, w), [self.prompts[i] for i in index]).float()
+        rewards = self.score(unpack_latents(traj.sample, h, w), [self.prompts[i] for i in index])
         if g.train_steps:
             steps = torch.randperm(g.sde_steps, generator=gen)[:g.train_steps].sort().values
         else:

@@ -11,8 +11,9 @@ score gets NaN: GRPO drops it from its group (consumer/grpo_objective.py).
 - `latent_target`: -mean((latents - target)^2), a cheap toy that tests learning without a VAE.
 - `package.module:function`: a user's own, called as above; whatever it returns becomes B floats.
 
-Rewards run in the trainer process, on every TP rank of a group alike (the ranks hold identical
-latents, so they agree); a decoupled reward service (workers over RPC) is still to come.
+Rewards run in the trainer process of TP rank 0 of each group, which broadcasts them to its TP
+group, and the step waits for them; a decoupled reward service (workers over RPC, scoring while
+the next rollout runs) is still to come.
 """
 
 from __future__ import annotations
