@@ -215,24 +215,25 @@ class GrpoObjective:
             samples, advantages = torch.arange(flat.numel()), torch.zeros(flat.numel())
         traj, steps = r["traj"], r["steps"]
         k, b = steps.numel(), samples.numel()
-        x = traj.states[steps][:, samples].flatten(0, 1)  # [k * b, N, C]
-        x_next = traj.states[steps + 1][:, samples].flatten(0, 1)
+        dev = self.plan.device  # the rollout is kept on the CPU; the update runs where the model does
+        x = traj.states[steps][:, samples].flatten(0, 1).to(dev)  # [k * b, N, C]
+        x_next = traj.states[steps + 1][:, samples].flatten(0, 1).to(dev)
         times = torch.tensor(traj.times, dtype=torch.float32)
-        t, t_next = times[steps].repeat_interleave(b), times[steps + 1].repeat_interleave(b)
-        old = traj.log_probs[steps][:, samples].flatten()
+        t, t_next = times[steps].repeat_interleave(b).to(dev), times[steps + 1].repeat_interleave(b).to(dev)
+        old = traj.log_probs[steps][:, samples].flatten().to(dev)
 
         def take(v):
             return None if v is None else v[samples].repeat(k, *([1] * (v.dim() - 1)))
 
         txt, mask, neg, neg_mask = take(r["txt"]), take(r["mask"]), take(r["neg"]), take(r["neg_mask"])
-        v = self.velocity(model, x, t, txt, mask, neg, neg_mask, r["shapes"]).to(x.device)
+        v = self.velocity(model, x, t, txt, mask, neg, neg_mask, r["shapes"])
         log_prob = sde_log_prob(x, x_next, v, t, t_next, a=g.a, t_max=g.t_max)
         kl = None
         if self.reference is not None:
             with torch.no_grad():
-                v_ref = self.velocity(self.reference, x, t, txt, mask, neg, neg_mask, r["shapes"]).to(x.device)
+                v_ref = self.velocity(self.reference, x, t, txt, mask, neg, neg_mask, r["shapes"])
             kl = sde_step_kl(v, v_ref, t, t_next, a=g.a, t_max=g.t_max)
-        loss, figures = grpo_loss(log_prob, old, advantages.repeat(k), g.clip_range, kl, g.kl_beta)
+        loss, figures = grpo_loss(log_prob, old, advantages.repeat(k).to(dev), g.clip_range, kl, g.kl_beta)
         if not kept:
             loss = loss * 0.0
         finite = flat[torch.isfinite(flat)]
