@@ -75,8 +75,13 @@ class GrpoConfig:
     """The value the latent_target reward pulls every normalized latent towards."""
     ocr_threads: int = 0
     """CPU threads of the OCR engine (0: onnxruntime's default)."""
+    reward_workers: int = 0
+    """Score in this many local worker processes (consumer/rewards.py RewardWorkers; a worker
+    that dies costs a retry); 0: in the trainer process."""
 
     def __post_init__(self):
+        if self.reward_workers < 0:
+            raise ValueError(f"train.grpo.reward_workers must be >= 0, got {self.reward_workers}")
         if self.group_size < 2 or self.prompts_per_step < 1 or self.sde_steps < 2 or self.updates_per_rollout < 1:
             raise ValueError("train.grpo.group_size must be >= 2, prompts_per_step and updates_per_rollout >= 1, "
                              "sde_steps >= 2")

@@ -37,7 +37,7 @@ from mmdit.config import ConfigError
 from mmdit.config.job import JobConfig
 from mmdit.consumer.dpo import BaseOfPolicy, build_reference
 from mmdit.consumer.grpo import group_advantages, grpo_loss
-from mmdit.consumer.rewards import build_reward
+from mmdit.consumer.rewards import RewardWorkers, build_reward
 from mmdit.model.flow_sde import sde_log_prob, sde_sample, sde_step_kl
 from mmdit.model.mmdit import pack_latents, packed_shape, unpack_latents
 from mmdit.parallel.parallelize import Parallelized, Plan
@@ -98,7 +98,8 @@ class GrpoObjective:
         self.reference_builder = reference_builder
         self.reference = None
         self._encoders = encoders
-        self.reward = build_reward(self.g, self.encoders)
+        self.reward = RewardWorkers(self.g, cfg.encoders, self.g.reward_workers) if self.g.reward_workers \
+            else build_reward(self.g, self.encoders)
         self._features: dict[int, torch.Tensor] = {}
         self._rollouts: dict[int, tuple[int, dict]] = {}  # first_index -> (rollout step, rollout)
 
@@ -246,5 +247,6 @@ class GrpoObjective:
             "rollout_s": torch.tensor(r["rollout_s"] if fresh else 0.0),
             "reward_s": torch.tensor(r["reward_s"] if fresh else 0.0),
             "images": torch.tensor(float(flat.numel() if fresh else 0)),
+            "reward_retries": torch.tensor(float(getattr(self.reward, "retries", 0))),
         })
         return loss, figures

@@ -11,16 +11,22 @@ score gets NaN: GRPO drops it from its group (consumer/grpo_objective.py).
 - `latent_target`: -mean((latents - target)^2), a cheap toy that tests learning without a VAE.
 - `package.module:function`: a user's own, called as above; whatever it returns becomes B floats.
 
-Rewards run in the trainer process of TP rank 0 of each group, which broadcasts them to its TP
-group, and the step waits for them; a decoupled reward service (workers over RPC, scoring while
-the next rollout runs) is still to come.
+Rewards run on TP rank 0 of each group, which broadcasts them to its TP group, and the step waits
+for them: in the trainer process, or with `train.grpo.reward_workers` = N in N local worker
+processes (`RewardWorkers`) that split the images. A worker that dies mid-request (its pool
+breaks) costs one retry of the whole request on a fresh pool, never a lost or double-counted
+sample; a second failure makes the request's rewards NaN. A decoupled reward service (workers over
+RPC on other hosts, scoring while the next rollout runs) is still to come.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import multiprocessing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
@@ -105,3 +111,58 @@ def build_reward(grpo, encoders_loader: Callable[[], object]) -> Reward:
     if grpo.reward == "ocr":
         return OcrReward(encoders_loader(), grpo.ocr_threads)
     return EntryPoint(grpo.reward)
+
+
+_worker_reward: Reward | None = None
+
+
+def _start_worker(grpo, encoders_cfg) -> None:
+    global _worker_reward
+    torch.set_num_threads(1)
+
+    def encoders():
+        from mmdit.producer.encoders import Encoders
+
+        return Encoders.load(encoders_cfg)
+
+    _worker_reward = build_reward(grpo, encoders)
+
+
+def _score(latents: torch.Tensor, prompts: list) -> torch.Tensor:
+    return _worker_reward(latents, prompts).float()
+
+
+class RewardWorkers:
+    """The reward in `workers` spawned processes (each builds it once); the images are split
+    between them. The pool starts on the first call, so only the ranks that score start one."""
+
+    def __init__(self, grpo, encoders_cfg, workers: int):
+        self.grpo, self.encoders_cfg, self.workers = grpo, encoders_cfg, workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.retries = 0
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_start_worker, initargs=(self.grpo, self.encoders_cfg))
+        return self.pool
+
+    def __call__(self, latents: torch.Tensor, prompts: Sequence) -> torch.Tensor:
+        chunks = [c for c in torch.arange(latents.shape[0]).chunk(self.workers) if c.numel()]
+        for attempt in range(2):
+            try:
+                pool = self._pool()
+                futures = [pool.submit(_score, latents[c].clone(), [prompts[i] for i in c.tolist()]) for c in chunks]
+                return torch.cat([f.result() for f in futures])
+            except BrokenProcessPool as e:  # a worker died: every result of this request is discarded
+                log.warning("a reward worker died (%s); %s", e, "retrying on a fresh pool" if attempt == 0 else
+                            "the request's samples are dropped")
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = None
+                self.retries += 1
+        return torch.full((latents.shape[0],), float("nan"))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None

@@ -37,3 +37,4 @@ def grpo_step(rank: int, tp: int, policy_state: dict, reference_path: str) -> di
         torch.distributed.all_gather(parts, p.grad.contiguous(), group=tp_group())
         grads[name] = p.grad if dims[name] is None else unshard(parts, dims[name])
     return {"loss": loss.detach(), "figures": {k: v.detach() for k, v in figures.items()}, "grads": grads}
+

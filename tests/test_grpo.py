@@ -160,3 +160,24 @@ def test_the_ocr_reward_decodes_as_the_sampler_and_scores_word_accuracy(tiny_enc
     prompts = [TextPrompt("a", 'a sign "OPEN LATE"', ("OPEN LATE",), "en", "single_line"),
                TextPrompt("b", "a blank wall", (), "en", "single_line")]
     assert OcrReward(enc, threads=1)(latents, prompts).tolist() == [0.0, 1.0]
+
+
+@pytest.mark.slow
+def test_a_reward_worker_killed_mid_request_costs_a_retry_not_a_sample(tmp_path, monkeypatch):
+    """train.grpo.reward_workers=2: the first request's worker SIGKILLs itself; the request is
+    retried whole on a fresh pool and every image gets exactly its own reward."""
+    from mmdit.consumer.rewards import LatentTarget, RewardWorkers
+    from mmdit.consumer.text_eval.prompts import TextPrompt
+
+    monkeypatch.setenv("GRPO_DIE_ONCE", str(tmp_path / "died"))
+    cfg = load_config([*SMALL, "train.grpo.reward=reward_fns:dies_once", "train.grpo.reward_workers=2"])
+    workers = RewardWorkers(cfg.train.grpo, cfg.encoders, 2)
+    latents = torch.randn(5, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    prompts = [TextPrompt(str(i), "p", (), "en", "single_line") for i in range(5)]
+    try:
+        got = workers(latents, prompts)
+        assert (tmp_path / "died").exists() and workers.retries == 1
+        assert torch.allclose(got, LatentTarget(0.5)(latents, prompts), rtol=0, atol=1e-6)
+        assert torch.allclose(workers(latents[:2], prompts[:2]), got[:2]) and workers.retries == 1
+    finally:
+        workers.close()
