@@ -1,10 +1,11 @@
 """DPO helpers for tests, importable by spawned ranks (parallel/spawn.py pickles by name)."""
 
 import torch
+from model_workers import gathered_gradients
 
 from mmdit.config.loader import load_config
 from mmdit.model.mmdit import build_mmdit
-from mmdit.model.sharding import load_full_state_dict, partition_dims, unshard
+from mmdit.model.sharding import load_full_state_dict
 from mmdit.parallel.parallelize import resolve
 from mmdit.parallel.state import init_parallel, tp_group
 
@@ -42,13 +43,7 @@ def dpo_step(rank: int, tp: int, policy_state: dict, reference_path: str, beta: 
         objective.setup(None)
         loss, figures = objective.loss(model, pair_batch(cfg.model), step=3, first_index=1)
         loss.backward()
-        dims, grads = partition_dims(model), {}
-        for name, p in model.named_parameters():
-            if p.grad is None:
-                continue
-            parts = [torch.empty_like(p.grad) for _ in range(tp)]
-            torch.distributed.all_gather(parts, p.grad.contiguous(), group=tp_group())
-            grads[name] = p.grad if dims[name] is None else unshard(parts, dims[name])
+        grads = gathered_gradients(model, tp)
         out.append({"loss": loss.detach(), "figures": {k: v.detach() for k, v in figures.items()}, "grads": grads,
                     "sequence_parallel": plan.sequence_parallel})
     return out

@@ -50,16 +50,20 @@ def forward_backward(rank: int, args: MMDiTArgs, tp: int, state: dict, recompute
     inputs = odd_lengths_case(args) if case == "odd" else verification_cases(args, seed=1)[case]
     out = model(**inputs)
     (out.float().square().mean() + out.sum() * 1e-3).backward()
-    dims = partition_dims(model)
-    grads = {}
-    group = tp_group()
+    return {"out": out.detach(), "grads": gathered_gradients(model, tp)}
+
+
+def gathered_gradients(model, tp: int) -> dict[str, torch.Tensor]:
+    """Every parameter's full gradient: a sharded one gathered over the TP group, a replicated
+    one as this rank holds it (so every rank's copy is checked)."""
+    dims, grads = partition_dims(model), {}
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         parts = [torch.empty_like(p.grad) for _ in range(tp)]
-        torch.distributed.all_gather(parts, p.grad.contiguous(), group=group)
+        torch.distributed.all_gather(parts, p.grad.contiguous(), group=tp_group())
         grads[name] = p.grad if dims[name] is None else unshard(parts, dims[name])
-    return {"out": out.detach(), "grads": grads}
+    return grads
 
 
 def forward_from_state(args: MMDiTArgs, state: dict) -> torch.Tensor:
