@@ -52,6 +52,9 @@ def check_job(job: JobConfig) -> None:
         raise ValueError(f"launch.nproc={nproc} must be a multiple of parallel.tp={tp}")
     if job.eval.sample_every and not job.encoders.dir:
         raise ValueError("eval.sample_every needs encoders.dir (the VAE and Qwen2.5-VL that turn prompts into images)")
+    if job.train.objective == "grpo" and job.train.grpo.reward == "alignment" and not job.encoders.dir:
+        raise ValueError("train.grpo.reward=alignment needs encoders.dir (its VAE decodes the images the "
+                         "alignment model scores)")
     if job.eval.weights == "ema" and not job.train.ema_decay:
         raise ValueError("eval.weights=ema needs train.ema_decay > 0 (the run keeps no EMA weights otherwise)")
     check_batch_sizes(job.train, max(1, nproc // tp))

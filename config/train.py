@@ -30,7 +30,7 @@ class DpoConfig:
             raise ValueError(f"train.dpo.beta must be > 0, got {self.beta}")
 
 
-GRPO_REWARDS = ("ocr", "latent_target")
+GRPO_REWARDS = ("ocr", "latent_target", "alignment")
 """Built-in GRPO rewards (consumer/rewards.py); "package.module:function" names a user's own."""
 
 
@@ -69,8 +69,13 @@ class GrpoConfig:
     the built-in text-rendering set (consumer/text_eval/text_rendering.jsonl)."""
     reward: str = "ocr"
     """ocr (decode with encoders.dir's VAE, RapidOCR word accuracy vs target_texts) | latent_target
-    (-mean((latents - latent_target)^2): a cheap toy) | package.module:function (called with the
+    (-mean((latents - latent_target)^2): a cheap toy) | alignment (CLIP/SigLIP cosine similarity of
+    the decoded image and its prompt: alignment_model) | package.module:function (called with the
     final latents [B, 16, h, w] and the prompts, returns B floats; NaN drops a sample)."""
+    alignment_model: str = ""
+    """reward=alignment: a local CLIP or SigLIP directory (config.json + weights + processor); each
+    image decoded with encoders.dir's VAE is scored by its cosine similarity to its prompt, as
+    `mmdit eval`'s alignment figure (consumer/alignment_reward.py)."""
     latent_target: float = 0.5
     """The value the latent_target reward pulls every normalized latent towards."""
     ocr_threads: int = 0
@@ -94,6 +99,9 @@ class GrpoConfig:
         if self.reward not in GRPO_REWARDS and ":" not in self.reward:
             raise ValueError(f"train.grpo.reward must be one of {GRPO_REWARDS} or package.module:function, "
                              f"got {self.reward!r}")
+        if self.reward == "alignment" and not self.alignment_model:
+            raise ValueError("train.grpo.reward=alignment needs train.grpo.alignment_model (a local CLIP or "
+                             "SigLIP directory)")
 
 
 @dataclass

@@ -8,6 +8,9 @@ score gets NaN: GRPO drops it from its group (consumer/grpo_objective.py).
 - `ocr`: decode with the VAE of encoders.dir, read the image with RapidOCR (consumer/text_eval/
   ocr.py) and score the reading's word accuracy against the prompt's target_texts, as `mmdit
   eval` does (consumer/text_eval/scoring.py).
+- `alignment`: decode as `ocr` does and score each image against its prompt with a local CLIP or
+  SigLIP model (`train.grpo.alignment_model`): cosine similarity in [-1, 1], `mmdit eval`'s
+  alignment figure (consumer/alignment_reward.py).
 - `latent_target`: -mean((latents - target)^2), a cheap toy that tests learning without a VAE.
 - `package.module:function`: a user's own, called as above; whatever it returns becomes B floats.
 
@@ -105,11 +108,15 @@ class EntryPoint:
 
 
 def build_reward(grpo, encoders_loader: Callable[[], object]) -> Reward:
-    """`train.grpo.reward` -> the callable; `encoders_loader()` gives the Encoders (only ocr loads them)."""
+    """`train.grpo.reward` -> the callable; `encoders_loader()` gives the Encoders (only ocr and alignment load them)."""
     if grpo.reward == "latent_target":
         return LatentTarget(grpo.latent_target)
     if grpo.reward == "ocr":
         return OcrReward(encoders_loader(), grpo.ocr_threads)
+    if grpo.reward == "alignment":
+        from mmdit.consumer.alignment_reward import AlignmentReward
+
+        return AlignmentReward(encoders_loader(), grpo.alignment_model)
     return EntryPoint(grpo.reward)
 
 
