@@ -1,7 +1,8 @@
 """The data service's wire protocol: every RPC entry point and every message, in one place.
 
 Roles (one process may hold several): the *coordinator* (RPC rank 0, one per job), *producers*
-(prepare and serve batches), *clients* (one per DP rank of the trainer, on its TP rank 0).
+(prepare and serve batches), *clients* (one per DP rank of the trainer, on its TP rank 0),
+*reward workers* (`mmdit reward-worker`: score GRPO rollouts for the trainers).
 
     producer -> coordinator   lease(name, rank, depth, held, can_encode, counters) -> Lease   long poll,
                                                                                heartbeat, telemetry
@@ -14,6 +15,9 @@ Roles (one process may hold several): the *coordinator* (RPC rank 0, one per job
                               producer_failed(name, reporter), consumer_left(name), history()
     client   -> producer      fetch(uid, dp_rank) -> Shard                   long poll
     anyone   -> coordinator   status() -> dict, update_data(changes, why) -> dict
+    trainer  -> reward worker score(request_id, latents, prompts) -> [B] float32   answered by the
+                                   worker's scoring thread; NaN for an image it could not score
+    anyone   -> anyone        ping() -> True                                 is that member there?
 
 A batch is named by its `uid` (plan generation, global sequence number). A process serves a role
 by `serve(role, handler)`; the entry points below call the handler's method of the same name.
@@ -34,7 +38,7 @@ from torch.futures import Future
 
 from mmdit.dataservice.plan import PlannedBatch
 
-COORDINATOR, PRODUCER = "coordinator", "producer"
+COORDINATOR, PRODUCER, REWARD = "coordinator", "producer", "reward"
 
 # ----------------------------------------------------------------------------- messages
 
@@ -281,3 +285,21 @@ def peek(uid: tuple[int, int], dp_rank: int) -> dict | None:
 def producer_counters() -> dict:
     handler = _handlers.get(PRODUCER)
     return {} if handler is None else dict(handler.counters)
+
+
+# ----------------------------------------------------------------------------- reward worker entry points
+
+
+@async_execution
+def score(request_id: str, latents, prompts: list) -> Future:
+    """Rewards of final latents [B, 16, h, w] (float32, CPU) for their B prompts: a [B] float32
+    tensor. The future completes on the worker's scoring thread, never holding an RPC thread."""
+    return _handler(REWARD).score(request_id, latents, prompts)
+
+
+# ----------------------------------------------------------------------------- every member
+
+
+def ping() -> bool:
+    """Answers while this member's RPC agent runs: a liveness probe that needs no role."""
+    return True

@@ -31,6 +31,7 @@ COMMANDS = {
     "capacity": ("mmdit.launch.capacity", "producer GPUs, network and coordinator load per trainer GPU"),
     "serve": ("mmdit.launch.serve", "run the coordinator and producers on this machine"),
     "producer": ("mmdit.launch.producer", "one more producer for a running service (`mmdit serve`)"),
+    "reward-worker": ("mmdit.launch.reward_worker", "a GRPO reward worker for a running service (train.grpo.reward_service)"),
     "ctl": ("mmdit.launch.ctl", "change a running job's data config (`ctl get|set|history RUN_DIR`)"),
     "consume": ("mmdit.launch.consume", "pull batches like a trainer, without a model"),
     "config": ("mmdit.launch.config", "the resolved config (`config show`), what a key means (`config explain KEY`)"),
