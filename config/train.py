@@ -83,6 +83,11 @@ class GrpoConfig:
     reward_workers: int = 0
     """Score in this many local worker processes (consumer/rewards.py RewardWorkers; a worker
     that dies costs a retry); 0: in the trainer process."""
+    reward_service: bool = False
+    """Score on the reward service: `mmdit reward-worker` processes that joined the data service's
+    RPC group (service.* keys); the trainer sends them the final latents and rolls out on while
+    they score (consumer/reward_service.py: a worker that dies costs a retry elsewhere; images no
+    worker could score get NaN)."""
 
     def __post_init__(self):
         if self.reward_workers < 0:

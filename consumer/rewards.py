@@ -18,8 +18,12 @@ Rewards run on TP rank 0 of each group, which broadcasts them to its TP group, a
 for them: in the trainer process, or with `train.grpo.reward_workers` = N in N local worker
 processes (`RewardWorkers`) that split the images. A worker that dies mid-request (its pool
 breaks) costs one retry of the whole request on a fresh pool, never a lost or double-counted
-sample; a second failure makes the request's rewards NaN. A decoupled reward service (workers over
-RPC on other hosts, scoring while the next rollout runs) is still to come.
+sample; a second failure makes the request's rewards NaN. With `train.grpo.reward_service` the
+workers are `mmdit reward-worker` processes on any host of the data service's RPC group
+(consumer/reward_service.py `RemoteRewards`), scoring while the next rollout runs.
+
+Every reward here also has `submit(latents, prompts) -> Future` (`Submits`: it runs on one
+background thread), the interface RemoteRewards has, so a caller can go on while it scores.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import importlib
 import logging
 import multiprocessing
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
@@ -38,7 +42,24 @@ log = logging.getLogger("mmdit.grpo")
 Reward = Callable[[torch.Tensor, Sequence], torch.Tensor]
 
 
-class LatentTarget:
+class Submits:
+    """`submit(latents, prompts) -> Future` of `self(latents, prompts)`, run on one background
+    thread (started on the first submit, ended by `close`): requests are scored in order."""
+
+    _executor: ThreadPoolExecutor | None = None
+
+    def submit(self, latents: torch.Tensor, prompts: Sequence) -> Future:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="reward")
+        return self._executor.submit(self, latents, prompts)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+
+class LatentTarget(Submits):
     """-mean((latents - target)^2) per image: highest when every latent element equals `target`."""
 
     def __init__(self, target: float):
@@ -63,7 +84,7 @@ def to_image(pixels: torch.Tensor):
     return Image.fromarray(((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy(), "RGB")
 
 
-class OcrReward:
+class OcrReward(Submits):
     """OCR word accuracy of the decoded image against the prompt's target_texts, in [0, 1]."""
 
     def __init__(self, encoders, threads: int = 0, engine=None):
@@ -89,7 +110,7 @@ class OcrReward:
         return torch.tensor(scores, dtype=torch.float32)
 
 
-class EntryPoint:
+class EntryPoint(Submits):
     """A user's reward `package.module:function`; an exception makes the whole batch NaN."""
 
     def __init__(self, spec: str):
@@ -139,7 +160,7 @@ def _score(latents: torch.Tensor, prompts: list) -> torch.Tensor:
     return _worker_reward(latents, prompts).float()
 
 
-class RewardWorkers:
+class RewardWorkers(Submits):
     """The reward in `workers` spawned processes (each builds it once); the images are split
     between them. The pool starts on the first call, so only the ranks that score start one."""
 
@@ -170,6 +191,7 @@ class RewardWorkers:
         return torch.full((latents.shape[0],), float("nan"))
 
     def close(self) -> None:
+        super().close()
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
             self.pool = None

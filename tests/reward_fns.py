@@ -14,3 +14,18 @@ def dies_once(latents, prompts):
         Path(marker).touch()
         os.kill(os.getpid(), signal.SIGKILL)
     return -(latents - 0.5).square().mean(dim=(1, 2, 3))
+
+
+def dies_when_told(latents, prompts):
+    """A reward (train.grpo.reward=reward_fns:dies_when_told) whose worker SIGKILLs itself on a
+    request that comes once the file $REWARD_DIE_WHEN exists (it writes `<file>.died` first);
+    otherwise the latent target's -mean((latents - 0.5)^2)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    marker = os.environ.get("REWARD_DIE_WHEN")
+    if marker and Path(marker).exists():
+        Path(marker + ".died").touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return -(latents - 0.5).square().mean(dim=(1, 2, 3))
