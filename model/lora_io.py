@@ -14,18 +14,22 @@ fused q/k/v adapter of model/lora.py is three such pairs).
   loader that ignores the metadata) applies exactly what mmdit trained.
 - Import (`train.lora.init_from`): such a file, a PEFT adapter dir (adapter_model.safetensors +
   adapter_config.json) or an mmdit LoRA checkpoint; alpha from the metadata, the PEFT config or
-  kohya-style `.alpha` keys (else alpha = rank).
+  kohya-style `.alpha` keys (else alpha = rank). Refused with a ValueError naming the file (and
+  the key): a path that is not a regular file or directory (a FIFO is never opened), a file that
+  is not safetensors or is truncated, a B without its A, tensors whose shapes do not fit the
+  model's adapters (both shapes named), NaN or infinite values.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mmdit.config.lora import LoraConfig
@@ -65,14 +69,20 @@ def load_adapter_state(model, full: dict[str, torch.Tensor], strict: bool = True
     missing = sorted(set(local) - set(full))
     if strict and missing:
         raise KeyError(f"adapter weights missing: {missing[:6]}")
-    for name, (param, dim) in local.items():
+    for name, (param, dim) in local.items():  # every tensor checked before any is copied
         if name not in full:
             continue
-        piece = shard(full[name], dim, model.tp_rank, model.tp_size)
-        if piece.shape != param.shape:
-            raise ValueError(f"{name}: {tuple(full[name].shape)} in the file does not fit this model's adapter "
-                             f"({tuple(param.shape)} on TP rank {model.tp_rank}; train.lora.rank?)")
-        param.copy_(piece.to(param.dtype))
+        expected = list(param.shape)
+        if dim is not None:
+            expected[dim] *= model.tp_size
+        if tuple(full[name].shape) != tuple(expected):
+            raise ValueError(f"{name}: shape {tuple(full[name].shape)} in the file, but this model's adapter is "
+                             f"{tuple(expected)} (train.lora.rank, train.lora.targets?)")
+        if not torch.isfinite(full[name]).all():
+            raise ValueError(f"{name}: NaN or infinite values")
+    for name, (param, dim) in local.items():
+        if name in full:
+            param.copy_(shard(full[name], dim, model.tp_rank, model.tp_size).to(param.dtype))
     return missing
 
 
@@ -91,20 +101,27 @@ def read_lora_file(src: str | os.PathLike) -> dict[str, torch.Tensor]:
     each B, the names without prefix."""
     src = Path(src)
     config = {}
-    if src.is_dir():
+    if _kind(src) == "directory":
         for name in (DIFFUSERS_FILE, PEFT_FILE):
-            if (src / name).is_file():
-                if (src / PEFT_CONFIG).is_file():
-                    config = json.loads((src / PEFT_CONFIG).read_text())
+            if _kind(src / name) == "file":
+                if _kind(src / PEFT_CONFIG) == "file":
+                    config = _json(src / PEFT_CONFIG, (src / PEFT_CONFIG).read_text())
                 src = src / name
                 break
         else:
             raise FileNotFoundError(f"{src} holds neither {DIFFUSERS_FILE} nor {PEFT_FILE}")
-    with safe_open(str(src), framework="pt") as f:
-        raw = {_strip(k): f.get_tensor(k) for k in f.keys()}
-        metadata = f.metadata() or {}
+    elif _kind(src) == "missing":
+        raise ValueError(f"{src}: no such LoRA file or directory")
+    elif _kind(src) != "file":
+        raise ValueError(f"{src}: {_kind(src)}, not a LoRA file or directory")
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            raw = {_strip(k): f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{src}: not a readable safetensors file ({e})") from None
     if METADATA_KEY in metadata:
-        packed = json.loads(metadata[METADATA_KEY])
+        packed = _json(src, metadata[METADATA_KEY])
         config = {k.removeprefix("transformer."): v for k, v in packed.items()}
     alphas = {k.removesuffix(".alpha"): float(v) for k, v in raw.items() if k.endswith(".alpha")}
     state = {}
@@ -116,10 +133,35 @@ def read_lora_file(src: str | os.PathLike) -> dict[str, torch.Tensor]:
         state[name] = tensor.float()
     for name in [n for n in state if n.endswith(".lora_B.weight")]:
         module = name.removesuffix(".lora_B.weight")
+        if f"{module}.lora_A.weight" not in state:
+            raise ValueError(f"{src}: {name} has no {module}.lora_A.weight")
         rank = state[f"{module}.lora_A.weight"].shape[0]
         alpha = alphas.get(module, config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", rank)))
         state[name] = state[name] * (float(alpha) / rank)
     return state
+
+
+def _kind(path: Path) -> str:
+    """file | directory | missing | what else the path is (never opened: a FIFO would block)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "missing"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+
+
+def _json(src: Path, text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{src}: its LoRA config is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{src}: its LoRA config is not a JSON object")
+    return value
 
 
 def write_diffusers_lora(full: dict[str, torch.Tensor], scale: float, dst: str | os.PathLike) -> Path:
