@@ -131,20 +131,44 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes_exactly(cluster
         assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING")
         time.sleep(0.5)
     assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
-    deadline = time.monotonic() + 900
-    while "Restarts=1" not in cluster.run("scontrol", "show", "job", job).stdout:
-        assert time.monotonic() < deadline, "the job did not requeue\n" + cluster.report(job, run)
-        time.sleep(1)
-    # SLURM holds the requeued job for SlurmCluster.CRED_EXPIRE_S; the first incarnation's end
-    # (CANCELLED due to the requeue) can show meanwhile: wait for the requeued job's trainers to
-    # resume before waiting for the job to end
-    trainer_logs = lambda: "".join(p.read_text(errors="replace") for p in (run / "logs").glob("trainer-*.log"))  # noqa: E731
-    deadline = time.monotonic() + 900
-    while "resumed from" not in trainer_logs():
-        assert time.monotonic() < deadline, "the requeued job never resumed\n" + cluster.report(job, run)
-        time.sleep(1)
-    state = cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
-    assert state == "COMPLETED", cluster.report(job, run)
+    # the uninterrupted reference (the same data service and trainer, started by hand) trains
+    # meanwhile: the requeued job spends most of its time held by SLURM and starting up
+    ref = tmp_path / "reference"
+    port = free_port()
+    serve = ServeProcess([f"cache.dir={cache_dir}", f"run.dir={ref / 'service'}", f"service.port={port}",
+                          "service.producers=2", "service.dp_size=2", "train.micro_batch_size=1"])
+    with open(tmp_path / "reference.log", "w") as log:
+        reference = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={ref}",
+                                      f"cache.dir={cache_dir}", f"service.port={port}", "service.dp_size=2",
+                                      "train.data_source=service", "launch.nproc=2", f"train.steps={steps}",
+                                      "train.micro_batch_size=1", "train.tensorboard=false"],
+                                     stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 900
+        while "Restarts=1" not in cluster.run("scontrol", "show", "job", job).stdout:
+            assert time.monotonic() < deadline, "the job did not requeue\n" + cluster.report(job, run)
+            time.sleep(1)
+        # SLURM holds the requeued job for SlurmCluster.CRED_EXPIRE_S; the first incarnation's end
+        # (CANCELLED due to the requeue) can show meanwhile: wait for the requeued job's trainers to
+        # resume before waiting for the job to end
+        trainer_logs = lambda: "".join(p.read_text(errors="replace") for p in (run / "logs").glob("trainer-*.log"))  # noqa: E731
+        deadline = time.monotonic() + 900
+        while "resumed from" not in trainer_logs():
+            assert time.monotonic() < deadline, "the requeued job never resumed\n" + cluster.report(job, run)
+            time.sleep(1)
+        state = cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
+        assert state == "COMPLETED", cluster.report(job, run)
+        assert reference.wait(timeout=900) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    finally:
+        if reference.poll() is None:  # a failed check: the launcher stops its ranks
+            reference.terminate()
+            try:
+                reference.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                reference.kill()
+                reference.wait()
+        serve.stop()
+        serve.kill()
     interrupted = metrics(run)
     assert [r["step"] for r in interrupted] == list(range(1, steps + 1))  # each step once, none lost
     log = (run / "logs" / f"slurm-{job}.out").read_text()
@@ -153,19 +177,4 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes_exactly(cluster
     trainer_log = trainer_logs()
     resumed_at = [int(n) for n in re.findall(r"resumed from \S+ at step (\d+)", trainer_log)]
     assert resumed_at and min(resumed_at) >= 20 and "not resuming from" not in trainer_log, trainer_log[-3000:]
-    # the uninterrupted reference: the same data service and trainer, started by hand
-    ref = tmp_path / "reference"
-    port = free_port()
-    serve = ServeProcess([f"cache.dir={cache_dir}", f"run.dir={ref / 'service'}", f"service.port={port}",
-                          "service.producers=2", "service.dp_size=2", "train.micro_batch_size=1"])
-    try:
-        trained = subprocess.run([sys.executable, "-m", "mmdit.launch.cli", "train", f"run.dir={ref}",
-                                  f"cache.dir={cache_dir}", f"service.port={port}", "service.dp_size=2",
-                                  "train.data_source=service", "launch.nproc=2", f"train.steps={steps}",
-                                  "train.micro_batch_size=1", "train.tensorboard=false"],
-                                 capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert trained.returncode == 0, trained.stderr[-3000:]
-    finally:
-        serve.stop()
-        serve.kill()
     assert [r["loss"] for r in interrupted] == pytest.approx([r["loss"] for r in metrics(ref)], abs=1e-6)
