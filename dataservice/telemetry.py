@@ -30,8 +30,9 @@ TRAINER_FIELDS = ("step", "loss", "samples_per_second", "image_tokens_per_second
 """What a trainer's DP rank reports after each step (mfu is None where the peak is unknown)."""
 OBJECTIVE = "objective"
 """A trainer report's figures of its objective beyond the loss (consumer/objectives.py), by name:
-DPO's reward_margin, preference_accuracy, policy_err_win, policy_err_lose."""
-MAX_OBJECTIVE_FIGURES = 16
+DPO's reward_margin, preference_accuracy, policy_err_win, policy_err_lose; GRPO's reward_mean,
+reward_std, rollout_s, reward_s, images, ... (consumer/grpo_objective.py)."""
+MAX_OBJECTIVE_FIGURES = 32
 """At most this many objective figures are kept per report (names are the trainer's to choose)."""
 
 
@@ -275,7 +276,7 @@ class PrometheusCollector:
             yield g
         objective = GaugeMetricFamily("mmdit_objective", "The training objective's figures of the last step, mean "
                                       "over DP (DPO: reward_margin, preference_accuracy, policy_err_win, "
-                                      "policy_err_lose)", labels=["dp_rank", "figure"])
+                                      "policy_err_lose; GRPO: reward_mean, reward_std, rollout_s, images, ...)", labels=["dp_rank", "figure"])
         for rank, report in sorted(trainers.items()):
             for name, value in sorted(report.get(OBJECTIVE, {}).items()):
                 objective.add_metric([str(rank), name], value)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -24,6 +25,12 @@ from mmdit.utils.processes import ServeProcess, free_port
 
 # ----------------------------------------------------------------------------- in process
 
+GRPO_FIGURES = {"reward_mean": 0.25, "reward_std": 0.125, "advantage_abs_mean": 0.8, "clip_fraction": 0.0,
+                "approx_kl": 1e-6, "kl": 2e-4, "rollout_s": 3.0, "reward_s": 1.0, "images": 8.0,
+                "dropped_samples": 1.0, "skipped_groups": 0.0, "reward_retries": 0.0, "reward_wait_s": 0.5,
+                "update_s": 1.5}
+"""What a GRPO step reports (consumer/grpo_objective.py `loss`, and the timings still to come)."""
+
 
 def test_prometheus_series_carry_labels_and_leave_unknown_mfu_out():
     refs = [SampleRef(f"k{i}", (256, 256), "t2i") for i in range(8)]
@@ -33,7 +40,8 @@ def test_prometheus_series_carry_labels_and_leave_unknown_mfu_out():
     c.ack("t0", 0, c.gen, [], {"step": 7, "loss": 0.5, "samples_per_second": 3.0, "image_tokens_per_second": 768.0,
                                "tflops_per_device": 0.01, "mfu": None, "data_wait_fraction": 0.02,
                                "config_version": 0, "wall_total_s": 10.0, "step_total_s": 9.0,
-                               "data_wait_total_s": 0.5, "checkpoint_stall_total_s": 0.25, "eval_stall_total_s": 0.0})
+                               "data_wait_total_s": 0.5, "checkpoint_stall_total_s": 0.25, "eval_stall_total_s": 0.0,
+                               "objective": GRPO_FIGURES})
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PrometheusCollector(c, c.telemetry))
     text = generate_latest(registry).decode()
@@ -45,6 +53,9 @@ def test_prometheus_series_carry_labels_and_leave_unknown_mfu_out():
                  'mmdit_trainer_wall_seconds_total{dp_rank="0",part="checkpoint_stall"} 0.25'):
         assert line in text, line
     assert "mmdit_mfu{" not in text  # unknown on a CPU: absent, never 0
+    for name, value in GRPO_FIGURES.items():  # every GRPO figure, none cut by the per-report bound
+        assert f'mmdit_objective{{dp_rank="0",figure="{name}"}} {float(value)!r}' in text, name
+    assert c.telemetry.series()["objective"]["update_s"] == [1.5]
 
 
 # ----------------------------------------------------------------------------- a live run
@@ -153,23 +164,68 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--virtual-time-budget=10000", "--window-size=1400,1100"]
 
 
+def grpo_view(upstream: str):
+    """A local HTTP proxy of the live dashboard whose /api/series carries the objective figures a
+    GRPO trainer would report at the live run's steps (through a real Telemetry), so one browser
+    start checks the live charts and GRPO's: the live run trains flow matching, which has none."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mmdit.dataservice.telemetry import Telemetry
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = get(upstream + self.path)
+            if self.path.startswith("/api/series"):
+                series = json.loads(body)
+                times = series["trainer"]["time"]
+                now = [0.0]
+                fake = Telemetry(clock=lambda: now[0])
+                for step, time_ in enumerate(times):
+                    now[0] = time_
+                    figures = {**GRPO_FIGURES, "reward_mean": 0.1 * step, "images": 0.0 if step % 2 else 8.0}
+                    fake.trainer_report(0, {"step": step, "objective": figures})
+                series["objective"] = fake.series()["objective"]
+                body = json.dumps(series).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_dashboard_draws_live_charts_in_a_browser(live_run, tmp_path):
+    """The live charts, and GRPO's reward and time charts once its figures exist (through a proxy
+    that adds them: grpo_view); the GRPO panels are hidden on a run without them."""
     chromium = _require("chromium")
     url = live_run["dashboard"]
+    assert 'id="panel-grpo-reward" hidden' in get(url).decode()  # shown by the page only once GRPO reports
     metrics = live_run["dir"] / "train" / "metrics.jsonl"
     wait_until(lambda: "eval_loss" in metrics.read_text(), 300, "a held-out loss from the evaluator")
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'a'}", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=180).stdout
+    upstream = urllib.parse.urlparse(url)
+    proxy = grpo_view(f"{upstream.scheme}://{upstream.netloc}")
+    try:
+        dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'a'}", "--dump-dom",
+                              f"http://127.0.0.1:{proxy.server_address[1]}{upstream.path}"],
+                             capture_output=True, text=True, timeout=180).stdout
+    finally:
+        proxy.shutdown()
     import re
 
     points = dict(re.findall(r'id="chart-([a-z-]+)"[^>]*data-points="(\d+)"', dom))
     for chart in ("loss", "throughput", "flops", "wait", "producers", "alive", "walltime", "evals", "coord-calls",
-                  "coord-load"):
+                  "coord-load", "grpo-reward", "grpo-time"):
         assert int(points.get(chart, 0)) > 0, (chart, points)
+    assert not re.search(r'id="panel-grpo-(reward|time)"[^>]*hidden', dom)  # shown: GRPO figures exist
     assert "the coordinator does not answer" not in dom and "step " in dom and "in steps " in dom
-    shot = tmp_path / "dashboard.png"
+    shot = tmp_path / "dashboard.png"  # the live page itself (no GRPO figures: its panels stay hidden)
     subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'b'}", f"--screenshot={shot}", url],
                    capture_output=True, timeout=180)
     assert shot.stat().st_size > 20_000  # a page with charts, not a blank one

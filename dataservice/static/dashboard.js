@@ -66,6 +66,12 @@ function init() {
   makeChart("chart-objective", [{ label: "reward margin", stroke: "#1f77b4" },
                                 { label: "preference accuracy", stroke: "#ff7f0e", scale: "acc" }],
             { acc: { range: [0, 1] } });
+  makeChart("chart-grpo-reward", [{ label: "reward mean", stroke: "#2ca02c", width: 2 },
+                                  { label: "mean - std", stroke: "#98df8a", dash: [4, 4] },
+                                  { label: "mean + std", stroke: "#98df8a", dash: [4, 4] }]);
+  makeChart("chart-grpo-time", [{ label: "rollout", stroke: "#1f77b4" }, { label: "update", stroke: "#ff7f0e" },
+                                { label: "reward wait", stroke: "#d62728" },
+                                { label: "images/s", stroke: "#7f7f7f", scale: "ips" }]);
   makeChart("chart-producers", [{ label: "batches/s", stroke: "#17becf" }]);
   makeChart("chart-alive", [{ label: "producers", stroke: "#7f7f7f" }]);
   makeChart("chart-coord-calls", [{ label: "lease", stroke: "#17becf" }, { label: "locate", stroke: "#1f77b4" },
@@ -92,6 +98,24 @@ function evalColumns(e) {
   return [steps, at(e.loss.step, e.loss.eval_loss), at(e.text.step, e.text.word_accuracy)];
 }
 
+// GRPO's figures (consumer/grpo_objective.py), drawn only once a step reported them. The reward
+// wait is reward_wait_s where the objective reports it, else the reward's own time (reward_s);
+// images/s is a step's images over its rollout + update + reward wait (a step that reused the
+// previous rollout rolled out no images: no point).
+function grpoColumns(o) {
+  const nulls = o.time.map(() => null);
+  const col = (name) => o[name] || nulls;
+  const mean = col("reward_mean"), std = col("reward_std");
+  const band = (sign) => mean.map((m, i) => (m === null || std[i] === null ? null : m + sign * std[i]));
+  const rollout = col("rollout_s"), update = col("update_s"), wait = o.reward_wait_s ? o.reward_wait_s : col("reward_s");
+  const images = col("images");
+  const perSecond = images.map((n, i) => {
+    const s = (rollout[i] || 0) + (update[i] || 0) + (wait[i] || 0);
+    return n && s > 0 ? n / s : null;
+  });
+  return { reward: [o.time, mean, band(-1), band(1)], time: [o.time, rollout, update, wait, perSecond] };
+}
+
 function wallLine(w) {
   const n = w.time.length;
   if (!n || w.steps[n - 1] === null) return "wall time: n/a";
@@ -116,6 +140,20 @@ async function refresh() {
     const o = series.objective || { time: [] };
     setData("chart-objective", [o.time, o.reward_margin || o.time.map(() => null),
                                 o.preference_accuracy || o.time.map(() => null)]);
+    const grpo = Boolean(o.reward_mean);
+    for (const id of ["grpo-reward", "grpo-time"]) {
+      const panel = document.getElementById(`panel-${id}`), el = document.getElementById(`chart-${id}`);
+      if (grpo && panel.hidden) {  // made while hidden (no width): fit the panel once it shows
+        panel.hidden = false;
+        charts[`chart-${id}`].setSize({ width: Math.max(320, el.clientWidth || 540), height: 200 });
+      }
+      panel.hidden = !grpo;
+    }
+    if (grpo) {
+      const g = grpoColumns(o);
+      setData("chart-grpo-reward", g.reward);
+      setData("chart-grpo-time", g.time);
+    }
     const p = series.producers;
     setData("chart-producers", [p.time, p.batches_per_second]);
     setData("chart-alive", [p.time, p.producers_alive]);
