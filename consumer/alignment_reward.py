@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from mmdit.config import ConfigError
-from mmdit.consumer.rewards import decode_latents, to_image
+from mmdit.consumer.rewards import Submits, decode_latents, to_image
 
 log = logging.getLogger("mmdit.grpo")
 
 
-class AlignmentReward:
-    """Cosine similarity of each decoded image and its prompt under a local CLIP/SigLIP model, [B] float32."""
+class AlignmentReward(Submits):
+    """Cosine similarity of each decoded image and its prompt under a local CLIP/SigLIP model, [B] float32;
+    `submit` scores on a background thread (rewards.Submits), as the other in-process rewards do."""
 
     def __init__(self, encoders, model_dir: str, scorer=None):
         self.encoders = encoders

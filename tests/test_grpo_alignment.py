@@ -48,6 +48,10 @@ def test_the_reward_is_the_alignment_score_of_the_decoded_image(tiny_encoders_di
     expected = AlignmentScorer.load(model_dir).score(images, [p.prompt for p in asked])
     assert torch.allclose(got, torch.tensor(expected), atol=1e-5, rtol=0), (got, expected)
     assert len(set(got.tolist())) == 3 and all(-1 <= v <= 1 for v in got.tolist())
+    try:  # submit(): the same scores from the background thread
+        assert torch.equal(reward.submit(latents, asked).result(timeout=120), got)
+    finally:
+        reward.close()
 
 
 def test_an_image_the_scorer_cannot_take_gets_nan_and_the_others_keep_their_scores(tiny_encoders_dir, encoders):
