@@ -321,36 +321,40 @@ class RemoteRewards:
     # ---- the dispatcher thread: every change to the book happens here
 
     def _run(self) -> None:
-        refresh = True
         while True:
             try:
                 event = self._events.get(timeout=POLL_S)
             except queue.Empty:
-                event = None
-            if event is not None and event[0] == "close":
-                break
-            if event is not None and event[0] == "submit":
-                _, request_id, latents, prompts, future = event
-                self._requests[request_id] = (latents, prompts)
-                future.add_done_callback(lambda _f, rid=request_id: self._events.put(("forget", rid)))
-                refresh = True
+                event = ("tick",)
+            if event[0] == "close":
+                return
+            try:
+                self._handle(event)
+            except Exception:  # noqa: BLE001 - a bug here must not leave every later request hanging
+                log.exception("remote rewards: event %s failed", event[0])
+
+    def _handle(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "submit":  # the member list as of now, then the request split over its live workers
+            _, request_id, latents, prompts, future = event
+            self._requests[request_id] = (latents, prompts)
+            future.add_done_callback(lambda _f, rid=request_id: self._events.put(("forget", rid)))
+            self._refresh()
+            self.book.add(request_id, latents.shape[0], future)
+        elif kind == "answer":
+            _, attempt, rewards, error = event
+            self.book.answered(attempt, rewards, error)
+            if rewards is None:  # a failed call: who is still listed?
                 self._refresh()
-                self.book.add(request_id, latents.shape[0], future)
-            elif event is not None and event[0] == "answer":
-                _, attempt, rewards, error = event
-                self.book.answered(attempt, rewards, error)
-                refresh = rewards is None
-            elif event is not None and event[0] == "forget":
-                self._requests.pop(event[1], None)
-            if refresh or (self.book.waiting and not self.book.live()):
-                self._refresh()
-            refresh = False
-            for send in self.book.dispatch():
-                latents, prompts = self._requests[send.request_id]
-                self.transport.call(send.worker, send.rank, send.request_id, latents[send.lo:send.hi].clone(),
-                                    prompts[send.lo:send.hi],
-                                    lambda rewards, error, a=send.attempt: self._events.put(("answer", a, rewards,
-                                                                                            error)))
+        elif kind == "forget":
+            self._requests.pop(event[1], None)
+        if self.book.waiting and not self.book.live():  # waiting for a worker to join
+            self._refresh()
+        for send in self.book.dispatch():
+            latents, prompts = self._requests[send.request_id]
+            self.transport.call(send.worker, send.rank, send.request_id, latents[send.lo:send.hi].clone(),
+                                prompts[send.lo:send.hi],
+                                lambda rewards, error, a=send.attempt: self._events.put(("answer", a, rewards, error)))
 
     def _refresh(self) -> None:
         try:

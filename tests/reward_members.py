@@ -4,8 +4,9 @@
 coordinator's name, no coordinator handler) and stays until DIR/stop exists; `client` waits for
 two reward workers (`mmdit reward-worker ... train.grpo.reward=reward_fns:dies_when_told`, each
 with its own $REWARD_DIE_WHEN=DIR/die_a|die_b) and writes DIR/client.json with three phases:
-`both` (three requests on both workers), `crash` (B told to die, one request), `none` (A told
-to die too, one request that no worker is left to score).
+`both` (three requests on both workers), `crash` (B told to die, one request), then writes
+DIR/crash.done and waits for DIR/a.gone (the test stops A with SIGTERM), and `none` (one request
+that no worker is left to score).
 """
 
 import json
@@ -59,7 +60,10 @@ def main(role: str, port: int, out: Path) -> None:
         result = {"both": phase(rewards, out, [4, 4, 4], 0)}
         (out / "die_b").touch()
         result["crash"] = phase(rewards, out, [6], 10)
-        (out / "die_a").touch()
+        (out / "crash.done").touch()
+        while not (out / "a.gone").exists():
+            assert time.monotonic() < deadline + 120, "worker A was never stopped"
+            time.sleep(0.05)
         result["none"] = phase(rewards, out, [4], 20)
     finally:
         rewards.close()
