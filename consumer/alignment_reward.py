@@ -1,7 +1,7 @@
 """GRPO's image-text alignment reward (`train.grpo.reward=alignment`).
 
 Each rollout's final latents are decoded with encoders.dir's VAE, exactly as the sampler decodes
-them (consumer/rewards.py `decode_latents`, `to_image`), and each image is scored against its own
+them (consumer/reward_base.py `decode_latents`, `to_image`), and each image is scored against its own
 prompt by a CLIP or SigLIP model from a local directory (`train.grpo.alignment_model`) with the
 `AlignmentScorer` `mmdit eval` and `mmdit annotate` use: the cosine similarity of the image and
 text embeddings, in [-1, 1], the same scale as the `alignment` figure of `mmdit eval`.
@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from mmdit.config import ConfigError
-from mmdit.consumer.rewards import Submits, decode_latents, to_image
+from mmdit.consumer.reward_base import Submits, decode_latents, to_image
 
 log = logging.getLogger("mmdit.grpo")
 
 
 class AlignmentReward(Submits):
     """Cosine similarity of each decoded image and its prompt under a local CLIP/SigLIP model, [B] float32;
-    `submit` scores on a background thread (rewards.Submits), as the other in-process rewards do."""
+    `submit` scores on a background thread (reward_base.Submits), as the other in-process rewards do."""
 
     def __init__(self, encoders, model_dir: str, scorer=None):
         self.encoders = encoders

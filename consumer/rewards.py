@@ -22,7 +22,7 @@ sample; a second failure makes the request's rewards NaN. With `train.grpo.rewar
 workers are `mmdit reward-worker` processes on any host of the data service's RPC group
 (consumer/reward_service.py `RemoteRewards`), scoring while the next rollout runs.
 
-Every reward here also has `submit(latents, prompts) -> Future` (`Submits`: it runs on one
+Every reward here also has `submit(latents, prompts) -> Future` (consumer/reward_base.py `Submits`: on one
 background thread), the interface RemoteRewards has, so a caller can go on while it scores.
 """
 
@@ -32,31 +32,14 @@ import importlib
 import logging
 import multiprocessing
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
+from mmdit.consumer.reward_base import Reward, Submits, decode_latents, to_image
+
 log = logging.getLogger("mmdit.grpo")
-
-Reward = Callable[[torch.Tensor, Sequence], torch.Tensor]
-
-
-class Submits:
-    """`submit(latents, prompts) -> Future` of `self(latents, prompts)`, run on one background
-    thread (started on the first submit, ended by `close`): requests are scored in order."""
-
-    _executor: ThreadPoolExecutor | None = None
-
-    def submit(self, latents: torch.Tensor, prompts: Sequence) -> Future:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="reward")
-        return self._executor.submit(self, latents, prompts)
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown()
-            self._executor = None
 
 
 class LatentTarget(Submits):
@@ -67,21 +50,6 @@ class LatentTarget(Submits):
 
     def __call__(self, latents: torch.Tensor, prompts: Sequence) -> torch.Tensor:
         return -(latents.float() - self.target).square().mean(dim=tuple(range(1, latents.dim())))
-
-
-def decode_latents(vae, latents: torch.Tensor, device, dtype) -> torch.Tensor:
-    """Normalized latents [B, 16, h, w] -> pixels [B, 3, H, W] in [-1, 1], float32 on the CPU."""
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
-    z = (latents.float().cpu() * std + mean).to(device, dtype)[:, :, None]  # [B, 16, 1, h, w]
-    return vae.decode(z).sample[:, :, 0].float().clamp(-1, 1).cpu()
-
-
-def to_image(pixels: torch.Tensor):
-    """[3, H, W] in [-1, 1] -> a PIL RGB image."""
-    from PIL import Image
-
-    return Image.fromarray(((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy(), "RGB")
 
 
 class OcrReward(Submits):
