@@ -393,9 +393,10 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_sigint_to_the_demo_with_two_ranks_stops_every_process(tmp_path):
+def test_sigint_to_the_demo_with_two_ranks_stops_every_process(tiny_encoders_dir, tmp_path):
     run = tmp_path / "demo"
-    demo = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "demo", f"run.dir={run}", "launch.nproc=2",
+    demo = subprocess.Popen([sys.executable, "-m", "mmdit.launch.cli", "demo", f"run.dir={run}",
+                             f"encoders.dir={tiny_encoders_dir}", "launch.nproc=2",
                              "parallel.tp=2", "train.steps=100000", "synth.num_samples=16", "checkpoint.every=1000",
                              # generous: the ranks finish their step and checkpoint on a loaded machine
                              "launch.stop_timeout_s=120"],
