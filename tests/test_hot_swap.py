@@ -241,13 +241,14 @@ def test_a_loosened_threshold_is_encoded_on_demand_and_served_once(tiny_encoders
     serve = ServeProcess(args)
     try:
         run = tmp_path / "run"
-        steps = 200
+        steps = 80  # the change lands at about step 3: then more than five epochs of 24 samples
         proc = consume(args, run, steps, "service.step_time_s=0.05", wait=False)
         deadline = time.monotonic() + 300
         while len(read_samples(run)) < 3:
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.1)
-        done = ctl("set", str(service), "filters.max_text_chars=-1", "--why", "paragraphs too")
+        with paused(proc.pid, *run_processes(run, "consumer")):  # the change lands early however slowly ctl starts
+            done = ctl("set", str(service), "filters.max_text_chars=-1", "--why", "paragraphs too")
         assert done.returncode == 0, done.stderr
         reply = json.loads(done.stdout)
         assert reply["missing"] == rejected and reply["missing_planned"] == rejected
