@@ -6,6 +6,8 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,13 @@ def train(run_dir: Path, *overrides: str) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
+def concurrently(*calls) -> list:
+    """Run independent CLI runs at once (each mostly starts up, which two cores overlap); their
+    results in order, the first failure raised as is."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]
+
+
 def records(run_dir: Path, evals: bool = False) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if bool(r.get("eval")) == evals]
@@ -89,10 +98,11 @@ def weights(run_dir: Path) -> dict:
 def test_accumulation_equals_one_big_batch_at_any_split(tmp_path):
     """4 samples per optimizer step: one micro-batch of 4, four of 1, and two DP ranks x two
     micro-batches of 1 give the same losses and the same weights."""
-    train(tmp_path / "big", "train.steps=3", "train.micro_batch_size=4")
-    train(tmp_path / "accum", "train.steps=3", "train.micro_batch_size=1", "train.global_batch_size=4")
-    train(tmp_path / "dp_accum", "train.steps=3", "train.micro_batch_size=1", "train.global_batch_size=4",
-          "launch.nproc=2")
+    concurrently(partial(train, tmp_path / "big", "train.steps=3", "train.micro_batch_size=4"),
+                 partial(train, tmp_path / "accum", "train.steps=3", "train.micro_batch_size=1",
+                         "train.global_batch_size=4"),
+                 partial(train, tmp_path / "dp_accum", "train.steps=3", "train.micro_batch_size=1",
+                         "train.global_batch_size=4", "launch.nproc=2"))
     reference, big = records(tmp_path / "big"), weights(tmp_path / "big")
     for name in ("accum", "dp_accum"):
         rows = records(tmp_path / name)
@@ -109,10 +119,9 @@ def test_accumulation_equals_one_big_batch_at_any_split(tmp_path):
 def test_evaluation_is_deterministic_across_runs_and_layouts(tmp_path):
     common = ["train.steps=2", "eval.every=2", "eval.max_samples=6", "eval.sigmas=4",
               "train.micro_batch_size=2"]
-    train(tmp_path / "a", *common)
-    train(tmp_path / "b", *common)
-    train(tmp_path / "tp2", *common, "launch.nproc=2", "parallel.tp=2")
-    train(tmp_path / "dp2", *common, "launch.nproc=2", "train.micro_batch_size=1")
+    concurrently(partial(train, tmp_path / "a", *common), partial(train, tmp_path / "b", *common),
+                 partial(train, tmp_path / "tp2", *common, "launch.nproc=2", "parallel.tp=2"),
+                 partial(train, tmp_path / "dp2", *common, "launch.nproc=2", "train.micro_batch_size=1"))
     (ra,), (rb,) = records(tmp_path / "a", True), records(tmp_path / "b", True)
     assert ra == rb and ra["eval_samples"] == 6 and len(ra["eval_loss_per_sigma"]) == 4
     for name in ("tp2", "dp2"):
@@ -165,10 +174,10 @@ def test_sample_writes_deterministic_pngs_of_the_requested_size(trained, tmp_pat
 
     prompts = ['prompt=a shop sign that reads "OPEN"', "prompt=一张写着“欢迎光临”的海报"]
     args = [str(trained), *prompts, "width=96", "height=64", "steps=3", "seed=7"]
-    first = sample(*args, f"out={tmp_path / 'a'}")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert sample(*args, f"out={tmp_path / 'b'}").returncode == 0
-    assert sample(*args[:-1], "seed=8", f"out={tmp_path / 'c'}").returncode == 0
+    runs = concurrently(partial(sample, *args, f"out={tmp_path / 'a'}"), partial(sample, *args, f"out={tmp_path / 'b'}"),
+                        partial(sample, *args[:-1], "seed=8", f"out={tmp_path / 'c'}"))
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
     for name in ("00.png", "01.png"):
         img = Image.open(tmp_path / "a" / name)
         assert img.size == (96, 64) and img.mode == "RGB"
@@ -194,14 +203,15 @@ def test_training_samples_the_fixed_prompts_as_mmdit_sample_does(trained, tiny_e
     step = trained / "samples" / "step_00000002"
     assert json.loads((step / "prompts.json").read_text()) == list(PREVIEW_PROMPTS)
     assert Image.open(step / "grid.png").size == (2 * 64, 2 * 64)
-    for i, prompt in enumerate(PREVIEW_PROMPTS):
-        again = sample(str(trained), f"prompt={prompt}", "width=64", "height=64", "steps=3", f"seed={i}",
-                       f"out={tmp_path / str(i)}")
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert (tmp_path / str(i) / "00.png").read_bytes() == (step / f"{i:02d}.png").read_bytes(), prompt
     tp2 = tmp_path / "tp2"
-    train(tp2, "train.steps=2", "train.micro_batch_size=1", f"encoders.dir={tiny_encoders_dir}", *PREVIEWS,
-          "launch.nproc=2", "parallel.tp=2")
+    *again, _ = concurrently(
+        *[partial(sample, str(trained), f"prompt={prompt}", "width=64", "height=64", "steps=3", f"seed={i}",
+                  f"out={tmp_path / str(i)}") for i, prompt in enumerate(PREVIEW_PROMPTS)],
+        partial(train, tp2, "train.steps=2", "train.micro_batch_size=1", f"encoders.dir={tiny_encoders_dir}",
+                *PREVIEWS, "launch.nproc=2", "parallel.tp=2"))
+    for i, prompt in enumerate(PREVIEW_PROMPTS):
+        assert again[i].returncode == 0, again[i].stderr[-3000:]
+        assert (tmp_path / str(i) / "00.png").read_bytes() == (step / f"{i:02d}.png").read_bytes(), prompt
     for i in range(len(PREVIEW_PROMPTS)):
         a = np.asarray(Image.open(step / f"{i:02d}.png"), dtype=np.int16)
         b = np.asarray(Image.open(tp2 / "samples" / "step_00000002" / f"{i:02d}.png"), dtype=np.int16)
