@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -78,10 +79,13 @@ def test_tensor_and_data_parallel_match_single_process(straight, tmp_path):
     loss curve (TP=2 without it: the TP=2 leg of the resharding test above): three steps on the
     learning-rate schedule of the six-step single-process run."""
     same_schedule = "optimizer.decay_steps=6"
-    sp = train(tmp_path / "tp2_sp", "train.steps=3", same_schedule, "launch.nproc=2", "parallel.tp=2",
-               "parallel.sequence_parallel=true")
-    assert "tp 2 (sequence parallel) x dp 1" in sp.stdout
-    train(tmp_path / "dp2", "train.steps=3", same_schedule, "launch.nproc=2", "train.micro_batch_size=1")
+    with ThreadPoolExecutor(2) as pool:  # independent runs, mostly starting up: two cores overlap them
+        sp = pool.submit(train, tmp_path / "tp2_sp", "train.steps=3", same_schedule, "launch.nproc=2",
+                         "parallel.tp=2", "parallel.sequence_parallel=true")
+        dp = pool.submit(train, tmp_path / "dp2", "train.steps=3", same_schedule, "launch.nproc=2",
+                         "train.micro_batch_size=1")
+        assert "tp 2 (sequence parallel) x dp 1" in sp.result().stdout
+        dp.result()
     expected = metrics(straight)[:3]
     for name in ("tp2_sp", "dp2"):
         got = metrics(tmp_path / name)
