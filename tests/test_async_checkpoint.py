@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -141,13 +142,15 @@ def test_training_goes_on_while_a_save_is_written_and_a_kill_mid_write_resumes_f
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    resumed = train(run, "train.steps=6", "checkpoint.every=2")
+    reference = tmp_path / "reference"
+    with ThreadPoolExecutor(2) as pool:  # the rerun and an uninterrupted run, at once (mostly start-up)
+        rerun = pool.submit(train, run, "train.steps=6", "checkpoint.every=2")
+        pool.submit(train, reference, "train.steps=6", "checkpoint.every=0").result()
+        resumed = rerun.result()
     assert "resumed from" in resumed.stdout + resumed.stderr and "at step 2" in resumed.stdout + resumed.stderr
     assert [r["step"] for r in steps(run)] == [1, 2, 3, 4, 5, 6]
     assert [p.name for p in checkpoints(run)] == ["step_00000006", "step_00000004", "step_00000002"]
     assert all(verify_checkpoint(p) is None for p in checkpoints(run))
-    reference = tmp_path / "reference"
-    train(reference, "train.steps=6", "checkpoint.every=0")
     assert [r["loss"] for r in steps(run)] == pytest.approx([r["loss"] for r in steps(reference)], abs=1e-6)
 
 
