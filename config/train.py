@@ -58,6 +58,12 @@ class GrpoConfig:
     """Weight of the closed-form KL to the frozen reference (0: no reference is built)."""
     updates_per_rollout: int = 1
     """Optimizer steps trained on one rollout: the first sees ratio 1, later ones the clip."""
+    rollout_chunk: int = 1
+    """Prompts whose groups are sampled together (a batch of rollout_chunk x G images, twice with
+    CFG); each chunk is sent to be scored as soon as it is sampled, while the next one samples."""
+    update_micro_batch: int = 0
+    """Transitions per forward and backward of the update (0: a whole chunk's, its kept images x
+    trained steps); the gradients of the pieces add up."""
     cfg_scale: float = 1.0
     """True classifier-free guidance in rollouts and updates (> 1: on, against the prompt " ")."""
     width: int = 256
@@ -90,6 +96,12 @@ class GrpoConfig:
     worker could score get NaN)."""
 
     def __post_init__(self):
+        if self.rollout_chunk < 1 or self.update_micro_batch < 0:
+            raise ValueError(f"train.grpo.rollout_chunk must be >= 1 and update_micro_batch >= 0, got "
+                             f"{self.rollout_chunk} and {self.update_micro_batch}")
+        if self.reward_service and self.reward_workers:
+            raise ValueError("train.grpo.reward_service and train.grpo.reward_workers are two places to score: "
+                             "pick one")
         if self.reward_workers < 0:
             raise ValueError(f"train.grpo.reward_workers must be >= 0, got {self.reward_workers}")
         if self.group_size < 2 or self.prompts_per_step < 1 or self.sde_steps < 2 or self.updates_per_rollout < 1:

@@ -74,14 +74,15 @@ class Checkpointer:
     def asynchronous(self) -> bool:
         return self.staging is not None
 
-    def save(self, step: int, model, backend, dims, data_state: dict, trainer_state: dict, ema=None) -> float:
+    def save(self, step: int, model, backend, dims, data_state: dict, trainer_state: dict, ema=None,
+             objective: dict | None = None) -> float:
         """Save the checkpoint of `step` (with the EMA weights `ema`, when kept); returns the seconds
         the caller waited (the stall). An asynchronous save returns once the state is in host
         memory, after publishing the previous."""
         started = time.perf_counter()
         self.finish(model)  # at most one in flight; its host buffers are reused
         staged = stage_checkpoint(self.run_dir, step, model, backend, dims, data_state, trainer_state, self.staging,
-                                  ema=ema)
+                                  ema=ema, objective=objective)
         if self.staging is None:
             self._publish(staged, write_staged(staged), model)
         else:

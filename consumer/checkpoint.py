@@ -81,6 +81,8 @@ log = logging.getLogger("mmdit.checkpoint")
 
 CHECKPOINTS, LATEST, REJECTED = "checkpoints", "latest", "rejected"
 MODEL, OPTIMIZER, DATA, TRAINER = "model", "optimizer", "data.json", "trainer.json"
+OBJECTIVE = "objective"
+"""The objective's own state, one file per DP rank (GRPO: a rollout still to be trained on)."""
 FILES, SEAL = "files", "checksum"  # trainer.json: every other file's size and checksum; its own
 
 
@@ -138,7 +140,13 @@ def _required_files(path: Path, trainer: dict) -> list[str]:
     names += [state_file(Path(OPTIMIZER), t, d).as_posix() for t in range(trainer["tp"]) for d in range(trainer["dp"])]
     if trainer["backend"].startswith("megatron"):
         names.append(f"{OPTIMIZER}/{MEGATRON_GROUPS}")
+    if trainer.get(OBJECTIVE):
+        names += [objective_file(Path(OBJECTIVE), d).as_posix() for d in range(trainer["dp"])]
     return names
+
+
+def objective_file(directory: Path, dp_rank: int) -> Path:
+    return directory / f"dp{dp_rank:03d}.safetensors"
 
 
 def _check_safetensors(path: Path) -> None:
@@ -427,6 +435,8 @@ class StagedCheckpoint:
     trainer_state: dict
     ema: object | None = None
     """This rank's EMA weights (parallel/ema.py StagedEma), with train.ema_decay > 0."""
+    objective: dict[str, torch.Tensor] | None = None
+    """The objective's state on TP rank 0 (the TP ranks of a group hold the same); None: nothing."""
 
 
 @dataclass
@@ -443,7 +453,7 @@ a test can watch training go on, or kill a save mid-write."""
 
 
 def stage_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: dict, trainer_state: dict,
-                     staging: InPlace | None = None, ema=None) -> StagedCheckpoint:
+                     staging: InPlace | None = None, ema=None, objective: dict | None = None) -> StagedCheckpoint:
     """Collective over all ranks (the finiteness check). Takes this rank's part of the checkpoint
     of `step` (and of the EMA weights, `ema`: parallel/ema.py) through `staging` (default: in
     place, for a write before training goes on).
@@ -462,9 +472,12 @@ def stage_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state:
     optimizer = backend.optimizer_state(dims, staging) if hasattr(backend, "optimizer_state") else None
     ema_state = ema.state(dims, staging) if ema is not None else None
     staging.synchronize()
+    trainer_state = {**trainer_state, **({OBJECTIVE: True} if objective else {})}
+    # the objective's tensors are on the CPU and replaced, never changed in place: no copy needed
+    objective = objective if objective and dims.tp_rank == 0 else None
     return StagedCheckpoint(checkpoint_dir(run_dir, step), step, shard, shard_file(model.tp_rank, model.tp_size),
-                            optimizer, backend, dims, json.loads(json.dumps(data_state)), dict(trainer_state),
-                            ema_state)
+                            optimizer, backend, dims, json.loads(json.dumps(data_state)), trainer_state,
+                            ema_state, objective)
 
 
 def write_staged(staged: StagedCheckpoint) -> WriteReport:
@@ -486,6 +499,9 @@ def write_staged(staged: StagedCheckpoint) -> WriteReport:
                 staged.backend.save_optimizer(path / OPTIMIZER, staged.dims)
             if staged.ema is not None:
                 staged.ema.write(path / EMA_DIR)
+            if staged.objective is not None:
+                (path / OBJECTIVE).mkdir(exist_ok=True)
+                atomic_save_safetensors(staged.objective, objective_file(path / OBJECTIVE, staged.dims.dp_rank))
         except OSError as e:
             return WriteReport(_relative(written, path), e)
     return WriteReport(_relative(written, path))
@@ -529,10 +545,11 @@ def publish_checkpoint(staged: StagedCheckpoint, report: WriteReport, model) -> 
 
 
 def save_checkpoint(run_dir: Path, step: int, model, backend, dims, data_state: dict, trainer_state: dict,
-                    ema=None) -> Path:
+                    ema=None, objective: dict | None = None) -> Path:
     """Stage, write and publish in one go (collective over all ranks); consumer/async_save.py
     runs the same three steps with the write in the background."""
-    staged = stage_checkpoint(run_dir, step, model, backend, dims, data_state, trainer_state, ema=ema)
+    staged = stage_checkpoint(run_dir, step, model, backend, dims, data_state, trainer_state, ema=ema,
+                              objective=objective)
     return publish_checkpoint(staged, write_staged(staged), model)
 
 
@@ -548,6 +565,20 @@ def load_checkpoint(path: Path, model, backend, dims, ema=None) -> tuple[dict, d
         ema.load(path / EMA_DIR, dims)
     data = json.loads((path / DATA).read_text()) if (path / DATA).is_file() else {}
     return state, data
+
+
+def load_objective_state(path: Path, state: dict, dims) -> dict[str, torch.Tensor] | None:
+    """This DP rank's objective state in checkpoint `path` (trainer state `state`); None when it
+    holds none, or when it was saved at another DP size (each DP rank's state is its own)."""
+    if not state.get(OBJECTIVE):
+        return None
+    if state["dp"] != dims.dp:
+        log.warning("%s holds the objective's state of %d DP ranks, this run has %d: starting it afresh",
+                    path, state["dp"], dims.dp)
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(objective_file(path / OBJECTIVE, dims.dp_rank)))
 
 
 # ----------------------------------------------------------------------------- `mmdit consume`

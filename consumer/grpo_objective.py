@@ -2,22 +2,33 @@
 
 Each micro-batch of each optimizer step, on every DP rank:
 1. **Prompts**: `prompts_per_step` prompts drawn from the JSONL set (the text-eval format:
-   prompt, target_texts) by a generator keyed by (seed, step, first_index), so every TP rank of
-   the group draws the same ones and a different DP rank or micro-batch other ones.
-2. **Rollout**: the TP group samples G = `group_size` images per prompt together with the SDE
-   sampler (model/flow_sde.py `sde_sample`, T = `sde_steps`), the noise drawn on the CPU from the
-   same key (identical on every TP rank), with true CFG when `cfg_scale` > 1. The states and each
-   transition's log-probability are recorded (no graph).
-3. **Reward** (consumer/rewards.py) of the final latents, computed by TP rank 0 of the group and
-   broadcast to the others; a NaN reward drops its sample from its
-   group, a group with fewer than 2 samples left is skipped (both counted in the figures).
-4. **Update**: group advantages and the clipped-ratio loss with kl_beta * KL to the frozen
-   reference (consumer/grpo.py), over the surviving samples' transitions (all T, or a random
-   `train_steps` of them), in one forward of the policy (and one of the reference).
+   prompt, target_texts) by a generator keyed by (seed, step, first_index): every TP rank of the
+   group draws the same ones, another DP rank or micro-batch other ones, and a resumed run the
+   same ones again (the "prompt cursor" is the step, nothing to save).
+2. **Rollout in chunks**: the TP group samples G = `group_size` images per prompt together with
+   the SDE sampler (model/flow_sde.py `sde_sample`, T = `sde_steps`), `rollout_chunk` prompts'
+   groups at a time, true CFG when `cfg_scale` > 1. Each group's noise comes from its own
+   generator keyed by (seed, step, first_index, group), drawn on the CPU: the same images whatever
+   the chunking, the TP size or the device. The states and each transition's log-probability are
+   recorded (no graph).
+3. **Rewards while sampling on**: as soon as a chunk is sampled, TP rank 0 of the group submits
+   its final latents to the reward (consumer/rewards.py; `train.grpo.reward_service`: to reward
+   workers on the data service's RPC group, consumer/reward_service.py) and samples the next
+   chunk while they are scored. The update of a chunk waits only for that chunk's rewards, so the
+   last chunks are scored while the first ones train. TP rank 0 broadcasts each chunk's rewards
+   to its TP group. A NaN reward drops its sample from its group, a group with fewer than 2
+   samples left is skipped (both counted in the figures).
+4. **Update, micro-batched**: group advantages and the clipped-ratio loss with kl_beta * KL to the
+   frozen reference (consumer/grpo.py) over the surviving samples' transitions (all T, or a random
+   `train_steps` of them), at most `update_micro_batch` transitions per forward and backward. The
+   loss is the sum over transitions divided by the planned count (prompts x G x trained steps):
+   a dropped sample adds 0, so a chunk's share of the gradient never waits for another chunk's
+   rewards. Gradients accumulate over the pieces without a DP all-reduce until the step's last.
 
 With `updates_per_rollout` = K > 1 a rollout made at step k*K serves the K optimizer steps from
-there; only the first sees ratio 1. The rollout lives in memory: a run resumed mid-cycle rolls
-out anew with the resumed weights.
+there; only the first sees ratio 1. A checkpoint taken mid-cycle saves the rollout
+(`state_dict`: objective/dpNN.safetensors) so that the resumed run trains on it exactly as the
+uninterrupted run would.
 
 The trainer's batches are not used: GRPO runs with `train.data_source=random`, whose batches only
 pace the loop (their shapes also enter the throughput figures, which thus do not count rollouts).
@@ -27,7 +38,11 @@ each prompt gets a fixed random embedding (seeded by its index: toy and test run
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -38,7 +53,7 @@ from mmdit.config.job import JobConfig
 from mmdit.consumer.dpo import BaseOfPolicy, build_reference
 from mmdit.consumer.grpo import group_advantages, grpo_loss
 from mmdit.consumer.rewards import RewardWorkers, build_reward
-from mmdit.model.flow_sde import sde_log_prob, sde_sample, sde_step_kl
+from mmdit.model.flow_sde import Trajectory, sde_log_prob, sde_sample, sde_step_kl
 from mmdit.model.mmdit import pack_latents, packed_shape, unpack_latents
 from mmdit.parallel.parallelize import Parallelized, Plan
 from mmdit.parallel.state import tp_group
@@ -85,6 +100,37 @@ def group_survivors(rewards: torch.Tensor) -> tuple[list[torch.Tensor], int, int
     return kept, dropped, skipped
 
 
+@dataclass
+class Chunk:
+    """`rollout_chunk` prompts' groups of one rollout: sampled together, scored together."""
+
+    prompts: list[int]
+    """The prompt of each group."""
+    trajectory: Trajectory
+    """states [T + 1, n, N, C] and log_probs [T, n] of its n = groups x G images, group by group."""
+    txt: torch.Tensor
+    mask: torch.Tensor | None
+    neg: torch.Tensor | None
+    neg_mask: torch.Tensor | None
+    scoring: Future | None = None
+    """The rewards on their way (TP rank 0 only)."""
+    rewards: torch.Tensor | None = None
+    """[groups, G] once in (NaN: failed)."""
+    scored_at: float = 0.0
+
+
+@dataclass
+class Rollout:
+    step: int
+    chunks: list[Chunk]
+    steps: torch.Tensor
+    """The transitions trained on (indices into the T steps, ascending)."""
+    shapes: list
+    times: list[float]
+    rollout_s: float
+    submitted_at: float = 0.0
+
+
 class GrpoObjective:
     name = "grpo"
 
@@ -92,16 +138,17 @@ class GrpoObjective:
         from mmdit.consumer.text_eval.prompts import load_prompts
 
         self.cfg, self.plan, self.g, self.seed = cfg, plan, cfg.train.grpo, cfg.seed
-        if self.g.reward == "ocr" and not cfg.encoders.dir and encoders is None:
-            raise ConfigError("invalid config: train.grpo.reward=ocr needs encoders.dir (its VAE decodes the images)")
+        if self.g.reward in ("ocr", "alignment") and not self.g.reward_service and not cfg.encoders.dir \
+                and encoders is None:
+            raise ConfigError(f"invalid config: train.grpo.reward={self.g.reward} needs encoders.dir (its VAE "
+                              "decodes the images)")
         self.prompts = load_prompts(self.g.prompts or None)
         self.reference_builder = reference_builder
         self.reference = None
         self._encoders = encoders
-        self.reward = RewardWorkers(self.g, cfg.encoders, self.g.reward_workers) if self.g.reward_workers \
-            else build_reward(self.g, self.encoders)
+        self._reward = None
         self._features: dict[int, torch.Tensor] = {}
-        self._rollouts: dict[int, tuple[int, dict]] = {}  # first_index -> (rollout step, rollout)
+        self._rollouts: dict[int, Rollout] = {}  # first_index -> its latest rollout
 
     @classmethod
     def from_config(cls, cfg: JobConfig, plan: Plan) -> GrpoObjective:
@@ -114,6 +161,27 @@ class GrpoObjective:
             self.reference = BaseOfPolicy(parallelized.model)
         else:
             self.reference = self.reference_builder(self.cfg, self.plan)
+
+    def close(self) -> None:
+        """Stop the reward (its thread, its worker processes, or leave the reward service)."""
+        if self._reward is not None and hasattr(self._reward, "close"):
+            self._reward.close()
+        self._reward = None
+
+    @property
+    def reward(self):
+        """The reward slot, built on first use: only TP rank 0 of a group ever scores."""
+        if self._reward is None:
+            g = self.g
+            if g.reward_service:
+                from mmdit.consumer.reward_service import RemoteRewards
+
+                self._reward = RemoteRewards(self.cfg.service, g)
+            elif g.reward_workers:
+                self._reward = RewardWorkers(g, self.cfg.encoders, g.reward_workers)
+            else:
+                self._reward = build_reward(g, self.encoders)
+        return self._reward
 
     def encoders(self):
         if self._encoders is None and self.cfg.encoders.dir:
@@ -152,101 +220,243 @@ class GrpoObjective:
             v = comb * (v.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         return v
 
-    def score(self, latents: torch.Tensor, prompts: list) -> torch.Tensor:
-        """The rewards [B] of the final latents: TP rank 0 of the group computes them, the others
-        receive them (every rank holds the same latents; an OCR reward would run TP times)."""
-        group = tp_group() if dist.is_initialized() else None
-        if group is None or dist.get_world_size(group) == 1:
-            return self.reward(latents, prompts).float()
-        if dist.get_rank(group) == 0:
-            rewards = self.reward(latents, prompts).float().to(self.plan.device)
-        else:
-            rewards = torch.empty(latents.shape[0], dtype=torch.float32, device=self.plan.device)
-        dist.broadcast(rewards, src=dist.get_global_rank(group, 0), group=group)
-        return rewards.cpu()
+    # ---- rollout
 
-    def rollout(self, model, step: int, first_index: int) -> dict:
-        """Sample G images for each of this micro-batch's prompts with the SDE and score them."""
+    def _key(self, step: int, first_index: int, group: int = -1) -> int:
+        """The seed of a rollout's draws (group -1: prompts and trained steps) or of one group's noise."""
+        return (((self.seed * 1_000_003 + step) * 100_003 + first_index) * 1_009 + group + 1) % 2**63
+
+    def _scorer(self) -> bool:
+        """Whether this rank scores: TP rank 0 of its group (the others receive the rewards)."""
+        group = tp_group() if dist.is_initialized() else None
+        return group is None or dist.get_rank(group) == 0
+
+    def rollout(self, model, step: int, first_index: int) -> Rollout:
+        """Sample G images for each of this micro-batch's prompts with the SDE, chunk by chunk,
+        each chunk sent to be scored as soon as it is sampled."""
         g, started = self.g, time.perf_counter()
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 100_003 + first_index)
+        gen = torch.Generator().manual_seed(self._key(step, first_index))
         picks = torch.randint(len(self.prompts), (g.prompts_per_step,), generator=gen).tolist()
-        index = [p for p in picks for _ in range(g.group_size)]  # prompt of each image, grouped
-        txt, mask = pad_texts([self.features(i) for i in index])
-        neg = neg_mask = None
-        if g.cfg_scale > 1:
-            neg, neg_mask = pad_texts([self.features(-1)] * len(index))
+        steps = torch.randperm(g.sde_steps, generator=gen)[:g.train_steps].sort().values if g.train_steps \
+            else torch.arange(g.sde_steps)
         h, w = g.height // 8, g.width // 8
         shapes = [packed_shape(h, w)]
-        noise = pack_latents(torch.randn(len(index), LATENT_CHANNELS, h, w, generator=gen))
+        scorer = self._scorer()
+        chunks, submitted_at = [], 0.0
         was_training = model.training
         model.eval()
         try:
-            traj = sde_sample(lambda x, s: self.velocity(model, x, s, txt, mask, neg, neg_mask, shapes).cpu(),
-                              noise, g.sde_steps, noise.shape[1], a=g.a, t_max=g.t_max, generator=gen)
+            for lo in range(0, len(picks), g.rollout_chunk):
+                groups = list(range(lo, min(lo + g.rollout_chunk, len(picks))))
+                prompts = [picks[i] for i in groups]
+                index = [p for p in prompts for _ in range(g.group_size)]  # prompt of each image, grouped
+                txt, mask = pad_texts([self.features(i) for i in index])
+                neg = neg_mask = None
+                if g.cfg_scale > 1:
+                    neg, neg_mask = pad_texts([self.features(-1)] * len(index))
+                # one generator per group: its images do not depend on the chunking
+                gens = [torch.Generator().manual_seed(self._key(step, first_index, i)) for i in groups]
+                noise = pack_latents(torch.cat([torch.randn(g.group_size, LATENT_CHANNELS, h, w, generator=x)
+                                                for x in gens]))
+                traj = sde_sample(lambda x, s: self.velocity(model, x, s, txt, mask, neg, neg_mask, shapes).cpu(),
+                                  noise, g.sde_steps, noise.shape[1], a=g.a, t_max=g.t_max, generator=gens)
+                chunk = Chunk(prompts, traj, txt, mask, neg, neg_mask)
+                if scorer:
+                    submitted_at = submitted_at or time.perf_counter()
+                    chunk.scoring = self.reward.submit(unpack_latents(traj.sample, h, w),
+                                                       [self.prompts[i] for i in index])
+                    chunk.scoring.add_done_callback(lambda _f, c=chunk: setattr(c, "scored_at", time.perf_counter()))
+                chunks.append(chunk)
         finally:
             model.train(was_training)
-        sampled = time.perf_counter()
-        rewards = self.score(unpack_latents(traj.sample, h, w), [self.prompts[i] for i in index])
-        if g.train_steps:
-            steps = torch.randperm(g.sde_steps, generator=gen)[:g.train_steps].sort().values
-        else:
-            steps = torch.arange(g.sde_steps)
-        return {"traj": traj, "txt": txt, "mask": mask, "neg": neg, "neg_mask": neg_mask, "shapes": shapes,
-                "rewards": rewards.view(g.prompts_per_step, g.group_size), "steps": steps,
-                "rollout_s": sampled - started, "reward_s": time.perf_counter() - sampled}
+        return Rollout(step, chunks, steps, shapes, chunks[0].trajectory.times, time.perf_counter() - started,
+                       submitted_at)
 
-    def loss(self, model, batch: dict, step: int, first_index: int) -> tuple[torch.Tensor, dict]:
+    def rewards_of(self, rollout: Rollout, chunk: Chunk) -> torch.Tensor:
+        """The chunk's rewards [groups, G]: TP rank 0 waits for them, then broadcasts them."""
+        if chunk.rewards is None:
+            n = len(chunk.prompts) * self.g.group_size
+            rewards = None
+            if chunk.scoring is not None:
+                rewards = torch.as_tensor(chunk.scoring.result(), dtype=torch.float32).reshape(-1)
+                if rewards.numel() != n:
+                    raise ValueError(f"the reward gave {rewards.numel()} scores for {n} images")
+                chunk.scoring = None
+            group = tp_group() if dist.is_initialized() else None
+            if group is not None and dist.get_world_size(group) > 1:
+                buf = rewards.to(self.plan.device) if rewards is not None else \
+                    torch.empty(n, dtype=torch.float32, device=self.plan.device)
+                dist.broadcast(buf, src=dist.get_global_rank(group, 0), group=group)
+                rewards = buf.cpu()
+            chunk.rewards = rewards.view(len(chunk.prompts), self.g.group_size)
+        return chunk.rewards
+
+    def rollout_for(self, model, step: int, first_index: int) -> Rollout:
+        """The rollout this step trains on: made now at the first step of a cycle of
+        updates_per_rollout, else the one made then (kept, or loaded from the checkpoint)."""
+        rollout_step = step - step % self.g.updates_per_rollout
+        cached = self._rollouts.get(first_index)
+        if cached is None or cached.step != rollout_step:
+            self._rollouts.pop(first_index, None)  # free the old rollout before sampling a new one
+            cached = self._rollouts[first_index] = self.rollout(model, rollout_step, first_index)
+        return cached
+
+    # ---- update
+
+    def pieces(self, model, step: int, first_index: int, figures: dict) -> Iterator[tuple[Callable, bool]]:
+        """The loss of this micro-batch in pieces of at most update_micro_batch transitions: (a
+        function that runs the piece's forward and returns its loss, a scalar with its graph;
+        whether it is the last piece). The pieces' losses sum to the loss. `figures` is filled once
+        the consumer asks past the last piece."""
         g = self.g
         if g.kl_beta and self.reference is None:
             raise RuntimeError("GrpoObjective.setup() builds the reference model; call it first")
-        rollout_step = step - step % g.updates_per_rollout
-        cached = self._rollouts.get(first_index)
-        if cached is None or cached[0] != rollout_step:
-            cached = (rollout_step, self.rollout(model, rollout_step, first_index))
-            self._rollouts[first_index] = cached
-        r = cached[1]
-        fresh = cached[0] == step
-        rewards = r["rewards"]
-        kept, dropped, skipped = group_survivors(rewards)
-        flat = rewards.reshape(-1)
-        if kept:
-            samples = torch.cat(kept)
-            advantages = torch.cat([group_advantages(flat[k][None])[0] for k in kept])
-        else:  # nothing to learn: a zero loss that still runs the model (every rank does a backward)
-            samples, advantages = torch.arange(flat.numel()), torch.zeros(flat.numel())
-        traj, steps = r["traj"], r["steps"]
-        k, b = steps.numel(), samples.numel()
-        dev = self.plan.device  # the rollout is kept on the CPU; the update runs where the model does
-        x = traj.states[steps][:, samples].flatten(0, 1).to(dev)  # [k * b, N, C]
-        x_next = traj.states[steps + 1][:, samples].flatten(0, 1).to(dev)
-        times = torch.tensor(traj.times, dtype=torch.float32)
-        t, t_next = times[steps].repeat_interleave(b).to(dev), times[steps + 1].repeat_interleave(b).to(dev)
-        old = traj.log_probs[steps][:, samples].flatten().to(dev)
+        rollout = self.rollout_for(model, step, first_index)
+        fresh = rollout.step == step
+        steps, k = rollout.steps, rollout.steps.numel()
+        planned = g.prompts_per_step * g.group_size * k
+        times = torch.tensor(rollout.times, dtype=torch.float32)
+        sums: dict[str, float] = {}
+        trained, wait_s, dropped, skipped, advantages, all_rewards = 0, 0.0, 0, 0, [], []
+        last_chunk = len(rollout.chunks) - 1
+        update_started = time.perf_counter()
+        for c, chunk in enumerate(rollout.chunks):
+            waiting = time.perf_counter()
+            rewards = self.rewards_of(rollout, chunk)
+            wait_s += time.perf_counter() - waiting
+            all_rewards.append(rewards.reshape(-1))
+            kept, lost, skip = group_survivors(rewards)
+            dropped, skipped = dropped + lost, skipped + skip
+            if kept:
+                samples = torch.cat(kept)
+                adv = torch.cat([group_advantages(rewards.reshape(-1)[s][None])[0] for s in kept])
+                advantages.append(adv)
+                weight = 1.0 / planned
+            elif c == last_chunk:
+                # nothing to learn in the last chunk: one zero-weighted transition still carries the
+                # step's last backward (every rank does one, and with it the DP gradient all-reduce)
+                samples, adv, weight = torch.zeros(1, dtype=torch.long), torch.zeros(1), 0.0
+            else:
+                continue
+            # this chunk's transitions, step-major: (trained step, sample)
+            step_of = steps.repeat_interleave(samples.numel())
+            sample_of, adv_of = samples.repeat(k), adv.repeat(k)
+            size = g.update_micro_batch or step_of.numel()
+            for lo in range(0, step_of.numel(), size):
+                part = slice(lo, lo + size)
+                n = step_of[part].numel()
+                counted = n if weight else 0
+                trained += counted
+
+                def forward(chunk=chunk, part=part, n=n, counted=counted, weight=weight, adv_of=adv_of,
+                            sample_of=sample_of, step_of=step_of):
+                    loss, figs = self._piece_loss(model, rollout, chunk, times, step_of[part], sample_of[part],
+                                                  adv_of[part])
+                    for name, value in figs.items():
+                        sums[name] = sums.get(name, 0.0) + float(value) * counted
+                    return loss * (weight * n)  # the piece's mean times its share of the planned transitions
+
+                yield forward, c == last_chunk and lo + size >= step_of.numel()
+        update_s = time.perf_counter() - update_started - wait_s
+        flat = torch.cat(all_rewards)
+        finite = flat[torch.isfinite(flat)]
+        adv = torch.cat(advantages) if advantages else torch.zeros(1)
+        nan = torch.tensor(float("nan"))
+        figures.update({name: torch.tensor(total / trained if trained else 0.0) for name, total in sums.items()})
+        figures.setdefault("kl", torch.zeros(()))
+        figures.update({
+            "reward_mean": finite.mean() if finite.numel() else nan,
+            "reward_std": finite.std(correction=0) if finite.numel() else nan,
+            "advantage_abs_mean": adv.abs().mean(),
+            "advantage_max": adv.max(), "advantage_min": adv.min(),
+            "dropped_samples": torch.tensor(float(dropped)), "skipped_groups": torch.tensor(float(skipped)),
+            "trained_transitions": torch.tensor(float(trained)),
+            "rollout_s": torch.tensor(rollout.rollout_s if fresh else 0.0),
+            "reward_wait_s": torch.tensor(wait_s), "update_s": torch.tensor(update_s),
+            "reward_s": torch.tensor(max((c.scored_at - rollout.submitted_at for c in rollout.chunks), default=0.0)
+                                     if fresh and rollout.submitted_at else 0.0),
+            "images": torch.tensor(float(flat.numel() if fresh else 0)),
+            "reward_retries": torch.tensor(float(getattr(self._reward, "retries", 0))),
+        })
+
+    def _piece_loss(self, model, rollout: Rollout, chunk: Chunk, times, step_of, samples, adv):
+        """The clipped objective (mean) over transitions (step_of[j], samples[j]) of `chunk`."""
+        g, dev = self.g, self.plan.device  # the rollout is kept on the CPU; the update runs where the model does
+        states = chunk.trajectory.states
+        x, x_next = states[step_of, samples].to(dev), states[step_of + 1, samples].to(dev)
+        t, t_next = times[step_of].to(dev), times[step_of + 1].to(dev)
+        old = chunk.trajectory.log_probs[step_of, samples].to(dev)
 
         def take(v):
-            return None if v is None else v[samples].repeat(k, *([1] * (v.dim() - 1)))
+            return None if v is None else v[samples]
 
-        txt, mask, neg, neg_mask = take(r["txt"]), take(r["mask"]), take(r["neg"]), take(r["neg_mask"])
-        v = self.velocity(model, x, t, txt, mask, neg, neg_mask, r["shapes"])
+        txt, mask, neg, neg_mask = take(chunk.txt), take(chunk.mask), take(chunk.neg), take(chunk.neg_mask)
+        v = self.velocity(model, x, t, txt, mask, neg, neg_mask, rollout.shapes)
         log_prob = sde_log_prob(x, x_next, v, t, t_next, a=g.a, t_max=g.t_max)
         kl = None
         if self.reference is not None:
             with torch.no_grad():
-                v_ref = self.velocity(self.reference, x, t, txt, mask, neg, neg_mask, r["shapes"])
+                v_ref = self.velocity(self.reference, x, t, txt, mask, neg, neg_mask, rollout.shapes)
             kl = sde_step_kl(v, v_ref, t, t_next, a=g.a, t_max=g.t_max)
-        loss, figures = grpo_loss(log_prob, old, advantages.repeat(k).to(dev), g.clip_range, kl, g.kl_beta)
-        if not kept:
-            loss = loss * 0.0
-        finite = flat[torch.isfinite(flat)]
-        figures.setdefault("kl", torch.zeros(()))
-        figures.update({
-            "reward_mean": finite.mean() if finite.numel() else torch.tensor(float("nan")),
-            "reward_std": finite.std(correction=0) if finite.numel() else torch.tensor(float("nan")),
-            "advantage_abs_mean": advantages.abs().mean(),
-            "dropped_samples": torch.tensor(float(dropped)), "skipped_groups": torch.tensor(float(skipped)),
-            "rollout_s": torch.tensor(r["rollout_s"] if fresh else 0.0),
-            "reward_s": torch.tensor(r["reward_s"] if fresh else 0.0),
-            "images": torch.tensor(float(flat.numel() if fresh else 0)),
-            "reward_retries": torch.tensor(float(getattr(self.reward, "retries", 0))),
-        })
+        return grpo_loss(log_prob, old, adv.to(dev), g.clip_range, kl, g.kl_beta)
+
+    def loss(self, model, batch: dict, step: int, first_index: int) -> tuple[torch.Tensor, dict]:
+        """The whole micro-batch's loss with one graph (tests; the trainer uses `forward_backward`)."""
+        figures: dict = {}
+        loss = sum(forward() for forward, _ in self.pieces(model, step, first_index, figures))
         return loss, figures
+
+    def forward_backward(self, backend, batch: dict, step: int, first_index: int, scale: float,
+                         sync: bool) -> tuple[torch.Tensor, dict]:
+        """The trainer's micro-step: forward and backward piece by piece, so at most
+        update_micro_batch transitions hold activations at once. Only the last piece of the step's
+        last micro-batch (`sync`) runs the DP gradient all-reduce."""
+        figures: dict = {}
+        total = torch.zeros((), device=self.plan.device)
+        for forward, last in self.pieces(backend.model, step, first_index, figures):
+            with contextlib.nullcontext() if sync and last else backend.no_sync():  # DDP: forward too
+                piece = forward()
+                (piece * scale).backward()
+            total = total + piece.detach().float()
+        return total, figures
+
+    # ---- checkpoint: a rollout still to be trained on
+
+    def state_dict(self, step: int) -> dict[str, torch.Tensor]:
+        """The rollouts the optimizer steps from `step` on still train on (empty at a cycle's end)."""
+        out: dict[str, torch.Tensor] = {}
+        for first_index, r in sorted(self._rollouts.items()):
+            if step - step % self.g.updates_per_rollout != r.step or step % self.g.updates_per_rollout == 0:
+                continue
+            pre = f"{first_index}."
+            out[pre + "meta"] = torch.tensor([r.step, len(r.chunks)], dtype=torch.int64)
+            out[pre + "steps"] = r.steps
+            out[pre + "times"] = torch.tensor(r.times, dtype=torch.float64)
+            for c, chunk in enumerate(r.chunks):
+                if chunk.rewards is None:
+                    raise RuntimeError("a checkpointed rollout must have its rewards")
+                cp = f"{pre}{c}."
+                out[cp + "prompts"] = torch.tensor(chunk.prompts, dtype=torch.int64)
+                out[cp + "states"] = chunk.trajectory.states
+                out[cp + "log_probs"] = chunk.trajectory.log_probs
+                out[cp + "txt"] = chunk.txt
+                out[cp + "rewards"] = chunk.rewards
+                for name in ("mask", "neg", "neg_mask"):
+                    if getattr(chunk, name) is not None:
+                        out[cp + name] = getattr(chunk, name)
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        h, w = self.g.height // 8, self.g.width // 8
+        self._rollouts.clear()
+        for key in sorted(k for k in state if k.endswith(".meta")):
+            pre = key[:-len("meta")]
+            rollout_step, n = state[key].tolist()
+            chunks = []
+            for c in range(n):
+                cp = f"{pre}{c}."
+                traj = Trajectory(state[cp + "states"], state[pre + "times"].tolist(), state[cp + "log_probs"])
+                chunks.append(Chunk(state[cp + "prompts"].tolist(), traj, state[cp + "txt"], state.get(cp + "mask"),
+                                    state.get(cp + "neg"), state.get(cp + "neg_mask"), rewards=state[cp + "rewards"]))
+            self._rollouts[int(pre[:-1])] = Rollout(rollout_step, chunks, state[pre + "steps"], [packed_shape(h, w)],
+                                                    state[pre + "times"].tolist(), 0.0)

@@ -22,7 +22,8 @@ from mmdit.config.job import JobConfig
 from mmdit.config.loader import config_yaml
 from mmdit.config.train import check_batch_sizes, evaluates_on_evaluator, evaluations_due
 from mmdit.consumer.async_save import Checkpointer
-from mmdit.consumer.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, resume_checkpoint
+from mmdit.consumer.checkpoint import (checkpoint_dir, load_checkpoint, load_objective_state, prune_checkpoints,
+                                      resume_checkpoint)
 from mmdit.consumer.lineage import LINEAGE, lineage_of
 from mmdit.consumer.metrics import METRICS, MetricsWriter, StepMetrics, truncate_after
 from mmdit.consumer.objectives import Objective, build_objective
@@ -45,11 +46,17 @@ def lr_at(step: int, cfg: JobConfig) -> float:
 
 
 def micro_step(backend, objective: Objective, batch: dict, step: int, first_index: int,
-               scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+               scale: float = 1.0, sync: bool = True) -> tuple[torch.Tensor, dict]:
     """Forward and backward of one micro-batch; gradients add up (`scale` weighs this micro-batch's
-    mean loss within the optimizer step). Returns the unscaled loss and the objective's figures."""
-    loss, figures = objective.loss(backend.model, batch, step, first_index)
-    (loss * scale).backward()
+    mean loss within the optimizer step; `sync`: the step's last, whose backward all-reduces them
+    over DP). Returns the unscaled loss and the objective's figures. An objective that runs its
+    own backward in pieces (GRPO's update) has `forward_backward`."""
+    if hasattr(objective, "forward_backward"):
+        loss, figures = objective.forward_backward(backend, batch, step, first_index, scale, sync)
+        return loss.detach(), figures
+    with contextlib.nullcontext() if sync else backend.no_sync():
+        loss, figures = objective.loss(backend.model, batch, step, first_index)
+        (loss * scale).backward()
     return loss.detach(), figures
 
 
@@ -75,6 +82,9 @@ class Trainer:
         if resume is not None:
             state, self.data_state = load_checkpoint(resume, self.model, self.backend, self.dims, self.ema)
             self.step = state["step"]
+            objective_state = load_objective_state(resume, state, self.dims)
+            if objective_state is not None:  # GRPO: the rollout the next steps still train on
+                self.objective.load_state_dict(objective_state)
             log.info("resumed from %s at step %d", resume, self.step)
         if self.rank0:  # the config is accepted: record it, and forget what ran after the checkpoint
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,9 +135,10 @@ class Trainer:
 
     def checkpoint(self, batches) -> float:
         """Save this step's checkpoint (in the background with checkpoint.async_save); the stall."""
+        objective = self.objective.state_dict(self.step) if hasattr(self.objective, "state_dict") else None
         return self.checkpointer.save(self.step, self.model, self.backend, self.dims, batches.state(),
                                       {"seed": self.cfg.seed, **({"lineage": self.lineage} if self.lineage else {})},
-                                      ema=self.ema)
+                                      ema=self.ema, objective=objective)
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
@@ -155,6 +166,8 @@ class Trainer:
                     signal.signal(sig, handler)
             if hasattr(batches, "close"):
                 batches.close()  # acks what arrived and leaves the data service
+            if hasattr(self.objective, "close"):
+                self.objective.close()  # GRPO: stops its reward (or leaves the reward service)
         self.metrics.close()
         summary = self.metrics.summary(backend=self.backend.name, tp=self.dims.tp, dp=self.dims.dp,
                                        stopped_early=self.step < cfg.train.steps)
@@ -188,9 +201,8 @@ class Trainer:
                 micro_batches.append(batch)
                 # index in the optimizer step's global batch: noise follows the sample, not the split
                 first_index = (micro * self.dims.dp + self.dims.dp_rank) * batch["latents"].shape[0]
-                with self.backend.no_sync() if micro < accum - 1 else contextlib.nullcontext():
-                    loss, figs = micro_step(self.backend, self.objective, batch, self.step, first_index,
-                                            scale=1.0 / accum)
+                loss, figs = micro_step(self.backend, self.objective, batch, self.step, first_index,
+                                        scale=1.0 / accum, sync=micro == accum - 1)
                 losses.append(loss)
                 figures.append(figs)
             loss_value, objective_figures = self._mean_over_dp(losses, figures)

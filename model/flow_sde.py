@@ -38,7 +38,7 @@ over a subset of recorded steps takes them).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +118,22 @@ def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     return _reduce(per_element, reduce)
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the whole batch, or n of them, one per equal block of rows (a GRPO group
+each: a group's noise then does not depend on which other groups share its batch)."""
+
+
+def cpu_normal(shape: Sequence[int], generator: Generators) -> torch.Tensor:
+    """Standard normal float32 noise of `shape` drawn on the CPU from `generator` (or from each
+    of a list of generators for its block of the rows, in order)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    if not generator or shape[0] % len(generator):
+        raise ValueError(f"{len(generator)} generators cannot split {shape[0]} rows into equal blocks")
+    block = (shape[0] // len(generator), *shape[1:])
+    return torch.cat([torch.randn(block, generator=g, dtype=torch.float32) for g in generator])
+
+
 def sde_step(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -125,7 +141,7 @@ def sde_step(
     t_next: torch.Tensor | float,
     a: float = DEFAULT_A,
     t_max: float = DEFAULT_T_MAX,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     reduce: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One stochastic step: (x_next float32, its log-probability [B] under the transition).
@@ -134,7 +150,7 @@ def sde_step(
     x_next is detached from v, the log-probability is not (it is the rollout's `old` log-prob
     when taken under no_grad)."""
     mean, std = sde_step_moments(x, v, t, t_next, a, t_max)
-    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    noise = cpu_normal(mean.shape, generator).to(mean.device)
     x_next = (mean + std * noise).detach()
     return x_next, gaussian_log_prob(x_next, mean, std, reduce)
 
@@ -201,7 +217,7 @@ def sde_sample(
     image_seq_len: int,
     a: float = DEFAULT_A,
     t_max: float = DEFAULT_T_MAX,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     reduce: str = "mean",
 ) -> Trajectory:
     """The SDE twin of flow.euler_sample: the same sigmas (QwenImagePipeline's, shifted by the

@@ -17,7 +17,7 @@ LAST_REWARDS: list[torch.Tensor] = []
 
 def some_fail(latents, prompts):
     """A user's reward (train.grpo.reward=test_grpo:some_fail): the latent target's, with images
-    1-3 of group 0 and image 0 of group 1 failed (NaN)."""
+    1-3 of group 0 and image 0 of group 1 failed (NaN) when both groups come in one chunk."""
     r = -(latents - 0.5).square().mean(dim=(1, 2, 3))
     LAST_REWARDS.append(r.clone())
     r[1:5] = float("nan")
@@ -74,7 +74,7 @@ def test_first_update_has_ratio_one_and_a_reused_rollout_clips(build):
 def test_failed_rewards_leave_their_group_and_a_group_of_one_is_skipped(build):
     from mmdit.consumer.grpo import group_advantages
 
-    obj, model = build("train.grpo.kl_beta=0", "train.grpo.reward=test_grpo:some_fail")
+    obj, model = build("train.grpo.kl_beta=0", "train.grpo.reward=test_grpo:some_fail", "train.grpo.rollout_chunk=2")
     LAST_REWARDS.clear()
     loss, f = obj.loss(model, {}, step=3, first_index=0)
     assert f["dropped_samples"].item() == 4 and f["skipped_groups"].item() == 1
