@@ -129,6 +129,8 @@ class Rollout:
     times: list[float]
     rollout_s: float
     submitted_at: float = 0.0
+    reported: bool = False
+    """Its images and timings are in a step's figures already (a loaded one's were, before the stop)."""
 
 
 class GrpoObjective:
@@ -312,7 +314,7 @@ class GrpoObjective:
         if g.kl_beta and self.reference is None:
             raise RuntimeError("GrpoObjective.setup() builds the reference model; call it first")
         rollout = self.rollout_for(model, step, first_index)
-        fresh = rollout.step == step
+        fresh, rollout.reported = not rollout.reported, True
         steps, k = rollout.steps, rollout.steps.numel()
         planned = g.prompts_per_step * g.group_size * k
         times = torch.tensor(rollout.times, dtype=torch.float32)
@@ -459,4 +461,4 @@ class GrpoObjective:
                 chunks.append(Chunk(state[cp + "prompts"].tolist(), traj, state[cp + "txt"], state.get(cp + "mask"),
                                     state.get(cp + "neg"), state.get(cp + "neg_mask"), rewards=state[cp + "rewards"]))
             self._rollouts[int(pre[:-1])] = Rollout(rollout_step, chunks, state[pre + "steps"], [packed_shape(h, w)],
-                                                    state[pre + "times"].tolist(), 0.0)
+                                                    state[pre + "times"].tolist(), 0.0, reported=True)

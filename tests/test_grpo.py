@@ -86,6 +86,100 @@ def test_failed_rewards_leave_their_group_and_a_group_of_one_is_skipped(build):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def grads_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_chunked_rollouts_and_a_micro_batched_update_give_the_same_step(build):
+    """Per-group noise: the images do not depend on the chunking; the update's pieces add up to
+    the one-piece loss and gradient, and only the last piece runs the DP all-reduce."""
+    import contextlib
+
+    from mmdit.consumer.grpo_objective import GrpoObjective
+
+    class Backend:
+        def __init__(self, model):
+            self.model, self.unsynced = model, 0
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.unsynced += 1
+            yield
+
+    results = []
+    for chunk, micro in ((2, 0), (1, 0), (1, 3)):
+        obj, model = build("train.grpo.kl_beta=0.5", f"train.grpo.rollout_chunk={chunk}",
+                           f"train.grpo.update_micro_batch={micro}", "train.grpo.train_steps=3")
+        backend = Backend(model)
+        loss, f = GrpoObjective.forward_backward(obj, backend, {}, 5, 2, scale=1.0, sync=True)
+        pieces = len(obj._rollouts[2].chunks) * (1 if micro == 0 else -(-4 * 3 // micro))
+        assert backend.unsynced == pieces - 1  # every piece but the last under no_sync
+        results.append((loss.item(), f, grads_of(model)))
+    (loss0, f0, g0) = results[0]
+    for loss, f, g in results[1:]:
+        assert loss == pytest.approx(loss0, rel=1e-5, abs=1e-7)
+        assert f["reward_mean"].item() == f0["reward_mean"].item()  # the same images
+        for name in ("kl", "clip_fraction", "ratio_mean", "advantage_abs_mean"):
+            assert f[name].item() == pytest.approx(f0[name].item(), rel=1e-5, abs=1e-7), name
+        assert g.keys() == g0.keys()
+        for name, grad in g0.items():
+            assert torch.allclose(g[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_a_rollout_saved_mid_cycle_resumes_the_same_update(build):
+    """updates_per_rollout=2: the state after step 0 holds the rollout step 1 trains on; loaded
+    into a fresh objective it gives step 1's loss exactly, where a fresh objective rolls out anew."""
+    overrides = ("train.grpo.kl_beta=0.1", "train.grpo.updates_per_rollout=2", "train.grpo.clip_range=0.5")
+    obj, model = build(*overrides)
+    loss, _ = obj.loss(model, {}, step=0, first_index=0)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad.sign()
+    model.zero_grad()
+    assert obj.state_dict(2) == {}  # a cycle's end: nothing left to train on
+    state = obj.state_dict(1)
+    assert state and all(t.is_contiguous() for t in state.values())
+    expected, f_expected = obj.loss(model, {}, step=1, first_index=0)
+    resumed, _ = build(*overrides)
+    resumed.load_state_dict(state)
+    got, f_got = resumed.loss(model, {}, step=1, first_index=0)
+    assert got.item() == expected.item() and f_got["ratio_mean"].item() == f_expected["ratio_mean"].item()
+    assert f_got["images"].item() == 0  # nothing sampled: the saved rollout was used
+    fresh, _ = build(*overrides)
+    other, f_other = fresh.loss(model, {}, step=1, first_index=0)
+    assert f_other["images"].item() == 8 and other.item() != expected.item()
+
+
+def test_grpo_resumed_mid_cycle_equals_the_uninterrupted_run(tmp_path, one_thread):
+    """The trainer checkpoints the rollout of a cycle still in progress (objective/dp000) and
+    the resumed run's losses equal those of a run that never stopped."""
+    from mmdit.consumer.trainer import Trainer
+    from mmdit.parallel.state import destroy_parallel
+
+    def train(run, steps):
+        try:
+            Trainer(load_config([f"run.dir={run}", *SMALL, "train.grpo.updates_per_rollout=2",
+                                 "train.grpo.clip_range=0.2", "train.grpo.kl_beta=0.1", "train.random_height=32",
+                                 "train.random_width=32", "train.micro_batch_size=1", "train.tensorboard=false",
+                                 f"train.steps={steps}", "optimizer.lr=1e-3", "checkpoint.async_save=false"])).run()
+        finally:
+            destroy_parallel()
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    straight = train(tmp_path / "straight", 3)
+    train(tmp_path / "resumed", 1)
+    from mmdit.consumer.checkpoint import checkpoint_dir
+
+    assert (checkpoint_dir(tmp_path / "resumed", 1) / "objective" / "dp000.safetensors").is_file()
+    resumed = train(tmp_path / "resumed", 3)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(straight[1:], resumed[1:]):
+        assert a["loss"] == b["loss"] and a["objective"]["ratio_mean"] == b["objective"]["ratio_mean"]
+    assert resumed[1]["objective"]["images"] == 0  # step 2 (index 1) trained on the saved rollout
+
+
 def test_grpo_learns_a_latent_target_in_the_trainer_and_records_its_figures(tmp_path, one_thread):
     from mmdit.consumer.trainer import Trainer
     from mmdit.parallel.state import destroy_parallel
