@@ -56,7 +56,7 @@ from mmdit.consumer.rewards import RewardWorkers, build_reward
 from mmdit.model.flow_sde import Trajectory, sde_log_prob, sde_sample, sde_step_kl
 from mmdit.model.mmdit import pack_latents, packed_shape, unpack_latents
 from mmdit.parallel.parallelize import Parallelized, Plan
-from mmdit.parallel.state import tp_group
+from mmdit.parallel.state import dp_group, tp_group
 
 NEGATIVE_PROMPT = " "
 """The negative prompt of CFG (QwenImagePipeline's examples' default)."""
@@ -169,6 +169,14 @@ class GrpoObjective:
         if self._reward is not None and hasattr(self._reward, "close"):
             self._reward.close()
         self._reward = None
+
+    def report(self, figures: dict) -> None:
+        """A step's telemetry (dataservice/telemetry.py fields): with the reward service, this
+        rank's scorer sends it to the service's /metrics and dashboard (a GRPO run has no data
+        client whose acks would carry it)."""
+        if self._reward is not None and hasattr(self._reward, "report"):
+            group = dp_group() if dist.is_initialized() else None
+            self._reward.report(dist.get_rank(group) if group is not None else 0, figures)
 
     @property
     def reward(self):

@@ -304,6 +304,18 @@ class RemoteRewards:
     def counters(self) -> dict:
         return dict(self.book.counters)
 
+    def report(self, dp_rank: int, figures: dict) -> None:
+        """The trainer's figures of its last step, to the coordinator's /metrics and dashboard
+        (as a data-service client's acks carry them; a GRPO trainer fetches no batches to ack).
+        Fire and forget: a lost report costs one point of a chart."""
+        import torch.distributed.rpc as torch_rpc
+
+        try:
+            torch_rpc.rpc_async(rpc.COORDINATOR, protocol.ack, args=(self._prefix, dp_rank, -1, [], figures),
+                                timeout=self.settings.rpc_timeout_s)
+        except Exception as e:  # noqa: BLE001 - the service gone: training goes on
+            log.debug("telemetry report not sent: %s", e)
+
     def submit(self, latents: torch.Tensor, prompts: Sequence) -> Future:
         """Score `latents` [B, 16, h, w] (float32, CPU) for their B prompts; returns at once."""
         if len(prompts) != latents.shape[0]:

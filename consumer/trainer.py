@@ -217,8 +217,10 @@ class Trainer:
                     sample_log.write(self.step, batch)
             m = self._record(micro_batches, loss_value, lr, grad_norm, step_time, data_wait, skipped=not stepped,
                              objective=objective_figures, stalls=stalls, wall=wall)
-            if cfg.train.telemetry and hasattr(batches, "report"):  # to /metrics and the dashboard, with the acks
-                batches.report({**m.telemetry(), **self.metrics.wall.totals(), "run_dir": str(self.run_dir.resolve())})
+            if cfg.train.telemetry:  # to /metrics and the dashboard: with the acks (GRPO: with its rewards)
+                sink = batches if hasattr(batches, "report") else self.objective
+                if hasattr(sink, "report"):
+                    sink.report({**m.telemetry(), **self.metrics.wall.totals(), "run_dir": str(self.run_dir.resolve())})
             self._count_bad_steps(stepped, loss_value, grad_norm)
             # Every rank stops at the same step; a stopping run skips evaluation and previews, so
             # that it checkpoints within the launcher's shutdown timeout.
