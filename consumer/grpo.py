@@ -24,8 +24,8 @@ with |ratio - 1| > clip_range), the approximate KL to the sampling policy 0.5 * 
 old_log_prob)^2), the KL to the reference, the ratio's mean, and, from `reward_figures`, the
 rewards' mean and std and the fraction of groups that taught nothing.
 
-This module is the mathematics only; rollouts on the TP group, the reward service and the
-`train.objective=grpo` objective are still to come (issue 22).
+This module is the mathematics only: consumer/grpo_objective.py rolls out on the TP group,
+gathers the rewards and runs the update through the objective slot.
 """
 
 from __future__ import annotations

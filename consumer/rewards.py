@@ -14,8 +14,9 @@ score gets NaN: GRPO drops it from its group (consumer/grpo_objective.py).
 - `latent_target`: -mean((latents - target)^2), a cheap toy that tests learning without a VAE.
 - `package.module:function`: a user's own, called as above; whatever it returns becomes B floats.
 
-Rewards run on TP rank 0 of each group, which broadcasts them to its TP group, and the step waits
-for them: in the trainer process, or with `train.grpo.reward_workers` = N in N local worker
+Rewards run for TP rank 0 of each group, which broadcasts them to its TP group; each rollout
+chunk is submitted as soon as it is sampled (`submit`), and scored while the next one samples: on
+a thread of the trainer process, or with `train.grpo.reward_workers` = N in N local worker
 processes (`RewardWorkers`) that split the images. A worker that dies mid-request (its pool
 breaks) costs one retry of the whole request on a fresh pool, never a lost or double-counted
 sample; a second failure makes the request's rewards NaN. With `train.grpo.reward_service` the

@@ -31,7 +31,7 @@ TRAINER_FIELDS = ("step", "loss", "samples_per_second", "image_tokens_per_second
 OBJECTIVE = "objective"
 """A trainer report's figures of its objective beyond the loss (consumer/objectives.py), by name:
 DPO's reward_margin, preference_accuracy, policy_err_win, policy_err_lose; GRPO's reward_mean,
-reward_std, rollout_s, reward_s, images, ... (consumer/grpo_objective.py)."""
+reward_std, rollout_s, reward_wait_s, update_s, images, ... (consumer/grpo_objective.py)."""
 MAX_OBJECTIVE_FIGURES = 32
 """At most this many objective figures are kept per report (names are the trainer's to choose)."""
 
