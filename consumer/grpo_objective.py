@@ -33,13 +33,14 @@ uninterrupted run would.
 The trainer's batches are not used: GRPO runs with `train.data_source=random`, whose batches only
 pace the loop (their shapes also enter the throughput figures, which thus do not count rollouts).
 Prompt features come from encoders.dir's Qwen2.5-VL (loaded on first use); without encoders.dir
-each prompt gets a fixed random embedding (seeded by its index: toy and test runs only).
+each prompt gets a fixed random embedding (seeded by its text: toy and test runs only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -207,8 +208,8 @@ class GrpoObjective:
             enc = self.encoders() if self.cfg.encoders.dir or self._encoders is not None else None
             if enc is not None:
                 self._features[index] = enc.encode_prompts([text])[0].float()
-            else:  # no encoders: a fixed random embedding per prompt (toy and test runs)
-                g = torch.Generator().manual_seed(1_000_003 * (self.seed + 1) + index)
+            else:  # no encoders: a fixed random embedding per prompt text (toy and test runs)
+                g = torch.Generator().manual_seed(1_000_003 * (self.seed + 1) + zlib.crc32(text.encode()))
                 self._features[index] = torch.randn(self.cfg.train.random_text_len,
                                                     self.cfg.model.joint_attention_dim, generator=g)
         return self._features[index]
