@@ -15,9 +15,9 @@ defaults (`launch.nproc=2 parallel.tp=1` trains on two data-parallel ranks inste
 SIGTERM stops the running stage (a trainer checkpoints first) and the data service, and with
 them every process they started.
 
-`--stage sft` and `--stage dpo` post-train from the pretrain demo's last checkpoint into
-run.dir/sft and run.dir/dpo (launch/demo_post.py), running the pretrain demo first when run.dir
-has no checkpoint.
+`--stage sft`, `--stage dpo` and `--stage grpo` post-train from the pretrain demo's last
+checkpoint into run.dir/sft, run.dir/dpo and run.dir/grpo (launch/demo_post.py), running the
+pretrain demo first when run.dir has no checkpoint.
 """
 
 import json
@@ -141,9 +141,9 @@ class Interrupt:
 
 VAE_FLAG = Flag("vae", "also fine-tune the tiny VAE's decoder on the synthetic renderings (`mmdit vae-train`, "
                        "a short opt-in stage at the end)")
-STAGE_FLAG = Flag("stage", "pretrain (default) | sft | dpo: post-train from the pretrain demo's last checkpoint "
-                           "(launch/demo_post.py; the pretrain demo runs first when run.dir has none) into "
-                           "run.dir/sft or run.dir/dpo", type=str, default="pretrain", metavar="STAGE")
+STAGE_FLAG = Flag("stage", "pretrain (default) | sft | dpo | grpo: post-train from the pretrain demo's last "
+                           "checkpoint (launch/demo_post.py; the pretrain demo runs first when run.dir has none) into "
+                           "run.dir/sft, run.dir/dpo or run.dir/grpo", type=str, default="pretrain", metavar="STAGE")
 COMMAND = Command("demo", __doc__, actions=(Action(flags=(VAE_FLAG, STAGE_FLAG)),), sections=tuple(sections()))
 
 

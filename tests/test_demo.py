@@ -1,8 +1,11 @@
 """`mmdit demo`: the whole local pipeline, as the README's first command runs it."""
 
 import json
+import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -59,3 +62,53 @@ def test_demo_trains_from_synthetic_shards_through_the_data_service(tiny_encoder
     assert json.loads((run / "cache" / "annotate_report.json").read_text())["done"] == 0  # nor annotated
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if not r.get("eval")][-3:] == [6, 7, 8]
+
+
+def _alive(pid: int) -> bool:
+    """A process that still runs (a zombie has finished: its parent just has not reaped it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(600)
+def test_demo_grpo_stage_scores_on_one_reward_worker_and_stops_it(tiny_encoders_dir, tmp_path):
+    """`mmdit demo --stage grpo` from a pretrain checkpoint: a data service, one `mmdit reward-worker`
+    (OCR with the tiny encoders), two GRPO steps; every image scored by the worker, and the worker
+    and the service gone at the end. The pretrain demo's outputs are made the cheap way: a 1-step
+    `mmdit train` on random data (the checkpoint) beside `mmdit synth` + `mmdit produce` of 4 samples (the cache
+    the service plans from)."""
+    run = tmp_path / "demo"
+    cli = [sys.executable, "-m", "mmdit.launch.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared CPU machine
+    pretrain = subprocess.Popen(
+        [*cli, "train", f"run.dir={run}", f"encoders.dir={tiny_encoders_dir}", "train.data_source=random",
+         "train.steps=1", "checkpoint.every=1", "checkpoint.async_save=false", "train.tensorboard=false",
+         "train.random_height=32", "train.random_width=32", "train.micro_batch_size=1", "eval.every=0"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for cmd in ([*cli, "synth", str(run / "shards"), "num_samples=4"],
+                [*cli, "produce", f"data.shards={run / 'shards'}/*.tar", f"run.dir={run}",
+                 f"encoders.dir={tiny_encoders_dir}"]):
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    assert pretrain.wait(timeout=300) == 0, pretrain.stderr.read()[-3000:]
+
+    result = subprocess.run([*cli, "demo", "--stage", "grpo", f"run.dir={run}", f"encoders.dir={tiny_encoders_dir}",
+                             "launch.nproc=1", "parallel.tp=1", "train.steps=2"],
+                            env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if not r.get("eval")]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["objective"]["reward_mean"]) and r["objective"]["images"] == 8 for r in steps)
+    assert all(r["objective"]["dropped_samples"] == 0 for r in steps)  # the worker answered every chunk
+    assert result.stdout.count("reward mean") == 2 and f"run {run / 'grpo'}" in result.stdout
+    worker_log = (run / "logs" / "reward-worker.log").read_text()
+    assert "'images': 16" in worker_log, worker_log[-2000:]  # scored there, not in the trainer
+
+    demo = {p["role"]: p for p in json.loads((run / "processes.json").read_text())}
+    assert demo["reward-worker"]["returncode"] == 0 and demo["serve-grpo"]["returncode"] == 0
+    service = json.loads((run / "grpo" / "service" / "processes.json").read_text())
+    pids = [demo["reward-worker"]["pid"], demo["serve-grpo"]["pid"], *(p["pid"] for p in service)]
+    assert not [pid for pid in pids if _alive(pid)]
+    assert not (run / "grpo" / "service" / "address.json").exists()  # the service left
