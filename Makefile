@@ -41,7 +41,7 @@ demo: install
 	$(BIN)/mmdit demo run.dir=runs/demo
 
 test: install testdeps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 # The in-process tier (about 2.5 minutes on 2 cores): what to run while editing.
 test-quick: install
