@@ -163,8 +163,10 @@ PREVIEWS = ["eval.sample_every=2", "eval.sample_size=64", "eval.sample_steps=3"]
 
 
 def sample(*args) -> subprocess.CompletedProcess:
+    # one thread, as `train` runs: the images are compared byte for byte, and a CPU kernel's
+    # float reductions may split differently over another thread count
     return subprocess.run([sys.executable, "-m", "mmdit.launch.cli", "sample", *args], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
