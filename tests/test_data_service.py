@@ -323,7 +323,12 @@ def test_lagging_rank_gets_batches_revoked_from_a_killed_producer(cache_dir, tmp
         for proc in (leader, lagger):
             _, err = proc.communicate(timeout=400)
             assert proc.returncode == 0, err[-3000:]
-        status = service_status(tmp_path)
+        # service.json is rewritten about every second: wait for the one that counts every ack
+        status, deadline = service_status(tmp_path), time.monotonic() + 120
+        while status["counters"]["acks"] < DP * STEPS:
+            assert time.monotonic() < deadline, status["counters"]
+            time.sleep(0.2)
+            status = service_status(tmp_path)
     finally:
         serve.stop()
         serve.kill()
