@@ -49,6 +49,16 @@ def build(one_thread):
     destroy_parallel()
 
 
+def sign_step(model, loss: torch.Tensor) -> None:
+    """A fixed-size step against the gradient of `loss`: the policy moves off the rollout's."""
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad.sign()
+    model.zero_grad()
+
+
 def test_first_update_has_ratio_one_and_a_reused_rollout_clips(build):
     obj, model = build("train.grpo.kl_beta=0.5", "train.grpo.updates_per_rollout=2", "train.grpo.clip_range=1e-6")
     loss, f = obj.loss(model, {}, step=0, first_index=0)
@@ -56,12 +66,7 @@ def test_first_update_has_ratio_one_and_a_reused_rollout_clips(build):
     assert f["images"].item() == 8 and f["kl"].item() == 0.0  # the policy is its reference
     assert abs(loss.item()) < 1e-6  # -mean(A) over whole groups is 0
     assert f["reward_std"].item() > 0 and f["advantage_abs_mean"].item() > 0.5
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p -= 0.05 * p.grad.sign()
-    model.zero_grad()
+    sign_step(model, loss)
     loss2, f2 = obj.loss(model, {}, step=1, first_index=0)  # the same rollout, the updated policy
     assert f2["images"].item() == 0 and f2["reward_mean"].item() == f["reward_mean"].item()
     assert abs(f2["ratio_mean"].item() - 1.0) > 1e-4 and f2["clip_fraction"].item() > 0.5
@@ -132,12 +137,7 @@ def test_a_rollout_saved_mid_cycle_resumes_the_same_update(build):
     overrides = ("train.grpo.kl_beta=0.1", "train.grpo.updates_per_rollout=2", "train.grpo.clip_range=0.5")
     obj, model = build(*overrides)
     loss, _ = obj.loss(model, {}, step=0, first_index=0)
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p -= 0.05 * p.grad.sign()
-    model.zero_grad()
+    sign_step(model, loss)
     assert obj.state_dict(2) == {}  # a cycle's end: nothing left to train on
     state = obj.state_dict(1)
     assert state and all(t.is_contiguous() for t in state.values())
