@@ -9,13 +9,21 @@ import torch.nn.functional as F
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def step_activation_bytes(model, batch: dict) -> tuple[int, int]:
-    """(allocated at the end of forward, peak during forward + backward) over the step's start.
+def step_activation_bytes(model, batch: dict, repeats: int = 3) -> tuple[int, int]:
+    """(allocated at the end of forward, peak during forward + backward) over the step's start,
+    each the least of `repeats` steps.
 
     The profiler records every allocation and free of the CPU allocator as signed byte counts;
     their running sum in time order is what the step holds. Parameters, gradients (allocated by an
-    earlier step and zeroed in place) and inputs exist before, so both are activations.
+    earlier step and zeroed in place) and inputs exist before, so both are activations. A loaded
+    machine can only add to a step's count (a collective's buffer freed late, by another thread),
+    never take from it, so the least of a few steps is the step's own.
     """
+    counts = [_one_step_activation_bytes(model, batch) for _ in range(repeats)]
+    return min(saved for saved, _ in counts), min(peak for _, peak in counts)
+
+
+def _one_step_activation_bytes(model, batch: dict) -> tuple[int, int]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     model.zero_grad(set_to_none=False)
