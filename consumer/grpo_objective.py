@@ -39,6 +39,7 @@ each prompt gets a fixed random embedding (seeded by its text: toy and test runs
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ from mmdit.config.job import JobConfig
 from mmdit.consumer.dpo import BaseOfPolicy, build_reference
 from mmdit.consumer.grpo import group_advantages, grpo_loss
 from mmdit.consumer.rewards import RewardWorkers, build_reward
+from mmdit.model.flops import step_flops
 from mmdit.model.flow_sde import Trajectory, sde_log_prob, sde_sample, sde_step_kl
 from mmdit.model.mmdit import pack_latents, packed_shape, unpack_latents
 from mmdit.parallel.parallelize import Parallelized, Plan
@@ -129,6 +131,8 @@ class Rollout:
     shapes: list
     times: list[float]
     rollout_s: float
+    model_flops: int
+    """Of its sampling: T forwards of every image (with CFG, of its negative too)."""
     submitted_at: float = 0.0
     reported: bool = False
     """Its images and timings are in a step's figures already (a loaded one's were, before the stop)."""
@@ -231,6 +235,14 @@ class GrpoObjective:
             v = comb * (v.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         return v
 
+    def velocity_flops(self, images: int, shapes, txt, neg, backward: bool) -> int:
+        """Model FLOPs of `velocity` on `images` samples (plus its backward when `backward`): with
+        CFG, one forward of twice the images, the texts padded to the longer of the two."""
+        (_, h, w), = shapes
+        text_tokens = txt.shape[1] if neg is None else max(txt.shape[1], neg.shape[1])
+        return step_flops(self.cfg.model, images * (1 if neg is None else 2), h * w, text_tokens,
+                          backward=backward)
+
     # ---- rollout
 
     def _key(self, step: int, first_index: int, group: int = -1) -> int:
@@ -253,7 +265,7 @@ class GrpoObjective:
         h, w = g.height // 8, g.width // 8
         shapes = [packed_shape(h, w)]
         scorer = self._scorer()
-        chunks, submitted_at = [], 0.0
+        chunks, submitted_at, flops = [], 0.0, 0
         was_training = model.training
         model.eval()
         try:
@@ -272,6 +284,7 @@ class GrpoObjective:
                 traj = sde_sample(lambda x, s: self.velocity(model, x, s, txt, mask, neg, neg_mask, shapes).cpu(),
                                   noise, g.sde_steps, noise.shape[1], a=g.a, t_max=g.t_max, generator=gens)
                 chunk = Chunk(prompts, traj, txt, mask, neg, neg_mask)
+                flops += g.sde_steps * self.velocity_flops(len(index), shapes, txt, neg, backward=False)
                 if scorer:
                     submitted_at = submitted_at or time.perf_counter()
                     chunk.scoring = self.reward.submit(unpack_latents(traj.sample, h, w),
@@ -281,7 +294,7 @@ class GrpoObjective:
         finally:
             model.train(was_training)
         return Rollout(step, chunks, steps, shapes, chunks[0].trajectory.times, time.perf_counter() - started,
-                       submitted_at)
+                       flops, submitted_at)
 
     def rewards_of(self, rollout: Rollout, chunk: Chunk) -> torch.Tensor:
         """The chunk's rewards [groups, G]: TP rank 0 waits for them, then broadcasts them."""
@@ -329,6 +342,7 @@ class GrpoObjective:
         times = torch.tensor(rollout.times, dtype=torch.float32)
         sums: dict[str, float] = {}
         trained, wait_s, dropped, skipped, advantages, all_rewards = 0, 0.0, 0, 0, [], []
+        flops = rollout.model_flops if fresh else 0
         last_chunk = len(rollout.chunks) - 1
         update_started = time.perf_counter()
         for c, chunk in enumerate(rollout.chunks):
@@ -358,6 +372,9 @@ class GrpoObjective:
                 n = step_of[part].numel()
                 counted = n if weight else 0
                 trained += counted
+                flops += self.velocity_flops(n, rollout.shapes, chunk.txt, chunk.neg, backward=True)
+                if self.reference is not None:
+                    flops += self.velocity_flops(n, rollout.shapes, chunk.txt, chunk.neg, backward=False)
 
                 def forward(chunk=chunk, part=part, n=n, counted=counted, weight=weight, adv_of=adv_of,
                             sample_of=sample_of, step_of=step_of):
@@ -387,6 +404,9 @@ class GrpoObjective:
             "reward_s": torch.tensor(max((c.scored_at - rollout.submitted_at for c in rollout.chunks), default=0.0)
                                      if fresh and rollout.submitted_at else 0.0),
             "images": torch.tensor(float(flat.numel() if fresh else 0)),
+            # the step's work, for the trainer's samples/s, tokens/s, TFLOP/s and MFU (popped there)
+            "model_flops": torch.tensor(float(flops)),
+            "image_tokens": torch.tensor(float(flat.numel() * math.prod(rollout.shapes[0]) if fresh else 0)),
             "reward_retries": torch.tensor(float(getattr(self._reward, "retries", 0))),
         })
 
@@ -470,4 +490,4 @@ class GrpoObjective:
                 chunks.append(Chunk(state[cp + "prompts"].tolist(), traj, state[cp + "txt"], state.get(cp + "mask"),
                                     state.get(cp + "neg"), state.get(cp + "neg_mask"), rewards=state[cp + "rewards"]))
             self._rollouts[int(pre[:-1])] = Rollout(rollout_step, chunks, state[pre + "steps"], [packed_shape(h, w)],
-                                                    state[pre + "times"].tolist(), 0.0, reported=True)
+                                                    state[pre + "times"].tolist(), 0.0, 0, reported=True)

@@ -281,6 +281,10 @@ class Trainer:
             samples = latents.shape[0] * self.dims.dp
             flops += step_flops(self.cfg.model, samples, image_tokens, batch["prompt_embeds"].shape[1], cond_tokens)
             global_batch, tokens = global_batch + samples, tokens + samples * image_tokens
+        if "model_flops" in objective:  # an objective that makes its own samples (GRPO) counts its work:
+            per_rank = len(micro_batches) * self.dims.dp  # its figures are means over micro-batches and DP
+            flops = objective.pop("model_flops") * per_rank
+            global_batch, tokens = round(objective["images"] * per_rank), objective.pop("image_tokens") * per_rank
         per_device = flops / self.dims.world_size / step_time
         m = StepMetrics(
             step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, samples_per_second=global_batch / step_time,

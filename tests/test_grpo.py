@@ -185,12 +185,13 @@ def test_grpo_learns_a_latent_target_in_the_trainer_and_records_its_figures(tmp_
     from mmdit.parallel.state import destroy_parallel
 
     run = tmp_path / "grpo"
+    cfg = load_config([f"run.dir={run}", *SMALL, "train.grpo.group_size=8", "train.grpo.latent_target=3",
+                       "train.grpo.kl_beta=0.01", "train.random_height=32", "train.random_width=32",
+                       "train.micro_batch_size=1", "train.tensorboard=false", "train.steps=20",
+                       "optimizer.lr=3e-3", "optimizer.warmup_steps=0", "optimizer.lr_schedule=constant",
+                       "checkpoint.async_save=false"])
     try:
-        Trainer(load_config([f"run.dir={run}", *SMALL, "train.grpo.group_size=8", "train.grpo.latent_target=3",
-                             "train.grpo.kl_beta=0.01", "train.random_height=32", "train.random_width=32",
-                             "train.micro_batch_size=1", "train.tensorboard=false", "train.steps=20",
-                             "optimizer.lr=3e-3", "optimizer.warmup_steps=0", "optimizer.lr_schedule=constant",
-                             "checkpoint.async_save=false"])).run()
+        Trainer(cfg).run()
     finally:
         destroy_parallel()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -201,6 +202,19 @@ def test_grpo_learns_a_latent_target_in_the_trainer_and_records_its_figures(tmp_
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 1.0, rewards  # about -10.2 -> -8.3: the rewards' spread in a step is about 0.3
     assert records[-1]["objective"]["kl"] > 0
+
+    # throughput counts the rollout's images and the model's work, not the batches that pace the loop:
+    # 4 SDE forwards of 2 x 8 images, then 64 transitions forward + backward and the reference's forward
+    from mmdit.model.flops import step_flops
+
+    tokens, text = (32 // 16) ** 2, cfg.train.random_text_len
+    work = (4 * step_flops(cfg.model, 16, tokens, text, backward=False) + step_flops(cfg.model, 64, tokens, text)
+            + step_flops(cfg.model, 64, tokens, text, backward=False))
+    for r in records:
+        assert r["global_batch_size"] == 16 and "model_flops" not in r["objective"]
+        assert r["samples_per_second"] * r["step_time_s"] == pytest.approx(16, rel=1e-6)
+        assert r["image_tokens_per_second"] * r["step_time_s"] == pytest.approx(16 * tokens, rel=1e-6)
+        assert r["tflops_per_gpu"] * 1e12 * r["step_time_s"] == pytest.approx(work, rel=1e-5)
 
 
 @pytest.mark.slow
