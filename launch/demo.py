@@ -17,7 +17,7 @@ them every process they started.
 
 `--stage sft`, `--stage dpo` and `--stage grpo` post-train from the pretrain demo's last
 checkpoint into run.dir/sft, run.dir/dpo and run.dir/grpo (launch/demo_post.py), running the
-pretrain demo first when run.dir has no checkpoint.
+pretrain demo first when run.dir has no checkpoint; `stage=grpo` says the same.
 """
 
 import json
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmdit.config import ConfigError
@@ -144,15 +145,34 @@ VAE_FLAG = Flag("vae", "also fine-tune the tiny VAE's decoder on the synthetic r
 STAGE_FLAG = Flag("stage", "pretrain (default) | sft | dpo | grpo: post-train from the pretrain demo's last "
                            "checkpoint (launch/demo_post.py; the pretrain demo runs first when run.dir has none) into "
                            "run.dir/sft, run.dir/dpo or run.dir/grpo", type=str, default="pretrain", metavar="STAGE")
-COMMAND = Command("demo", __doc__, actions=(Action(flags=(VAE_FLAG, STAGE_FLAG)),), sections=tuple(sections()))
+
+
+@dataclass
+class DemoKeys:
+    stage: str = ""
+    """The same as --stage, written as a key: `mmdit demo stage=grpo`."""
+
+
+COMMAND = Command("demo", __doc__, actions=(Action(flags=(VAE_FLAG, STAGE_FLAG), keys=DemoKeys),),
+                  sections=tuple(sections()))
+
+
+def chosen_stage(args) -> str:
+    """The stage `--stage` or `stage=` names (pretrain when neither); both, naming two, is an error."""
+    from mmdit.launch.demo_post import STAGES
+
+    flag, key = args.flags.stage, args.keys.stage
+    if key and flag not in ("pretrain", key):
+        raise ConfigError(f"mmdit demo: --stage {flag} and stage={key} name two stages; give one")
+    stage = key or flag
+    if stage not in STAGES:
+        raise ConfigError(f"mmdit demo --stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    return stage
 
 
 def main(argv: list[str]) -> int:
-    from mmdit.launch.demo_post import STAGES
-
     args = parse(COMMAND, argv)
-    if args.flags.stage not in STAGES:
-        raise ConfigError(f"mmdit demo --stage must be one of {', '.join(STAGES)}, got {args.flags.stage!r}")
+    stage = chosen_stage(args)
     argv = user = args.overrides
     given = {a.split("=", 1)[0] for a in argv}
     argv = [f"{k}={v}" for k, v in DEFAULTS.items() if k not in given] + list(argv)
@@ -169,13 +189,13 @@ def main(argv: list[str]) -> int:
     table.add("demo", "demo", os.getpid())
     code = 1
     try:
-        if args.flags.stage == "pretrain" or _pretrained(run) is None:
+        if stage == "pretrain" or _pretrained(run) is None:
             _run(cfg, argv, run, table, vae=args.flags.vae)
-        if args.flags.stage != "pretrain":
+        if stage != "pretrain":
             from mmdit.launch.demo_post import run_post
 
             stages = Stages(table, run / "logs", cfg.launch.stop_timeout_s)
-            run_post(args.flags.stage, cfg, user, run, stages, table, _pretrained(run))
+            run_post(stage, cfg, user, run, stages, table, _pretrained(run))
         code = 0
     except KeyboardInterrupt:
         code = 130

@@ -123,6 +123,23 @@ def test_documented_command_lines_keep_working(module, argv, action, paths, flag
         assert args.keys.prompt == ["a", "b"] and args.keys.out == "DIR"
 
 
+def test_the_demo_stage_is_a_flag_or_a_key():
+    from mmdit.config import ConfigError
+    from mmdit.launch.demo import COMMAND, chosen_stage
+
+    def stage(*argv):
+        return chosen_stage(parse(COMMAND, list(argv)))
+
+    assert stage("run.dir=R") == "pretrain"
+    assert stage("--stage", "grpo", "run.dir=R") == stage("stage=grpo", "run.dir=R") == "grpo"
+    assert stage("--stage", "dpo", "stage=dpo") == "dpo"
+    with pytest.raises(ConfigError, match="name two stages"):
+        stage("--stage", "dpo", "stage=grpo")
+    with pytest.raises(ConfigError, match="must be one of pretrain, sft, dpo, grpo, got 'rl'"):
+        stage("stage=rl")
+    assert parse(COMMAND, ["stage=sft", "train.steps=3"]).overrides == ["train.steps=3"]
+
+
 def test_commands_that_run_in_process_with_their_flags(tmp_path, capsys):
     import json
 
