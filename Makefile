@@ -43,7 +43,7 @@ demo: install
 test: install testdeps
 	$(BIN)/python -m pytest -q --durations=30 tests
 
-# The in-process tier (about 2.5 minutes on 2 cores): what to run while editing.
+# The in-process tier (about 100 s on 2 cores): what to run while editing.
 test-quick: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 

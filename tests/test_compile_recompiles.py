@@ -44,6 +44,7 @@ def _step(model, args, latent_hw, text_len: int, masked: bool) -> None:
     out.float().square().mean().backward()
 
 
+@pytest.mark.slow  # inductor compiles the blocks for several shapes
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_one_graph_per_block_kind_across_buckets_and_prompt_lengths():
     args = load_config(["model.num_layers=3"]).model

@@ -51,6 +51,7 @@ def test_zero_b_is_the_base_and_disabled_runs_the_base(state):
         assert torch.equal(model(**case), adapted) and (adapted - base).abs().max() > 1e-2
 
 
+@pytest.mark.slow  # inductor compiles the adapted blocks
 def test_compiled_blocks_trace_the_adapters_whole(state):
     """torch.compile (a backend without code generation: what dynamo traces is the question): no
     graph break, the eager model's output and adapter gradients, and `disabled` still runs the base."""
