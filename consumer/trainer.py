@@ -270,21 +270,27 @@ class Trainer:
         loss, *rest = values.tolist()
         return loss, dict(zip(names, rest))
 
-    def _record(self, micro_batches, loss, lr, grad_norm, step_time, data_wait, skipped: bool,
-                objective: dict, stalls: tuple[float, float], wall: float) -> StepMetrics:
-        flops = global_batch = tokens = 0
+    def _batch_work(self, micro_batches) -> tuple[int, int, int]:
+        """The step's model FLOPs, samples and image tokens over every DP rank, from its batches."""
+        flops = samples = tokens = 0
         for batch in micro_batches:
             latents = batch["latents"]
             image_tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
             cond = batch.get("cond_latents")
             cond_tokens = 0 if cond is None else (cond.shape[-2] // 2) * (cond.shape[-1] // 2)
-            samples = latents.shape[0] * self.dims.dp
-            flops += step_flops(self.cfg.model, samples, image_tokens, batch["prompt_embeds"].shape[1], cond_tokens)
-            global_batch, tokens = global_batch + samples, tokens + samples * image_tokens
+            n = latents.shape[0] * self.dims.dp
+            flops += step_flops(self.cfg.model, n, image_tokens, batch["prompt_embeds"].shape[1], cond_tokens)
+            samples, tokens = samples + n, tokens + n * image_tokens
+        return flops, samples, tokens
+
+    def _record(self, micro_batches, loss, lr, grad_norm, step_time, data_wait, skipped: bool,
+                objective: dict, stalls: tuple[float, float], wall: float) -> StepMetrics:
         if "model_flops" in objective:  # an objective that makes its own samples (GRPO) counts its work:
             per_rank = len(micro_batches) * self.dims.dp  # its figures are means over micro-batches and DP
             flops = objective.pop("model_flops") * per_rank
             global_batch, tokens = round(objective["images"] * per_rank), objective.pop("image_tokens") * per_rank
+        else:
+            flops, global_batch, tokens = self._batch_work(micro_batches)
         per_device = flops / self.dims.world_size / step_time
         m = StepMetrics(
             step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, samples_per_second=global_batch / step_time,
