@@ -94,9 +94,13 @@ def samples(run_dir) -> list[dict]:
     return read_samples(run_dir)
 
 
-def wait_for_samples(run_dir, n: int, timeout: float = 300) -> None:
+def wait_for_samples(run_dir, n: int, timeout: float = 300, proc=None) -> None:
+    """Until n samples are logged; a consumer `proc` that exits first fails the wait with its output."""
     deadline = time.monotonic() + timeout
     while len(samples(run_dir)) < n:
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the consumer exited ({proc.returncode}) before {n} samples:\n{out[-2000:]}{err[-3000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"fewer than {n} samples logged in {timeout}s")
         time.sleep(0.05)
@@ -340,15 +344,16 @@ def test_lagging_rank_gets_batches_revoked_from_a_killed_producer(cache_dir, tmp
 @pytest.mark.timeout(900)
 def test_consumer_fails_clearly_when_all_producers_are_gone(cache_dir, tmp_path):
     # the coordinator declares a silent producer dead (lease_timeout_s=5) well before the consumer
-    # gives up (consumer_timeout_s), and no RPC timeout can pass for either
-    args = overrides(cache_dir, tmp_path, **{"service.producers": 1, "service.consumer_timeout_s": 12,
+    # gives up (consumer_timeout_s), and no RPC timeout can pass for either; 30 s, not less: on a
+    # loaded machine the producer's first batch can take longer than 12 s after the consumer starts
+    args = overrides(cache_dir, tmp_path, **{"service.producers": 1, "service.consumer_timeout_s": 30,
                                                           "service.rpc_timeout_s": 600,
                                                           "service.prepare_depth": 1, "service.prefetch": 1})
     serve = ServeProcess(args)
     try:
         proc = consume(args + [f"train.steps={STEPS}", "train.log_samples=true", "service.step_time_s=0.1"],
                        wait=False)
-        wait_for_samples(tmp_path, 2 * 2)
+        wait_for_samples(tmp_path, 2 * 2, proc=proc)
         for pid in producer_pids(tmp_path).values():
             os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -359,5 +364,5 @@ def test_consumer_fails_clearly_when_all_producers_are_gone(cache_dir, tmp_path)
         serve.kill()
     assert proc.returncode != 0
     assert "DataServiceError" in err and "0 producers alive" in err
-    assert 6 < elapsed < 120  # consumer_timeout_s=12 from the last batch, plus shutting down; not an RPC timeout
+    assert 6 < elapsed < 120  # consumer_timeout_s=30 from the last batch, plus shutting down; not an RPC timeout
     assert code == 0
